@@ -1,0 +1,209 @@
+"""The synthetic backend: a deterministic pseudo language model with
+configurable latency, and a drafter that agrees with it at a chosen rate.
+
+Spec grammar (every key optional)::
+
+    synthetic:vocab=32000,seed=0,ttft_ms=0,tpot_ms=0,acceptance=0.8,
+              verify_token_ms=0,prefill_token_ms=0,max_context=8192,
+              support=8,eos=-1,jitter_ms=0
+
+The target's next-token distribution ``p`` after a context depends only on
+``(seed, len(context), context[-4:])``: ``support`` tokens with random weights.
+The drafter, built from the same vocab and seed, proposes from
+``q = A * p' + (1 - A) * r``, where ``p'`` is ``p`` warped with the request's
+sampling parameters and ``r`` lives on tokens outside ``p``'s support; then
+``sum(min(p', q)) = A`` and speculative sampling accepts each draft with
+probability exactly ``A``, independently. Greedy drafting proposes the target's
+argmax when a per-context coin with bias ``A`` says so, otherwise a token
+outside ``p``'s support.
+
+Latency is an ``asyncio.sleep``: the first forward pass of a session sleeps
+``ttft_ms``, later ones ``tpot_ms``; a target adds ``verify_token_ms`` per draft
+token and ``prefill_token_ms`` per context token it had not seen in that
+session. ``jitter_ms`` adds a uniform random delay (for tests of races).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import random
+import struct
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+
+import numpy as np
+
+from dsi.backends.base import DrafterModel, Forward, TargetModel
+from dsi.errors import InvalidArgument
+from dsi.sampling import warp
+from dsi.types import ModelInfo, SamplingParams
+
+PREFIX = "synthetic"
+CONTEXT_WINDOW = 4  # tokens of context the pseudo model looks at
+
+
+@dataclass(frozen=True)
+class SyntheticSpec:
+    vocab: int = 32000
+    seed: int = 0
+    ttft_ms: float = 0.0
+    tpot_ms: float = 0.0
+    acceptance: float = 0.8
+    verify_token_ms: float = 0.0
+    prefill_token_ms: float = 0.0
+    max_context: int = 8192
+    support: int = 8
+    eos: int = -1
+    jitter_ms: float = 0.0
+
+    @classmethod
+    def parse(cls, spec: str) -> SyntheticSpec:
+        head, _, body = spec.partition(":")
+        if head != PREFIX:
+            raise InvalidArgument(f"not a synthetic model spec: {spec!r}")
+        types = {f.name: f.type for f in fields(cls)}
+        values: dict[str, float | int] = {}
+        for item in filter(None, (s.strip() for s in body.split(","))):
+            key, sep, raw = item.partition("=")
+            key = key.strip()
+            if not sep or key not in types:
+                raise InvalidArgument(f"bad synthetic spec item {item!r}; known keys: {', '.join(types)}")
+            try:
+                values[key] = int(raw) if types[key] == "int" else float(raw)
+            except ValueError:
+                raise InvalidArgument(f"synthetic spec: {key} must be a number, got {raw!r}") from None
+        out = cls(**values)  # type: ignore[arg-type]
+        out.check()
+        return out
+
+    def check(self) -> None:
+        if self.vocab < 2 * self.support or self.support < 1:
+            raise InvalidArgument("synthetic spec: need support >= 1 and vocab >= 2 * support")
+        if not 0.0 <= self.acceptance <= 1.0:
+            raise InvalidArgument("synthetic spec: acceptance must lie in [0, 1]")
+        if min(self.ttft_ms, self.tpot_ms, self.verify_token_ms, self.prefill_token_ms, self.jitter_ms) < 0:
+            raise InvalidArgument("synthetic spec: latencies must be >= 0")
+        if self.max_context < 2:
+            raise InvalidArgument("synthetic spec: max_context must be >= 2")
+        if self.eos >= self.vocab:
+            raise InvalidArgument("synthetic spec: eos must be < vocab")
+
+    def model_info(self, spec: str) -> ModelInfo:
+        fp = hashlib.sha256(f"synthetic-vocab:{self.vocab}".encode()).hexdigest()[:32]
+        return ModelInfo(
+            model_id=spec,
+            backend="synthetic",
+            vocab_size=self.vocab,
+            eos_token_ids=(self.eos,) if self.eos >= 0 else (),
+            max_context_tokens=self.max_context,
+            tokenizer_fingerprint=fp,
+            device="virtual",
+            dtype="float64",
+        )
+
+
+class PseudoLM:
+    """The deterministic pseudo language model shared by a synthetic pair."""
+
+    def __init__(self, vocab: int, seed: int, support: int) -> None:
+        self.vocab, self.seed, self.support = vocab, seed, support
+
+    def _rng(self, tokens: Sequence[int]) -> np.random.Generator:
+        tail = list(tokens[-CONTEXT_WINDOW:])
+        key = struct.pack(f"<QQ{len(tail)}Q", self.seed & (2**64 - 1), len(tokens), *tail)
+        return np.random.default_rng(int.from_bytes(hashlib.blake2b(key, digest_size=16).digest(), "little"))
+
+    def draw(self, tokens: Sequence[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, float]:
+        """(p ids, p probs, r ids, r probs, coin) for the position after ``tokens``."""
+        rng = self._rng(tokens)
+        ids = rng.choice(self.vocab, size=2 * self.support, replace=False)
+        conc = np.full(self.support, 0.5)
+        return ids[: self.support], rng.dirichlet(conc), ids[self.support :], rng.dirichlet(conc), float(rng.random())
+
+    def logits(self, tokens: Sequence[int]) -> np.ndarray:
+        p_ids, p, _, _, _ = self.draw(tokens)
+        out = np.full(self.vocab, -np.inf)
+        out[p_ids] = np.log(p)
+        return out
+
+
+def _lcp(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+class _State:
+    def __init__(self) -> None:
+        self.seen: list[int] = []
+        self.first = True
+
+
+class _Latency:
+    def __init__(self, spec: SyntheticSpec) -> None:
+        self.spec = spec
+        self._rand = random.Random()
+
+    async def sleep(self, state: _State, extra_ms: float) -> float:
+        ms = (self.spec.ttft_ms if state.first else self.spec.tpot_ms) + extra_ms
+        if self.spec.jitter_ms:
+            ms += self._rand.uniform(0.0, self.spec.jitter_ms)
+        state.first = False
+        start = time.perf_counter()
+        await asyncio.sleep(ms / 1000.0)
+        return time.perf_counter() - start
+
+
+class SyntheticTarget(TargetModel):
+    def __init__(self, spec: str) -> None:
+        self.spec = SyntheticSpec.parse(spec)
+        self.info = self.spec.model_info(spec)
+        self.lm = PseudoLM(self.spec.vocab, self.spec.seed, self.spec.support)
+        self._latency = _Latency(self.spec)
+
+    def new_state(self) -> _State:
+        return _State()
+
+    async def forward(self, state: _State, tokens: Sequence[int], num_rows: int) -> Forward:
+        cached = min(_lcp(state.seen, tokens), len(tokens) - num_rows)
+        computed = len(tokens) - cached
+        catch_up = computed - num_rows  # context tokens this session had not seen here
+        extra = self.spec.verify_token_ms * (num_rows - 1) + self.spec.prefill_token_ms * catch_up
+        seconds = await self._latency.sleep(state, extra)
+        n = len(tokens)
+        rows = np.stack([self.lm.logits(tokens[: n - num_rows + 1 + i]) for i in range(num_rows)])
+        state.seen = list(tokens)
+        return Forward(rows, cached, computed, seconds)
+
+
+class SyntheticDrafter(DrafterModel):
+    def __init__(self, spec: str) -> None:
+        self.spec = SyntheticSpec.parse(spec)
+        self.info = self.spec.model_info(spec)
+        self.lm = PseudoLM(self.spec.vocab, self.spec.seed, self.spec.support)
+        self._latency = _Latency(self.spec)
+
+    def new_state(self) -> _State:
+        return _State()
+
+    async def next_scores(
+        self, state: _State, tokens: Sequence[int], params: SamplingParams, seed: int
+    ) -> tuple[np.ndarray, Forward]:
+        cached = min(_lcp(state.seen, tokens), len(tokens) - 1)
+        seconds = await self._latency.sleep(state, 0.0)
+        state.seen = list(tokens)
+        a = self.spec.acceptance
+        p_ids, p, r_ids, r, coin = self.lm.draw(tokens)
+        q = np.zeros(self.spec.vocab)
+        if params.greedy:
+            q[p_ids[np.argmax(p)] if coin < a else r_ids[np.argmax(r)]] = 1.0
+        else:
+            logits = np.full(self.spec.vocab, -np.inf)
+            logits[p_ids] = np.log(p)
+            q = a * warp(logits, params)
+            q[r_ids] += (1.0 - a) * r
+        return q, Forward(q[None, :], cached, len(tokens) - cached, seconds)

@@ -1,0 +1,111 @@
+"""A small Python client of dsi.v1.GenerationService (used by ``dsi generate``)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+
+from dsi.grpc_status import call, to_domain
+from dsi.transport import open_channel
+from dsi.v1 import generation_pb2, generation_pb2_grpc
+
+STRATEGIES = {
+    "nonsi": generation_pb2.STRATEGY_NONSI,
+    "si": generation_pb2.STRATEGY_SI,
+    "dsi": generation_pb2.STRATEGY_DSI,
+    "": generation_pb2.STRATEGY_UNSPECIFIED,
+}
+FINISH_NAMES = {v: k.removeprefix("FINISH_REASON_").lower() for k, v in generation_pb2.FinishReason.items()}
+
+
+@dataclass
+class Result:
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str = "unspecified"
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "token_ids": self.token_ids,
+            "text": self.text,
+            "finish_reason": self.finish_reason,
+            "stats": self.stats,
+        }
+
+
+def stats_dict(s: generation_pb2.GenerationStats) -> dict[str, Any]:
+    return {f.name: getattr(s, f.name) for f in s.DESCRIPTOR.fields}
+
+
+class Client:
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self.channel = open_channel(address)
+        self.stub = generation_pb2_grpc.GenerationServiceStub(self.channel)
+        self.name = f"coordinator {address}"
+
+    async def __aenter__(self) -> Client:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+    async def info(self) -> generation_pb2.GetInfoResponse:
+        return await call(self.name, self.stub.GetInfo(generation_pb2.GetInfoRequest()))
+
+    async def stream(self, request: generation_pb2.GenerateRequest) -> AsyncIterator[generation_pb2.GenerateResponse]:
+        responses = self.stub.Generate(request)
+        try:
+            async for msg in responses:
+                yield msg
+        except grpc.aio.AioRpcError as exc:
+            raise to_domain(exc, self.name) from None
+        finally:
+            responses.cancel()
+
+    async def generate(
+        self, request: generation_pb2.GenerateRequest, on_text: Callable[[str], None] | None = None
+    ) -> Result:
+        out = Result()
+        async for msg in self.stream(request):
+            out.token_ids.extend(msg.token_ids)
+            out.text += msg.text
+            if on_text is not None and msg.text:
+                on_text(msg.text)
+            if msg.finish_reason:
+                out.finish_reason = FINISH_NAMES[msg.finish_reason]
+                out.stats = stats_dict(msg.stats)
+        return out
+
+
+def request(
+    prompt: str = "",
+    prompt_ids: list[int] | None = None,
+    max_new_tokens: int = 0,
+    strategy: str = "",
+    temperature: float = 0.0,
+    top_p: float = 0.0,
+    top_k: int = 0,
+    seed: int = 0,
+    lookahead: int = 0,
+    stop: list[str] | None = None,
+) -> generation_pb2.GenerateRequest:
+    return generation_pb2.GenerateRequest(
+        prompt=prompt,
+        prompt_token_ids=prompt_ids or [],
+        max_new_tokens=max_new_tokens,
+        strategy=STRATEGIES[strategy],
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        seed=seed,
+        lookahead=lookahead,
+        stop=stop or [],
+    )

@@ -1,0 +1,207 @@
+"""Translation between protobuf messages (dsi.v1) and domain types.
+
+Conversions from the wire validate what the domain types require (e.g. a
+draft distribution that is not a distribution raises InvalidArgument); range
+checks against a model's vocabulary and limits happen in the backends.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from dsi.types import (
+    Decision,
+    DraftChunk,
+    DraftRequest,
+    DraftToken,
+    ForwardStats,
+    ModelInfo,
+    SamplingParams,
+    ServiceCounters,
+    ServiceInfo,
+    ServiceLimits,
+    SparseDist,
+    VerifyRequest,
+    VerifyResult,
+)
+from dsi.v1 import common_pb2, drafter_pb2, target_pb2
+
+# --- shared -----------------------------------------------------------------
+
+
+def sampling_from_pb(msg: common_pb2.SamplingParams) -> SamplingParams:
+    return SamplingParams.create(msg.temperature, msg.top_p, msg.top_k)
+
+
+def sampling_to_pb(p: SamplingParams) -> common_pb2.SamplingParams:
+    return common_pb2.SamplingParams(temperature=p.temperature, top_p=0.0 if p.top_p >= 1.0 else p.top_p, top_k=p.top_k)
+
+
+def draft_tokens_from_pb(msgs: Sequence[common_pb2.DraftToken], vocab_size: int) -> list[DraftToken]:
+    out = []
+    for m in msgs:
+        dist = (
+            SparseDist.from_wire(m.distribution.token_ids, m.distribution.probs, vocab_size)
+            if m.HasField("distribution")
+            else None
+        )
+        out.append(DraftToken(m.token_id, dist))
+    return out
+
+
+def draft_tokens_to_pb(tokens: Sequence[DraftToken]) -> list[common_pb2.DraftToken]:
+    out = []
+    for t in tokens:
+        msg = common_pb2.DraftToken(token_id=t.token_id)
+        if t.dist is not None:
+            msg.distribution.token_ids.extend(t.dist.token_ids.tolist())
+            msg.distribution.probs.extend(t.dist.wire_probs().tolist())
+        out.append(msg)
+    return out
+
+
+def stats_to_pb(s: ForwardStats) -> common_pb2.ForwardStats:
+    return common_pb2.ForwardStats(
+        cached_tokens=s.cached_tokens,
+        computed_tokens=s.computed_tokens,
+        queue_seconds=s.queue_seconds,
+        compute_seconds=s.compute_seconds,
+    )
+
+
+def stats_from_pb(m: common_pb2.ForwardStats) -> ForwardStats:
+    return ForwardStats(m.cached_tokens, m.computed_tokens, m.queue_seconds, m.compute_seconds)
+
+
+def model_info_to_pb(i: ModelInfo) -> common_pb2.ModelInfo:
+    return common_pb2.ModelInfo(
+        model_id=i.model_id,
+        backend=i.backend,
+        vocab_size=i.vocab_size,
+        eos_token_ids=list(i.eos_token_ids),
+        max_context_tokens=i.max_context_tokens,
+        tokenizer_fingerprint=i.tokenizer_fingerprint,
+        device=i.device,
+        dtype=i.dtype,
+        num_parameters=i.num_parameters,
+    )
+
+
+def model_info_from_pb(m: common_pb2.ModelInfo) -> ModelInfo:
+    return ModelInfo(
+        model_id=m.model_id,
+        backend=m.backend,
+        vocab_size=m.vocab_size,
+        eos_token_ids=tuple(m.eos_token_ids),
+        max_context_tokens=m.max_context_tokens,
+        tokenizer_fingerprint=m.tokenizer_fingerprint,
+        device=m.device,
+        dtype=m.dtype,
+        num_parameters=m.num_parameters,
+    )
+
+
+def service_info_parts(info: ServiceInfo) -> dict:
+    """Keyword arguments for Target/DrafterServiceInfoResponse."""
+    lim, cnt = info.limits, info.counters
+    return dict(
+        model=model_info_to_pb(info.model),
+        limits=common_pb2.ServiceLimits(
+            max_draft_tokens=lim.max_draft_tokens,
+            max_lookahead=lim.max_lookahead,
+            max_sessions=lim.max_sessions,
+            session_idle_timeout_seconds=lim.session_idle_timeout_seconds,
+        ),
+        counters=common_pb2.ServiceCounters(**vars(cnt)),
+    )
+
+
+def service_info_from_pb(
+    m: target_pb2.TargetServiceInfoResponse | drafter_pb2.DrafterServiceInfoResponse,
+) -> ServiceInfo:
+    lim, cnt = m.limits, m.counters
+    return ServiceInfo(
+        model=model_info_from_pb(m.model),
+        limits=ServiceLimits(
+            lim.max_draft_tokens, lim.max_lookahead, lim.max_sessions, lim.session_idle_timeout_seconds
+        ),
+        counters=ServiceCounters(**{f: getattr(cnt, f) for f in vars(ServiceCounters())}),
+    )
+
+
+# --- target -----------------------------------------------------------------
+
+
+def verify_request_from_pb(m: target_pb2.VerifyRequest, vocab_size: int) -> VerifyRequest:
+    return VerifyRequest(
+        session_id=m.session_id,
+        context=list(m.context_token_ids),
+        drafts=draft_tokens_from_pb(m.draft_tokens, vocab_size),
+        sampling=sampling_from_pb(m.sampling),
+        seed=m.seed,
+    )
+
+
+def verify_request_to_pb(r: VerifyRequest) -> target_pb2.VerifyRequest:
+    return target_pb2.VerifyRequest(
+        session_id=r.session_id,
+        context_token_ids=list(r.context),
+        draft_tokens=draft_tokens_to_pb(r.drafts),
+        sampling=sampling_to_pb(r.sampling),
+        seed=r.seed,
+    )
+
+
+def verify_result_to_pb(r: VerifyResult) -> target_pb2.VerifyResponse:
+    return target_pb2.VerifyResponse(
+        decisions=[target_pb2.DraftDecision(accepted=d.accepted, token_id=d.token_id) for d in r.decisions],
+        num_accepted=r.num_accepted,
+        next_token_id=r.next_token,
+        stats=stats_to_pb(r.stats),
+    )
+
+
+def verify_result_from_pb(m: target_pb2.VerifyResponse) -> VerifyResult:
+    return VerifyResult(
+        decisions=[Decision(d.accepted, d.token_id) for d in m.decisions],
+        num_accepted=m.num_accepted,
+        next_token=m.next_token_id,
+        stats=stats_from_pb(m.stats),
+    )
+
+
+# --- drafter ----------------------------------------------------------------
+
+
+def draft_request_from_pb(m: drafter_pb2.DraftRequest) -> DraftRequest:
+    return DraftRequest(
+        session_id=m.session_id,
+        context=list(m.context_token_ids),
+        lookahead=m.lookahead,
+        max_tokens=m.max_tokens,
+        sampling=sampling_from_pb(m.sampling),
+        seed=m.seed,
+        proposal_top_k=m.proposal_top_k,
+    )
+
+
+def draft_request_to_pb(r: DraftRequest) -> drafter_pb2.DraftRequest:
+    return drafter_pb2.DraftRequest(
+        session_id=r.session_id,
+        context_token_ids=list(r.context),
+        lookahead=r.lookahead,
+        max_tokens=r.max_tokens,
+        sampling=sampling_to_pb(r.sampling),
+        seed=r.seed,
+        proposal_top_k=r.proposal_top_k,
+    )
+
+
+def draft_chunk_to_pb(c: DraftChunk) -> drafter_pb2.DraftResponse:
+    return drafter_pb2.DraftResponse(
+        tokens=draft_tokens_to_pb(c.tokens), start_position=c.start_position, stats=stats_to_pb(c.stats)
+    )
+
+
+def draft_chunk_from_pb(m: drafter_pb2.DraftResponse, vocab_size: int) -> DraftChunk:
+    return DraftChunk(draft_tokens_from_pb(m.tokens, vocab_size), m.start_position, stats_from_pb(m.stats))

@@ -1,0 +1,98 @@
+"""The one place where domain errors and gRPC status codes meet.
+
+Servers call :func:`abort_with` (through :func:`guard`) to turn a domain error
+into a status; clients call :func:`to_domain` to turn an ``AioRpcError`` back
+into a domain error that names the peer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+
+from dsi import errors
+
+log = logging.getLogger(__name__)
+
+_TO_STATUS: list[tuple[type[errors.DsiError], grpc.StatusCode]] = [
+    (errors.InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
+    (errors.NotFound, grpc.StatusCode.NOT_FOUND),
+    (errors.ResourceExhausted, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (errors.Unavailable, grpc.StatusCode.UNAVAILABLE),
+    (errors.Cancelled, grpc.StatusCode.CANCELLED),
+    (errors.Internal, grpc.StatusCode.INTERNAL),
+]
+_FROM_STATUS: dict[grpc.StatusCode, type[errors.DsiError]] = {code: cls for cls, code in _TO_STATUS}
+_FROM_STATUS[grpc.StatusCode.DEADLINE_EXCEEDED] = errors.Unavailable
+
+
+def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    for cls, code in _TO_STATUS:
+        if isinstance(exc, cls):
+            return code, str(exc)
+    return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"
+
+
+def to_domain(exc: grpc.aio.AioRpcError, peer: str) -> errors.DsiError:
+    """A domain error for a failed call to ``peer``."""
+    cls = _FROM_STATUS.get(exc.code(), errors.Internal)
+    detail = exc.details() or exc.code().name
+    if cls is errors.Unavailable:
+        return cls(f"{peer} is unavailable: {detail}")
+    return cls(f"{peer}: {detail}")
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def guard(method: F) -> F:
+    """Wrap a unary servicer method: domain errors become statuses."""
+
+    @functools.wraps(method)
+    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return await method(self, request, context)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            await _abort(context, exc, method.__qualname__)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def guard_stream(method: Callable[..., AsyncIterator[Any]]) -> Callable[..., AsyncIterator[Any]]:
+    """Wrap a server-streaming servicer method the same way."""
+
+    @functools.wraps(method)
+    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        try:
+            async for item in method(self, request, context):
+                yield item
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            await _abort(context, exc, method.__qualname__)
+
+    return wrapper
+
+
+async def _abort(context: grpc.aio.ServicerContext, exc: BaseException, where: str) -> None:
+    if isinstance(exc, grpc.aio.AbortError):  # context.abort() was already called
+        raise exc
+    code, message = status_of(exc)
+    if code == grpc.StatusCode.INTERNAL:
+        log.exception("unexpected error in %s", where, exc_info=exc)
+    await context.abort(code, message)
+
+
+async def call(peer: str, awaitable: Awaitable[Any]) -> Any:
+    """Await a client call, turning RPC errors into domain errors."""
+    try:
+        return await awaitable
+    except grpc.aio.AioRpcError as exc:
+        raise to_domain(exc, peer) from None

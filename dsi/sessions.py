@@ -1,0 +1,120 @@
+"""Bounded per-session state with in-order access.
+
+A service keeps one state object (a KV cache, say) per session id. The store
+bounds their number and their idle time: when it is full, the least recently
+used idle session is evicted; when every session is busy, a new one is refused
+with RESOURCE_EXHAUSTED. Requests of one session run one at a time, in
+arrival order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+from dsi.errors import ResourceExhausted
+
+S = TypeVar("S")
+
+
+@dataclass
+class _Entry(Generic[S]):
+    state: S
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    users: int = 0
+    last_used: float = 0.0
+    released: bool = False
+
+
+class SessionStore(Generic[S]):
+    def __init__(
+        self,
+        factory: Callable[[], S],
+        max_sessions: int = 256,
+        idle_timeout: float = 600.0,
+        clock: Callable[[], float] = time.monotonic,
+        on_drop: Callable[[S], None] | None = None,
+    ) -> None:
+        if max_sessions < 1:
+            raise ValueError("max_sessions must be >= 1")
+        self._factory = factory
+        self.max_sessions = max_sessions
+        self.idle_timeout = idle_timeout
+        self._clock = clock
+        self._on_drop = on_drop
+        self._entries: OrderedDict[str, _Entry[S]] = OrderedDict()  # least recently used first
+        self.evicted = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, session_id: str) -> bool:
+        return session_id in self._entries
+
+    @property
+    def busy(self) -> int:
+        return sum(1 for e in self._entries.values() if e.users)
+
+    def is_busy(self, session_id: str) -> bool:
+        e = self._entries.get(session_id)
+        return bool(e and e.users)
+
+    def _drop(self, session_id: str) -> None:
+        entry = self._entries.pop(session_id)
+        if self._on_drop is not None:
+            self._on_drop(entry.state)
+
+    def evict_idle(self) -> int:
+        """Drop sessions idle for longer than the idle timeout."""
+        now = self._clock()
+        stale = [sid for sid, e in self._entries.items() if not e.users and now - e.last_used > self.idle_timeout]
+        for sid in stale:
+            self._drop(sid)
+        self.evicted += len(stale)
+        return len(stale)
+
+    def _make_room(self) -> None:
+        self.evict_idle()
+        if len(self._entries) < self.max_sessions:
+            return
+        for sid, e in self._entries.items():  # least recently used first
+            if not e.users:
+                self._drop(sid)
+                self.evicted += 1
+                return
+        raise ResourceExhausted(f"all {self.max_sessions} sessions are busy; retry later or raise --max-sessions")
+
+    @asynccontextmanager
+    async def use(self, session_id: str) -> AsyncIterator[S]:
+        """Hold the session's state, waiting for earlier requests of the same
+        session. Cancellation while waiting leaves nothing behind."""
+        entry = self._entries.get(session_id)
+        if entry is None or entry.released:
+            self._make_room()
+            entry = _Entry(self._factory())
+            self._entries[session_id] = entry
+        self._entries.move_to_end(session_id)
+        entry.users += 1
+        try:
+            async with entry.lock:
+                yield entry.state
+        finally:
+            entry.users -= 1
+            entry.last_used = self._clock()
+            if entry.released and not entry.users and self._entries.get(session_id) is entry:
+                self._drop(session_id)
+
+    def release(self, session_id: str) -> bool:
+        """Drop a session now, or as soon as its running requests finish."""
+        entry = self._entries.get(session_id)
+        if entry is None or entry.released:
+            return False
+        entry.released = True
+        if not entry.users:
+            self._drop(session_id)
+        return True

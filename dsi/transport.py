@@ -1,0 +1,100 @@
+"""gRPC clients that implement the Target and Drafter interfaces.
+
+Cancelling the asyncio task that awaits :meth:`GrpcTarget.verify`, or closing
+the iterator of :meth:`GrpcDrafter.draft`, cancels the RPC on the server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import grpc
+
+from dsi import convert
+from dsi.errors import Unavailable
+from dsi.grpc_status import call, to_domain
+from dsi.interfaces import Drafter, Target
+from dsi.types import DraftChunk, DraftRequest, ServiceInfo, VerifyRequest, VerifyResult
+from dsi.v1 import drafter_pb2, drafter_pb2_grpc, target_pb2, target_pb2_grpc
+
+CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+    ("grpc.max_send_message_length", 64 * 1024 * 1024),
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.enable_retries", 0),
+]
+# Vocabulary bound used when decoding streamed distributions on the client:
+# the target re-validates them against its own vocabulary.
+_NO_VOCAB_CHECK = 2**32
+
+
+def open_channel(address: str) -> grpc.aio.Channel:
+    return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+
+
+async def wait_ready(channel: grpc.aio.Channel, name: str, timeout: float) -> None:
+    try:
+        await asyncio.wait_for(channel.channel_ready(), timeout)
+    except asyncio.TimeoutError:
+        raise Unavailable(f"{name} is unavailable: not reachable within {timeout:g}s") from None
+
+
+class GrpcTarget(Target):
+    def __init__(self, address: str, channel: grpc.aio.Channel | None = None, timeout: float | None = None) -> None:
+        self.name = f"target {address}"
+        self.address = address
+        self._own_channel = channel is None
+        self.channel = channel or open_channel(address)
+        self.stub = target_pb2_grpc.TargetServiceStub(self.channel)
+        self.timeout = timeout
+
+    async def info(self) -> ServiceInfo:
+        resp = await call(self.name, self.stub.Info(target_pb2.TargetServiceInfoRequest(), timeout=self.timeout))
+        return convert.service_info_from_pb(resp)
+
+    async def verify(self, request: VerifyRequest) -> VerifyResult:
+        resp = await call(self.name, self.stub.Verify(convert.verify_request_to_pb(request), timeout=self.timeout))
+        return convert.verify_result_from_pb(resp)
+
+    async def release_session(self, session_id: str) -> bool:
+        req = target_pb2.TargetServiceReleaseSessionRequest(session_id=session_id)
+        resp = await call(self.name, self.stub.ReleaseSession(req, timeout=self.timeout))
+        return resp.released
+
+    async def close(self) -> None:
+        if self._own_channel:
+            await self.channel.close()
+
+
+class GrpcDrafter(Drafter):
+    def __init__(self, address: str, channel: grpc.aio.Channel | None = None, timeout: float | None = None) -> None:
+        self.name = f"drafter {address}"
+        self.address = address
+        self._own_channel = channel is None
+        self.channel = channel or open_channel(address)
+        self.stub = drafter_pb2_grpc.DrafterServiceStub(self.channel)
+        self.timeout = timeout
+
+    async def info(self) -> ServiceInfo:
+        resp = await call(self.name, self.stub.Info(drafter_pb2.DrafterServiceInfoRequest(), timeout=self.timeout))
+        return convert.service_info_from_pb(resp)
+
+    async def draft(self, request: DraftRequest) -> AsyncIterator[DraftChunk]:
+        stream = self.stub.Draft(convert.draft_request_to_pb(request))
+        try:
+            async for msg in stream:
+                yield convert.draft_chunk_from_pb(msg, _NO_VOCAB_CHECK)
+        except grpc.aio.AioRpcError as exc:
+            raise to_domain(exc, self.name) from None
+        finally:
+            stream.cancel()
+
+    async def release_session(self, session_id: str) -> bool:
+        req = drafter_pb2.DrafterServiceReleaseSessionRequest(session_id=session_id)
+        resp = await call(self.name, self.stub.ReleaseSession(req, timeout=self.timeout))
+        return resp.released
+
+    async def close(self) -> None:
+        if self._own_channel:
+            await self.channel.close()

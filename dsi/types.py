@@ -1,0 +1,202 @@
+"""Domain types shared by models, services and the coordinator.
+
+These mirror the messages of ``protos/dsi/v1`` but know nothing of protobuf;
+:mod:`dsi.convert` translates between the two.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from dsi.errors import InvalidArgument
+
+# A draft distribution's probabilities must add up to 1 within this tolerance.
+PROB_SUM_TOLERANCE = 1e-3
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Logit warping: temperature, then top-k, then top-p (as in HF generate).
+
+    ``temperature == 0`` is greedy decoding; ``top_p`` is normalised so that
+    1.0 means "off" and ``top_k == 0`` means "off".
+    """
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    @classmethod
+    def create(cls, temperature: float = 0.0, top_p: float = 0.0, top_k: int = 0) -> SamplingParams:
+        """Validate wire-style values (top_p 0 = off) and build the params."""
+        if not math.isfinite(temperature) or temperature < 0:
+            raise InvalidArgument(f"temperature must be a finite number >= 0, got {temperature}")
+        if not math.isfinite(top_p) or top_p < 0 or top_p > 1:
+            raise InvalidArgument(f"top_p must lie in [0, 1] (0 or 1 disables it), got {top_p}")
+        if top_k < 0:
+            raise InvalidArgument(f"top_k must be >= 0, got {top_k}")
+        return cls(temperature=float(temperature), top_p=float(top_p) if top_p > 0 else 1.0, top_k=int(top_k))
+
+
+GREEDY = SamplingParams()
+
+
+@dataclass(frozen=True, eq=False)
+class SparseDist:
+    """A distribution given by its support: ``token_ids`` with ``probs``.
+
+    ``probs`` is float64 and sums to exactly what ``np.sum`` says is 1 after
+    normalisation. Both ends of a Verify build it with :meth:`from_wire` from
+    the same float32 values, so they agree bit for bit on the distribution.
+    """
+
+    token_ids: np.ndarray  # int64, distinct
+    probs: np.ndarray  # float64, normalised
+
+    @classmethod
+    def from_wire(cls, token_ids: Sequence[int], probs: Sequence[float], vocab_size: int) -> SparseDist:
+        ids = np.asarray(token_ids, dtype=np.int64)
+        p32 = np.asarray(probs, dtype=np.float32)
+        if ids.ndim != 1 or ids.size == 0:
+            raise InvalidArgument("a draft distribution must list at least one token id")
+        if p32.shape != ids.shape:
+            raise InvalidArgument(f"a draft distribution has {ids.size} token ids but {p32.size} probabilities")
+        if ids.min() < 0 or ids.max() >= vocab_size:
+            raise InvalidArgument(
+                f"a draft distribution has token id {int(ids.max())} outside the vocabulary (size {vocab_size})"
+            )
+        if np.unique(ids).size != ids.size:
+            raise InvalidArgument("a draft distribution lists a token id more than once")
+        p = p32.astype(np.float64)
+        if not np.all(np.isfinite(p)) or np.any(p < 0):
+            raise InvalidArgument("draft probabilities must be finite and >= 0")
+        total = float(p.sum())
+        if abs(total - 1.0) > PROB_SUM_TOLERANCE:
+            raise InvalidArgument(f"draft probabilities must add up to 1, got {total:.6f}")
+        return cls(ids, p / total)
+
+    def wire_probs(self) -> np.ndarray:
+        return self.probs.astype(np.float32)
+
+    def prob(self, token_id: int) -> float:
+        hit = np.flatnonzero(self.token_ids == token_id)
+        return float(self.probs[hit[0]]) if hit.size else 0.0
+
+    def dense(self, vocab_size: int) -> np.ndarray:
+        out = np.zeros(vocab_size, dtype=np.float64)
+        out[self.token_ids] = self.probs
+        return out
+
+
+@dataclass(frozen=True)
+class DraftToken:
+    token_id: int
+    dist: SparseDist | None = None
+
+
+@dataclass(frozen=True)
+class ForwardStats:
+    cached_tokens: int = 0
+    computed_tokens: int = 0
+    queue_seconds: float = 0.0
+    compute_seconds: float = 0.0
+
+    def __add__(self, other: ForwardStats) -> ForwardStats:
+        return ForwardStats(
+            self.cached_tokens + other.cached_tokens,
+            self.computed_tokens + other.computed_tokens,
+            self.queue_seconds + other.queue_seconds,
+            self.compute_seconds + other.compute_seconds,
+        )
+
+
+@dataclass(frozen=True)
+class VerifyRequest:
+    session_id: str
+    context: Sequence[int]
+    drafts: Sequence[DraftToken] = ()
+    sampling: SamplingParams = GREEDY
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Decision:
+    accepted: bool
+    token_id: int
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    decisions: list[Decision]
+    num_accepted: int
+    next_token: int
+    stats: ForwardStats = field(default_factory=ForwardStats)
+
+
+@dataclass(frozen=True)
+class DraftRequest:
+    session_id: str
+    context: Sequence[int]
+    lookahead: int
+    max_tokens: int = 0
+    sampling: SamplingParams = GREEDY
+    seed: int = 0
+    proposal_top_k: int = 0
+
+
+@dataclass(frozen=True)
+class DraftChunk:
+    tokens: list[DraftToken]
+    start_position: int
+    stats: ForwardStats = field(default_factory=ForwardStats)
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    model_id: str
+    backend: str
+    vocab_size: int
+    eos_token_ids: tuple[int, ...]
+    max_context_tokens: int
+    tokenizer_fingerprint: str
+    device: str
+    dtype: str
+    num_parameters: int = 0
+
+
+@dataclass(frozen=True)
+class ServiceLimits:
+    max_draft_tokens: int = 0
+    max_lookahead: int = 0
+    max_sessions: int = 0
+    session_idle_timeout_seconds: float = 0.0
+
+
+@dataclass
+class ServiceCounters:
+    sessions: int = 0
+    busy_sessions: int = 0
+    forward_passes: int = 0
+    computed_tokens: int = 0
+    cached_tokens: int = 0
+    requests: int = 0
+    cancelled_requests: int = 0
+    drafted_tokens: int = 0
+    evicted_sessions: int = 0
+
+
+@dataclass(frozen=True)
+class ServiceInfo:
+    """What a target or drafter says about itself (the Info RPC)."""
+
+    model: ModelInfo
+    limits: ServiceLimits
+    counters: ServiceCounters

@@ -1,0 +1,228 @@
+"""``dsi up``: target replica(s), a drafter and a coordinator as local processes.
+
+Each service runs as its own ``dsi`` process (the same commands a deployment
+runs), on a free port, logging to a file under ``--log-dir``. With ``--demo`` it
+runs one prompt with every strategy, prints the comparison and stops;
+otherwise it serves until Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import signal
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from dsi.errors import Unavailable
+
+# Latencies like a 13B target and a 68M drafter, each on its own data-centre
+# GPU (the Vicuna-13B / Vicuna-68M pair of the DSI paper); acceptance as
+# measured for such pairs. Used until dsi ships real demo models.
+SYNTHETIC_TARGET = "synthetic:vocab=32000,seed=1,ttft_ms=40,tpot_ms=30"
+SYNTHETIC_DRAFTER = "synthetic:vocab=32000,seed=1,ttft_ms=3,tpot_ms=2,acceptance=0.7"
+DEMO_PROMPT_IDS = "1,2,3,4,5,6,7,8"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--target-model",
+        default=SYNTHETIC_TARGET,
+        metavar="SPEC",
+        help="target model directory or synthetic spec (default: a synthetic 13B-like target)",
+    )
+    p.add_argument(
+        "--drafter-model",
+        default=SYNTHETIC_DRAFTER,
+        metavar="SPEC",
+        help="drafter model directory or synthetic spec (default: a synthetic 68M-like drafter)",
+    )
+    p.add_argument("--targets", type=int, default=4, help="target replicas = SP degree (default: %(default)s)")
+    p.add_argument("--device", default="cpu", help="device for Hugging Face models (default: %(default)s)")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--host", default="127.0.0.1", help="coordinator address (default: %(default)s)")
+    p.add_argument("--port", type=int, default=50050, help="coordinator port (default: %(default)s)")
+    p.add_argument("--strategy", choices=["nonsi", "si", "dsi"], default="dsi")
+    p.add_argument("--lookahead", type=int, default=5)
+    p.add_argument("--max-new-tokens", type=int, default=100, help="default generation length (default: %(default)s)")
+    p.add_argument("--log-dir", help="where service logs go (default: a new temporary folder)")
+    p.add_argument("--startup-timeout", type=float, default=300.0)
+    g = p.add_mutually_exclusive_group()
+    g.add_argument(
+        "--demo", action="store_true", help="generate once with non-SI, SI and DSI, print the comparison and stop"
+    )
+    g.add_argument("--prompt", help="generate once from this text prompt and stop")
+    p.add_argument(
+        "--prompt-ids",
+        default=None,
+        metavar="1,2,3",
+        help=f"prompt token ids for --demo with synthetic models (default: {DEMO_PROMPT_IDS})",
+    )
+
+
+@dataclass
+class Child:
+    name: str
+    proc: asyncio.subprocess.Process
+    announce: Path
+    log: Path
+
+    def tail(self, lines: int = 15) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+
+class Cluster:
+    def __init__(self, log_dir: Path) -> None:
+        self.log_dir = log_dir
+        self.children: list[Child] = []
+
+    async def spawn(self, name: str, *argv: str) -> Child:
+        announce = self.log_dir / f"{name}.addr"
+        log = self.log_dir / f"{name}.log"
+        with contextlib.suppress(FileNotFoundError):
+            announce.unlink()
+        with open(log, "wb") as fh:  # noqa: ASYNC230 - a local file, once per child
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "dsi",
+                *argv,
+                "--announce",
+                str(announce),
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=fh,
+                stderr=asyncio.subprocess.STDOUT,
+                start_new_session=True,  # Ctrl-C reaches us only; we stop the children in order
+            )
+        child = Child(name, proc, announce, log)
+        self.children.append(child)
+        return child
+
+    async def address(self, child: Child, timeout: float) -> str:
+        deadline = time.monotonic() + timeout
+        while not child.announce.exists():
+            if child.proc.returncode is not None:
+                raise Unavailable(f"{child.name} exited with code {child.proc.returncode}:\n{child.tail()}")
+            if time.monotonic() > deadline:
+                raise Unavailable(f"{child.name} did not start within {timeout:g}s:\n{child.tail()}")
+            await asyncio.sleep(0.05)
+        return child.announce.read_text().strip()
+
+    async def stop(self, grace: float = 10.0) -> None:
+        # Coordinator first, so nothing new reaches the model servers.
+        for child in reversed(self.children):
+            if child.proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    child.proc.send_signal(signal.SIGTERM)
+                try:
+                    await asyncio.wait_for(child.proc.wait(), grace)
+                except asyncio.TimeoutError:
+                    with contextlib.suppress(ProcessLookupError):
+                        child.proc.kill()
+                    await child.proc.wait()
+
+
+async def start(args: argparse.Namespace, cluster: Cluster) -> str:
+    common = ["--host", "127.0.0.1", "--port", "0", "--log-format", "json"]
+    model = ["--device", args.device, "--dtype", args.dtype]
+    targets = [
+        await cluster.spawn(f"target-{i}", "target", "--model", args.target_model, *model, *common)
+        for i in range(args.targets)
+    ]
+    drafter = await cluster.spawn("drafter", "drafter", "--model", args.drafter_model, *model, *common)
+    target_addrs = [await cluster.address(c, args.startup_timeout) for c in targets]
+    drafter_addr = await cluster.address(drafter, args.startup_timeout)
+    argv = [
+        "coordinator",
+        "--host",
+        args.host,
+        "--port",
+        str(args.port),
+        "--log-format",
+        "json",
+        "--strategy",
+        args.strategy,
+        "--lookahead",
+        str(args.lookahead),
+        "--max-new-tokens",
+        str(args.max_new_tokens),
+        "--drafter",
+        drafter_addr,
+    ]
+    for a in target_addrs:
+        argv += ["--target", a]
+    if not args.target_model.startswith("synthetic"):
+        argv += ["--tokenizer", args.target_model]
+    coordinator = await cluster.spawn("coordinator", *argv)
+    return await cluster.address(coordinator, args.startup_timeout)
+
+
+async def demo(address: str, args: argparse.Namespace) -> int:
+    from dsi.cli import stats_line
+    from dsi.client import Client, request
+
+    synthetic = args.target_model.startswith("synthetic")
+    prompt = args.prompt or ("" if synthetic else "def fibonacci(n):")
+    ids = [int(t) for t in (args.prompt_ids or DEMO_PROMPT_IDS).split(",")] if synthetic and not prompt else []
+    strategies = ["nonsi", "si", "dsi"] if args.demo else [args.strategy]
+    results = {}
+    async with Client(address) as client:
+        for strategy in strategies:
+            req = request(prompt, ids, args.max_new_tokens, strategy)
+            results[strategy] = await client.generate(req)
+    shown = results[strategies[-1]]
+    print(f"prompt: {prompt!r}" if prompt else f"prompt ids: {ids}")
+    print(f"completion: {shown.text!r}\n")
+    for strategy, r in results.items():
+        print(f"{strategy:>6} {stats_line(r)}")
+    if len(results) > 1:
+        base = results["nonsi"].stats["wall_seconds"]
+        same = len({tuple(r.token_ids) for r in results.values()}) == 1
+        print(
+            "\nspeedup over non-SI: "
+            + ", ".join(f"{s} {base / r.stats['wall_seconds']:.2f}x" for s, r in results.items() if s != "nonsi")
+        )
+        print("identical output for every strategy (lossless): " + ("yes" if same else "NO"))
+        return 0 if same else 1
+    return 0
+
+
+async def main(args: argparse.Namespace) -> int:
+    log_dir = Path(args.log_dir or tempfile.mkdtemp(prefix="dsi-up-"))
+    log_dir.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 - start-up, before any service runs
+    cluster = Cluster(log_dir)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        print(
+            f"starting {args.targets} target replica(s), a drafter and a coordinator (logs: {log_dir})", file=sys.stderr
+        )
+        starting = asyncio.ensure_future(start(args, cluster))
+        stopper = asyncio.ensure_future(stop.wait())
+        await asyncio.wait({starting, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        if not starting.done():
+            starting.cancel()
+            return 130
+        stopper.cancel()
+        address = starting.result()
+        if args.demo or args.prompt:
+            return await demo(address, args)
+        print(f"coordinator listening on {address}", file=sys.stderr)
+        example = '"def fibonacci(n):"' if not args.target_model.startswith("synthetic") else "--prompt-ids 1,2,3"
+        print(f"try: dsi generate --coordinator {address} {example}\nCtrl-C stops everything.", file=sys.stderr)
+        await stop.wait()
+        return 0
+    finally:
+        print("stopping...", file=sys.stderr)
+        await cluster.stop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)

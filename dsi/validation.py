@@ -1,0 +1,70 @@
+"""Checks of request fields against a model's vocabulary and a service's
+limits. Each failure raises :class:`~dsi.errors.InvalidArgument` with a message
+that says what is wrong."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from dsi.errors import InvalidArgument
+from dsi.types import DraftToken, SamplingParams
+
+MAX_SESSION_ID_LENGTH = 128
+
+
+def check_session_id(session_id: str) -> None:
+    if not session_id:
+        raise InvalidArgument("session_id must not be empty")
+    if len(session_id) > MAX_SESSION_ID_LENGTH:
+        raise InvalidArgument(f"session_id is longer than {MAX_SESSION_ID_LENGTH} characters")
+
+
+def check_token_ids(ids: Sequence[int], vocab_size: int, what: str) -> None:
+    if len(ids) == 0:
+        return
+    arr = np.asarray(ids, dtype=np.int64)
+    bad = np.flatnonzero((arr < 0) | (arr >= vocab_size))
+    if bad.size:
+        i = int(bad[0])
+        raise InvalidArgument(
+            f"{what}[{i}] = {int(arr[i])} is outside the vocabulary (valid ids are 0..{vocab_size - 1})"
+        )
+
+
+def check_context(context: Sequence[int], vocab_size: int, max_context: int, extra: int = 0) -> None:
+    """A non-empty context of valid ids that leaves room for ``extra`` tokens."""
+    if len(context) == 0:
+        raise InvalidArgument("context_token_ids must not be empty")
+    check_token_ids(context, vocab_size, "context_token_ids")
+    if len(context) + extra > max_context:
+        raise InvalidArgument(
+            f"context of {len(context)} tokens"
+            + (f" plus {extra} draft tokens" if extra else "")
+            + f" exceeds the model's limit of {max_context} tokens"
+        )
+
+
+def check_drafts(
+    drafts: Sequence[DraftToken], sampling: SamplingParams, vocab_size: int, max_draft_tokens: int
+) -> None:
+    if len(drafts) > max_draft_tokens:
+        raise InvalidArgument(f"{len(drafts)} draft tokens exceed the limit of {max_draft_tokens}")
+    check_token_ids([d.token_id for d in drafts], vocab_size, "draft_tokens")
+    for i, d in enumerate(drafts):
+        if d.dist is None:
+            if not sampling.greedy:
+                raise InvalidArgument(
+                    f"draft_tokens[{i}] has no distribution; sampling (temperature > 0) needs one per draft token"
+                )
+            continue
+        if d.dist.prob(d.token_id) <= 0.0:
+            raise InvalidArgument(
+                f"draft_tokens[{i}] = {d.token_id} has probability 0 in the distribution it was drawn from"
+            )
+
+
+def check_lookahead(lookahead: int, max_lookahead: int) -> None:
+    if lookahead < 1 or lookahead > max_lookahead:
+        raise InvalidArgument(f"lookahead must lie in 1..{max_lookahead}, got {lookahead}")

@@ -1,0 +1,257 @@
+"""The coordinator's domain layer: requests in, streamed text out.
+
+Connects to targets and drafters, checks they share one vocabulary, applies
+server defaults, tokenizes prompts, detokenizes output incrementally and
+applies stop strings. The engine (:mod:`services.coordinator.engine`) does the
+speculation; the gRPC servicer is a thin translation of this.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from dsi.errors import InvalidArgument, Unavailable
+from dsi.interfaces import Drafter, Target
+from dsi.types import ModelInfo, SamplingParams, ServiceInfo
+from services.coordinator.engine import Engine, FinishReason, GenerationParams, GenerationStats, Strategy
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Defaults:
+    strategy: Strategy = Strategy.DSI
+    lookahead: int = 5
+    max_new_tokens: int = 128
+    max_sp_degree: int = 0  # 0 = every target replica
+
+
+@dataclass(frozen=True)
+class GenerateInput:
+    prompt: str = ""
+    prompt_token_ids: Sequence[int] = ()
+    max_new_tokens: int = 0
+    temperature: float = 0.0
+    top_p: float = 0.0
+    top_k: int = 0
+    seed: int = 0
+    strategy: Strategy | None = None
+    lookahead: int = 0
+    stop: Sequence[str] = ()
+
+
+@dataclass
+class GenerateOutput:
+    token_ids: list[int]
+    text: str
+    finish_reason: FinishReason | None = None
+    stats: GenerationStats | None = None
+
+
+# --- text ----------------------------------------------------------------------
+
+
+class Codec:
+    """Tokenizer seam: HF tokenizers, or ids-as-text for synthetic models."""
+
+    def __init__(self, tokenizer: Any | None = None) -> None:
+        self.tokenizer = tokenizer
+
+    @property
+    def has_tokenizer(self) -> bool:
+        return self.tokenizer is not None
+
+    def encode(self, text: str) -> list[int]:
+        if self.tokenizer is None:
+            raise InvalidArgument(
+                "this coordinator has no tokenizer (synthetic models or no --tokenizer): send prompt_token_ids"
+            )
+        return list(self.tokenizer.encode(text))
+
+    def decode(self, ids: Sequence[int]) -> str:
+        if self.tokenizer is None:
+            return " ".join(str(i) for i in ids)
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+
+class TextStream:
+    """Incremental detokenization with stop strings.
+
+    Text is emitted only once it is final: an incomplete UTF-8 sequence at the
+    end (decoded as U+FFFD) and any tail that could begin a stop string are held
+    back until the next tokens decide them.
+    """
+
+    def __init__(self, decode: Callable[[Sequence[int]], str], stops: Sequence[str], separator: str = "") -> None:
+        self.decode = decode
+        self.stops = [s for s in stops if s]
+        self.hold = max((len(s) for s in self.stops), default=1) - 1
+        self.ids: list[int] = []
+        self.emitted = 0
+        self.text = ""
+
+    def push(self, ids: Sequence[int]) -> tuple[str, bool]:
+        """Add tokens; returns (text that is final now, whether a stop string
+        was found, in which case the text ends right before it)."""
+        self.ids.extend(ids)
+        self.text = self.decode(self.ids)
+        for s in self.stops:
+            at = self.text.find(s, max(0, self.emitted - len(s) + 1))
+            if at >= 0:
+                self.text = self.text[:at]
+                return self._take(len(self.text)), True
+        safe = len(self.text) - self.hold
+        while safe > self.emitted and self.text[safe - 1] == "\ufffd":
+            safe -= 1
+        return self._take(safe), False
+
+    def flush(self) -> str:
+        return self._take(len(self.text))
+
+    def _take(self, upto: int) -> str:
+        if upto <= self.emitted:
+            return ""
+        out = self.text[self.emitted : upto]
+        self.emitted = upto
+        return out
+
+
+# --- coordinator ---------------------------------------------------------------
+
+
+@dataclass
+class Peer:
+    """A target or drafter with what it said about itself at start-up."""
+
+    client: Target | Drafter
+    address: str
+    info: ServiceInfo
+
+
+def _describe(kind: str, peer: Peer) -> str:
+    m = peer.info.model
+    return f"{kind} {peer.address} (model {m.model_id}, vocab {m.vocab_size}, tokenizer {m.tokenizer_fingerprint[:12]})"
+
+
+def check_vocabularies(targets: Sequence[Peer], drafters: Sequence[Peer]) -> None:
+    """Refuse peers that do not share the first target's vocabulary."""
+    ref = targets[0]
+    for kind, peers in (("target", targets[1:]), ("drafter", drafters)):
+        for p in peers:
+            a, b = ref.info.model, p.info.model
+            if (a.vocab_size, a.tokenizer_fingerprint) != (b.vocab_size, b.tokenizer_fingerprint):
+                raise InvalidArgument(
+                    f"vocabulary mismatch: {_describe(kind, p)} does not match {_describe('target', ref)}"
+                )
+
+
+async def fetch_info(client: Target | Drafter, timeout: float) -> ServiceInfo:
+    """Ask a peer for its Info, retrying until it answers or ``timeout``."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    delay = 0.05
+    while True:
+        try:
+            return await client.info()
+        except Unavailable:
+            if loop.time() + delay > deadline:
+                raise Unavailable(f"{client.name} is unavailable: no answer within {timeout:g}s") from None
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 1.0)
+
+
+@dataclass
+class Coordinator:
+    targets: list[Peer]
+    drafters: list[Peer]
+    codec: Codec = field(default_factory=Codec)
+    defaults: Defaults = field(default_factory=Defaults)
+    engine: Engine = field(init=False)
+
+    def __post_init__(self) -> None:
+        if not self.targets:
+            raise InvalidArgument("at least one target is needed")
+        check_vocabularies(self.targets, self.drafters)
+        models: list[ModelInfo] = [p.info.model for p in self.targets + self.drafters]
+        target_limit = min(p.info.limits.max_draft_tokens or 64 for p in self.targets)
+        drafter_limit = min((p.info.limits.max_lookahead or 64 for p in self.drafters), default=target_limit)
+        self.engine = Engine(
+            [p.client for p in self.targets],  # type: ignore[misc]
+            [p.client for p in self.drafters],  # type: ignore[misc]
+            eos_token_ids=self.targets[0].info.model.eos_token_ids,
+            max_context=min(m.max_context_tokens for m in models),
+            vocab_size=self.targets[0].info.model.vocab_size,
+            max_sp_degree=self.defaults.max_sp_degree,
+            max_draft_tokens=min(target_limit, drafter_limit),
+        )
+        if self.defaults.lookahead > self.engine.max_draft_tokens:
+            raise InvalidArgument(
+                f"default lookahead {self.defaults.lookahead} exceeds what the services accept"
+                f" ({self.engine.max_draft_tokens})"
+            )
+
+    @classmethod
+    async def connect(
+        cls,
+        targets: Sequence[tuple[str, Target]],
+        drafters: Sequence[tuple[str, Drafter]],
+        codec: Codec | None = None,
+        defaults: Defaults | None = None,
+        timeout: float = 60.0,
+    ) -> Coordinator:
+        infos = await asyncio.gather(*(fetch_info(c, timeout) for _, c in [*targets, *drafters]))
+        peers = [Peer(c, a, i) for (a, c), i in zip([*targets, *drafters], infos, strict=True)]
+        return cls(peers[: len(targets)], peers[len(targets) :], codec or Codec(), defaults or Defaults())
+
+    async def close(self) -> None:
+        await asyncio.gather(*(p.client.close() for p in self.targets + self.drafters), return_exceptions=True)
+
+    def params(self, req: GenerateInput) -> GenerationParams:
+        d = self.defaults
+        return GenerationParams(
+            max_new_tokens=req.max_new_tokens or d.max_new_tokens,
+            sampling=SamplingParams.create(req.temperature, req.top_p, req.top_k),
+            seed=req.seed,
+            strategy=req.strategy or d.strategy,
+            lookahead=req.lookahead or d.lookahead,
+        )
+
+    async def generate(self, req: GenerateInput) -> AsyncIterator[GenerateOutput]:
+        """Stream the generation; the last output carries finish_reason and stats."""
+        prompt = self.codec.encode(req.prompt) if req.prompt else list(req.prompt_token_ids)
+        params = self.params(req)
+        generation = self.engine.generate(prompt, params)
+        text = TextStream(self.codec.decode, req.stop)
+        tokens = generation.tokens()
+        sent = 0
+        final_ids: list[int] = []
+        final_text = ""
+        try:
+            async for ids in tokens:
+                if not text.stops:
+                    delta, stopped = text.push(ids)
+                else:  # token by token, to end exactly at the token that completes a stop string
+                    delta, stopped, used = "", False, 0
+                    for tok in ids:
+                        piece, stopped = text.push([tok])
+                        delta, used = delta + piece, used + 1
+                        if stopped:
+                            break
+                    ids = ids[:used]
+                if stopped:
+                    generation.stop(FinishReason.STOP)
+                    final_ids, final_text = ids, delta
+                    break
+                sent += len(ids)
+                yield GenerateOutput(ids, delta)
+            else:
+                final_text = text.flush()
+        finally:
+            await tokens.aclose()  # type: ignore[attr-defined]
+        stats = generation.stats
+        stats.new_tokens = sent + len(final_ids)  # tokens after a stop string are not returned
+        yield GenerateOutput(final_ids, final_text, generation.finish_reason, stats)

@@ -1,0 +1,116 @@
+"""gRPC servicer of dsi.v1.GenerationService: protobuf in, domain call, protobuf out."""
+
+from __future__ import annotations
+
+import grpc
+
+from dsi import convert
+from dsi.errors import InvalidArgument
+from dsi.grpc_status import guard
+from dsi.v1 import generation_pb2, generation_pb2_grpc
+from services.coordinator.coordinator import Coordinator, GenerateInput, GenerateOutput, Peer
+from services.coordinator.engine import FinishReason, GenerationStats, Strategy
+
+SERVICE_NAME = generation_pb2.DESCRIPTOR.services_by_name["GenerationService"].full_name
+
+STRATEGY_FROM_PB = {
+    generation_pb2.STRATEGY_UNSPECIFIED: None,
+    generation_pb2.STRATEGY_NONSI: Strategy.NONSI,
+    generation_pb2.STRATEGY_SI: Strategy.SI,
+    generation_pb2.STRATEGY_DSI: Strategy.DSI,
+}
+STRATEGY_TO_PB = {v: k for k, v in STRATEGY_FROM_PB.items() if v is not None}
+FINISH_TO_PB = {
+    None: generation_pb2.FINISH_REASON_UNSPECIFIED,
+    FinishReason.LENGTH: generation_pb2.FINISH_REASON_LENGTH,
+    FinishReason.EOS: generation_pb2.FINISH_REASON_EOS,
+    FinishReason.STOP: generation_pb2.FINISH_REASON_STOP,
+    FinishReason.CANCELLED: generation_pb2.FINISH_REASON_CANCELLED,
+}
+
+
+def input_from_pb(m: generation_pb2.GenerateRequest) -> GenerateInput:
+    if m.strategy not in STRATEGY_FROM_PB:
+        raise InvalidArgument(f"unknown strategy {m.strategy}; use STRATEGY_NONSI, STRATEGY_SI or STRATEGY_DSI")
+    return GenerateInput(
+        prompt=m.prompt,
+        prompt_token_ids=list(m.prompt_token_ids),
+        max_new_tokens=m.max_new_tokens,
+        temperature=m.temperature,
+        top_p=m.top_p,
+        top_k=m.top_k,
+        seed=m.seed,
+        strategy=STRATEGY_FROM_PB[m.strategy],
+        lookahead=m.lookahead,
+        stop=list(m.stop),
+    )
+
+
+def stats_to_pb(s: GenerationStats) -> generation_pb2.GenerationStats:
+    return generation_pb2.GenerationStats(
+        new_tokens=s.new_tokens,
+        wall_seconds=s.wall_seconds,
+        time_to_first_token_seconds=s.time_to_first_token_seconds,
+        target_forward_passes=s.target_forward_passes,
+        drafted_tokens=s.drafted_tokens,
+        accepted_tokens=s.accepted_tokens,
+        acceptance_rate=s.acceptance_rate,
+        verifications_started=s.verifications_started,
+        verifications_cancelled=s.verifications_cancelled,
+        preemptions=s.preemptions,
+        draft_streams=s.draft_streams,
+    )
+
+
+def output_to_pb(o: GenerateOutput) -> generation_pb2.GenerateResponse:
+    msg = generation_pb2.GenerateResponse(
+        token_ids=o.token_ids, text=o.text, finish_reason=FINISH_TO_PB[o.finish_reason]
+    )
+    if o.stats is not None:
+        msg.stats.CopyFrom(stats_to_pb(o.stats))
+    return msg
+
+
+def _replica(peer: Peer, in_flight: int) -> generation_pb2.ReplicaInfo:
+    return generation_pb2.ReplicaInfo(
+        address=peer.address, model=convert.model_info_to_pb(peer.info.model), in_flight=in_flight
+    )
+
+
+class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
+    def __init__(self, coordinator: Coordinator) -> None:
+        self.coordinator = coordinator
+
+    @guard
+    async def Generate(self, request: generation_pb2.GenerateRequest, context: grpc.aio.ServicerContext) -> None:
+        stream = self.coordinator.generate(input_from_pb(request))
+        try:
+            async for out in stream:
+                await context.write(output_to_pb(out))
+        finally:
+            await stream.aclose()  # type: ignore[attr-defined]
+
+    @guard
+    async def GetInfo(self, request: generation_pb2.GetInfoRequest, context: grpc.aio.ServicerContext):
+        c = self.coordinator
+        eng = c.engine
+        d = c.defaults
+        return generation_pb2.GetInfoResponse(
+            targets=[_replica(p, eng.targets.in_flight(i)) for i, p in enumerate(c.targets)],
+            drafters=[_replica(p, eng.drafters.in_flight(i) if eng.drafters else 0) for i, p in enumerate(c.drafters)],
+            defaults=generation_pb2.GenerationDefaults(
+                strategy=STRATEGY_TO_PB[d.strategy],
+                lookahead=d.lookahead,
+                max_new_tokens=d.max_new_tokens,
+                max_sp_degree=eng.max_sp_degree,
+            ),
+            has_tokenizer=c.codec.has_tokenizer,
+        )
+
+
+def register(coordinator: Coordinator):
+    def _register(server: grpc.aio.Server) -> list[str]:
+        generation_pb2_grpc.add_GenerationServiceServicer_to_server(GenerationServicer(coordinator), server)
+        return [SERVICE_NAME]
+
+    return _register

@@ -1,0 +1,42 @@
+"""``dsi drafter``: serve one drafter model instance."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from dsi.backends import LocalDrafter, load_drafter_model
+from dsi.server import announce, serve_until_signal, start_server
+from services.drafter.service import register
+
+log = logging.getLogger("dsi.drafter")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="synthetic", help="model directory or synthetic spec (default: %(default)s)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda:N or mps (default: %(default)s)")
+    p.add_argument("--dtype", default="auto", help="auto, float32, float16, bfloat16, float64 (default: %(default)s)")
+    p.add_argument("--max-lookahead", type=int, default=64, help="largest lookahead accepted (default: %(default)s)")
+    p.add_argument(
+        "--proposal-top-k",
+        type=int,
+        default=64,
+        help="tokens kept in each sent draft distribution (default: %(default)s)",
+    )
+
+
+async def run(args: argparse.Namespace) -> None:
+    model = load_drafter_model(args.model, args.device, args.dtype)
+    drafter = LocalDrafter(model, args.max_sessions, args.session_idle_timeout, args.max_lookahead, args.proposal_top_k)
+    running = await start_server(register(drafter), args.host, args.port)
+    log.info(
+        "drafter serving",
+        extra={
+            "address": running.address,
+            "model": model.info.model_id,
+            "device": model.info.device,
+            "vocab_size": model.info.vocab_size,
+        },
+    )
+    announce(args.announce, running.address)
+    await serve_until_signal(running, args.grace, args.drain_delay)

@@ -1,0 +1,36 @@
+"""``dsi target``: serve one target model instance."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from dsi.backends import LocalTarget, load_target_model
+from dsi.server import announce, serve_until_signal, start_server
+from services.target.service import register
+
+log = logging.getLogger("dsi.target")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="synthetic", help="model directory or synthetic spec (default: %(default)s)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda:N or mps (default: %(default)s)")
+    p.add_argument("--dtype", default="auto", help="auto, float32, float16, bfloat16, float64 (default: %(default)s)")
+    p.add_argument("--max-draft-tokens", type=int, default=64, help="draft tokens per Verify (default: %(default)s)")
+
+
+async def run(args: argparse.Namespace) -> None:
+    model = load_target_model(args.model, args.device, args.dtype)
+    target = LocalTarget(model, args.max_sessions, args.session_idle_timeout, args.max_draft_tokens)
+    running = await start_server(register(target, model.info.vocab_size), args.host, args.port)
+    log.info(
+        "target serving",
+        extra={
+            "address": running.address,
+            "model": model.info.model_id,
+            "device": model.info.device,
+            "vocab_size": model.info.vocab_size,
+        },
+    )
+    announce(args.announce, running.address)
+    await serve_until_signal(running, args.grace, args.drain_delay)

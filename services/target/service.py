@@ -1,0 +1,44 @@
+"""gRPC servicer of dsi.v1.TargetService: protobuf in, domain call, protobuf out."""
+
+from __future__ import annotations
+
+import grpc
+
+from dsi import convert
+from dsi.grpc_status import guard
+from dsi.interfaces import Target
+from dsi.v1 import target_pb2, target_pb2_grpc
+
+SERVICE_NAME = target_pb2.DESCRIPTOR.services_by_name["TargetService"].full_name
+
+
+class TargetServicer(target_pb2_grpc.TargetServiceServicer):
+    def __init__(self, target: Target, vocab_size: int) -> None:
+        self.target = target
+        self.vocab_size = vocab_size
+
+    @guard
+    async def Info(self, request: target_pb2.TargetServiceInfoRequest, context: grpc.aio.ServicerContext):
+        return target_pb2.TargetServiceInfoResponse(**convert.service_info_parts(await self.target.info()))
+
+    @guard
+    async def Verify(self, request: target_pb2.VerifyRequest, context: grpc.aio.ServicerContext):
+        result = await self.target.verify(convert.verify_request_from_pb(request, self.vocab_size))
+        return convert.verify_result_to_pb(result)
+
+    @guard
+    async def ReleaseSession(
+        self, request: target_pb2.TargetServiceReleaseSessionRequest, context: grpc.aio.ServicerContext
+    ):
+        released = await self.target.release_session(request.session_id)
+        return target_pb2.TargetServiceReleaseSessionResponse(released=released)
+
+
+def register(target: Target, vocab_size: int):
+    """A ``register`` callback for :func:`dsi.server.start_server`."""
+
+    def _register(server: grpc.aio.Server) -> list[str]:
+        target_pb2_grpc.add_TargetServiceServicer_to_server(TargetServicer(target, vocab_size), server)
+        return [SERVICE_NAME]
+
+    return _register
