@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 DTYPES = ("auto", "float32", "float16", "bfloat16", "float64")
 DEFAULT_MAX_CONTEXT = 2048
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:
@@ -97,12 +98,12 @@ class HFCore:
         if dtype == "auto" and self.device.type == "cpu" and self.model.dtype in (torch.float16, torch.bfloat16):
             self.model = self.model.float()  # half precision on CPU is slow and often unsupported
         self.model.to(self.device).eval()
-        try:
-            self.tokenizer: Any = AutoTokenizer.from_pretrained(str(p), local_files_only=True)
+        self.tokenizer: Any = None
+        if any((p / f).is_file() for f in TOKENIZER_FILES):
+            self.tokenizer = AutoTokenizer.from_pretrained(str(p), local_files_only=True)
             fingerprint = tokenizer_fingerprint(self.tokenizer)
-        except (OSError, ValueError) as exc:  # a model directory without tokenizer files
-            log.warning("no tokenizer in %s (%s); fingerprint falls back to the vocab size", path, exc)
-            self.tokenizer = None
+        else:  # e.g. a bare test model: services can still pair by vocabulary size
+            log.info("no tokenizer files in %s; the tokenizer fingerprint stands for the vocabulary size", path)
             fingerprint = hashlib.sha256(f"no-tokenizer-vocab:{self.model.config.vocab_size}".encode()).hexdigest()[:32]
         cfg = self.model.config
         self.vocab_size = int(self.model.get_output_embeddings().weight.shape[0])

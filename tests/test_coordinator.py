@@ -1,0 +1,292 @@
+"""The public API (dsi.v1.GenerationService) over real gRPC, end to end:
+targets and drafter served on loopback, the coordinator talking to them
+through the gRPC transport, clients using the generated stubs."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import pytest
+
+from dsi.errors import InvalidArgument
+from dsi.transport import GrpcDrafter, GrpcTarget
+from dsi.v1 import generation_pb2, generation_pb2_grpc
+from services.coordinator.coordinator import Codec, Coordinator, Defaults, TextStream
+from services.coordinator.engine import Strategy
+from tests.helpers import LOOPBACK, eventually, local_cluster, serve
+
+T = "synthetic:vocab=300,seed=21,tpot_ms=4"
+D = "synthetic:vocab=300,seed=21,tpot_ms=1,acceptance=0.6"
+STRATEGY_PB = {
+    "nonsi": generation_pb2.STRATEGY_NONSI,
+    "si": generation_pb2.STRATEGY_SI,
+    "dsi": generation_pb2.STRATEGY_DSI,
+}
+
+
+def stub(address: str) -> generation_pb2_grpc.GenerationServiceStub:
+    return generation_pb2_grpc.GenerationServiceStub(grpc.aio.insecure_channel(address))
+
+
+async def collect(stub_, **fields) -> tuple[list[int], str, list[generation_pb2.GenerateResponse]]:
+    msgs = [m async for m in stub_.Generate(generation_pb2.GenerateRequest(**fields))]
+    return [t for m in msgs for t in m.token_ids], "".join(m.text for m in msgs), msgs
+
+
+async def test_generate_streams_the_same_tokens_for_every_strategy():
+    async with local_cluster([T, T, T], [D], serve_coordinator=True) as c:
+        s = stub(c.coordinator_address)
+        outs = {}
+        for name, strategy in STRATEGY_PB.items():
+            ids, text, msgs = await collect(s, prompt_token_ids=[1, 2, 3], max_new_tokens=30, strategy=strategy)
+            outs[name] = ids
+            assert len(ids) == 30
+            assert text == " ".join(map(str, ids))  # synthetic models: ids joined by spaces
+            assert len(msgs) > 1, "nothing was streamed before the end"
+            last = msgs[-1]
+            assert last.finish_reason == generation_pb2.FINISH_REASON_LENGTH
+            assert all(m.finish_reason == generation_pb2.FINISH_REASON_UNSPECIFIED for m in msgs[:-1])
+            st = last.stats
+            assert st.new_tokens == 30 and st.wall_seconds > 0 and 0 < st.time_to_first_token_seconds <= st.wall_seconds
+            assert st.target_forward_passes >= 1 and st.verifications_started >= st.target_forward_passes
+            if name != "nonsi":
+                assert st.drafted_tokens > 0 and st.draft_streams > 0 and 0 < st.acceptance_rate <= 1
+        assert outs["nonsi"] == outs["si"] == outs["dsi"]
+
+
+async def test_get_info_reports_replicas_and_defaults():
+    defaults = Defaults(Strategy.SI, lookahead=7, max_new_tokens=33, max_sp_degree=2)
+    async with local_cluster([T, T, T], [D], serve_coordinator=True, defaults=defaults) as c:
+        info = await stub(c.coordinator_address).GetInfo(generation_pb2.GetInfoRequest())
+        assert [r.address for r in info.targets] == [srv.address for srv in c.servers[:3]]
+        assert len(info.drafters) == 1 and info.drafters[0].model.backend == "synthetic"
+        assert info.targets[0].model.vocab_size == 300
+        assert info.defaults.strategy == generation_pb2.STRATEGY_SI
+        assert (info.defaults.lookahead, info.defaults.max_new_tokens, info.defaults.max_sp_degree) == (7, 33, 2)
+        assert not info.has_tokenizer
+        # The defaults apply when a request leaves fields at 0.
+        ids, _, msgs = await collect(stub(c.coordinator_address), prompt_token_ids=[4])
+        assert len(ids) == 33 and msgs[-1].stats.draft_streams > 0
+
+
+@pytest.mark.parametrize(
+    ("fields", "needle"),
+    [
+        (dict(), "prompt is empty"),
+        (dict(prompt_token_ids=[1, 300]), "outside the vocabulary"),
+        (dict(prompt_token_ids=[1], max_new_tokens=100_000), "context limit"),
+        (dict(prompt_token_ids=[1], strategy=7), "unknown strategy"),
+        (dict(prompt_token_ids=[1], lookahead=1000), "lookahead"),
+        (dict(prompt_token_ids=[1], temperature=-1.0), "temperature"),
+        (dict(prompt_token_ids=[1], top_p=1.5), "top_p"),
+        (dict(prompt="hello"), "no tokenizer"),
+    ],
+)
+async def test_invalid_requests_get_invalid_argument(fields, needle):
+    async with local_cluster([T], [D], serve_coordinator=True) as c:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await collect(stub(c.coordinator_address), **fields)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert needle in err.value.details()
+
+
+async def test_stale_verifications_and_draft_streams_are_cancelled_on_the_servers():
+    """Acceptance 0: every chunk is rejected. With a slow target and a fast
+    drafter, speculative verifications are running on the targets when the
+    frontier step rejects their first draft; they must be cancelled there."""
+    t = "synthetic:vocab=300,seed=5,tpot_ms=40"
+    d = "synthetic:vocab=300,seed=5,tpot_ms=2,acceptance=0"
+    async with local_cluster([t] * 4, [d], serve_coordinator=True) as c:
+        _, _, msgs = await collect(
+            stub(c.coordinator_address),
+            prompt_token_ids=[1, 2],
+            max_new_tokens=8,
+            strategy=generation_pb2.STRATEGY_DSI,
+            lookahead=2,
+        )
+        stats = msgs[-1].stats
+        assert stats.verifications_cancelled > 0
+        await eventually(
+            lambda: all(len(t.sessions) == 0 for t in c.local_targets) and not c.local_drafters[0].sessions
+        )
+        on_targets = sum(t.counters.cancelled_requests for t in c.local_targets)
+        assert on_targets > 0, "no Verify was cancelled on any target"
+        assert on_targets <= stats.verifications_cancelled
+        drafter = c.local_drafters[0]
+        assert drafter.counters.cancelled_requests > 0, "no Draft stream was cancelled on the drafter"
+        assert drafter.active_streams == 0
+
+
+async def test_client_cancel_releases_every_session_and_stops_every_rpc():
+    t = "synthetic:vocab=300,seed=6,tpot_ms=10"
+    d = "synthetic:vocab=300,seed=6,tpot_ms=1,acceptance=0.7"
+    async with local_cluster([t] * 3, [d], serve_coordinator=True) as c:
+        call = stub(c.coordinator_address).Generate(
+            generation_pb2.GenerateRequest(prompt_token_ids=[1, 2], max_new_tokens=1000, strategy=3, lookahead=3)
+        )
+        got = 0
+        async for msg in call:
+            got += len(msg.token_ids)
+            if got >= 10:
+                break
+        assert any(len(t.sessions) for t in c.local_targets), "the generation held no target session"
+        call.cancel()
+
+        def released() -> bool:
+            return (
+                all(len(t.sessions) == 0 and t.sessions.busy == 0 for t in c.local_targets)
+                and len(c.local_drafters[0].sessions) == 0
+                and c.local_drafters[0].active_streams == 0
+                and all(not s.leases for s in c.coordinator.engine.targets.slots)
+            )
+
+        await eventually(released, timeout=3.0)
+        drafted = c.local_drafters[0].counters.drafted_tokens
+        passes = sum(t.counters.forward_passes for t in c.local_targets)
+        await asyncio.sleep(0.1)  # ten target forward periods: nothing may still be running
+        assert c.local_drafters[0].counters.drafted_tokens == drafted
+        assert sum(t.counters.forward_passes for t in c.local_targets) == passes
+
+
+async def test_concurrent_generations_are_isolated():
+    async with local_cluster([T, T], [D], serve_coordinator=True) as c:
+        s = stub(c.coordinator_address)
+        prompts = [[i, i + 1, i + 2] for i in range(8)]
+        refs = [
+            (await collect(s, prompt_token_ids=p, max_new_tokens=25, strategy=generation_pb2.STRATEGY_NONSI))[0]
+            for p in prompts
+        ]
+        results = await asyncio.gather(
+            *(
+                collect(s, prompt_token_ids=p, max_new_tokens=25, strategy=STRATEGY_PB[name])
+                for p in prompts
+                for name in ("si", "dsi")
+            )
+        )
+        for i, (ids, _, _) in enumerate(results):
+            assert ids == refs[i // 2], f"generation {i} was disturbed by the others"
+
+
+async def test_an_unreachable_target_gives_unavailable_naming_it():
+    async with local_cluster([T, T], [D], serve_coordinator=True) as c:
+        dead = c.servers[1]
+        await dead.stop(grace=0)
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            for _ in range(3):  # the least loaded replica may be the live one at first
+                await collect(
+                    stub(c.coordinator_address),
+                    prompt_token_ids=[1],
+                    max_new_tokens=20,
+                    strategy=generation_pb2.STRATEGY_DSI,
+                )
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert dead.address in err.value.details()
+
+
+async def test_an_unreachable_drafter_gives_unavailable_naming_it():
+    async with local_cluster([T], [D], serve_coordinator=True) as c:
+        drafter_server = c.servers[1]
+        await drafter_server.stop(grace=0)
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await collect(
+                stub(c.coordinator_address),
+                prompt_token_ids=[1],
+                max_new_tokens=20,
+                strategy=generation_pb2.STRATEGY_SI,
+            )
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "drafter" in err.value.details() and drafter_server.address in err.value.details()
+
+
+async def test_vocabulary_mismatch_is_refused_naming_both():
+    from dsi.backends import LocalDrafter, LocalTarget, load_drafter_model, load_target_model
+    from services.drafter.service import register as register_drafter
+    from services.target.service import register as register_target
+
+    target = LocalTarget(load_target_model("synthetic:vocab=300"))
+    drafter = LocalDrafter(load_drafter_model("synthetic:vocab=301"))
+    async with serve(register_target(target, 300)) as ts, serve(register_drafter(drafter)) as ds:
+        clients = GrpcTarget(ts.address), GrpcDrafter(ds.address)
+        with pytest.raises(InvalidArgument) as err:
+            await Coordinator.connect([(ts.address, clients[0])], [(ds.address, clients[1])])
+        for client in clients:
+            await client.close()
+    msg = str(err.value)
+    assert ts.address in msg and ds.address in msg and "vocab 301" in msg and "vocab 300" in msg
+
+
+async def test_connect_times_out_with_unavailable_for_a_missing_target():
+    from dsi.errors import Unavailable
+
+    target = GrpcTarget(f"{LOOPBACK}:1")
+    with pytest.raises(Unavailable, match=f"{LOOPBACK}:1"):
+        await Coordinator.connect([(f"{LOOPBACK}:1", target)], [], timeout=0.5)
+    await target.close()
+
+
+# --- text: tokenizer, incremental decoding, stop strings ------------------------------
+
+
+async def test_text_prompts_with_a_tokenizer(tiny_models):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = str(tiny_models["llama"])
+    tok = AutoTokenizer.from_pretrained(path)
+    prompt = "the cat sat on the mat"
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    import torch
+
+    ids = tok.encode(prompt)
+    ref = model.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False, pad_token_id=0)[
+        0, len(ids) :
+    ].tolist()
+    async with local_cluster(
+        [path, path], [str(tiny_models["llama-drafter"])], serve_coordinator=True, codec=Codec(tok)
+    ) as c:
+        s = stub(c.coordinator_address)
+        info = await s.GetInfo(generation_pb2.GetInfoRequest())
+        assert info.has_tokenizer
+        out, text, msgs = await collect(s, prompt=prompt, max_new_tokens=12, strategy=generation_pb2.STRATEGY_DSI)
+        assert out == ref and msgs[-1].finish_reason == generation_pb2.FINISH_REASON_LENGTH
+        assert text == tok.decode(ref, skip_special_tokens=True)
+        # A stop string cuts the text right before it and ends with FINISH_REASON_STOP.
+        words = text.split()
+        assert len(words) >= 4, "test setup: need a longer completion"
+        stop = " ".join(words[2:4])
+        out2, text2, msgs2 = await collect(
+            s, prompt=prompt, max_new_tokens=12, strategy=generation_pb2.STRATEGY_DSI, stop=[stop]
+        )
+        assert msgs2[-1].finish_reason == generation_pb2.FINISH_REASON_STOP
+        assert text2 == text[: text.index(stop)]
+        assert stop not in text2
+        assert out2 == out[: len(out2)] and len(out2) < len(out)
+        assert msgs2[-1].stats.new_tokens == len(out2)
+
+
+def test_text_stream_holds_back_a_possible_stop_string_prefix():
+    pieces = {1: "hel", 2: "lo wo", 3: "rld", 4: "!"}
+    ts = TextStream(lambda ids: "".join(pieces[i] for i in ids), ["world"])
+    emitted = ""
+    for i in (1, 2):
+        delta, stopped = ts.push([i])
+        assert not stopped
+        emitted += delta
+    assert emitted == "hell"  # the last 4 characters ("o wo") could begin "world": held back
+    delta, stopped = ts.push([3])
+    assert stopped and emitted + delta == "hello "
+
+
+def test_text_stream_holds_back_incomplete_utf8():
+    chunks = {1: "caf", 2: "\ufffd", 3: "é!"}
+
+    def decode(ids):
+        # Like a byte-level tokenizer: an unfinished multi-byte char decodes as U+FFFD.
+        text = "".join(chunks[i] for i in ids)
+        return text.replace("\ufffdé", "é")
+
+    ts = TextStream(decode, [])
+    assert ts.push([1]) == ("caf", False)
+    assert ts.push([2]) == ("", False)  # held back until the character is complete
+    assert ts.push([3]) == ("é!", False)
+    assert ts.flush() == ""

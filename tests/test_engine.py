@@ -1,0 +1,373 @@
+"""Losslessness of every strategy, against the target model alone.
+
+Greedy: token-for-token equality with ``model.generate(do_sample=False)`` (HF)
+or with the pseudo model's own argmax decoding (synthetic), for every strategy,
+SP degree and lookahead. Sampling: a chi-square test of the distribution of
+whole continuations against the exactly computed target distribution.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dsi.backends import LocalDrafter, LocalTarget, load_drafter_model, load_target_model
+from dsi.backends.synthetic import PseudoLM, SyntheticSpec
+from dsi.sampling import warp
+from dsi.types import SamplingParams
+from services.coordinator.engine import Engine, GenerationParams, Strategy
+from tests.helpers import eventually
+
+STRATEGIES = list(Strategy)
+PROMPTS = [[5, 9, 3], [17, 2, 40, 11, 8, 1]]
+
+
+def make_engine(target_spec: str, drafter_spec: str, replicas: int, **kw) -> Engine:
+    targets = [LocalTarget(load_target_model(target_spec)) for _ in range(replicas)]
+    drafter = LocalDrafter(load_drafter_model(drafter_spec))
+    info = targets[0].model.info
+    return Engine(
+        targets,
+        [drafter],
+        eos_token_ids=info.eos_token_ids,
+        max_context=info.max_context_tokens,
+        vocab_size=info.vocab_size,
+        **kw,
+    )
+
+
+async def run(engine: Engine, prompt: list[int], params: GenerationParams) -> tuple[list[int], object]:
+    gen = engine.generate(prompt, params)
+    out: list[int] = []
+    async for toks in gen.tokens():
+        out.extend(toks)
+    return out, gen
+
+
+# --- greedy: HF models of two architecture families --------------------------------
+
+
+@pytest.fixture(scope="module")
+def hf_references(tiny_models: dict[str, Path]) -> dict[tuple[str, int], list[int]]:
+    """The target alone: ``generate(do_sample=False)`` for each prompt."""
+    from transformers import AutoModelForCausalLM
+
+    refs = {}
+    for arch in ("llama", "gpt2"):
+        model = AutoModelForCausalLM.from_pretrained(tiny_models[arch]).eval()
+        for i, prompt in enumerate(PROMPTS):
+            ids = torch.tensor([prompt])
+            out = model.generate(ids, max_new_tokens=24, do_sample=False, pad_token_id=0)
+            refs[(arch, i)] = out[0, len(prompt) :].tolist()
+    return refs
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("replicas", [1, 2, 4])
+@pytest.mark.parametrize("lookahead", [1, 3, 8])
+async def test_greedy_equals_hf_generate(tiny_models, hf_references, arch, replicas, lookahead):
+    engine = make_engine(str(tiny_models[arch]), str(tiny_models[f"{arch}-drafter"]), replicas)
+    for strategy in STRATEGIES:
+        for i, prompt in enumerate(PROMPTS):
+            out, gen = await run(engine, prompt, GenerationParams(24, strategy=strategy, lookahead=lookahead))
+            assert out == hf_references[(arch, i)], f"{strategy.value} diverged from generate() on prompt {i}"
+            assert gen.finish_reason is not None and gen.finish_reason.value == "length"
+    # Every session was released on every replica and on the drafter.
+    for slot in engine.targets.slots:
+        assert len(slot.member.sessions) == 0 and not slot.leases
+    assert len(engine.drafters.member(0).sessions) == 0
+
+
+async def test_greedy_hf_with_the_target_as_its_own_drafter(tiny_models, hf_references):
+    """A perfect drafter (acceptance 1): long accepted runs, bonus tokens, merges."""
+    path = str(tiny_models["llama"])
+    engine = make_engine(path, path, 2)
+    for strategy in STRATEGIES:
+        out, gen = await run(engine, PROMPTS[0], GenerationParams(24, strategy=strategy, lookahead=3))
+        assert out == hf_references[("llama", 0)]
+        if strategy is not Strategy.NONSI:
+            assert gen.stats.acceptance_rate == 1.0
+        if strategy is Strategy.SI:  # DSI may not wait for a drafter this slow; SI must batch
+            assert gen.stats.target_forward_passes < 24
+
+
+# --- greedy: synthetic pairs ------------------------------------------------------
+
+
+def synthetic_greedy_reference(spec: SyntheticSpec, prompt: list[int], n: int) -> list[int]:
+    lm = PseudoLM(spec.vocab, spec.seed, spec.support)
+    seq = list(prompt)
+    for _ in range(n):
+        seq.append(int(np.argmax(lm.logits(seq))))
+    return seq[len(prompt) :]
+
+
+@pytest.mark.parametrize("acceptance", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("replicas", [1, 2, 4])
+@pytest.mark.parametrize("lookahead", [1, 3, 8])
+async def test_greedy_equals_target_alone_synthetic(acceptance, replicas, lookahead):
+    # Latencies make verifications overlap the way they do on real hardware:
+    # the drafter is 5x faster than a target forward, with random jitter.
+    t_spec = "synthetic:vocab=500,seed=7,tpot_ms=2.5,jitter_ms=1"
+    d_spec = f"synthetic:vocab=500,seed=7,tpot_ms=0.5,jitter_ms=0.5,acceptance={acceptance}"
+    engine = make_engine(t_spec, d_spec, replicas)
+    ref = synthetic_greedy_reference(SyntheticSpec.parse(t_spec), PROMPTS[1], 40)
+    for strategy in STRATEGIES:
+        out, gen = await run(engine, PROMPTS[1], GenerationParams(40, strategy=strategy, lookahead=lookahead))
+        assert out == ref, f"{strategy.value} diverged"
+        if strategy is not Strategy.NONSI and acceptance in (0.0, 1.0):
+            assert gen.stats.acceptance_rate == acceptance
+
+
+# --- sampling: exact distribution ---------------------------------------------------
+
+# The 0.1% critical values of the chi-square distribution, by degrees of freedom.
+CHI2_999 = {
+    1: 10.83,
+    2: 13.82,
+    3: 16.27,
+    4: 18.47,
+    5: 20.52,
+    6: 22.46,
+    7: 24.32,
+    8: 26.12,
+    9: 27.88,
+    10: 29.59,
+    11: 31.26,
+    12: 32.91,
+    13: 34.53,
+    14: 36.12,
+    15: 37.70,
+    16: 39.25,
+    17: 40.79,
+    18: 42.31,
+    19: 43.82,
+    20: 45.31,
+    21: 46.80,
+    22: 48.27,
+    23: 49.73,
+    24: 51.18,
+    25: 52.62,
+    26: 54.05,
+}
+
+
+def chi_square(counts: Counter, probs: dict[tuple[int, ...], float], n: int) -> tuple[float, int]:
+    """Pearson's statistic, pooling outcomes of expected count < 5 into one cell."""
+    assert set(counts) <= {k for k, p in probs.items() if p > 0}, "an outcome of probability 0 was produced"
+    stat, pooled_obs, pooled_exp, cells = 0.0, 0, 0.0, 0
+    for k, p in probs.items():
+        exp = n * p
+        if exp < 5:
+            pooled_obs += counts.get(k, 0)
+            pooled_exp += exp
+            continue
+        stat += (counts.get(k, 0) - exp) ** 2 / exp
+        cells += 1
+    if pooled_exp > 0:
+        stat += (pooled_obs - pooled_exp) ** 2 / pooled_exp
+        cells += 1
+    return stat, cells - 1
+
+
+def exact_continuations(next_probs, prompt: list[int], n: int) -> dict[tuple[int, ...], float]:
+    """P(x_1..x_n | prompt) for every continuation, from the target's warped
+    next-token distribution ``next_probs(context) -> dense probs``."""
+    out: dict[tuple[int, ...], float] = {}
+
+    def walk(seq: list[int], prob: float, depth: int) -> None:
+        if depth == n:
+            out[tuple(seq[len(prompt) :])] = prob
+            return
+        p = next_probs(seq)
+        for tok in np.flatnonzero(p > 0):
+            walk([*seq, int(tok)], prob * float(p[tok]), depth + 1)
+
+    walk(list(prompt), 1.0, 0)
+    assert math.isclose(sum(out.values()), 1.0, rel_tol=1e-9)
+    return out
+
+
+async def sample_many(engine: Engine, prompt, params_for_seed, trials: int, concurrency: int = 50) -> Counter:
+    counts: Counter = Counter()
+    seeds = iter(range(trials))
+
+    async def worker() -> None:
+        for seed in seeds:
+            out, _ = await run(engine, prompt, params_for_seed(seed))
+            counts[tuple(out)] += 1
+
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return counts
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+async def test_sampling_matches_exact_target_distribution_synthetic(strategy):
+    """Whole 3-token continuations from a synthetic pair with acceptance 0.5,
+    temperature 0.8 and top-k 3, against the exact target distribution."""
+    t_spec = "synthetic:vocab=12,seed=3,support=3,tpot_ms=0.3,jitter_ms=0.6"
+    d_spec = "synthetic:vocab=12,seed=3,support=3,tpot_ms=0.1,jitter_ms=0.2,acceptance=0.5"
+    sampling = SamplingParams(temperature=0.8, top_k=3)
+    spec = SyntheticSpec.parse(t_spec)
+    lm = PseudoLM(spec.vocab, spec.seed, spec.support)
+    exact = exact_continuations(lambda seq: warp(lm.logits(seq), sampling), [1, 2], 3)
+    engine = make_engine(t_spec, d_spec, 3)
+    trials = 3000
+    counts = await sample_many(
+        engine, [1, 2], lambda s: GenerationParams(3, sampling, seed=s, strategy=strategy, lookahead=2), trials
+    )
+    stat, dof = chi_square(counts, exact, trials)
+    assert stat < CHI2_999[dof], f"{strategy.value}: chi2={stat:.1f} with {dof} dof"
+
+
+async def test_dsi_sampling_matches_exact_target_distribution_hf(tiny_models):
+    """DSI with a real (tiny, random) HF pair: 2-token continuations with top-k 4."""
+    from transformers import AutoModelForCausalLM
+
+    sampling = SamplingParams(temperature=1.0, top_k=4)
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["llama"]).eval()
+
+    def next_probs(seq: list[int]) -> np.ndarray:
+        with torch.no_grad():
+            logits = model(torch.tensor([seq])).logits[0, -1].double().numpy()
+        return warp(logits, sampling)
+
+    prompt = [3, 14, 15]
+    exact = exact_continuations(next_probs, prompt, 2)
+    engine = make_engine(str(tiny_models["llama"]), str(tiny_models["llama-drafter"]), 2)
+    trials = 2000
+    counts = await sample_many(
+        engine, prompt, lambda s: GenerationParams(2, sampling, seed=s, strategy=Strategy.DSI, lookahead=2), trials
+    )
+    stat, dof = chi_square(counts, exact, trials)
+    assert stat < CHI2_999[dof], f"chi2={stat:.1f} with {dof} dof"
+
+
+async def test_sampling_is_reproducible_with_a_seed():
+    t_spec = "synthetic:vocab=200,seed=5"
+    d_spec = "synthetic:vocab=200,seed=5,acceptance=0.6"
+    engine = make_engine(t_spec, d_spec, 2)
+    sampling = SamplingParams(temperature=1.0)
+    for strategy in (Strategy.NONSI, Strategy.SI):
+        params = GenerationParams(30, sampling, seed=123, strategy=strategy, lookahead=4)
+        first, _ = await run(engine, [1, 2, 3], params)
+        again, _ = await run(engine, [1, 2, 3], params)
+        other, _ = await run(engine, [1, 2, 3], GenerationParams(30, sampling, seed=124, strategy=strategy))
+        assert first == again
+        assert first != other
+
+
+# --- scheduling properties -------------------------------------------------------
+
+
+async def test_dsi_verifies_chunks_in_parallel_and_cancels_stale_work():
+    t_spec = "synthetic:vocab=500,seed=11,tpot_ms=20"
+    d_spec = "synthetic:vocab=500,seed=11,tpot_ms=2,acceptance=0.6"
+    engine = make_engine(t_spec, d_spec, 4)
+    max_in_flight = 0
+
+    async def watch() -> None:
+        nonlocal max_in_flight
+        while True:
+            max_in_flight = max(max_in_flight, sum(len(s.leases) for s in engine.targets.slots))
+            await asyncio.sleep(0.002)
+
+    watcher = asyncio.ensure_future(watch())
+    try:
+        out, gen = await run(engine, [1, 2, 3], GenerationParams(60, strategy=Strategy.DSI, lookahead=3))
+    finally:
+        watcher.cancel()
+    assert max_in_flight >= 2, "DSI never had two verifications in flight"
+    assert gen.stats.verifications_cancelled > 0
+    assert gen.stats.draft_streams > 1  # restarted after rejections
+    cancelled_on_servers = sum(s.member.counters.cancelled_requests for s in engine.targets.slots)
+    assert cancelled_on_servers > 0, "no verification was cancelled on a target"
+    assert engine.drafters.member(0).counters.cancelled_requests > 0, "no draft stream was cancelled"
+    assert out == synthetic_greedy_reference(SyntheticSpec.parse(t_spec), [1, 2, 3], 60)
+
+
+async def test_preemption_gives_the_frontier_a_replica_and_stays_lossless():
+    """Generation A fills both replicas (its frontier step and a speculative
+    chunk); generation B arrives and its first frontier step preempts A's
+    speculative verification. Both outputs stay exact."""
+    t_spec = "synthetic:vocab=400,seed=4,tpot_ms=30"
+    d_spec = "synthetic:vocab=400,seed=4,tpot_ms=1,acceptance=0.9"
+    engine = make_engine(t_spec, d_spec, 2)
+    params = GenerationParams(30, strategy=Strategy.DSI, lookahead=2)
+    a = asyncio.ensure_future(run(engine, [1, 2], params))
+
+    def a_speculates() -> bool:
+        leases = [lease for s in engine.targets.slots for lease in s.leases]
+        return len(leases) == 2 and any(lease.depth() > 0 for lease in leases)
+
+    await eventually(a_speculates, timeout=5.0, interval=0.001)
+    b = asyncio.ensure_future(run(engine, [3, 4], params))
+    (out_a, gen_a), (out_b, gen_b) = await asyncio.gather(a, b)
+    assert gen_b.stats.new_tokens == 30
+    spec = SyntheticSpec.parse(t_spec)
+    assert out_a == synthetic_greedy_reference(spec, [1, 2], 30)
+    assert out_b == synthetic_greedy_reference(spec, [3, 4], 30)
+    assert gen_a.stats.preemptions >= 1, "B's frontier step did not preempt A's speculation"
+
+
+def test_pool_frontier_preempts_the_deepest_speculative_lease():
+    from services.coordinator.pool import Pool
+
+    pool = Pool(["a", "b"])
+    preempted: list[str] = []
+    shallow = pool.acquire_idle(lambda: 3, lambda: preempted.append("shallow"))
+    deep = pool.acquire_idle(lambda: 9, lambda: preempted.append("deep"))
+    assert shallow is not None and deep is not None and {shallow.replica, deep.replica} == {0, 1}
+    assert pool.acquire_idle(lambda: 1) is None  # no idle replica for speculation
+    lease, did_preempt = pool.acquire_frontier()
+    assert did_preempt and preempted == ["deep"] and lease.replica == deep.replica
+    assert deep.released and not shallow.released
+    # Frontier leases are never preempted: with both replicas on the frontier the
+    # next frontier step queues on the least loaded one.
+    pool.release(shallow)
+    second, did = pool.acquire_frontier()
+    third, did_again = pool.acquire_frontier()
+    assert not did and not did_again
+    assert second.replica == shallow.replica  # the one replica left idle
+    assert third.replica == deep.replica  # both busy: the least loaded one
+    assert pool.in_flight(0) + pool.in_flight(1) == 3
+
+
+async def test_eos_stops_generation_and_is_included():
+    t_spec = "synthetic:vocab=50,seed=1,eos=7"
+    d_spec = "synthetic:vocab=50,seed=1,acceptance=0.8,eos=7"
+    spec = SyntheticSpec.parse(t_spec)
+    ref = synthetic_greedy_reference(spec, [1], 300)
+    assert 7 in ref, "test setup: pick a seed whose greedy path reaches the eos id"
+    expected = ref[: ref.index(7) + 1]
+    engine = make_engine(t_spec, d_spec, 2)
+    for strategy in STRATEGIES:
+        out, gen = await run(engine, [1], GenerationParams(300, strategy=strategy, lookahead=4))
+        assert out == expected
+        assert gen.finish_reason.value == "eos"
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+async def test_closing_early_releases_everything(strategy):
+    t_spec = "synthetic:vocab=100,seed=1,tpot_ms=5"
+    d_spec = "synthetic:vocab=100,seed=1,tpot_ms=1,acceptance=0.5"
+    engine = make_engine(t_spec, d_spec, 3)
+    gen = engine.generate([1, 2], GenerationParams(200, strategy=strategy, lookahead=3))
+    stream = gen.tokens()
+    got = 0
+    async for toks in stream:
+        got += len(toks)
+        if got >= 5:
+            break
+    await stream.aclose()
+    for slot in engine.targets.slots:
+        assert not slot.leases
+        assert len(slot.member.sessions) == 0
+    drafter = engine.drafters.member(0)
+    assert len(drafter.sessions) == 0 and drafter.active_streams == 0
