@@ -5,6 +5,7 @@ standard health checking and reflection, and graceful shutdown on signals
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -13,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 log = logging.getLogger(__name__)
@@ -27,10 +28,77 @@ SERVER_OPTIONS = [
 ]
 
 
+class HealthServicer(health_pb2_grpc.HealthServicer):
+    """The standard grpc.health.v1 service, whose Watch streams end once they
+    have reported NOT_SERVING at shutdown.
+
+    (grpcio's own aio servicer keeps Watch streams open until the server is
+    gone, so a client that watches health, as gRPC client-side health checking
+    does, would hold up every graceful shutdown for its whole grace period.)"""
+
+    def __init__(self) -> None:
+        self._status: dict[str, int] = {}
+        self._changed = asyncio.Event()
+        self._shutting_down = False
+        self._watches = 0
+        self._no_watches = asyncio.Event()
+        self._no_watches.set()
+
+    async def set(self, service: str, status: int) -> None:
+        if self._shutting_down:
+            return
+        self._status[service] = status
+        self._notify()
+
+    async def enter_graceful_shutdown(self) -> None:
+        """Report NOT_SERVING for every service, for good."""
+        if self._shutting_down:
+            return
+        self._shutting_down = True
+        for service in self._status:
+            self._status[service] = health_pb2.HealthCheckResponse.NOT_SERVING
+        self._notify()
+
+    def _notify(self) -> None:
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
+
+    async def Check(self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext):
+        status = self._status.get(request.service)
+        if status is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown service {request.service!r}")
+        return health_pb2.HealthCheckResponse(status=status)
+
+    async def Watch(self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext) -> None:
+        self._watches += 1
+        self._no_watches.clear()
+        try:
+            last = None
+            while True:
+                changed = self._changed  # taken before reading, so no change is missed
+                status = self._status.get(request.service, health_pb2.HealthCheckResponse.SERVICE_UNKNOWN)
+                if status != last:
+                    await context.write(health_pb2.HealthCheckResponse(status=status))
+                    last = status
+                if self._shutting_down:
+                    return
+                await changed.wait()
+        finally:
+            self._watches -= 1
+            if not self._watches:
+                self._no_watches.set()
+
+    async def watches_done(self, timeout: float) -> None:
+        """Wait (at most ``timeout``) until every Watch stream has told its
+        client NOT_SERVING and ended."""
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._no_watches.wait(), timeout)
+
+
 @dataclass
 class RunningServer:
     server: grpc.aio.Server
-    health: health.aio.HealthServicer
+    health: HealthServicer
     port: int
     host: str
     service_names: list[str]
@@ -46,6 +114,7 @@ class RunningServer:
         await self.health.enter_graceful_shutdown()
         if drain_delay > 0:
             await asyncio.sleep(drain_delay)
+        await self.health.watches_done(timeout=1.0)
         await self.server.stop(grace)
 
 
@@ -56,7 +125,7 @@ async def start_server(
     names of the services it added. Port 0 picks a free port."""
     server = grpc.aio.server(options=SERVER_OPTIONS)
     names = register(server)
-    health_servicer = health.aio.HealthServicer()
+    health_servicer = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in ["", *names]:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)

@@ -106,8 +106,19 @@ class SessionStore(Generic[S]):
         finally:
             entry.users -= 1
             entry.last_used = self._clock()
-            if entry.released and not entry.users and self._entries.get(session_id) is entry:
-                self._drop(session_id)
+            if entry.released and not entry.users:
+                if self._entries.get(session_id) is entry:
+                    self._drop(session_id)
+                elif self._on_drop is not None:  # replaced by a new session of the same id
+                    self._on_drop(entry.state)
+
+    async def sweep_forever(self, interval: float | None = None) -> None:
+        """Evict idle sessions periodically, so that a quiet server frees
+        them too (default interval: a quarter of the idle timeout, <= 30 s)."""
+        period = interval or min(max(self.idle_timeout / 4, 0.05), 30.0)
+        while True:
+            await asyncio.sleep(period)
+            self.evict_idle()
 
     def release(self, session_id: str) -> bool:
         """Drop a session now, or as soon as its running requests finish."""

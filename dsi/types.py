@@ -60,6 +60,9 @@ class SparseDist:
 
     token_ids: np.ndarray  # int64, distinct
     probs: np.ndarray  # float64, normalised
+    #: The float32 values this was built from: what goes back on the wire, so a
+    #: receiver rebuilds exactly ``probs``.
+    wire: np.ndarray | None = None
 
     @classmethod
     def from_wire(cls, token_ids: Sequence[int], probs: Sequence[float], vocab_size: int) -> SparseDist:
@@ -69,9 +72,10 @@ class SparseDist:
             raise InvalidArgument("a draft distribution must list at least one token id")
         if p32.shape != ids.shape:
             raise InvalidArgument(f"a draft distribution has {ids.size} token ids but {p32.size} probabilities")
-        if ids.min() < 0 or ids.max() >= vocab_size:
+        outside = ids[(ids < 0) | (ids >= vocab_size)]
+        if outside.size:
             raise InvalidArgument(
-                f"a draft distribution has token id {int(ids.max())} outside the vocabulary (size {vocab_size})"
+                f"a draft distribution has token id {int(outside[0])} outside the vocabulary (size {vocab_size})"
             )
         if np.unique(ids).size != ids.size:
             raise InvalidArgument("a draft distribution lists a token id more than once")
@@ -81,10 +85,10 @@ class SparseDist:
         total = float(p.sum())
         if abs(total - 1.0) > PROB_SUM_TOLERANCE:
             raise InvalidArgument(f"draft probabilities must add up to 1, got {total:.6f}")
-        return cls(ids, p / total)
+        return cls(ids, p / total, p32)
 
     def wire_probs(self) -> np.ndarray:
-        return self.probs.astype(np.float32)
+        return self.wire if self.wire is not None else self.probs.astype(np.float32)
 
     def prob(self, token_id: int) -> float:
         hit = np.flatnonzero(self.token_ids == token_id)

@@ -33,7 +33,9 @@ def check_token_ids(ids: Sequence[int], vocab_size: int, what: str) -> None:
         )
 
 
-def check_context(context: Sequence[int], vocab_size: int, max_context: int, extra: int = 0) -> None:
+def check_context(
+    context: Sequence[int], vocab_size: int, max_context: int, extra: int = 0, extra_what: str = "draft tokens"
+) -> None:
     """A non-empty context of valid ids that leaves room for ``extra`` tokens."""
     if len(context) == 0:
         raise InvalidArgument("context_token_ids must not be empty")
@@ -41,7 +43,7 @@ def check_context(context: Sequence[int], vocab_size: int, max_context: int, ext
     if len(context) + extra > max_context:
         raise InvalidArgument(
             f"context of {len(context)} tokens"
-            + (f" plus {extra} draft tokens" if extra else "")
+            + (f" plus {extra} {extra_what}" if extra else "")
             + f" exceeds the model's limit of {max_context} tokens"
         )
 

@@ -187,7 +187,7 @@ class LocalDrafter(Drafter):
         info = self.model.info
         validation.check_session_id(request.session_id)
         validation.check_lookahead(request.lookahead, self.limits.max_lookahead)
-        validation.check_context(request.context, info.vocab_size, info.max_context_tokens - 1)
+        validation.check_context(request.context, info.vocab_size, info.max_context_tokens, 1, "token to draft")
         if request.max_tokens < 0:
             raise validation.InvalidArgument("max_tokens must be >= 0")
 
@@ -200,7 +200,6 @@ class LocalDrafter(Drafter):
         eos = set(info.eos_token_ids)
         tokens = list(request.context)
         self.active_streams += 1
-        finished = False
         try:
             async with self.sessions.use(request.session_id) as state:
                 drafted = 0
@@ -225,13 +224,12 @@ class LocalDrafter(Drafter):
                         if tok.token_id in eos:
                             budget = drafted
                     yield DraftChunk(chunk, start, stats)
-            finished = True
+            self.counters.requests += 1
+        except (asyncio.CancelledError, GeneratorExit):  # the client cancelled or closed the stream
+            self.counters.cancelled_requests += 1
+            raise
         finally:
             self.active_streams -= 1
-            if finished:
-                self.counters.requests += 1
-            else:
-                self.counters.cancelled_requests += 1
 
     async def release_session(self, session_id: str) -> bool:
         return self.sessions.release(session_id)

@@ -151,9 +151,14 @@ class HFCore:
             if keep and state.cache.get_seq_length() != keep:
                 self._reset(state)
                 keep = 0
+        state.tokens = list(tokens[:keep])  # what the cache holds now, even if the forward fails
         new = torch.tensor([list(tokens[keep:])], dtype=torch.long, device=self.device)
-        with torch.inference_mode():
-            out = self.model(input_ids=new, past_key_values=state.cache, use_cache=True, logits_to_keep=num_rows)
+        try:
+            with torch.inference_mode():
+                out = self.model(input_ids=new, past_key_values=state.cache, use_cache=True, logits_to_keep=num_rows)
+        except BaseException:
+            self._reset(state)  # a half-updated cache must never be reused
+            raise
         state.cache = out.past_key_values
         state.tokens = list(tokens)
         rows = out.logits[0, -num_rows:].float().cpu().numpy()

@@ -20,13 +20,15 @@ outside ``p``'s support.
 Latency is an ``asyncio.sleep``: the first forward pass of a session sleeps
 ``ttft_ms``, later ones ``tpot_ms``; a target adds ``verify_token_ms`` per draft
 token and ``prefill_token_ms`` per context token it had not seen in that
-session. ``jitter_ms`` adds a uniform random delay (for tests of races).
+session (apart from the last one, which every forward pass computes).
+``jitter_ms`` adds a uniform random delay (for tests of races).
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import math
 import random
 import struct
 import time
@@ -73,7 +75,8 @@ class SyntheticSpec:
             try:
                 values[key] = int(raw) if types[key] == "int" else float(raw)
             except ValueError:
-                raise InvalidArgument(f"synthetic spec: {key} must be a number, got {raw!r}") from None
+                kind = "an integer" if types[key] == "int" else "a number"
+                raise InvalidArgument(f"synthetic spec: {key} must be {kind}, got {raw!r}") from None
         out = cls(**values)  # type: ignore[arg-type]
         out.check()
         return out
@@ -83,8 +86,9 @@ class SyntheticSpec:
             raise InvalidArgument("synthetic spec: need support >= 1 and vocab >= 2 * support")
         if not 0.0 <= self.acceptance <= 1.0:
             raise InvalidArgument("synthetic spec: acceptance must lie in [0, 1]")
-        if min(self.ttft_ms, self.tpot_ms, self.verify_token_ms, self.prefill_token_ms, self.jitter_ms) < 0:
-            raise InvalidArgument("synthetic spec: latencies must be >= 0")
+        latencies = (self.ttft_ms, self.tpot_ms, self.verify_token_ms, self.prefill_token_ms, self.jitter_ms)
+        if not all(math.isfinite(v) and v >= 0 for v in latencies):
+            raise InvalidArgument("synthetic spec: latencies must be finite numbers >= 0")
         if self.max_context < 2:
             raise InvalidArgument("synthetic spec: max_context must be >= 2")
         if self.eos >= self.vocab:

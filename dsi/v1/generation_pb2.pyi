@@ -190,7 +190,10 @@ class GenerationStats(_message.Message):
     verifications_started: _builtins.int
     """Verify requests sent."""
     verifications_cancelled: _builtins.int
-    """Verify requests cancelled because a token they assumed was rejected."""
+    """Verify requests cancelled because their result could no longer be used:
+    a token they assumed was rejected, or every position they cover was
+    decided by another verification.
+    """
     preemptions: _builtins.int
     """Verify requests cancelled to free a replica for the frontier step."""
     draft_streams: _builtins.int
@@ -315,8 +318,11 @@ class GenerationDefaults(_message.Message):
     MAX_NEW_TOKENS_FIELD_NUMBER: _builtins.int
     MAX_SP_DEGREE_FIELD_NUMBER: _builtins.int
     strategy: Global___Strategy.ValueType
+    """Strategy used for STRATEGY_UNSPECIFIED."""
     lookahead: _builtins.int
+    """Draft tokens per chunk used when a request's lookahead is 0."""
     max_new_tokens: _builtins.int
+    """Generation length used when a request's max_new_tokens is 0."""
     max_sp_degree: _builtins.int
     """Upper bound on target replicas used by one generation (speculation
     parallelism degree).

@@ -11,13 +11,14 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from dsi.errors import InvalidArgument, Unavailable
 from dsi.interfaces import Drafter, Target
-from dsi.types import ModelInfo, SamplingParams, ServiceInfo
+from dsi.types import SamplingParams, ServiceInfo
 from services.coordinator.engine import Engine, FinishReason, GenerationParams, GenerationStats, Strategy
+from services.coordinator.pool import Pool
 
 log = logging.getLogger(__name__)
 
@@ -137,16 +138,13 @@ def _describe(kind: str, peer: Peer) -> str:
     return f"{kind} {peer.address} (model {m.model_id}, vocab {m.vocab_size}, tokenizer {m.tokenizer_fingerprint[:12]})"
 
 
-def check_vocabularies(targets: Sequence[Peer], drafters: Sequence[Peer]) -> None:
-    """Refuse peers that do not share the first target's vocabulary."""
-    ref = targets[0]
-    for kind, peers in (("target", targets[1:]), ("drafter", drafters)):
-        for p in peers:
-            a, b = ref.info.model, p.info.model
-            if (a.vocab_size, a.tokenizer_fingerprint) != (b.vocab_size, b.tokenizer_fingerprint):
-                raise InvalidArgument(
-                    f"vocabulary mismatch: {_describe(kind, p)} does not match {_describe('target', ref)}"
-                )
+def check_compatible(reference: Peer, kind: str, peer: Peer) -> None:
+    """Refuse a peer that does not share the reference target's vocabulary."""
+    a, b = reference.info.model, peer.info.model
+    if (a.vocab_size, a.tokenizer_fingerprint) != (b.vocab_size, b.tokenizer_fingerprint):
+        raise InvalidArgument(
+            f"vocabulary mismatch: {_describe(kind, peer)} does not match {_describe('target', reference)}"
+        )
 
 
 async def fetch_info(client: Target | Drafter, timeout: float) -> ServiceInfo:
@@ -164,30 +162,45 @@ async def fetch_info(client: Target | Drafter, timeout: float) -> ServiceInfo:
             delay = min(delay * 2, 1.0)
 
 
-@dataclass
-class Coordinator:
-    targets: list[Peer]
-    drafters: list[Peer]
-    codec: Codec = field(default_factory=Codec)
-    defaults: Defaults = field(default_factory=Defaults)
-    engine: Engine = field(init=False)
+TARGET, DRAFTER = "target", "drafter"
 
-    def __post_init__(self) -> None:
-        if not self.targets:
+
+class Coordinator:
+    """Targets, drafters, the engine over them, and the text layer.
+
+    Membership can change while generations run (see
+    :mod:`services.coordinator.discovery`): :meth:`add_peer` checks a new
+    instance and puts it to work, :meth:`remove_peer` drains one."""
+
+    def __init__(
+        self,
+        targets: Sequence[Peer],
+        drafters: Sequence[Peer] = (),
+        codec: Codec | None = None,
+        defaults: Defaults | None = None,
+    ) -> None:
+        if not targets:
             raise InvalidArgument("at least one target is needed")
-        check_vocabularies(self.targets, self.drafters)
-        models: list[ModelInfo] = [p.info.model for p in self.targets + self.drafters]
-        target_limit = min(p.info.limits.max_draft_tokens or 64 for p in self.targets)
-        drafter_limit = min((p.info.limits.max_lookahead or 64 for p in self.drafters), default=target_limit)
+        self.codec = codec or Codec()
+        self.defaults = defaults or Defaults()
+        self.reference = targets[0]
+        ref = self.reference.info.model
         self.engine = Engine(
-            [p.client for p in self.targets],  # type: ignore[misc]
-            [p.client for p in self.drafters],  # type: ignore[misc]
-            eos_token_ids=self.targets[0].info.model.eos_token_ids,
-            max_context=min(m.max_context_tokens for m in models),
-            vocab_size=self.targets[0].info.model.vocab_size,
+            [],
+            [],
+            eos_token_ids=ref.eos_token_ids,
+            max_context=ref.max_context_tokens,
+            vocab_size=ref.vocab_size,
             max_sp_degree=self.defaults.max_sp_degree,
-            max_draft_tokens=min(target_limit, drafter_limit),
         )
+        self._peers: dict[str, dict[int, Peer]] = {TARGET: {}, DRAFTER: {}}
+        self._closing: set[asyncio.Future] = set()
+        self.watchers: list[Any] = []  # discovery watchers, see discovery.py
+        for kind, peers in ((TARGET, targets), (DRAFTER, drafters)):
+            for p in peers:
+                check_compatible(self.reference, kind, p)
+                self._attach(kind, p)
+        self._update_limits()
         if self.defaults.lookahead > self.engine.max_draft_tokens:
             raise InvalidArgument(
                 f"default lookahead {self.defaults.lookahead} exceeds what the services accept"
@@ -205,10 +218,65 @@ class Coordinator:
     ) -> Coordinator:
         infos = await asyncio.gather(*(fetch_info(c, timeout) for _, c in [*targets, *drafters]))
         peers = [Peer(c, a, i) for (a, c), i in zip([*targets, *drafters], infos, strict=True)]
-        return cls(peers[: len(targets)], peers[len(targets) :], codec or Codec(), defaults or Defaults())
+        return cls(peers[: len(targets)], peers[len(targets) :], codec, defaults)
+
+    # --- membership ---------------------------------------------------------------
+
+    def pool(self, kind: str) -> Pool[Any]:
+        return self.engine.targets if kind == TARGET else self.engine.drafters
+
+    def peers(self, kind: str) -> dict[int, Peer]:
+        """Active peers of a kind, by pool index."""
+        return dict(self._peers[kind])
+
+    @property
+    def targets(self) -> list[Peer]:
+        return list(self._peers[TARGET].values())
+
+    @property
+    def drafters(self) -> list[Peer]:
+        return list(self._peers[DRAFTER].values())
+
+    def _attach(self, kind: str, peer: Peer) -> int:
+        index = self.pool(kind).add(peer.client)
+        self._peers[kind][index] = peer
+        return index
+
+    def _update_limits(self) -> None:
+        peers = self.targets + self.drafters
+        self.engine.max_context = min(p.info.model.max_context_tokens for p in peers)
+        limits = [p.info.limits.max_draft_tokens or 64 for p in self.targets]
+        limits += [p.info.limits.max_lookahead or 64 for p in self.drafters]
+        self.engine.max_draft_tokens = min(limits)
+
+    async def add_peer(self, kind: str, address: str, client: Target | Drafter, timeout: float = 10.0) -> int:
+        """Check a new instance (Info, vocabulary) and put it to work."""
+        info = await fetch_info(client, timeout)
+        peer = Peer(client, address, info)
+        check_compatible(self.reference, kind, peer)
+        index = self._attach(kind, peer)
+        self._update_limits()
+        log.info("%s added", kind, extra={"address": address, "replicas": len(self._peers[kind])})
+        return index
+
+    def remove_peer(self, kind: str, index: int) -> None:
+        """Stop sending new work to an instance; close it once its running
+        requests have finished."""
+        peer = self._peers[kind].pop(index)
+
+        def close() -> None:
+            task = asyncio.ensure_future(peer.client.close())
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
+
+        self.pool(kind).drain(index, close)
+        log.info("%s draining", kind, extra={"address": peer.address, "replicas": len(self._peers[kind])})
 
     async def close(self) -> None:
-        await asyncio.gather(*(p.client.close() for p in self.targets + self.drafters), return_exceptions=True)
+        for w in self.watchers:
+            await w.stop()
+        clients = [s.member for pool in (self.engine.targets, self.engine.drafters) for s in pool.slots]
+        await asyncio.gather(*(c.close() for c in clients), *self._closing, return_exceptions=True)
 
     def params(self, req: GenerateInput) -> GenerationParams:
         d = self.defaults
@@ -250,6 +318,10 @@ class Coordinator:
                 yield GenerateOutput(ids, delta)
             else:
                 final_text = text.flush()
+        except Unavailable:
+            for watcher in self.watchers:  # a replica may be gone: look again now
+                watcher.poke()
+            raise
         finally:
             await tokens.aclose()  # type: ignore[attr-defined]
         stats = generation.stats

@@ -130,12 +130,13 @@ class Engine:
         lead_chunks: int = 2,
         release_timeout: float = 5.0,
     ) -> None:
-        self.targets: Pool[Target] = Pool(list(targets))
-        self.drafters: Pool[Drafter] | None = Pool(list(drafters)) if drafters else None
+        self.targets: Pool[Target] = Pool(list(targets), "target replica")
+        self.drafters: Pool[Drafter] = Pool(list(drafters), "drafter")
         self.eos = frozenset(eos_token_ids)
         self.max_context = max_context
         self.vocab_size = vocab_size
-        self.max_sp_degree = max_sp_degree or len(targets)
+        #: Upper bound on target replicas used by one generation (0 = all).
+        self.max_sp_degree = max_sp_degree
         self.max_draft_tokens = max_draft_tokens
         self.lead_chunks = lead_chunks
         self.release_timeout = release_timeout
@@ -155,8 +156,14 @@ class Engine:
             )
         if not 1 <= params.lookahead <= self.max_draft_tokens:
             raise InvalidArgument(f"lookahead must lie in 1..{self.max_draft_tokens}, got {params.lookahead}")
-        if params.strategy is not Strategy.NONSI and self.drafters is None:
+        if params.strategy is not Strategy.NONSI and not self.drafters.slots:
             raise InvalidArgument(f"strategy {params.strategy.value} needs a drafter and none is configured")
+
+    @property
+    def sp_degree(self) -> int:
+        """Target replicas one generation may use at once."""
+        n = len(self.targets)
+        return min(n, self.max_sp_degree) if self.max_sp_degree else n
 
     def generate(self, prompt: Sequence[int], params: GenerationParams) -> Generation:
         self.check(prompt, params)
@@ -268,8 +275,6 @@ class Generation:
 
     def _drafter(self) -> Drafter:
         pool = self.engine.drafters
-        if pool is None:
-            raise Internal("no drafter configured")
         if self._drafter_lease is None:
             self._drafter_lease = pool.acquire_on(pool.least_loaded())
         return pool.member(self._drafter_lease.replica)
@@ -281,9 +286,15 @@ class Generation:
 
     # --- non-SI and SI --------------------------------------------------------
 
+    def _sequential_replica(self, current: int | None) -> int:
+        """Non-SI and SI stay on one replica (its cache) unless it is drained."""
+        pool = self.engine.targets
+        return current if current is not None and pool.is_active(current) else pool.least_loaded()
+
     async def _nonsi(self) -> AsyncIterator[None]:
-        replica = self.engine.targets.least_loaded()
+        replica = None
         while not self.finished:
+            replica = self._sequential_replica(replica)
             result = await self._verify(self.engine.targets.acquire_on(replica), len(self.committed), [])
             self.stats.verifications_started += 1
             self.stats.target_forward_passes += 1
@@ -291,9 +302,10 @@ class Generation:
             yield None
 
     async def _si(self) -> AsyncIterator[None]:
-        replica = self.engine.targets.least_loaded()
+        replica = None
         drafter = self._drafter()
         while not self.finished:
+            replica = self._sequential_replica(replica)
             c = len(self.committed)
             k = min(self.params.lookahead, self.last_pos - c)
             drafts: list[DraftToken] = []
@@ -322,12 +334,8 @@ class Generation:
     # --- DSI ----------------------------------------------------------------
 
     @property
-    def _sp_degree(self) -> int:
-        return min(len(self.engine.targets), self.engine.max_sp_degree)
-
-    @property
     def _max_lead(self) -> int:
-        return self.params.lookahead * (self._sp_degree + self.engine.lead_chunks)
+        return self.params.lookahead * (self.engine.sp_degree + self.engine.lead_chunks)
 
     async def _dsi(self) -> AsyncIterator[None]:
         while not self.finished:
@@ -379,7 +387,7 @@ class Generation:
             n = min(len(self.pending), self.engine.max_draft_tokens, self.last_pos + 1 - c)
             lease, _ = pool.acquire_frontier()
             self._issue(c, self.pending[:n], lease)
-        while len(self.verifs) < self._sp_degree:
+        while len(self.verifs) < self.engine.sp_degree:
             start = max(v.end for v in self.verifs)
             avail = self.pending[start - c : self.last_pos + 1 - c]
             if not avail or (len(avail) < self.params.lookahead and self._more_drafts_coming()):
@@ -522,7 +530,7 @@ class Generation:
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         releases = [self.engine.targets.member(i).release_session(self.session_id) for i in self._used_targets]
-        if self._drafter_lease is not None and self.engine.drafters is not None:
+        if self._drafter_lease is not None:
             self.engine.drafters.release(self._drafter_lease)
             releases.append(self.engine.drafters.member(self._drafter_lease.replica).release_session(self.session_id))
         if releases:

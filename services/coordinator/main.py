@@ -8,6 +8,7 @@ import logging
 from dsi.server import announce, serve_until_signal, start_server
 from dsi.transport import GrpcDrafter, GrpcTarget
 from services.coordinator.coordinator import Codec, Coordinator, Defaults
+from services.coordinator.discovery import build_coordinator
 from services.coordinator.engine import Strategy
 from services.coordinator.service import register
 
@@ -19,15 +20,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--target",
         action="append",
         required=True,
-        metavar="HOST:PORT",
-        help="a target replica (repeat for speculation parallelism)",
+        metavar="ADDRESS",
+        help="a target replica HOST:PORT, or dns:///NAME:PORT for every address behind a name"
+        " (repeat: the replicas give speculation parallelism)",
     )
     p.add_argument(
         "--drafter",
         action="append",
         default=[],
-        metavar="HOST:PORT",
-        help="a drafter instance (repeat to spread generations over several)",
+        metavar="ADDRESS",
+        help="a drafter HOST:PORT or dns:///NAME:PORT (repeat to spread generations over several)",
     )
     p.add_argument(
         "--strategy", choices=[s.value for s in Strategy], default="dsi", help="default strategy (default: %(default)s)"
@@ -38,6 +40,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--max-sp-degree", type=int, default=0, help="at most this many target replicas per generation (default: all)"
     )
     p.add_argument("--tokenizer", metavar="PATH", help="tokenizer directory (usually the target model directory)")
+    p.add_argument(
+        "--refresh-interval",
+        type=float,
+        default=10.0,
+        help="seconds between re-resolutions of dns:/// names (default: %(default)s)",
+    )
     p.add_argument(
         "--connect-timeout",
         type=float,
@@ -57,12 +65,15 @@ def load_codec(path: str | None) -> Codec:
 async def build(args: argparse.Namespace) -> Coordinator:
     codec = load_codec(args.tokenizer)
     defaults = Defaults(Strategy(args.strategy), args.lookahead, args.max_new_tokens, args.max_sp_degree)
-    coordinator = await Coordinator.connect(
-        [(a, GrpcTarget(a)) for a in args.target],
-        [(a, GrpcDrafter(a)) for a in args.drafter],
+    coordinator = await build_coordinator(
+        args.target,
+        args.drafter,
+        GrpcTarget,
+        GrpcDrafter,
         codec,
         defaults,
         args.connect_timeout,
+        interval=args.refresh_interval,
     )
     if codec.tokenizer is not None:
         from dsi.backends.hf import tokenizer_fingerprint

@@ -5,6 +5,11 @@ verifications go only to idle target replicas (so they never queue behind
 other work); a frontier step (the one that guarantees progress) goes to an
 idle replica, else preempts the speculative verification that is furthest
 ahead of its own frontier, else queues on the least loaded replica.
+
+Membership can change while requests run (replica discovery): a new member
+is used at once; a removed member is *drained*: it gets no new requests, its
+running ones finish, and ``on_drained`` runs when the last one is released.
+Member indices are never reused, so a lease always names its member.
 """
 
 from __future__ import annotations
@@ -13,6 +18,8 @@ import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
+
+from dsi.errors import Unavailable
 
 T = TypeVar("T")
 
@@ -39,24 +46,57 @@ class _Slot(Generic[T]):
     member: T
     leases: set[Lease] = field(default_factory=set)
     served: int = 0
+    draining: bool = False
+    on_drained: Callable[[], object] | None = None
 
 
 class Pool(Generic[T]):
-    def __init__(self, members: list[T]) -> None:
-        if not members:
-            raise ValueError("a pool needs at least one member")
-        self.slots = [_Slot(m) for m in members]
+    def __init__(self, members: list[T], kind: str = "replica") -> None:
+        self.kind = kind
+        self.slots: list[_Slot[T]] = []
         self._tie = itertools.count()
-        self._order: list[int] = [0] * len(members)
+        self._order: list[int] = []
+        for m in members:
+            self.add(m)
+
+    # --- membership -------------------------------------------------------------
+
+    def add(self, member: T) -> int:
+        self.slots.append(_Slot(member))
+        self._order.append(-1)
+        return len(self.slots) - 1
+
+    def drain(self, i: int, on_drained: Callable[[], object] | None = None) -> None:
+        """Stop giving ``i`` new requests; call ``on_drained`` once it has none."""
+        slot = self.slots[i]
+        if slot.draining:
+            return
+        slot.draining = True
+        slot.on_drained = on_drained
+        if not slot.leases:
+            self._drained(slot)
+
+    def _drained(self, slot: _Slot[T]) -> None:
+        callback, slot.on_drained = slot.on_drained, None
+        if callback is not None:
+            callback()
+
+    def active(self) -> list[int]:
+        return [i for i, s in enumerate(self.slots) if not s.draining]
+
+    def is_active(self, i: int) -> bool:
+        return not self.slots[i].draining
 
     def __len__(self) -> int:
-        return len(self.slots)
+        return len(self.active())
 
     def member(self, i: int) -> T:
         return self.slots[i].member
 
     def in_flight(self, i: int) -> int:
         return len(self.slots[i].leases)
+
+    # --- leases -----------------------------------------------------------------
 
     def _least_loaded(self, candidates: list[int]) -> int:
         # Ties go to the replica used longest ago, spreading load evenly.
@@ -70,7 +110,13 @@ class Pool(Generic[T]):
         return lease
 
     def idle(self) -> list[int]:
-        return [i for i, s in enumerate(self.slots) if not s.leases]
+        return [i for i in self.active() if not self.slots[i].leases]
+
+    def least_loaded(self) -> int:
+        active = self.active()
+        if not active:
+            raise Unavailable(f"no {self.kind} is available")
+        return self._least_loaded(active)
 
     def acquire_idle(self, depth: Callable[[], int], preempt: Callable[[], None] | None = None) -> Lease | None:
         """A lease on an idle replica, or None when every replica is busy."""
@@ -82,7 +128,12 @@ class Pool(Generic[T]):
         idle = self.idle()
         if idle:
             return self._take(self._least_loaded(idle), _frontier, None), False
-        victims = [lease for s in self.slots for lease in s.leases if lease.preempt and lease.depth() > 0]
+        victims = [
+            lease
+            for i in self.active()
+            for lease in self.slots[i].leases
+            if lease.preempt is not None and lease.depth() > 0
+        ]
         if victims:
             victim = max(victims, key=lambda lease: lease.depth())
             self.release(victim)
@@ -91,15 +142,16 @@ class Pool(Generic[T]):
             return self._take(victim.replica, _frontier, None), True
         return self._take(self.least_loaded(), _frontier, None), False
 
-    def least_loaded(self) -> int:
-        return self._least_loaded(list(range(len(self.slots))))
-
     def acquire_on(self, i: int) -> Lease:
         """A lease on replica ``i``, busy or not (sequential strategies keep
         one replica, and its cache, for a whole generation)."""
         return self._take(i, _frontier, None)
 
     def release(self, lease: Lease) -> None:
-        if not lease.released:
-            lease.released = True
-            self.slots[lease.replica].leases.discard(lease)
+        if lease.released:
+            return
+        lease.released = True
+        slot = self.slots[lease.replica]
+        slot.leases.discard(lease)
+        if slot.draining and not slot.leases:
+            self._drained(slot)

@@ -8,7 +8,7 @@ from dsi import convert
 from dsi.errors import InvalidArgument
 from dsi.grpc_status import guard
 from dsi.v1 import generation_pb2, generation_pb2_grpc
-from services.coordinator.coordinator import Coordinator, GenerateInput, GenerateOutput, Peer
+from services.coordinator.coordinator import DRAFTER, TARGET, Coordinator, GenerateInput, GenerateOutput, Peer
 from services.coordinator.engine import FinishReason, GenerationStats, Strategy
 
 SERVICE_NAME = generation_pb2.DESCRIPTOR.services_by_name["GenerationService"].full_name
@@ -96,13 +96,13 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         eng = c.engine
         d = c.defaults
         return generation_pb2.GetInfoResponse(
-            targets=[_replica(p, eng.targets.in_flight(i)) for i, p in enumerate(c.targets)],
-            drafters=[_replica(p, eng.drafters.in_flight(i) if eng.drafters else 0) for i, p in enumerate(c.drafters)],
+            targets=[_replica(p, eng.targets.in_flight(i)) for i, p in c.peers(TARGET).items()],
+            drafters=[_replica(p, eng.drafters.in_flight(i)) for i, p in c.peers(DRAFTER).items()],
             defaults=generation_pb2.GenerationDefaults(
                 strategy=STRATEGY_TO_PB[d.strategy],
                 lookahead=d.lookahead,
                 max_new_tokens=d.max_new_tokens,
-                max_sp_degree=eng.max_sp_degree,
+                max_sp_degree=eng.sp_degree,
             ),
             has_tokenizer=c.codec.has_tokenizer,
         )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 
 from dsi.backends import LocalDrafter, load_drafter_model
@@ -28,6 +29,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 async def run(args: argparse.Namespace) -> None:
     model = load_drafter_model(args.model, args.device, args.dtype)
     drafter = LocalDrafter(model, args.max_sessions, args.session_idle_timeout, args.max_lookahead, args.proposal_top_k)
+    sweeper = asyncio.ensure_future(drafter.sessions.sweep_forever())
     running = await start_server(register(drafter), args.host, args.port)
     log.info(
         "drafter serving",
@@ -39,4 +41,4 @@ async def run(args: argparse.Namespace) -> None:
         },
     )
     announce(args.announce, running.address)
-    await serve_until_signal(running, args.grace, args.drain_delay)
+    await serve_until_signal(running, args.grace, args.drain_delay, on_stop=sweeper.cancel)

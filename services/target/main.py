@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 
 from dsi.backends import LocalTarget, load_target_model
@@ -22,6 +23,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 async def run(args: argparse.Namespace) -> None:
     model = load_target_model(args.model, args.device, args.dtype)
     target = LocalTarget(model, args.max_sessions, args.session_idle_timeout, args.max_draft_tokens)
+    sweeper = asyncio.ensure_future(target.sessions.sweep_forever())
     running = await start_server(register(target, model.info.vocab_size), args.host, args.port)
     log.info(
         "target serving",
@@ -33,4 +35,4 @@ async def run(args: argparse.Namespace) -> None:
         },
     )
     announce(args.announce, running.address)
-    await serve_until_signal(running, args.grace, args.drain_delay)
+    await serve_until_signal(running, args.grace, args.drain_delay, on_stop=sweeper.cancel)

@@ -1,0 +1,295 @@
+"""The synthetic backend (dsi/backends/synthetic.py): spec parsing, the
+deterministic pseudo LM, the configured acceptance rate of the synthetic
+drafter/target pair (measured through LocalDrafter/LocalTarget), and latency.
+
+Latency tests assert lower bounds only, never upper bounds."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+import pytest
+
+from dsi.backends import load_drafter_model, load_target_model
+from dsi.backends.base import LocalDrafter, LocalTarget
+from dsi.backends.synthetic import PseudoLM, SyntheticDrafter, SyntheticSpec, SyntheticTarget
+from dsi.errors import InvalidArgument
+from dsi.sampling import warp
+from dsi.types import GREEDY, DraftRequest, DraftToken, SamplingParams, VerifyRequest
+
+# ---------------------------------------------------------------------------
+# SyntheticSpec.parse
+# ---------------------------------------------------------------------------
+
+
+def test_parse_defaults() -> None:
+    for spec in ("synthetic", "synthetic:", "synthetic: , ,"):
+        got = SyntheticSpec.parse(spec)
+        assert got == SyntheticSpec(), f"{spec!r} must give the defaults"
+    d = SyntheticSpec()
+    assert (d.vocab, d.seed, d.acceptance, d.max_context, d.support, d.eos) == (32000, 0, 0.8, 8192, 8, -1)
+    assert d.ttft_ms == d.tpot_ms == d.verify_token_ms == d.prefill_token_ms == d.jitter_ms == 0.0
+
+
+def test_parse_every_key() -> None:
+    spec = (
+        "synthetic:vocab=500,seed=7,ttft_ms=12.5,tpot_ms=3,acceptance=0.25,verify_token_ms=0.5,"
+        "prefill_token_ms=0.125,max_context=1024,support=4,eos=2,jitter_ms=1.5"
+    )
+    got = SyntheticSpec.parse(spec)
+    want = SyntheticSpec(
+        vocab=500,
+        seed=7,
+        ttft_ms=12.5,
+        tpot_ms=3.0,
+        acceptance=0.25,
+        verify_token_ms=0.5,
+        prefill_token_ms=0.125,
+        max_context=1024,
+        support=4,
+        eos=2,
+        jitter_ms=1.5,
+    )
+    assert got == want
+    keys = {item.partition("=")[0] for item in spec.partition(":")[2].split(",")}
+    assert keys == {f.name for f in dataclasses.fields(SyntheticSpec)}, "the spec above must name every key"
+    for f in dataclasses.fields(SyntheticSpec):
+        assert isinstance(getattr(got, f.name), int if f.type == "int" else float), f"{f.name} has the wrong type"
+
+
+def test_parse_tolerates_whitespace_and_later_keys_win() -> None:
+    got = SyntheticSpec.parse("synthetic: vocab = 100 , seed=1, seed=2")
+    assert got.vocab == 100 and got.seed == 2
+
+
+@pytest.mark.parametrize(
+    ("spec", "match"),
+    [
+        ("synth:vocab=10", "not a synthetic model spec"),
+        ("hf:vocab=10", "not a synthetic model spec"),
+        ("synthetic:colour=red", "known keys: vocab, seed"),
+        ("synthetic:vocab", "bad synthetic spec item 'vocab'"),
+        ("synthetic:vocab=abc", "vocab must be an integer, got 'abc'"),
+        ("synthetic:vocab=1.5", "vocab must be an integer"),
+        ("synthetic:tpot_ms=fast", "tpot_ms must be a number"),
+        ("synthetic:acceptance=", "acceptance must be a number"),
+        ("synthetic:acceptance=1.01", "acceptance must lie in"),
+        ("synthetic:acceptance=-0.1", "acceptance must lie in"),
+        ("synthetic:acceptance=nan", "acceptance must lie in"),
+        ("synthetic:ttft_ms=-1", "latencies must be finite numbers >= 0"),
+        ("synthetic:tpot_ms=-1", "latencies must be finite numbers >= 0"),
+        ("synthetic:verify_token_ms=-1", "latencies must be finite numbers >= 0"),
+        ("synthetic:prefill_token_ms=-0.5", "latencies must be finite numbers >= 0"),
+        ("synthetic:jitter_ms=-2", "latencies must be finite numbers >= 0"),
+        ("synthetic:support=0", "support >= 1"),
+        ("synthetic:vocab=15,support=8", "vocab >= 2 \\* support"),
+        ("synthetic:max_context=1", "max_context must be >= 2"),
+        ("synthetic:vocab=100,eos=100", "eos must be < vocab"),
+    ],
+)
+def test_parse_errors(spec: str, match: str) -> None:
+    with pytest.raises(InvalidArgument, match=match):
+        SyntheticSpec.parse(spec)
+
+
+def test_parse_rejects_non_finite_latencies() -> None:
+    accepted = []
+    for key in ("ttft_ms", "tpot_ms", "verify_token_ms", "prefill_token_ms", "jitter_ms"):
+        for value in ("nan", "inf"):
+            try:
+                SyntheticSpec.parse(f"synthetic:{key}={value}")
+            except InvalidArgument:
+                continue
+            accepted.append(f"{key}={value}")
+    assert not accepted, f"non-finite latencies must be rejected, accepted: {accepted}"
+
+
+def test_boundary_values_are_accepted() -> None:
+    s = SyntheticSpec.parse("synthetic:vocab=16,support=8,acceptance=0,max_context=2,eos=15")
+    assert (s.vocab, s.support, s.acceptance, s.max_context, s.eos) == (16, 8, 0.0, 2, 15)
+    assert SyntheticSpec.parse("synthetic:acceptance=1").acceptance == 1.0
+
+
+def test_model_info() -> None:
+    t = SyntheticTarget("synthetic:vocab=100,eos=3,max_context=50")
+    d = SyntheticDrafter("synthetic:vocab=100,acceptance=0.2")
+    other = SyntheticTarget("synthetic:vocab=101")
+    assert t.info.vocab_size == 100 and t.info.eos_token_ids == (3,) and t.info.max_context_tokens == 50
+    assert d.info.eos_token_ids == (), "eos=-1 means none"
+    assert t.info.backend == "synthetic" and t.info.model_id == "synthetic:vocab=100,eos=3,max_context=50"
+    assert t.info.tokenizer_fingerprint == d.info.tokenizer_fingerprint, "same vocab: a compatible pair"
+    assert t.info.tokenizer_fingerprint != other.info.tokenizer_fingerprint
+    assert isinstance(load_target_model("synthetic:vocab=100"), SyntheticTarget)
+    assert isinstance(load_drafter_model("synthetic"), SyntheticDrafter)
+
+
+# ---------------------------------------------------------------------------
+# The pseudo LM
+# ---------------------------------------------------------------------------
+
+
+def test_pseudo_lm_is_deterministic_and_seeded() -> None:
+    a, b = PseudoLM(200, 3, 8), PseudoLM(200, 3, 8)
+    other_seed = PseudoLM(200, 4, 8)
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        ctx = rng.integers(0, 200, size=int(rng.integers(1, 12))).tolist()
+        la = a.logits(ctx)
+        assert np.array_equal(la, a.logits(ctx)), "same instance, same context: same logits"
+        assert np.array_equal(la, b.logits(ctx)), "same spec, same context: same logits"
+        assert not np.array_equal(la, other_seed.logits(ctx)), "the seed must matter"
+        finite = np.isfinite(la)
+        assert finite.sum() == 8, "exactly `support` tokens have non-zero probability"
+        assert math.isclose(np.exp(la[finite]).sum(), 1.0, rel_tol=1e-9), "logits are log-probabilities"
+
+
+def test_pseudo_lm_looks_at_length_and_last_four_tokens() -> None:
+    lm = PseudoLM(200, 0, 8)
+    base = lm.logits([1, 2, 3, 4, 5, 6])
+    assert np.array_equal(base, lm.logits([9, 9, 3, 4, 5, 6])), "tokens before the window do not matter"
+    assert not np.array_equal(base, lm.logits([1, 2, 3, 4, 5, 7])), "the last token matters"
+    assert not np.array_equal(base, lm.logits([1, 2, 9, 4, 5, 6])), "the 4th-last token matters"
+    assert not np.array_equal(base, lm.logits([0, 1, 2, 3, 4, 5, 6])), "the length matters"
+    assert not np.array_equal(base, lm.logits([2, 3, 4, 5, 6])), "the length matters"
+
+
+async def test_target_rows_are_the_pseudo_lm_of_each_prefix() -> None:
+    t = SyntheticTarget("synthetic:vocab=64,seed=5")
+    tokens = [3, 1, 4, 1, 5, 9, 2]
+    fwd = await t.forward(t.new_state(), tokens, 3)
+    assert fwd.rows.shape == (3, 64)
+    for i in range(3):
+        prefix = tokens[: len(tokens) - 3 + 1 + i]
+        assert np.array_equal(fwd.rows[i], t.lm.logits(prefix)), f"row {i} must follow {prefix}"
+
+
+@pytest.mark.parametrize("a", [0.0, 0.3, 0.8, 1.0])
+@pytest.mark.parametrize(
+    "params",
+    [SamplingParams(temperature=1.0), SamplingParams(temperature=0.7, top_k=3), SamplingParams(1.2, top_p=0.8)],
+    ids=str,
+)
+async def test_drafter_distribution_overlaps_target_by_exactly_a(a: float, params: SamplingParams) -> None:
+    d = SyntheticDrafter(f"synthetic:vocab=64,seed=1,acceptance={a}")
+    state = d.new_state()
+    rng = np.random.default_rng(1)
+    for _ in range(20):
+        ctx = rng.integers(0, 64, size=6).tolist()
+        q, _ = await d.next_scores(state, ctx, params, seed=0)
+        p = warp(d.lm.logits(ctx), params)
+        assert math.isclose(q.sum(), 1.0, rel_tol=1e-12)
+        assert math.isclose(np.minimum(p, q).sum(), a, abs_tol=1e-12), "sum(min(p, q)) must equal the acceptance"
+
+
+# ---------------------------------------------------------------------------
+# Measured acceptance through LocalDrafter / LocalTarget
+# ---------------------------------------------------------------------------
+
+VOCAB = 64
+
+
+def _contexts(n: int, seed: int) -> list[list[int]]:
+    """``n`` random contexts whose (length, last 4 tokens) keys are distinct,
+    so the pseudo LM's draws for them are independent."""
+    rng = np.random.default_rng(seed)
+    seen: set[tuple[int, ...]] = set()
+    out = []
+    while len(out) < n:
+        ctx = rng.integers(0, VOCAB, size=int(rng.integers(4, 12))).tolist()
+        key = (len(ctx), *ctx[-4:])
+        if key not in seen:
+            seen.add(key)
+            out.append(ctx)
+    return out
+
+
+async def _measure(a: float, params: SamplingParams, n: int, lookahead: int = 1) -> list[int]:
+    """Draft ``lookahead`` tokens and verify them, ``n`` times; the numbers of
+    accepted tokens. Every trial has its own context and seed."""
+    spec = f"synthetic:vocab={VOCAB},seed=11,acceptance={a}"
+    target = LocalTarget(SyntheticTarget(spec))
+    drafter = LocalDrafter(SyntheticDrafter(spec))
+    accepted = []
+    for trial, ctx in enumerate(_contexts(n, seed=int(a * 1000) + lookahead)):
+        seed = 10_000 + trial  # fixed (seed, position) would reuse the same uniforms in every trial
+        req = DraftRequest("s", ctx, lookahead=lookahead, max_tokens=lookahead, sampling=params, seed=seed)
+        drafts = [tok async for chunk in drafter.draft(req) for tok in chunk.tokens]
+        assert len(drafts) == lookahead
+        res = await target.verify(VerifyRequest("s", ctx, drafts, params, seed))
+        assert len(res.decisions) == lookahead
+        accepted.append(res.num_accepted)
+    return accepted
+
+
+ACCEPT_PARAMS = [GREEDY, SamplingParams(temperature=1.0), SamplingParams(temperature=0.7, top_k=3)]
+
+
+@pytest.mark.parametrize("params", ACCEPT_PARAMS, ids=["greedy", "t1", "t0.7-top3"])
+@pytest.mark.parametrize("a", [0.0, 0.3, 0.8, 1.0])
+async def test_measured_acceptance_matches_the_spec(a: float, params: SamplingParams) -> None:
+    n = 300 if a in (0.0, 1.0) else 1200
+    accepted = await _measure(a, params, n)
+    hits = sum(accepted)
+    if a in (0.0, 1.0):
+        assert hits == a * n, f"acceptance {a} must be exact: {hits}/{n} accepted ({params})"
+        return
+    se = math.sqrt(a * (1 - a) / n)
+    rate = hits / n
+    assert abs(rate - a) <= 4.5 * se, f"{params}: measured {rate:.4f}, configured {a} +- {4.5 * se:.4f}"
+
+
+@pytest.mark.parametrize("params", [GREEDY, SamplingParams(temperature=1.0)], ids=["greedy", "t1"])
+async def test_acceptance_is_independent_per_token(params: SamplingParams) -> None:
+    """With a chunk of 4 drafts the accepted run length is geometric:
+    P(k accepted) = a^k (1 - a) for k < 4, a^4 for k = 4."""
+    a, m, n = 0.6, 4, 700
+    accepted = await _measure(a, params, n, lookahead=m)
+    counts = np.bincount(accepted, minlength=m + 1)
+    probs = np.array([a**k * (1 - a) for k in range(m)] + [a**m])
+    expected = n * probs
+    stat = float(((counts - expected) ** 2 / expected).sum())
+    assert stat < 18.467, f"{params}: run lengths {counts.tolist()} vs expected {np.round(expected, 1).tolist()}"
+
+
+# ---------------------------------------------------------------------------
+# Latency (lower bounds only)
+# ---------------------------------------------------------------------------
+
+SLACK = 0.002  # timer granularity
+
+
+async def test_target_latency_ttft_then_tpot_plus_verify_tokens() -> None:
+    target = LocalTarget(SyntheticTarget("synthetic:vocab=64,ttft_ms=40,tpot_ms=20,verify_token_ms=10"))
+    first = await target.verify(VerifyRequest("a", [1, 2, 3], drafts=[], sampling=GREEDY))
+    assert first.stats.compute_seconds >= 0.040 - SLACK, f"first forward {first.stats.compute_seconds:.4f}s < ttft"
+    drafts = [DraftToken(5), DraftToken(6), DraftToken(7)]
+    second = await target.verify(VerifyRequest("a", [1, 2, 3, 4], drafts=drafts))
+    assert second.stats.compute_seconds >= 0.020 + 3 * 0.010 - SLACK, "later forward: tpot + 3 * verify_token_ms"
+    other = await target.verify(VerifyRequest("b", [1, 2, 3], drafts=[DraftToken(1)]))
+    assert other.stats.compute_seconds >= 0.040 + 0.010 - SLACK, "a new session pays ttft again"
+
+
+async def test_target_latency_prefill_of_unseen_tokens() -> None:
+    target = LocalTarget(SyntheticTarget("synthetic:vocab=64,prefill_token_ms=5"))
+    ctx = [1, 2, 3, 4, 5, 6, 7, 8]
+    first = await target.verify(VerifyRequest("s", ctx))
+    assert (first.stats.cached_tokens, first.stats.computed_tokens) == (0, 8)
+    assert first.stats.compute_seconds >= 0.005 * 7 - SLACK, "7 context tokens before the verified one"
+    ext = [*ctx, 9, 10, 11, 12]
+    second = await target.verify(VerifyRequest("s", ext))
+    assert (second.stats.cached_tokens, second.stats.computed_tokens) == (8, 4), "only the new tokens"
+    assert second.stats.compute_seconds >= 0.005 * 3 - SLACK, "3 tokens verified elsewhere are caught up"
+
+
+async def test_drafter_latency_ttft_then_tpot() -> None:
+    drafter = LocalDrafter(SyntheticDrafter("synthetic:vocab=64,ttft_ms=40,tpot_ms=20"))
+    req = DraftRequest("s", [1, 2, 3], lookahead=3, max_tokens=3)
+    chunks = [c async for c in drafter.draft(req)]
+    assert [len(c.tokens) for c in chunks] == [3]
+    assert chunks[0].stats.compute_seconds >= 0.040 + 2 * 0.020 - SLACK, "ttft then tpot per token"
+    chunks = [c async for c in drafter.draft(DraftRequest("s", [1, 2, 3, 4], lookahead=2, max_tokens=4))]
+    assert [len(c.tokens) for c in chunks] == [2, 2]
+    for c in chunks:
+        assert c.stats.compute_seconds >= 2 * 0.020 - SLACK, "tpot per drafted token"
