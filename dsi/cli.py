@@ -5,6 +5,8 @@ dsi drafter      serve a drafter model instance
 dsi coordinator  serve the generation API in front of targets and drafters
 dsi generate     stream a generation from a coordinator
 dsi up           start everything locally on embedded defaults
+dsi simulate     offline model of non-SI, SI and DSI
+dsi bench        measure non-SI, SI and DSI through real services
 """
 
 from __future__ import annotations
@@ -177,6 +179,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     up_arguments(p)
     p.set_defaults(func=_cmd_up)
+
+    from dsi.experiments import bench, simulate
+
+    p = sub.add_parser(
+        "simulate",
+        help="offline model of non-SI, SI and DSI (one point or a heatmap grid)",
+        description=simulate.__doc__,
+    )
+    simulate.add_arguments(p)
+    p.set_defaults(func=simulate.main)
+
+    p = sub.add_parser("bench", help="measure non-SI, SI and DSI through real services", description=bench.__doc__)
+    bench.add_arguments(p)
+    p.set_defaults(func=bench.main)
     return parser
 
 

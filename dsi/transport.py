@@ -7,7 +7,7 @@ the iterator of :meth:`GrpcDrafter.draft`, cancels the RPC on the server.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 
 import grpc
 
@@ -29,8 +29,10 @@ CHANNEL_OPTIONS = [
 _NO_VOCAB_CHECK = 2**32
 
 
-def open_channel(address: str) -> grpc.aio.Channel:
-    return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+def open_channel(address: str, interceptors: Sequence[grpc.aio.ClientInterceptor] | None = None) -> grpc.aio.Channel:
+    """A channel to ``address``; ``interceptors`` wrap every call on it (the
+    benchmarks inject network delay this way, see dsi.experiments.netdelay)."""
+    return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS, interceptors=interceptors)
 
 
 async def wait_ready(channel: grpc.aio.Channel, name: str, timeout: float) -> None:
@@ -41,11 +43,17 @@ async def wait_ready(channel: grpc.aio.Channel, name: str, timeout: float) -> No
 
 
 class GrpcTarget(Target):
-    def __init__(self, address: str, channel: grpc.aio.Channel | None = None, timeout: float | None = None) -> None:
+    def __init__(
+        self,
+        address: str,
+        channel: grpc.aio.Channel | None = None,
+        timeout: float | None = None,
+        interceptors: Sequence[grpc.aio.ClientInterceptor] | None = None,
+    ) -> None:
         self.name = f"target {address}"
         self.address = address
         self._own_channel = channel is None
-        self.channel = channel or open_channel(address)
+        self.channel = channel or open_channel(address, interceptors)
         self.stub = target_pb2_grpc.TargetServiceStub(self.channel)
         self.timeout = timeout
 
@@ -68,11 +76,17 @@ class GrpcTarget(Target):
 
 
 class GrpcDrafter(Drafter):
-    def __init__(self, address: str, channel: grpc.aio.Channel | None = None, timeout: float | None = None) -> None:
+    def __init__(
+        self,
+        address: str,
+        channel: grpc.aio.Channel | None = None,
+        timeout: float | None = None,
+        interceptors: Sequence[grpc.aio.ClientInterceptor] | None = None,
+    ) -> None:
         self.name = f"drafter {address}"
         self.address = address
         self._own_channel = channel is None
-        self.channel = channel or open_channel(address)
+        self.channel = channel or open_channel(address, interceptors)
         self.stub = drafter_pb2_grpc.DrafterServiceStub(self.channel)
         self.timeout = timeout
 

@@ -1,0 +1,738 @@
+"""``dsi bench``: measure non-SI, SI and DSI through real services.
+
+Starts the target replicas, drafters and coordinator an experiment describes
+(``--experiment FILE``, or the command line's ``--target-model`` etc.), or uses
+a running coordinator (``--coordinator HOST:PORT``), and runs every strategy on
+the same prompts in one run: for each repeat and prompt, the strategies one
+after the other in a rotating order. Greedy decoding, so every strategy must
+return the same tokens (checked).
+
+For synthetic clusters, every point is also simulated (``dsi simulate``'s
+model, same parameters), and measured / simulated latency is the overhead of
+the real system. ``--grid`` runs the simulator's Figure-1 grid through the
+services (coarser: it is wall-clock bound). With Hugging Face model
+directories, Hugging Face's own ``generate`` and assisted generation
+(``generate(assistant_model=...)``) run on the same prompts as peers.
+
+Writes into one folder: runs.csv (one row per generation), summary.csv (per
+point and strategy), speedups.csv (per point), results.json, report.md and
+plots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import platform
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dsi.experiments import config as xconfig
+from dsi.experiments.simulate import STRATEGIES, simulate_config, write_csv
+
+DEFAULT_RUN = {
+    "tokens": 64,
+    "repeats": 3,
+    "prompts": 2,
+    "prompt_len": 16,
+    "lookahead": 5,
+    "seed": 0,
+    "warmup": 1,
+    "strategies": list(STRATEGIES),
+    "launch": "subprocess",
+    "sim_repeats": 200,
+    "hf_peers": True,
+}
+HF_PEERS = ("hf_generate", "hf_assisted")
+
+
+# --- one generation -------------------------------------------------------------------------------
+
+
+async def generate_once(client: Any, prompt: list[int], tokens: int, strategy: str, lookahead: int) -> dict:
+    """Stream one generation; times are client-side (the request leaves ->
+    the last token arrives)."""
+    from dsi.client import FINISH_NAMES, request, stats_dict
+
+    req = request(prompt_ids=prompt, max_new_tokens=tokens, strategy=strategy, lookahead=lookahead)
+    ids: list[int] = []
+    first = last = 0.0
+    stats: dict[str, Any] = {}
+    finish = ""
+    start = time.perf_counter()
+    async for msg in client.stream(req):
+        now = time.perf_counter()
+        if msg.token_ids:
+            ids.extend(msg.token_ids)
+            last = now
+            if not first:
+                first = now
+        if msg.finish_reason:
+            finish = FINISH_NAMES[msg.finish_reason]
+            stats = stats_dict(msg.stats)
+    end = time.perf_counter()
+    return {
+        "token_ids": ids,
+        "latency_ms": (last - start) * 1000 if last else math.nan,
+        "total_ms": (end - start) * 1000,
+        "ttft_ms": (first - start) * 1000 if first else math.nan,
+        "finish_reason": finish,
+        "stats": stats,
+    }
+
+
+def _row(point: xconfig.Point, strategy: str, lookahead: int, rep: int, p_idx: int, res: dict) -> dict:
+    s = res["stats"]
+    n = len(res["token_ids"])
+    return {
+        "profile": point.profile.name,
+        "point": point.label,
+        **{f"sweep_{k}": v for k, v in point.values.items()},
+        "strategy": strategy,
+        "lookahead": lookahead if strategy not in ("nonsi", "hf_generate") else 0,
+        "sp_degree": point.cluster.sp_degree,
+        "repeat": rep,
+        "prompt": p_idx,
+        "tokens": n,
+        "latency_ms": res["latency_ms"],
+        "ms_per_token": res["latency_ms"] / n if n else math.nan,
+        "total_ms": res["total_ms"],
+        "ttft_ms": res["ttft_ms"],
+        "server_wall_ms": 1000 * s.get("wall_seconds", math.nan),
+        "acceptance_rate": s.get("acceptance_rate", math.nan),
+        "target_forward_passes": s.get("target_forward_passes", math.nan),
+        "verifications_started": s.get("verifications_started", math.nan),
+        "verifications_cancelled": s.get("verifications_cancelled", math.nan),
+        "preemptions": s.get("preemptions", math.nan),
+        "draft_streams": s.get("draft_streams", math.nan),
+        "drafted_tokens": s.get("drafted_tokens", math.nan),
+        "finish_reason": res["finish_reason"],
+    }
+
+
+# --- Hugging Face peers -----------------------------------------------------------------------------
+
+
+class HFPeers:
+    """Hugging Face's own decoding on the same model directories."""
+
+    def __init__(self, target: xconfig.Instance, drafter: xconfig.Instance | None) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        def load(inst: xconfig.Instance) -> Any:
+            dtype = None if inst.dtype == "auto" else getattr(torch, inst.dtype)
+            m = AutoModelForCausalLM.from_pretrained(inst.model, local_files_only=True, dtype=dtype)
+            return m.to(inst.device).eval()
+
+        self.torch = torch
+        self.device = target.device
+        self.model = load(target)
+        self.assistant = load(drafter) if drafter is not None else None
+
+    def run(self, prompt: list[int], tokens: int, assisted: bool, lookahead: int) -> dict:
+        torch = self.torch
+        ids = torch.tensor([prompt], device=self.device)
+        kwargs: dict[str, Any] = dict(
+            max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, attention_mask=torch.ones_like(ids)
+        )
+        if assisted:
+            cfg = self.assistant.generation_config
+            cfg.num_assistant_tokens = lookahead
+            cfg.num_assistant_tokens_schedule = "constant"
+            cfg.assistant_confidence_threshold = 0.0
+            kwargs["assistant_model"] = self.assistant
+        start = time.perf_counter()
+        with torch.inference_mode():
+            out = self.model.generate(ids, **kwargs)
+        ms = (time.perf_counter() - start) * 1000
+        new = out[0, len(prompt) :].tolist()
+        return {
+            "token_ids": new,
+            "latency_ms": ms,
+            "total_ms": ms,
+            "ttft_ms": math.nan,
+            "finish_reason": "",
+            "stats": {},
+        }
+
+
+# --- a point: all strategies, repeats and prompts -------------------------------------------------
+
+
+def make_prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    hi = max(2, min(vocab, 32000))
+    return [rng.integers(0, hi, size=length).tolist() for _ in range(n)]
+
+
+async def run_point(
+    client: Any,
+    point: xconfig.Point,
+    run: dict[str, Any],
+    prompts: list[list[int]],
+    bar: Any,
+    lookaheads: dict[str, int] | None = None,
+    peers: HFPeers | None = None,
+    skip: Sequence[str] = (),
+) -> list[dict]:
+    strategies = [s for s in run["strategies"] if s not in skip]
+    if peers is not None:
+        strategies += list(HF_PEERS) if peers.assistant is not None else ["hf_generate"]
+    ks = {s: (lookaheads or {}).get(s, point.lookahead) for s in strategies}
+
+    async def one(strategy: str, prompt: list[int], tokens: int) -> dict:
+        if strategy in HF_PEERS:
+            assert peers is not None
+            return await asyncio.to_thread(peers.run, prompt, tokens, strategy == "hf_assisted", ks[strategy])
+        return await generate_once(client, prompt, tokens, strategy, ks[strategy])
+
+    for _ in range(int(run["warmup"])):  # sessions, channels, caches, lazy imports
+        for s in strategies:
+            await one(s, prompts[0], min(point.tokens, 8))
+    rows = []
+    reference: dict[int, list[int]] = {}
+    for rep in range(int(run["repeats"])):
+        for p_idx, prompt in enumerate(prompts):
+            shift = (rep + p_idx) % len(strategies)
+            for s in strategies[shift:] + strategies[:shift]:
+                res = await one(s, prompt, point.tokens)
+                row = _row(point, s, ks[s], rep, p_idx, res)
+                if s not in HF_PEERS:
+                    ref = reference.setdefault(p_idx, res["token_ids"])
+                    row["matches"] = res["token_ids"] == ref
+                else:
+                    ref = reference.get(p_idx)
+                    row["matches"] = ref is None or res["token_ids"] == ref
+                rows.append(row)
+                bar.update(1)
+    return rows
+
+
+def simulate_point(point: xconfig.Point, run: dict[str, Any], lookaheads: dict[str, int] | None = None) -> dict:
+    """Simulated mean latency (ms) per strategy for this point, if synthetic."""
+    out: dict[str, float] = {}
+    for s in STRATEGIES:
+        k = (lookaheads or {}).get(s, point.lookahead)
+        cfg = point.cluster.sim_config(k, point.tokens, int(run["prompt_len"]))
+        if cfg is None:
+            return {}
+        best = simulate_config(cfg, int(run["sim_repeats"]), int(run["seed"]), [k], [s])
+        out[s] = best[s].mean_ms
+    return out
+
+
+# --- summaries ------------------------------------------------------------------------------------
+
+
+def summarize(rows: list[dict], sims: dict[str, dict]) -> tuple[list[dict], list[dict]]:
+    """(per point x strategy, per point)."""
+    summary, speedups = [], []
+    points = list(dict.fromkeys(r["point"] for r in rows))
+    for point in points:
+        prow = [r for r in rows if r["point"] == point]
+        sim = sims.get(point, {})
+        means: dict[str, float] = {}
+        for s in dict.fromkeys(r["strategy"] for r in prow):
+            rs = [r for r in prow if r["strategy"] == s]
+            lat = np.array([r["latency_ms"] for r in rs], dtype=float)
+            mpt = np.array([r["ms_per_token"] for r in rs], dtype=float)
+            means[s] = float(np.mean(lat))
+            simulated = sim.get(s, math.nan)
+            summary.append(
+                {
+                    "profile": rs[0]["profile"],
+                    "point": point,
+                    "strategy": s,
+                    "lookahead": rs[0]["lookahead"],
+                    "sp_degree": rs[0]["sp_degree"],
+                    "runs": len(rs),
+                    "tokens": int(np.median([r["tokens"] for r in rs])),
+                    "ms_per_token_median": float(np.median(mpt)),
+                    "ms_per_token_p10": float(np.percentile(mpt, 10)),
+                    "ms_per_token_p90": float(np.percentile(mpt, 90)),
+                    "ms_per_token_min": float(np.min(mpt)),
+                    "ms_per_token_max": float(np.max(mpt)),
+                    "latency_ms_mean": means[s],
+                    "latency_ms_std": float(np.std(lat, ddof=1)) if len(lat) > 1 else 0.0,
+                    "simulated_latency_ms": simulated,
+                    "overhead": means[s] / simulated if simulated else math.nan,
+                    "acceptance_rate": _mean(rs, "acceptance_rate"),
+                    "verifications_started": _mean(rs, "verifications_started"),
+                    "verifications_cancelled": _mean(rs, "verifications_cancelled"),
+                    "draft_streams": _mean(rs, "draft_streams"),
+                    "all_match": all(bool(r.get("matches", True)) for r in rs),
+                }
+            )
+
+        def ratio(a: str, b: str, src: dict[str, float]) -> float:
+            return src[a] / src[b] if a in src and b in src and src[b] else math.nan
+
+        entry = {"profile": prow[0]["profile"], "point": point}
+        entry.update({f"sweep_{k[6:]}": v for k, v in prow[0].items() if k.startswith("sweep_")})
+        for a, b in (("dsi", "si"), ("dsi", "nonsi"), ("si", "nonsi")):
+            entry[f"{a}_over_{b}_measured"] = ratio(a, b, means)
+            entry[f"{a}_over_{b}_simulated"] = ratio(a, b, sim)
+        if "hf_assisted" in means:
+            entry["dsi_over_hf_assisted"] = ratio("dsi", "hf_assisted", means)
+            entry["dsi_over_hf_generate"] = ratio("dsi", "hf_generate", means)
+        for s in STRATEGIES:
+            entry[f"{s}_overhead"] = means[s] / sim[s] if s in means and sim.get(s) else math.nan
+        speedups.append(entry)
+    return summary, speedups
+
+
+def _mean(rows: list[dict], key: str) -> float:
+    vals = [float(r[key]) for r in rows if r.get(key) is not None and not _isnan(r[key])]
+    return float(np.mean(vals)) if vals else math.nan
+
+
+def _isnan(v: Any) -> bool:
+    return isinstance(v, float) and math.isnan(v)
+
+
+def report_md(meta: dict, summary: list[dict], speedups: list[dict]) -> str:
+    lines = [f"# dsi bench: {meta['name']}", "", f"`{meta['command']}`", ""]
+    lines.append(
+        f"machine: {meta['machine']}; launch: {meta['run']['launch']};"
+        f" load average at start {meta.get('load_average_at_start')}, at end {meta.get('load_average_at_end')}"
+    )
+    lines.append("")
+    lines.append(
+        "| point | DSI/SI measured | DSI/SI simulated | DSI/non-SI measured | DSI/non-SI simulated |"
+        " SI/non-SI measured | SI/non-SI simulated |"
+    )
+    lines.append("|---|---|---|---|---|---|---|")
+    for e in speedups:
+        lines.append(
+            f"| {e['point']} | {_f(e['dsi_over_si_measured'])} | {_f(e['dsi_over_si_simulated'])} |"
+            f" {_f(e['dsi_over_nonsi_measured'])} | {_f(e['dsi_over_nonsi_simulated'])} |"
+            f" {_f(e['si_over_nonsi_measured'])} | {_f(e['si_over_nonsi_simulated'])} |"
+        )
+    lines += [
+        "",
+        "| point | strategy | k | ms/token median [p10, p90] | simulated ms/token | measured/simulated |"
+        " acceptance | cancelled verifs | same tokens |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for s in summary:
+        sim_mpt = s["simulated_latency_ms"] / s["tokens"] if s["tokens"] else math.nan
+        lines.append(
+            f"| {s['point']} | {s['strategy']} | {s['lookahead']} | {s['ms_per_token_median']:.2f}"
+            f" [{s['ms_per_token_p10']:.2f}, {s['ms_per_token_p90']:.2f}] | {_f(sim_mpt, 2)} | {_f(s['overhead'])} |"
+            f" {_f(s['acceptance_rate'], 2)} | {_f(s['verifications_cancelled'], 1)} |"
+            f" {'yes' if s['all_match'] else 'NO'} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _f(v: Any, nd: int = 3) -> str:
+    try:
+        x = float(v)
+    except (TypeError, ValueError):
+        return str(v)
+    return "-" if math.isnan(x) else f"{x:.{nd}f}"
+
+
+# --- calibration: what one RPC and one timer cost here ------------------------------------------
+
+
+async def calibrate(launch: str, log_dir: Path | None) -> dict[str, Any]:
+    """Timer overshoot of asyncio.sleep, and the per-step overhead of each
+    strategy with zero-latency synthetic models (pure system overhead)."""
+    from dsi.client import Client
+    from dsi.experiments import cluster as xcluster
+
+    loop = asyncio.get_running_loop()
+    timer: dict[str, float] = {}
+    for ms in (0.5, 1.0, 2.0, 5.0):
+        over = []
+        for _ in range(30):
+            t0 = loop.time()
+            await asyncio.sleep(ms / 1000)
+            over.append((loop.time() - t0) * 1000 - ms)
+        timer[f"sleep_{ms:g}ms_overshoot_ms"] = float(np.median(over))
+    zero = xconfig.Cluster(
+        (xconfig.Instance("synthetic:vocab=32000,seed=1"),) * 2,
+        (xconfig.Instance("synthetic:vocab=32000,seed=1,acceptance=0.7"),),
+    )
+    running = await xcluster.start(zero, launch, log_dir)
+    out: dict[str, Any] = {"timer": timer}
+    try:
+        async with Client(running.address) as client:
+            prompt = list(range(1, 17))
+            for s in STRATEGIES:
+                await generate_once(client, prompt, 8, s, 5)
+                res = [await generate_once(client, prompt, 64, s, 5) for _ in range(3)]
+                mid = sorted(res, key=lambda r: r["latency_ms"])[1]
+                st = mid["stats"]
+                out[s] = {
+                    "ms_per_token": mid["latency_ms"] / 64,
+                    "ms_per_verification": mid["latency_ms"] / max(1, st.get("verifications_started", 1)),
+                    "verifications": st.get("verifications_started"),
+                    "draft_streams": st.get("draft_streams"),
+                }
+    finally:
+        await running.close()
+    return out
+
+
+# --- the command ----------------------------------------------------------------------------------
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(t) for t in text.split(",") if t.strip())
+
+
+def _range(text: str) -> tuple[float, float]:
+    lo, hi = (float(t) for t in text.split(","))
+    return lo, hi
+
+
+# Without --experiment: a target like a 13B model (30 ms per step) and a 68M-like drafter.
+SYNTHETIC_TARGET = "synthetic:vocab=32000,seed=1,ttft_ms=40,tpot_ms=30"
+SYNTHETIC_DRAFTER = "synthetic:vocab=32000,seed=1,ttft_ms=3,tpot_ms=2,acceptance=0.7"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--experiment", metavar="FILE", help="experiment file (TOML); see experiments/")
+    p.add_argument("--coordinator", metavar="HOST:PORT", help="use this running coordinator instead of starting one")
+    g = p.add_argument_group("cluster (without --experiment)")
+    g.add_argument("--target-model", default=SYNTHETIC_TARGET, metavar="SPEC", help="(default: %(default)s)")
+    g.add_argument("--targets", type=int, default=4, help="target replicas (default: %(default)s)")
+    g.add_argument("--drafter-model", default=SYNTHETIC_DRAFTER, metavar="SPEC", help="(default: %(default)s)")
+    g.add_argument("--target-delay-ms", type=float, default=0.0, help="one-way delay on each target link")
+    g.add_argument("--drafter-delay-ms", type=float, default=0.0, help="one-way delay on the drafter link")
+    g.add_argument("--device", default="cpu", help="device for Hugging Face models (default: %(default)s)")
+    g.add_argument("--dtype", default="auto")
+    g = p.add_argument_group("run (override the experiment's [run])")
+    g.add_argument("--tokens", type=int, help=f"new tokens per generation (default: {DEFAULT_RUN['tokens']})")
+    g.add_argument(
+        "--repeats", type=int, help=f"rounds over prompts and strategies (default: {DEFAULT_RUN['repeats']})"
+    )
+    g.add_argument("--prompts", type=int, help=f"distinct prompts (default: {DEFAULT_RUN['prompts']})")
+    g.add_argument("--prompt-len", type=int, help=f"prompt tokens (default: {DEFAULT_RUN['prompt_len']})")
+    g.add_argument("--lookahead", type=int, help=f"draft tokens per chunk (default: {DEFAULT_RUN['lookahead']})")
+    g.add_argument(
+        "--lookaheads",
+        type=_ints,
+        metavar="K,K",
+        help="synthetic clusters: SI and DSI each use the simulator's best of these (default: --lookahead)",
+    )
+    g.add_argument("--strategies", help="comma-separated subset of nonsi,si,dsi (default: all)")
+    g.add_argument("--seed", type=int)
+    g.add_argument("--warmup", type=int, help="warm-up rounds, not recorded (default: 1)")
+    g.add_argument("--launch", choices=["subprocess", "inproc"], help="how to start services (default: subprocess)")
+    g.add_argument("--sim-repeats", type=int, help="simulator draws per point (default: 200)")
+    g.add_argument("--no-hf-peers", action="store_true", help="skip Hugging Face generate() peers")
+    g.add_argument("--no-calibrate", action="store_true", help="skip the timer/RPC overhead calibration")
+    g = p.add_argument_group("grid (the simulator's heatmap, measured)")
+    g.add_argument("--grid", action="store_true", help="sweep drafter latency fraction x acceptance (synthetic)")
+    g.add_argument("--grid-size", type=_ints, default=(5, 5), metavar="NF,NA", help="(default: 5,5)")
+    g.add_argument("--fraction-range", type=_range, default=(0.01, 1.0), metavar="LO,HI")
+    g.add_argument("--acceptance-range", type=_range, default=(0.01, 0.99), metavar="LO,HI")
+    g.add_argument(
+        "--grid-lookaheads",
+        type=_ints,
+        default=(1, 2, 3, 5, 8),
+        metavar="K,K",
+        help="per cell, SI and DSI use the simulator's best of these (default: 1,2,3,5,8)",
+    )
+    g.add_argument("--sim-grid", metavar="DIR", help="a `dsi simulate --grid` folder to plot beside the measured grid")
+    p.add_argument("--out", help="output folder (default: results/bench/NAME)")
+    p.add_argument("--replot", metavar="DIR", help="only redraw the plots of an earlier run's folder")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def _experiment(args: argparse.Namespace) -> xconfig.Experiment:
+    if args.experiment:
+        return xconfig.load(args.experiment)
+    return xconfig.single(
+        args.target_model,
+        args.targets,
+        args.drafter_model,
+        args.target_delay_ms,
+        args.drafter_delay_ms,
+        args.device,
+        args.dtype,
+        name="bench",
+    )
+
+
+def _run_params(args: argparse.Namespace, exp: xconfig.Experiment) -> dict[str, Any]:
+    cli = {
+        "tokens": args.tokens,
+        "repeats": args.repeats,
+        "prompts": args.prompts,
+        "prompt_len": args.prompt_len,
+        "lookahead": args.lookahead,
+        "lookaheads": list(args.lookaheads) if args.lookaheads else None,
+        "seed": args.seed,
+        "warmup": args.warmup,
+        "launch": args.launch,
+        "sim_repeats": args.sim_repeats,
+        "strategies": args.strategies.split(",") if args.strategies else None,
+        "hf_peers": False if args.no_hf_peers else None,
+    }
+    run = xconfig.merge_run(DEFAULT_RUN, exp.run, cli)
+    bad = [s for s in run["strategies"] if s not in STRATEGIES]
+    if bad:
+        raise SystemExit(f"dsi bench: unknown strategy {bad[0]!r}")
+    return run
+
+
+def _progress(total: int, enabled: bool) -> Any:
+    if not enabled:
+        from dsi.experiments.simulate import _NoBar
+
+        return _NoBar()
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc="dsi bench", unit="gen", file=sys.stderr, dynamic_ncols=True)
+
+
+def _loadavg() -> list[float] | None:
+    """1, 5 and 15 minute load averages: other work on a shared machine shows here."""
+    import os
+
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def machine() -> str:
+    import os
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return (
+        f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPU(s) ({cpu}), Python {platform.python_version()}"
+    )
+
+
+async def amain(args: argparse.Namespace) -> int:
+    from dsi.client import Client
+    from dsi.experiments import cluster as xcluster
+
+    exp = _experiment(args)
+    run = _run_params(args, exp)
+    out = Path(args.out or f"results/bench/{exp.name}{'-grid' if args.grid else ''}")
+    out.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 - start-up
+    meta: dict[str, Any] = {
+        "name": exp.name,
+        "description": exp.description,
+        "command": "dsi bench " + " ".join(getattr(args, "_argv", None) or []),
+        "machine": machine(),
+        "run": run,
+        "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "load_average_at_start": _loadavg(),
+    }
+    started = time.perf_counter()
+    if not args.no_calibrate and not args.coordinator:
+        print("calibrating (timer granularity, per-RPC overhead with zero-latency models)...", file=sys.stderr)
+        meta["calibration"] = await calibrate(run["launch"], out / "logs")
+    # the points to run
+    jobs: list[tuple[xconfig.Point, dict[str, int] | None, Sequence[str]]] = []
+    if args.grid:
+        base = exp.profiles[0]
+        if not base.cluster.synthetic:
+            raise SystemExit("dsi bench --grid needs a synthetic cluster")
+        from dsi.experiments.simulate import grid_axes
+
+        nf, na = (args.grid_size * 2)[:2]
+        fracs, accs = grid_axes(nf, na, args.fraction_range, args.acceptance_range)
+        meta["grid"] = {"fractions": fracs.tolist(), "acceptances": accs.tolist(), "lookaheads": args.grid_lookaheads}
+        first = True
+        for a in accs:
+            for f in fracs:
+                cl = xconfig.grid_profile(base, float(f), float(a))
+                values = {"drafter_fraction": round(float(f), 4), "acceptance": round(float(a), 4)}
+                point = xconfig.Point(base, cl, int(run["lookahead"]), int(run["tokens"]), values)
+                cfg = cl.sim_config(int(run["lookahead"]), int(run["tokens"]), int(run["prompt_len"]))
+                assert cfg is not None
+                best = simulate_config(cfg, 3, int(run["seed"]), args.grid_lookaheads, ("si", "dsi"), True)
+                ks = {s: best[s].lookahead for s in ("si", "dsi")}
+                # non-SI does not touch the drafter: measure it once, on the first cell
+                jobs.append((point, ks, () if first else ("nonsi",)))
+                first = False
+    else:
+        for p in exp.points(run):
+            ks = None
+            cfg = p.cluster.sim_config(p.lookahead, p.tokens, int(run["prompt_len"]))
+            if run.get("lookaheads") and cfg is not None and "lookahead" not in p.values:
+                best = simulate_config(cfg, 20, int(run["seed"]), [int(k) for k in run["lookaheads"]], ("si", "dsi"))
+                ks = {s: best[s].lookahead for s in ("si", "dsi")}
+            jobs.append((p, ks, ()))
+    per_point = int(run["repeats"]) * int(run["prompts"])
+    total = sum(per_point * len([s for s in run["strategies"] if s not in skip]) for _, _, skip in jobs)
+    bar = _progress(total, not args.no_progress)
+    rows: list[dict] = []
+    sims: dict[str, dict] = {}
+    running = None
+    current: xconfig.Cluster | None = None
+    peers_cache: dict[tuple, HFPeers] = {}
+    try:
+        for point, ks, skip in jobs:
+            address = args.coordinator
+            if not address:
+                if running is None or current != point.cluster:
+                    if running is not None:
+                        await running.close()
+                        running = None
+                    running = await xcluster.start(point.cluster, run["launch"], out / "logs")
+                    current = point.cluster
+                address = running.address
+            peers = None
+            if run["hf_peers"] and not point.cluster.synthetic and not args.coordinator:
+                key = (point.cluster.targets[0], point.cluster.drafters[0] if point.cluster.drafters else None)
+                if key not in peers_cache:
+                    peers_cache[key] = await asyncio.to_thread(HFPeers, *key)
+                peers = peers_cache[key]
+                bar.total += per_point * (2 if peers.assistant is not None else 1)
+            async with Client(address) as client:
+                info = await client.info()
+                vocab = info.targets[0].model.vocab_size if info.targets else 32000
+                prompts = make_prompts(int(run["prompts"]), int(run["prompt_len"]), vocab, int(run["seed"]))
+                point_rows = await run_point(client, point, run, prompts, bar, ks, peers, skip)
+            if skip and "nonsi" in skip and rows:  # the grid's single non-SI measurement
+                base_rows = [
+                    dict(r, point=point.label, **{f"sweep_{k}": v for k, v in point.values.items()})
+                    for r in rows
+                    if r["strategy"] == "nonsi" and r["point"] == jobs[0][0].label
+                ]
+                point_rows = base_rows + point_rows
+            rows += point_rows
+            if not args.coordinator or args.experiment:  # an experiment file describes the running cluster
+                sims[point.label] = simulate_point(point, run, ks)
+    finally:
+        bar.close()
+        if running is not None:
+            await running.close()
+    meta["seconds"] = time.perf_counter() - started
+    meta["load_average_at_end"] = _loadavg()
+    summary, speedups = summarize(rows, sims)
+    write_csv(out / "runs.csv", rows)
+    write_csv(out / "summary.csv", summary)
+    write_csv(out / "speedups.csv", speedups)
+    (out / "results.json").write_text(
+        json.dumps({"meta": meta, "summary": summary, "speedups": speedups}, indent=2, default=str)
+    )
+    (out / "report.md").write_text(report_md(meta, summary, speedups))
+    pngs = _plots(out, rows, summary, speedups, args)
+    print(report_md(meta, summary, speedups))
+    mismatches = [s for s in summary if not s["all_match"] and s["strategy"] not in HF_PEERS]
+    if mismatches:
+        print(
+            "WARNING: strategies returned different tokens for the same prompt: "
+            + ", ".join(f"{m['point']}/{m['strategy']}" for m in mismatches),
+            file=sys.stderr,
+        )
+    print(
+        f"{len(rows)} generations in {meta['seconds']:.0f}s; written to {out}: runs.csv, summary.csv, "
+        f"speedups.csv, results.json, report.md" + "".join(f", {p}" for p in pngs),
+        file=sys.stderr,
+    )
+    return 1 if mismatches else 0
+
+
+def _plots(
+    out: Path, rows: list[dict], summary: list[dict], speedups: list[dict], args: argparse.Namespace
+) -> list[str]:
+    try:
+        from dsi.experiments import plots
+    except ImportError as exc:
+        print(f"dsi bench: no plots ({exc}); install matplotlib: pip install 'dsi[experiments]'", file=sys.stderr)
+        return []
+    names = [] if args.grid else [plots.latency_boxes(rows, out, summary)]
+    if args.grid:
+        grid_rows = []
+        for e in speedups:
+            grid_rows.append(
+                {
+                    "drafter_fraction": e["sweep_drafter_fraction"],
+                    "acceptance": e["sweep_acceptance"],
+                    "dsi_over_si": e["dsi_over_si_measured"],
+                    "dsi_over_nonsi": e["dsi_over_nonsi_measured"],
+                    "si_over_nonsi": e["si_over_nonsi_measured"],
+                    "dsi_over_best": e["dsi_over_nonsi_measured"] / min(1.0, e["si_over_nonsi_measured"]),
+                    "nonsi_overhead": e["nonsi_overhead"],
+                    "si_overhead": e["si_overhead"],
+                    "dsi_overhead": e["dsi_overhead"],
+                }
+            )
+        write_csv(out / "grid.csv", grid_rows)
+        names += plots.grid_heatmaps(grid_rows, out, "measured")
+        names.append(plots.overhead_heatmap(grid_rows, out))
+        sim_dir = Path(args.sim_grid) if args.sim_grid else None
+        if sim_dir is not None and (sim_dir / "grid.csv").exists():
+            from dsi.experiments.simulate import read_csv
+
+            names.append(plots.side_by_side(read_csv(sim_dir / "grid.csv"), grid_rows, out))
+        else:
+            sim_rows = [
+                {
+                    "drafter_fraction": e["sweep_drafter_fraction"],
+                    "acceptance": e["sweep_acceptance"],
+                    "dsi_over_si": e["dsi_over_si_simulated"],
+                    "dsi_over_nonsi": e["dsi_over_nonsi_simulated"],
+                    "si_over_nonsi": e["si_over_nonsi_simulated"],
+                }
+                for e in speedups
+            ]
+            names.append(plots.side_by_side(sim_rows, grid_rows, out))
+    else:
+        names.append(plots.profile_bars(speedups, out))
+    return names
+
+
+def _load_csv(path: Path) -> list[dict]:
+    from dsi.experiments.simulate import read_csv
+
+    def conv(v: str) -> Any:
+        if v in ("True", "False"):
+            return v == "True"
+        try:
+            return float(v)
+        except ValueError:
+            return v
+
+    return [{k: conv(v) for k, v in r.items()} for r in read_csv(path)] if path.exists() else []
+
+
+def replot(args: argparse.Namespace) -> int:
+    """Redraw the plots of an earlier run from its CSV files."""
+    out = Path(args.replot)
+    meta = json.loads((out / "results.json").read_text())["meta"] if (out / "results.json").exists() else {}
+    args.grid = "grid" in meta
+    names = _plots(
+        out, _load_csv(out / "runs.csv"), _load_csv(out / "summary.csv"), _load_csv(out / "speedups.csv"), args
+    )
+    print(f"redrawn in {out}: {', '.join(names)}", file=sys.stderr)
+    return 0
+
+
+def main(args: argparse.Namespace) -> int:
+    from dsi.experiments.config import ConfigError
+
+    if args.replot:
+        return replot(args)
+    args._argv = sys.argv[2:] if sys.argv[1:2] == ["bench"] else []
+    try:
+        return asyncio.run(amain(args))
+    except ConfigError as exc:
+        print(f"dsi bench: {exc}", file=sys.stderr)
+        return 2

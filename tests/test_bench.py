@@ -1,0 +1,264 @@
+"""`dsi bench` end to end on tiny clusters (fast: milliseconds of latency, few
+tokens), the injected network delay, and the report files. Performance itself
+is shown by the benchmarks in docs/benchmarks.md, not asserted here."""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import json
+import math
+import time
+from pathlib import Path
+
+import pytest
+
+from dsi.cli import main as cli_main
+from dsi.experiments import netdelay
+from dsi.types import DraftRequest, VerifyRequest
+from tests.helpers import serve
+
+TARGET = "synthetic:vocab=512,seed=3,ttft_ms=4,tpot_ms=3"
+DRAFTER = "synthetic:vocab=512,seed=3,ttft_ms=1,tpot_ms=0.5,acceptance=0.7"
+QUICK = [
+    "--tokens",
+    "12",
+    "--repeats",
+    "1",
+    "--prompts",
+    "1",
+    "--prompt-len",
+    "6",
+    "--warmup",
+    "0",
+    "--no-calibrate",
+    "--no-progress",
+    "--sim-repeats",
+    "20",
+]
+
+
+def _cli(argv: list[str]) -> int:
+    with pytest.raises(SystemExit) as exc:
+        cli_main(argv)
+    return int(exc.value.code or 0)
+
+
+def _rows(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def _is_png(path: Path) -> bool:
+    return path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_inproc_end_to_end(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "b"
+    code = _cli(
+        [
+            "bench",
+            "--launch",
+            "inproc",
+            "--targets",
+            "2",
+            "--target-model",
+            TARGET,
+            "--drafter-model",
+            DRAFTER,
+            "--lookahead",
+            "3",
+            *QUICK,
+            "--out",
+            str(out),
+        ]
+    )
+    assert code == 0
+    runs = _rows(out / "runs.csv")
+    assert sorted(r["strategy"] for r in runs) == ["dsi", "nonsi", "si"]
+    for r in runs:
+        assert int(r["tokens"]) == 12
+        assert r["matches"] == "True"  # lossless: every strategy returned the same tokens
+        assert float(r["latency_ms"]) > 0
+        assert float(r["server_wall_ms"]) > 0
+    summary = {r["strategy"]: r for r in _rows(out / "summary.csv")}
+    assert 0.0 <= float(summary["dsi"]["acceptance_rate"]) <= 1.0
+    assert float(summary["nonsi"]["simulated_latency_ms"]) == pytest.approx(4 + 11 * 3)
+    for s in ("nonsi", "si", "dsi"):
+        overhead = float(summary[s]["overhead"])
+        assert math.isfinite(overhead) and overhead > 0.5  # measured / simulated: sane, never absurdly fast
+    (speed,) = _rows(out / "speedups.csv")
+    for key in ("dsi_over_si_measured", "dsi_over_nonsi_measured", "dsi_over_si_simulated"):
+        assert 0 < float(speed[key]) < 10
+    result = json.loads((out / "results.json").read_text())
+    assert result["meta"]["run"]["launch"] == "inproc"
+    assert "dsi bench" in (out / "report.md").read_text()
+    assert _is_png(out / "speedups.png") and _is_png(out / "latency.png")
+
+
+def test_bench_experiment_file_with_sweep_and_delays(tmp_path: Path) -> None:
+    exp = tmp_path / "exp.toml"
+    exp.write_text(
+        f"""
+name = "tiny"
+[run]
+launch = "inproc"
+[[profile]]
+name = "tiny"
+targets = [{{ model = "{TARGET}", count = 2 }}, {{ model = "{TARGET}", delay_ms = 1.0 }}]
+drafters = [{{ model = "{DRAFTER}", delay_ms = 0.5 }}]
+[sweep]
+sp = [1, 3]
+"""
+    )
+    out = tmp_path / "e"
+    assert _cli(["bench", "--experiment", str(exp), *QUICK, "--strategies", "nonsi,dsi", "--out", str(out)]) == 0
+    speed = _rows(out / "speedups.csv")
+    assert [r["point"] for r in speed] == ["tiny[sp=1]", "tiny[sp=3]"]
+    assert all(r["sweep_sp"] in ("1", "3") for r in speed)
+    summary = _rows(out / "summary.csv")
+    assert {r["strategy"] for r in summary} == {"nonsi", "dsi"}
+    assert all(r["all_match"] == "True" for r in summary)
+
+
+def test_bench_subprocess_cluster_with_delay(tmp_path: Path) -> None:
+    """The default launch: every service its own process, the coordinator
+    with delay-injecting channels (dsi.experiments.coordinator)."""
+    out = tmp_path / "s"
+    code = _cli(
+        [
+            "bench",
+            "--targets",
+            "2",
+            "--target-model",
+            TARGET,
+            "--drafter-model",
+            DRAFTER,
+            "--target-delay-ms",
+            "1",
+            *QUICK,
+            "--out",
+            str(out),
+        ]
+    )
+    assert code == 0
+    runs = _rows(out / "runs.csv")
+    assert len(runs) == 3 and all(r["matches"] == "True" for r in runs)
+    assert (out / "logs" / "coordinator.log").exists()
+
+
+def test_bench_grid(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "g"
+    code = _cli(
+        [
+            "bench",
+            "--grid",
+            "--grid-size",
+            "2,2",
+            "--grid-lookaheads",
+            "1,3",
+            "--launch",
+            "inproc",
+            "--targets",
+            "2",
+            "--target-model",
+            TARGET,
+            "--drafter-model",
+            DRAFTER,
+            *QUICK,
+            "--out",
+            str(out),
+        ]
+    )
+    assert code == 0
+    grid = _rows(out / "grid.csv")
+    assert len(grid) == 4
+    assert {(r["drafter_fraction"], r["acceptance"]) for r in grid} == {
+        (f, a) for f in ("0.01", "1") for a in ("0.01", "0.99")
+    }
+    runs = _rows(out / "runs.csv")
+    assert sum(r["strategy"] == "nonsi" for r in runs) == 4  # measured once, reported for every cell
+    for name in ("grid.png", "grid_compare.png", "grid_overhead.png"):
+        assert _is_png(out / name)
+
+
+def test_bench_hf_models_with_hf_peers(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    from dsi.experiments.hfmodels import build
+
+    models = build(tmp_path / "models", size="tiny")
+    out = tmp_path / "h"
+    code = _cli(
+        [
+            "bench",
+            "--launch",
+            "inproc",
+            "--targets",
+            "1",
+            "--target-model",
+            str(models["target"]),
+            "--drafter-model",
+            str(models["drafter"]),
+            "--lookahead",
+            "2",
+            *QUICK,
+            "--out",
+            str(out),
+        ]
+    )
+    assert code == 0
+    summary = {r["strategy"]: r for r in _rows(out / "summary.csv")}
+    assert set(summary) == {"nonsi", "si", "dsi", "hf_generate", "hf_assisted"}
+    assert math.isnan(float(summary["dsi"]["simulated_latency_ms"]))  # no latency model for real models
+    # HF's own greedy decoding and ours agree token for token
+    assert all(r["all_match"] == "True" for r in summary.values())
+    (speed,) = _rows(out / "speedups.csv")
+    assert float(speed["dsi_over_hf_assisted"]) > 0
+
+
+# --- injected network delay ----------------------------------------------------------------------
+
+
+async def test_delay_interceptors_add_the_delay_both_ways() -> None:
+    from dsi.backends import LocalDrafter, LocalTarget, load_drafter_model, load_target_model
+    from dsi.transport import GrpcDrafter, GrpcTarget
+    from services.drafter.service import register as register_drafter
+    from services.target.service import register as register_target
+
+    target = LocalTarget(load_target_model("synthetic:vocab=64,seed=1"))
+    drafter = LocalDrafter(load_drafter_model("synthetic:vocab=64,seed=1"))
+    async with serve(register_target(target, 64)) as t_srv, serve(register_drafter(drafter)) as d_srv:
+        delay = 0.02
+        t = GrpcTarget(t_srv.address, interceptors=netdelay.interceptors(delay * 1000))
+        d = GrpcDrafter(d_srv.address, interceptors=netdelay.interceptors(delay * 1000))
+        try:
+            start = time.perf_counter()
+            result = await t.verify(VerifyRequest("s1", [1, 2, 3]))
+            assert time.perf_counter() - start >= 2 * delay  # request and response each delayed
+            assert 0 <= result.next_token < 64
+
+            start = time.perf_counter()
+            stream = d.draft(DraftRequest("s1", [1, 2, 3], lookahead=2, max_tokens=6))
+            chunks = [c async for c in stream]
+            assert time.perf_counter() - start >= 2 * delay
+            assert [len(c.tokens) for c in chunks] == [2, 2, 2]
+
+            # cancelling a delayed stream stops it on the server
+            stream = d.draft(DraftRequest("s2", [1, 2, 3], lookahead=1, max_tokens=0))
+            await stream.__anext__()
+            await stream.aclose()
+            for _ in range(200):
+                if drafter.active_streams == 0:
+                    break
+                await asyncio.sleep(0.01)
+            assert drafter.active_streams == 0
+        finally:
+            await t.close()
+            await d.close()
+
+
+def test_no_delay_means_no_interceptors() -> None:
+    assert netdelay.interceptors(0) is None
+    assert len(netdelay.interceptors(1.5) or []) == 2
