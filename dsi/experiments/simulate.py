@@ -14,9 +14,11 @@ the system's own overhead:
   (given the correct prefix) is right with probability ``acceptance``,
   independently per position, exactly as the synthetic drafter's per-context
   coin; a token drafted after a wrong one is junk;
-* non-SI: one target step per token on one replica (the first: the engine
-  takes the least recently used one, the first of a fresh coordinator; on a
-  cluster of unequal replicas a real run may land on a slower one);
+* replica choice as in the coordinator's pool: the fastest idle replica (a
+  replica's step time stands for the latency the pool measures), then the one
+  caching most of the request, then the one used longest ago;
+* non-SI: one target step per token on one replica (the first, listed fastest
+  first; the pool keeps a generation on one replica);
 * SI: draft ``min(k, left - 1)`` tokens, verify them on that replica, commit the
   accepted drafts and the target's token (the correction or the bonus);
 * DSI: the engine's rules, event by event: a frontier step whenever nothing
@@ -290,9 +292,19 @@ class _DSI:
         rep.order = next(self.tie)
         return rep
 
-    def _idle(self) -> _Replica | None:
+    def _choose(self, reps: list[_Replica], base: int) -> _Replica:
+        """The pool's choice (services/coordinator/pool.py): the fastest
+        (within 20%; here a replica's step time stands for its measured
+        latency), then the one caching most of the first ``base`` positions,
+        then the one used longest ago."""
+        speed = [r.node.tpot_ms + 2 * r.node.delay_ms for r in reps]
+        fastest = min(speed)
+        fast = [r for r, sp in zip(reps, speed, strict=True) if sp <= fastest * 1.2]
+        return min(fast, key=lambda r: (-min(r.seen_len, self.cfg.prompt_len + base), r.order))
+
+    def _idle(self, base: int) -> _Replica | None:
         idle = [r for r in self.reps if not r.busy]
-        return self._take(min(idle, key=lambda r: r.order)) if idle else None
+        return self._take(self._choose(idle, base)) if idle else None
 
     # verifications ------------------------------------------------------------------------------
 
@@ -334,16 +346,16 @@ class _DSI:
             return
         if not self.verifs:
             n = min(len(self.pending), self.cfg.max_draft_tokens, self.last + 1 - c)
-            rep = self._idle()
+            rep = self._idle(c)
             if rep is None:  # cannot happen with one generation: every lease is released
-                rep = self._take(min(self.reps, key=lambda r: r.order))
+                rep = self._take(self._choose(self.reps, c))
             self._issue(c, self.pending[:n], rep)
         while len(self.verifs) < self.sp:
             start = self.verifs[-1].end  # issued in order, each starting where the last ends
             avail = self.pending[start - c : self.last + 1 - c]
             if not avail or (len(avail) < self.k and self._more_drafts_coming()):
                 return
-            rep = self._idle()
+            rep = self._idle(start)
             if rep is None:
                 return
             self._issue(start, avail[: self.cfg.max_draft_tokens], rep)

@@ -33,7 +33,7 @@ import itertools
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -188,6 +188,8 @@ class Generation:
         self._out: list[int] = []
         self._start = 0.0
         self._used_targets: set[int] = set()
+        #: per target replica: how much of the assumed sequence its cache holds
+        self._cached: dict[int, int] = {}
         self._drafter_lease: Lease | None = None
         self._tasks: set[asyncio.Task] = set()
         # DSI state
@@ -267,11 +269,19 @@ class Generation:
 
     async def _verify(self, lease: Lease, base: int, drafts: list[DraftToken]) -> VerifyResult:
         self._used_targets.add(lease.replica)
+        self._cached[lease.replica] = base + len(drafts)
         request = VerifyRequest(self.session_id, self._context(base), drafts, self._sampling, self.params.seed)
+        completed = False
         try:
-            return await self.engine.targets.member(lease.replica).verify(request)
+            result = await self.engine.targets.member(lease.replica).verify(request)
+            completed = True
+            return result
         finally:
-            self.engine.targets.release(lease)
+            self.engine.targets.release(lease, completed)
+
+    def _affinity(self, base: int) -> Callable[[int], int]:
+        """How many of the first ``base`` tokens replica ``i`` has cached."""
+        return lambda i: min(self._cached.get(i, 0), base)
 
     def _drafter(self) -> Drafter:
         pool = self.engine.drafters
@@ -385,7 +395,7 @@ class Generation:
         pool = self.engine.targets
         if not self.verifs:  # nothing covers the frontier: a frontier step, now
             n = min(len(self.pending), self.engine.max_draft_tokens, self.last_pos + 1 - c)
-            lease, _ = pool.acquire_frontier()
+            lease, _ = pool.acquire_frontier(self._affinity(c))
             self._issue(c, self.pending[:n], lease)
         while len(self.verifs) < self.engine.sp_degree:
             start = max(v.end for v in self.verifs)
@@ -394,7 +404,9 @@ class Generation:
                 return
             holder: list[_Verification] = []
             lease = pool.acquire_idle(
-                depth=lambda s=start: s - len(self.committed), preempt=lambda h=holder: self._preempt(h[0])
+                depth=lambda s=start: s - len(self.committed),
+                preempt=lambda h=holder: self._preempt(h[0]),
+                affinity=self._affinity(start),
             )
             if lease is None:
                 return
@@ -473,6 +485,8 @@ class Generation:
         """The committed token differs from the draft: all speculation
         built on it is stale. Cancel it and restart drafting."""
         self.pending.clear()
+        wrong_from = len(self.committed) - 1  # caches are valid only before the diverged position
+        self._cached = {i: min(n, wrong_from) for i, n in self._cached.items()}
         for v in self.verifs:
             if self._cancel(v):
                 self.stats.verifications_cancelled += 1

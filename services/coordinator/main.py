@@ -89,6 +89,8 @@ async def build(args: argparse.Namespace) -> Coordinator:
 
 async def run(args: argparse.Namespace) -> None:
     coordinator = await build(args)
+    if args.strategy == "dsi" and coordinator.engine.sp_degree < 2:
+        log.warning("DSI needs at least 2 target replicas to overlap verifications; with 1 it is about SI's speed")
     running = await start_server(register(coordinator), args.host, args.port)
     log.info(
         "coordinator serving",

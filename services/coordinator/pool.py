@@ -6,6 +6,10 @@ other work); a frontier step (the one that guarantees progress) goes to an
 idle replica, else preempts the speculative verification that is furthest
 ahead of its own frontier, else queues on the least loaded replica.
 
+Among idle replicas the pool prefers the fastest (by measured latency, so
+mixed hardware is used well), then the one that already caches most of the
+request (fewer tokens to prefill), then the one used longest ago.
+
 Membership can change while requests run (replica discovery): a new member
 is used at once; a removed member is *drained*: it gets no new requests, its
 running ones finish, and ``on_drained`` runs when the last one is released.
@@ -15,6 +19,7 @@ Member indices are never reused, so a lease always names its member.
 from __future__ import annotations
 
 import itertools
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
@@ -22,6 +27,10 @@ from typing import Generic, TypeVar
 from dsi.errors import Unavailable
 
 T = TypeVar("T")
+
+
+SAME_SPEED = 1.2  # replicas within 20% of the fastest count as equally fast
+EWMA = 0.2  # weight of a new latency sample
 
 
 def _frontier() -> int:
@@ -38,6 +47,7 @@ class Lease:
     depth: Callable[[], int]
     #: Called when the pool takes the replica away for a frontier step.
     preempt: Callable[[], None] | None = None
+    started: float = 0.0
     released: bool = False
 
 
@@ -48,6 +58,7 @@ class _Slot(Generic[T]):
     served: int = 0
     draining: bool = False
     on_drained: Callable[[], object] | None = None
+    latency: float = 0.0  # smoothed seconds per completed request
 
 
 class Pool(Generic[T]):
@@ -98,12 +109,23 @@ class Pool(Generic[T]):
 
     # --- leases -----------------------------------------------------------------
 
-    def _least_loaded(self, candidates: list[int]) -> int:
-        # Ties go to the replica used longest ago, spreading load evenly.
-        return min(candidates, key=lambda i: (len(self.slots[i].leases), self._order[i]))
+    def latency(self, i: int) -> float:
+        """Smoothed seconds per completed request on ``i`` (0 = not measured yet)."""
+        return self.slots[i].latency
+
+    def _least_loaded(self, candidates: list[int], affinity: Callable[[int], int] | None = None) -> int:
+        """Least loaded first; then the fastest (replicas within 20% of the
+        fastest count as equally fast, unmeasured ones as fast); then the one
+        that already caches the most of the request (``affinity``); then the
+        one used longest ago, spreading load evenly."""
+        load = min(len(self.slots[i].leases) for i in candidates)
+        candidates = [i for i in candidates if len(self.slots[i].leases) == load]
+        fastest = min(self.slots[i].latency for i in candidates)
+        candidates = [i for i in candidates if self.slots[i].latency <= fastest * SAME_SPEED]
+        return min(candidates, key=lambda i: (-(affinity(i) if affinity else 0), self._order[i]))
 
     def _take(self, i: int, depth: Callable[[], int], preempt: Callable[[], None] | None) -> Lease:
-        lease = Lease(i, depth, preempt)
+        lease = Lease(i, depth, preempt, started=time.perf_counter())
         self.slots[i].leases.add(lease)
         self.slots[i].served += 1
         self._order[i] = next(self._tie)
@@ -118,16 +140,21 @@ class Pool(Generic[T]):
             raise Unavailable(f"no {self.kind} is available")
         return self._least_loaded(active)
 
-    def acquire_idle(self, depth: Callable[[], int], preempt: Callable[[], None] | None = None) -> Lease | None:
+    def acquire_idle(
+        self,
+        depth: Callable[[], int],
+        preempt: Callable[[], None] | None = None,
+        affinity: Callable[[int], int] | None = None,
+    ) -> Lease | None:
         """A lease on an idle replica, or None when every replica is busy."""
         idle = self.idle()
-        return self._take(self._least_loaded(idle), depth, preempt) if idle else None
+        return self._take(self._least_loaded(idle, affinity), depth, preempt) if idle else None
 
-    def acquire_frontier(self) -> tuple[Lease, bool]:
+    def acquire_frontier(self, affinity: Callable[[int], int] | None = None) -> tuple[Lease, bool]:
         """A replica for a frontier step; returns (lease, preempted_someone)."""
         idle = self.idle()
         if idle:
-            return self._take(self._least_loaded(idle), _frontier, None), False
+            return self._take(self._least_loaded(idle, affinity), _frontier, None), False
         victims = [
             lease
             for i in self.active()
@@ -147,11 +174,15 @@ class Pool(Generic[T]):
         one replica, and its cache, for a whole generation)."""
         return self._take(i, _frontier, None)
 
-    def release(self, lease: Lease) -> None:
+    def release(self, lease: Lease, completed: bool = False) -> None:
+        """End a lease; ``completed`` requests update the replica's latency."""
         if lease.released:
             return
         lease.released = True
         slot = self.slots[lease.replica]
+        if completed:
+            seconds = time.perf_counter() - lease.started
+            slot.latency = seconds if slot.latency == 0.0 else slot.latency + EWMA * (seconds - slot.latency)
         slot.leases.discard(lease)
         if slot.draining and not slot.leases:
             self._drained(slot)

@@ -1,0 +1,72 @@
+"""Replica choice: load, measured speed, cache affinity, draining."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from dsi.errors import Unavailable
+from services.coordinator.pool import Pool
+
+
+def record(pool: Pool, replica: int, seconds: float) -> None:
+    """One completed request of ``seconds`` on ``replica``."""
+    lease = pool.acquire_on(replica)
+    lease.started = time.perf_counter() - seconds
+    pool.release(lease, completed=True)
+
+
+def test_idle_replicas_are_chosen_fastest_first():
+    pool = Pool(["slow", "fast", "also-fast"])
+    record(pool, 0, 0.050)
+    record(pool, 1, 0.030)
+    record(pool, 2, 0.033)  # within 20% of the fastest: as fast
+    assert pool.latency(0) == pytest.approx(0.050, rel=0.05)
+    chosen = {pool.acquire_idle(lambda: 1).replica for _ in range(2)}
+    assert chosen == {1, 2}, "a slow replica was chosen while fast ones were idle"
+    assert pool.acquire_idle(lambda: 1).replica == 0  # the slow one only when the fast ones are busy
+    assert pool.acquire_idle(lambda: 1) is None
+
+
+def test_cancelled_requests_do_not_count_as_latency_samples():
+    pool = Pool(["a"])
+    lease = pool.acquire_on(0)
+    lease.started = time.perf_counter() - 5.0
+    pool.release(lease)  # not completed (cancelled)
+    assert pool.latency(0) == 0.0
+
+
+def test_among_equally_fast_replicas_the_one_caching_most_is_chosen():
+    pool = Pool(["a", "b", "c"])
+    for i in range(3):
+        record(pool, i, 0.03)
+    cached = {0: 10, 1: 40, 2: 25}
+    lease = pool.acquire_idle(lambda: 1, affinity=lambda i: cached[i])
+    assert lease.replica == 1
+    lease2, _ = pool.acquire_frontier(affinity=lambda i: cached[i])
+    assert lease2.replica == 2
+
+
+def test_least_loaded_beats_speed_and_affinity():
+    pool = Pool(["fast", "slow"])
+    record(pool, 0, 0.01)
+    record(pool, 1, 0.10)
+    busy = pool.acquire_on(0)
+    assert pool.least_loaded() == 1
+    pool.release(busy)
+    assert pool.least_loaded() == 0
+
+
+def test_draining_replicas_get_no_new_work_and_close_when_idle():
+    closed: list[int] = []
+    pool = Pool(["a", "b"])
+    running = pool.acquire_on(0)
+    pool.drain(0, lambda: closed.append(0))
+    assert len(pool) == 1 and not closed
+    assert {pool.acquire_idle(lambda: 1).replica} == {1}
+    pool.release(running)
+    assert closed == [0]
+    pool.drain(1)
+    with pytest.raises(Unavailable, match="no replica"):
+        pool.least_loaded()
