@@ -29,6 +29,10 @@ _TO_STATUS: list[tuple[type[errors.DsiError], grpc.StatusCode]] = [
 ]
 _FROM_STATUS: dict[grpc.StatusCode, type[errors.DsiError]] = {code: cls for cls, code in _TO_STATUS}
 _FROM_STATUS[grpc.StatusCode.DEADLINE_EXCEEDED] = errors.Unavailable
+# A client never gets CANCELLED for a call it cancelled itself (grpc.aio raises
+# asyncio.CancelledError then), and no dsi server sends it: it means the peer
+# dropped the call, as a server does with calls that reach it as it shuts down.
+_FROM_STATUS[grpc.StatusCode.CANCELLED] = errors.Unavailable
 
 
 def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:

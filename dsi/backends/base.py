@@ -12,7 +12,7 @@ import abc
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -113,6 +113,8 @@ class LocalTarget(Target):
             model.new_state, max_sessions, session_idle_timeout, on_drop=model.drop_state
         )
         self.counters = ServiceCounters()
+        #: Called with every forward pass (metrics, see dsi/metrics.py); None = nothing to call.
+        self.on_forward: Callable[[Forward], None] | None = None
         self._device = _Device()
 
     async def info(self) -> ServiceInfo:
@@ -143,6 +145,8 @@ class LocalTarget(Target):
         self.counters.computed_tokens += fwd.computed_tokens
         self.counters.cached_tokens += fwd.cached_tokens
         self.counters.requests += 1
+        if self.on_forward is not None:
+            self.on_forward(fwd)
         decisions, num_accepted, nxt = sampling.verify_rows(
             fwd.rows, request.drafts, request.sampling, request.seed, len(request.context)
         )
@@ -174,6 +178,8 @@ class LocalDrafter(Drafter):
             model.new_state, max_sessions, session_idle_timeout, on_drop=model.drop_state
         )
         self.counters = ServiceCounters()
+        #: Called with every forward pass (metrics, see dsi/metrics.py); None = nothing to call.
+        self.on_forward: Callable[[Forward], None] | None = None
         self.active_streams = 0
         self._device = _Device()
 
@@ -217,6 +223,8 @@ class LocalDrafter(Drafter):
                         self.counters.computed_tokens += fwd.computed_tokens
                         self.counters.cached_tokens += fwd.cached_tokens
                         self.counters.drafted_tokens += 1
+                        if self.on_forward is not None:
+                            self.on_forward(fwd)
                         stats = stats + ForwardStats(fwd.cached_tokens, fwd.computed_tokens, waited, fwd.seconds)
                         chunk.append(tok)
                         tokens.append(tok.token_id)

@@ -27,6 +27,7 @@ session (apart from the last one, which every forward pass computes).
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import math
 import random
@@ -114,17 +115,20 @@ class PseudoLM:
     def __init__(self, vocab: int, seed: int, support: int) -> None:
         self.vocab, self.seed, self.support = vocab, seed, support
 
-    def _rng(self, tokens: Sequence[int]) -> np.random.Generator:
-        tail = list(tokens[-CONTEXT_WINDOW:])
-        key = struct.pack(f"<QQ{len(tail)}Q", self.seed & (2**64 - 1), len(tokens), *tail)
-        return np.random.default_rng(int.from_bytes(hashlib.blake2b(key, digest_size=16).digest(), "little"))
-
     def draw(self, tokens: Sequence[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, float]:
         """(p ids, p probs, r ids, r probs, coin) for the position after ``tokens``."""
-        rng = self._rng(tokens)
+        return self._draw(len(tokens), tuple(tokens[-CONTEXT_WINDOW:]))
+
+    @functools.lru_cache(maxsize=65536)  # noqa: B019 - one model per process; positions recur across replicas
+    def _draw(self, length: int, tail: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, float]:
+        key = struct.pack(f"<QQ{len(tail)}Q", self.seed & (2**64 - 1), length, *tail)
+        rng = np.random.default_rng(int.from_bytes(hashlib.blake2b(key, digest_size=16).digest(), "little"))
         ids = rng.choice(self.vocab, size=2 * self.support, replace=False)
         conc = np.full(self.support, 0.5)
-        return ids[: self.support], rng.dirichlet(conc), ids[self.support :], rng.dirichlet(conc), float(rng.random())
+        out = ids[: self.support], rng.dirichlet(conc), ids[self.support :], rng.dirichlet(conc), float(rng.random())
+        for a in out[:4]:
+            a.setflags(write=False)  # shared by every caller through the cache
+        return out
 
     def logits(self, tokens: Sequence[int]) -> np.ndarray:
         p_ids, p, _, _, _ = self.draw(tokens)

@@ -195,7 +195,14 @@ class Coordinator:
         )
         self._peers: dict[str, dict[int, Peer]] = {TARGET: {}, DRAFTER: {}}
         self._closing: set[asyncio.Future] = set()
+        #: Generations running now: close() lets them release their sessions first.
+        self._running: set[object] = set()
+        self._none_running = asyncio.Event()
+        self._none_running.set()
         self.watchers: list[Any] = []  # discovery watchers, see discovery.py
+        #: Wraps every generation's output stream (metrics, see dsi/metrics.py); None = as is.
+        self.instrument: Callable[[GenerateInput, AsyncIterator[GenerateOutput]], AsyncIterator[GenerateOutput]] | None
+        self.instrument = None
         for kind, peers in ((TARGET, targets), (DRAFTER, drafters)):
             for p in peers:
                 check_compatible(self.reference, kind, p)
@@ -273,6 +280,14 @@ class Coordinator:
         log.info("%s draining", kind, extra={"address": peer.address, "replicas": len(self._peers[kind])})
 
     async def close(self) -> None:
+        # Generations cut at the end of a shutdown's grace are cancelled just
+        # before this runs: let them release their sessions on the targets and
+        # drafters (bounded by the engine's release timeout) before the clients
+        # close, or the sessions stay there until their idle timeout.
+        try:
+            await asyncio.wait_for(self._none_running.wait(), self.engine.release_timeout + 1.0)
+        except asyncio.TimeoutError:
+            log.warning("closing with %d generation(s) still releasing sessions", len(self._running))
         for w in self.watchers:
             await w.stop()
         clients = [s.member for pool in (self.engine.targets, self.engine.drafters) for s in pool.slots]
@@ -288,8 +303,12 @@ class Coordinator:
             lookahead=req.lookahead or d.lookahead,
         )
 
-    async def generate(self, req: GenerateInput) -> AsyncIterator[GenerateOutput]:
+    def generate(self, req: GenerateInput) -> AsyncIterator[GenerateOutput]:
         """Stream the generation; the last output carries finish_reason and stats."""
+        stream = self._generate(req)
+        return stream if self.instrument is None else self.instrument(req, stream)
+
+    async def _generate(self, req: GenerateInput) -> AsyncIterator[GenerateOutput]:
         prompt = self.codec.encode(req.prompt) if req.prompt else list(req.prompt_token_ids)
         params = self.params(req)
         generation = self.engine.generate(prompt, params)
@@ -298,6 +317,8 @@ class Coordinator:
         sent = 0
         final_ids: list[int] = []
         final_text = ""
+        self._running.add(generation)
+        self._none_running.clear()
         try:
             async for ids in tokens:
                 if not text.stops:
@@ -323,7 +344,12 @@ class Coordinator:
                 watcher.poke()
             raise
         finally:
-            await tokens.aclose()  # type: ignore[attr-defined]
+            try:
+                await tokens.aclose()  # type: ignore[attr-defined]
+            finally:
+                self._running.discard(generation)
+                if not self._running:
+                    self._none_running.set()
         stats = generation.stats
         stats.new_tokens = sent + len(final_ids)  # tokens after a stop string are not returned
         yield GenerateOutput(final_ids, final_text, generation.finish_reason, stats)

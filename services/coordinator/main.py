@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 import logging
 
+from dsi.metrics import CoordinatorMetrics, add_metrics_argument, serve_metrics
 from dsi.server import announce, serve_until_signal, start_server
 from dsi.transport import GrpcDrafter, GrpcTarget
 from services.coordinator.coordinator import Codec, Coordinator, Defaults
 from services.coordinator.discovery import build_coordinator
 from services.coordinator.engine import Strategy
+from services.coordinator.openai_api import DEFAULT_MAX_REQUEST_BYTES, OpenAIApi, start_openai_api
 from services.coordinator.service import register
 
 log = logging.getLogger("dsi.coordinator")
@@ -52,6 +54,28 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=60.0,
         help="seconds to wait for targets and drafters at start-up (default: %(default)s)",
     )
+    g = p.add_argument_group("HTTP (opt-in)")
+    g.add_argument(
+        "--http-port",
+        type=int,
+        default=None,
+        metavar="PORT",
+        help="serve an OpenAI-compatible API (/v1/completions, /v1/chat/completions, /v1/models, /health) on"
+        " HOST:PORT (0 = any free port; default: off)",
+    )
+    g.add_argument(
+        "--served-model-name",
+        metavar="NAME",
+        help="model name of the OpenAI API (default: the first target's model id)",
+    )
+    g.add_argument(
+        "--http-max-request-bytes",
+        type=int,
+        default=DEFAULT_MAX_REQUEST_BYTES,
+        metavar="N",
+        help="largest OpenAI API request body; larger ones get 413 (default: %(default)s)",
+    )
+    add_metrics_argument(g)
 
 
 def load_codec(path: str | None) -> Codec:
@@ -89,9 +113,21 @@ async def build(args: argparse.Namespace) -> Coordinator:
 
 async def run(args: argparse.Namespace) -> None:
     coordinator = await build(args)
+    metrics = CoordinatorMetrics(coordinator) if args.metrics_port is not None else None
     if args.strategy == "dsi" and coordinator.engine.sp_degree < 2:
         log.warning("DSI needs at least 2 target replicas to overlap verifications; with 1 it is about SI's speed")
     running = await start_server(register(coordinator), args.host, args.port)
+    http = []  # opt-in HTTP servers, stopped in this order
+    api: OpenAIApi | None = None
+    if args.http_port is not None:
+        api, server = await start_openai_api(
+            coordinator, args.host, args.http_port, args.served_model_name, args.http_max_request_bytes, args.grace
+        )
+        http.append(server)
+        log.info("OpenAI-compatible API serving", extra={"url": server.url, "model": api.settings.model_name})
+    if metrics is not None:
+        http.append(await serve_metrics(metrics.registry, args.host, args.metrics_port))
+        log.info("metrics serving", extra={"url": f"{http[-1].url}/metrics"})
     log.info(
         "coordinator serving",
         extra={
@@ -103,4 +139,12 @@ async def run(args: argparse.Namespace) -> None:
         },
     )
     announce(args.announce, running.address)
-    await serve_until_signal(running, args.grace, args.drain_delay, on_stop=coordinator.close)
+
+    async def stop() -> None:  # after the gRPC server: HTTP requests get their own grace, then the peers close
+        if api is not None:
+            api.closing = True  # /health answers 503 from now on
+        for server in http:
+            await server.stop()
+        await coordinator.close()
+
+    await serve_until_signal(running, args.grace, args.drain_delay, on_stop=stop)

@@ -7,6 +7,7 @@ import asyncio
 import logging
 
 from dsi.backends import LocalDrafter, load_drafter_model
+from dsi.metrics import add_metrics_argument, serve_service_metrics
 from dsi.server import announce, serve_until_signal, start_server
 from services.drafter.service import register
 
@@ -24,12 +25,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=64,
         help="tokens kept in each sent draft distribution (default: %(default)s)",
     )
+    add_metrics_argument(p)
 
 
 async def run(args: argparse.Namespace) -> None:
     model = load_drafter_model(args.model, args.device, args.dtype)
     drafter = LocalDrafter(model, args.max_sessions, args.session_idle_timeout, args.max_lookahead, args.proposal_top_k)
     sweeper = asyncio.ensure_future(drafter.sessions.sweep_forever())
+    metrics = await serve_service_metrics("drafter", drafter, args.host, args.metrics_port)
     running = await start_server(register(drafter), args.host, args.port)
     log.info(
         "drafter serving",
@@ -41,4 +44,10 @@ async def run(args: argparse.Namespace) -> None:
         },
     )
     announce(args.announce, running.address)
-    await serve_until_signal(running, args.grace, args.drain_delay, on_stop=sweeper.cancel)
+
+    async def stop() -> None:
+        sweeper.cancel()
+        if metrics is not None:
+            await metrics.stop()
+
+    await serve_until_signal(running, args.grace, args.drain_delay, on_stop=stop)

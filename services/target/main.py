@@ -7,6 +7,7 @@ import asyncio
 import logging
 
 from dsi.backends import LocalTarget, load_target_model
+from dsi.metrics import add_metrics_argument, serve_service_metrics
 from dsi.server import announce, serve_until_signal, start_server
 from services.target.service import register
 
@@ -18,12 +19,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="cpu, cuda:N or mps (default: %(default)s)")
     p.add_argument("--dtype", default="auto", help="auto, float32, float16, bfloat16, float64 (default: %(default)s)")
     p.add_argument("--max-draft-tokens", type=int, default=64, help="draft tokens per Verify (default: %(default)s)")
+    add_metrics_argument(p)
 
 
 async def run(args: argparse.Namespace) -> None:
     model = load_target_model(args.model, args.device, args.dtype)
     target = LocalTarget(model, args.max_sessions, args.session_idle_timeout, args.max_draft_tokens)
     sweeper = asyncio.ensure_future(target.sessions.sweep_forever())
+    metrics = await serve_service_metrics("target", target, args.host, args.metrics_port)
     running = await start_server(register(target, model.info.vocab_size), args.host, args.port)
     log.info(
         "target serving",
@@ -35,4 +38,10 @@ async def run(args: argparse.Namespace) -> None:
         },
     )
     announce(args.announce, running.address)
-    await serve_until_signal(running, args.grace, args.drain_delay, on_stop=sweeper.cancel)
+
+    async def stop() -> None:
+        sweeper.cancel()
+        if metrics is not None:
+            await metrics.stop()
+
+    await serve_until_signal(running, args.grace, args.drain_delay, on_stop=stop)

@@ -1,0 +1,233 @@
+#!/usr/bin/env node
+// A Node.js client of dsi.v1.GenerationService.
+//
+// Loads the repository's .proto files at run time (@grpc/proto-loader), so
+// nothing is generated: protos/dsi/v1/ is the whole contract. Streams a
+// Generate and prints the text as it arrives (statistics go to stderr), or,
+// with --json, one JSON object with token_ids, text, finish_reason and stats,
+// shaped like the output of `dsi generate --json`.
+//
+//   node generate.js --coordinator 127.0.0.1:50050 --prompt-ids 1,2,3 --max-new-tokens 50 --strategy dsi
+//   node generate.js "def fibonacci(n):"            (a coordinator with a tokenizer)
+//   node generate.js --info                          (GetInfo as JSON)
+//
+// Exit status: 0 on success, 1 when the call fails (the gRPC status is
+// printed to stderr), 2 for bad command-line arguments.
+'use strict';
+
+const path = require('node:path');
+const { parseArgs } = require('node:util');
+
+const grpc = require('@grpc/grpc-js');
+const protoLoader = require('@grpc/proto-loader');
+
+const USAGE = `usage: generate.js [options] [PROMPT]
+
+Streams a generation from a dsi coordinator (dsi.v1.GenerationService/Generate).
+
+  PROMPT                   prompt text (needs a coordinator with a tokenizer)
+  --coordinator HOST:PORT  coordinator address (default: 127.0.0.1:50050)
+  --prompt-ids 1,2,3       prompt as token ids (for synthetic models)
+  --max-new-tokens N       tokens to generate (0 = server default)
+  --strategy S             nonsi, si or dsi (default: the server's)
+  --lookahead N            draft tokens per chunk (0 = server default)
+  --temperature T          0 = greedy (default)
+  --top-p P, --top-k K     sampling filters (0 = off)
+  --seed N                 seed of every random choice (default: 0)
+  --stop STRING            stop string (repeatable)
+  --timeout SECONDS        deadline of the call (default: none)
+  --json                   print one JSON object instead of streaming text
+  --info                   print GetInfo as JSON and exit
+  --proto-dir DIR          root of the .proto files (default: the repository's protos/,
+                           or $DSI_PROTO_DIR)
+  -h, --help               show this help`;
+
+const STRATEGIES = { '': 'STRATEGY_UNSPECIFIED', nonsi: 'STRATEGY_NONSI', si: 'STRATEGY_SI', dsi: 'STRATEGY_DSI' };
+
+class UsageError extends Error {}
+
+function parseCommandLine(argv) {
+  const { values, positionals } = parseArgs({
+    args: argv,
+    allowPositionals: true,
+    options: {
+      coordinator: { type: 'string', default: '127.0.0.1:50050' },
+      'prompt-ids': { type: 'string', default: '' },
+      'max-new-tokens': { type: 'string', default: '0' },
+      strategy: { type: 'string', default: '' },
+      lookahead: { type: 'string', default: '0' },
+      temperature: { type: 'string', default: '0' },
+      'top-p': { type: 'string', default: '0' },
+      'top-k': { type: 'string', default: '0' },
+      seed: { type: 'string', default: '0' },
+      stop: { type: 'string', multiple: true, default: [] },
+      timeout: { type: 'string', default: '' },
+      json: { type: 'boolean', default: false },
+      info: { type: 'boolean', default: false },
+      'proto-dir': { type: 'string', default: process.env.DSI_PROTO_DIR || path.resolve(__dirname, '..', '..', 'protos') },
+      help: { type: 'boolean', short: 'h', default: false },
+    },
+  });
+  if (positionals.length > 1) throw new UsageError('give at most one PROMPT (quote it)');
+  const count = (name) => {
+    const v = values[name];
+    if (!/^\d+$/.test(v)) throw new UsageError(`--${name} must be an integer >= 0, got ${JSON.stringify(v)}`);
+    return Number(v);
+  };
+  const number = (name) => {
+    const v = Number(values[name]);
+    if (values[name] === '' || !Number.isFinite(v)) throw new UsageError(`--${name} must be a number`);
+    return v;
+  };
+  const ids = values['prompt-ids']
+    .split(',')
+    .map((s) => s.trim())
+    .filter((s) => s !== '');
+  if (!ids.every((s) => /^\d+$/.test(s))) {
+    throw new UsageError(`--prompt-ids must be comma-separated integers, got ${JSON.stringify(values['prompt-ids'])}`);
+  }
+  if (!(values.strategy in STRATEGIES)) throw new UsageError('--strategy must be nonsi, si or dsi');
+  if (!/^\d+$/.test(values.seed)) throw new UsageError('--seed must be an integer >= 0');
+  const prompt = positionals[0] || '';
+  if (!values.help && !values.info && !prompt && ids.length === 0) throw new UsageError('give a PROMPT or --prompt-ids');
+  return {
+    help: values.help,
+    info: values.info,
+    json: values.json,
+    address: values.coordinator,
+    protoDir: values['proto-dir'],
+    timeout: values.timeout === '' ? null : number('timeout'),
+    request: {
+      prompt,
+      prompt_token_ids: ids.map(Number),
+      max_new_tokens: count('max-new-tokens'),
+      temperature: number('temperature'),
+      top_p: number('top-p'),
+      top_k: count('top-k'),
+      seed: values.seed, // uint64: passed as a decimal string, exact beyond 2**53
+      strategy: STRATEGIES[values.strategy],
+      lookahead: count('lookahead'),
+      stop: values.stop,
+    },
+  };
+}
+
+/** The GenerationService client constructor, from the .proto files under protoDir. */
+function loadService(protoDir) {
+  const definition = protoLoader.loadSync('dsi/v1/generation.proto', {
+    includeDirs: [protoDir],
+    keepCase: true, // field names as in the .proto (and in `dsi generate --json`)
+    longs: String,
+    enums: String,
+    defaults: true,
+  });
+  return grpc.loadPackageDefinition(definition).dsi.v1.GenerationService;
+}
+
+function finishName(reason) {
+  return String(reason).replace(/^FINISH_REASON_/, '').toLowerCase();
+}
+
+function statsLine(r) {
+  const s = r.stats;
+  const rate = s.wall_seconds ? s.new_tokens / s.wall_seconds : 0;
+  return (
+    `-- ${s.new_tokens} tokens in ${s.wall_seconds.toFixed(3)}s (${rate.toFixed(1)} tok/s), ` +
+    `first token ${(s.time_to_first_token_seconds * 1000).toFixed(0)} ms, ` +
+    `acceptance ${s.acceptance_rate.toFixed(2)}, target passes ${s.target_forward_passes}, ` +
+    `verifications ${s.verifications_started} (${s.verifications_cancelled} cancelled, ` +
+    `${s.preemptions} preempted), finish: ${r.finish_reason}`
+  );
+}
+
+function statusName(code) {
+  return Object.keys(grpc.status).find((k) => grpc.status[k] === code) || String(code);
+}
+
+function deadline(timeout) {
+  return timeout === null ? undefined : { deadline: new Date(Date.now() + timeout * 1000) };
+}
+
+/** Streams one Generate; resolves with the collected result. */
+function generate(client, request, options, onText) {
+  return new Promise((resolve, reject) => {
+    const result = { token_ids: [], text: '', finish_reason: 'unspecified', stats: {} };
+    const call = client.Generate(request, deadline(options.timeout));
+    const stop = () => call.cancel();
+    process.once('SIGINT', stop);
+    call.on('data', (msg) => {
+      result.token_ids.push(...msg.token_ids);
+      result.text += msg.text;
+      if (onText && msg.text) onText(msg.text);
+      if (msg.finish_reason !== 'FINISH_REASON_UNSPECIFIED') {
+        result.finish_reason = finishName(msg.finish_reason);
+        result.stats = msg.stats;
+      }
+    });
+    call.on('error', (err) => {
+      process.removeListener('SIGINT', stop);
+      reject(err);
+    });
+    call.on('end', () => {
+      process.removeListener('SIGINT', stop);
+      resolve(result);
+    });
+  });
+}
+
+function getInfo(client, options) {
+  return new Promise((resolve, reject) => {
+    client.GetInfo({}, deadline(options.timeout) || {}, (err, info) => (err ? reject(err) : resolve(info)));
+  });
+}
+
+async function main(argv) {
+  let options;
+  try {
+    options = parseCommandLine(argv);
+  } catch (err) {
+    process.stderr.write(`generate.js: error: ${err.message}\n${USAGE}\n`);
+    return 2;
+  }
+  if (options.help) {
+    process.stdout.write(`${USAGE}\n`);
+    return 0;
+  }
+  const Service = loadService(options.protoDir);
+  const client = new Service(options.address, grpc.credentials.createInsecure());
+  try {
+    if (options.info) {
+      process.stdout.write(`${JSON.stringify(await getInfo(client, options))}\n`);
+      return 0;
+    }
+    const show = options.json ? null : (text) => process.stdout.write(text);
+    const result = await generate(client, options.request, options, show);
+    if (options.json) {
+      process.stdout.write(`${JSON.stringify(result)}\n`);
+    } else {
+      process.stdout.write('\n');
+      process.stderr.write(`${statsLine(result)}\n`);
+    }
+    return 0;
+  } catch (err) {
+    if (err.code === undefined) throw err;
+    process.stderr.write(`generate.js: error: ${statusName(err.code)}: ${err.details}\n`);
+    return 1;
+  } finally {
+    client.close();
+  }
+}
+
+module.exports = { loadService, generate, parseCommandLine };
+
+if (require.main === module) {
+  main(process.argv.slice(2)).then(
+    (code) => {
+      process.exitCode = code;
+    },
+    (err) => {
+      process.stderr.write(`generate.js: ${err.stack || err}\n`);
+      process.exitCode = 1;
+    },
+  );
+}

