@@ -182,6 +182,15 @@ async def test_an_unreachable_target_gives_unavailable_naming_it():
                 )
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
         assert dead.address in err.value.details()
+        # The dead replica is left out for a while: the next generations run on the live one.
+        for _ in range(3):
+            ids, _, _ = await collect(
+                stub(c.coordinator_address),
+                prompt_token_ids=[1],
+                max_new_tokens=20,
+                strategy=generation_pb2.STRATEGY_DSI,
+            )
+            assert len(ids) == 20
 
 
 async def test_an_unreachable_drafter_gives_unavailable_naming_it():

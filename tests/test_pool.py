@@ -70,3 +70,19 @@ def test_draining_replicas_get_no_new_work_and_close_when_idle():
     pool.drain(1)
     with pytest.raises(Unavailable, match="no replica"):
         pool.least_loaded()
+
+
+def test_an_unreachable_replica_is_benched_with_backoff_then_retried():
+    pool = Pool(["a", "b"])
+    lease = pool.acquire_on(0)
+    pool.release(lease, unreachable=True)
+    assert not pool.is_active(0) and pool.active() == [1]
+    assert {pool.acquire_idle(lambda: 1).replica} == {1}
+    first = pool.slots[0].down_until
+    pool.slots[0].down_until = 0.0  # the backoff has passed
+    assert pool.is_active(0)
+    pool.release(pool.acquire_on(0), unreachable=True)
+    assert pool.slots[0].down_until - time.monotonic() > first - time.monotonic() + 0.5  # doubled
+    pool.slots[0].down_until = 0.0
+    pool.release(pool.acquire_on(0), completed=True)  # it answered: trusted again
+    assert pool.slots[0].failures == 0 and pool.is_active(0)

@@ -37,7 +37,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 
-from dsi.errors import Internal, InvalidArgument
+from dsi.errors import Internal, InvalidArgument, Unavailable
 from dsi.interfaces import Drafter, Target
 from dsi.types import GREEDY, DraftChunk, DraftRequest, DraftToken, SamplingParams, VerifyRequest, VerifyResult
 from services.coordinator.pool import Lease, Pool
@@ -271,13 +271,16 @@ class Generation:
         self._used_targets.add(lease.replica)
         self._cached[lease.replica] = base + len(drafts)
         request = VerifyRequest(self.session_id, self._context(base), drafts, self._sampling, self.params.seed)
-        completed = False
+        completed = unreachable = False
         try:
             result = await self.engine.targets.member(lease.replica).verify(request)
             completed = True
             return result
+        except Unavailable:
+            unreachable = True  # later generations avoid it for a while; this one fails, naming it
+            raise
         finally:
-            self.engine.targets.release(lease, completed)
+            self.engine.targets.release(lease, completed, unreachable)
 
     def _affinity(self, base: int) -> Callable[[int], int]:
         """How many of the first ``base`` tokens replica ``i`` has cached."""

@@ -31,6 +31,7 @@ T = TypeVar("T")
 
 SAME_SPEED = 1.2  # replicas within 20% of the fastest count as equally fast
 EWMA = 0.2  # weight of a new latency sample
+BACKOFF_FIRST, BACKOFF_MAX = 1.0, 30.0  # seconds an unreachable replica is left out
 
 
 def _frontier() -> int:
@@ -59,6 +60,8 @@ class _Slot(Generic[T]):
     draining: bool = False
     on_drained: Callable[[], object] | None = None
     latency: float = 0.0  # smoothed seconds per completed request
+    down_until: float = 0.0  # a failed call benches the replica until then (monotonic seconds)
+    failures: int = 0  # consecutive failed calls
 
 
 class Pool(Generic[T]):
@@ -93,10 +96,12 @@ class Pool(Generic[T]):
             callback()
 
     def active(self) -> list[int]:
-        return [i for i, s in enumerate(self.slots) if not s.draining]
+        now = time.monotonic()
+        return [i for i, s in enumerate(self.slots) if not s.draining and s.down_until <= now]
 
     def is_active(self, i: int) -> bool:
-        return not self.slots[i].draining
+        slot = self.slots[i]
+        return not slot.draining and slot.down_until <= time.monotonic()
 
     def __len__(self) -> int:
         return len(self.active())
@@ -174,12 +179,20 @@ class Pool(Generic[T]):
         one replica, and its cache, for a whole generation)."""
         return self._take(i, _frontier, None)
 
-    def release(self, lease: Lease, completed: bool = False) -> None:
-        """End a lease; ``completed`` requests update the replica's latency."""
+    def release(self, lease: Lease, completed: bool = False, unreachable: bool = False) -> None:
+        """End a lease; ``completed`` requests update the replica's latency;
+        an ``unreachable`` replica gets no new work for a while (1 s, doubling
+        with each further failure up to 30 s; then it is tried again)."""
         if lease.released:
             return
         lease.released = True
         slot = self.slots[lease.replica]
+        if unreachable:
+            slot.failures += 1
+            slot.down_until = time.monotonic() + min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** (slot.failures - 1))
+        elif completed:
+            slot.failures = 0
+            slot.down_until = 0.0
         if completed:
             seconds = time.perf_counter() - lease.started
             slot.latency = seconds if slot.latency == 0.0 else slot.latency + EWMA * (seconds - slot.latency)
