@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
+import os
 import signal
 import sys
 import tempfile
@@ -18,37 +20,107 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from dsi.errors import Unavailable
+from dsi.errors import InvalidArgument, NotFound, Unavailable
 
 # Latencies like a 13B target and a 68M drafter, each on its own data-centre
 # GPU (the Vicuna-13B / Vicuna-68M pair of the DSI paper); acceptance as
-# measured for such pairs. Used until dsi ships real demo models.
+# measured for such pairs. `dsi up --synthetic` (and `dsi bench`) use them.
 SYNTHETIC_TARGET = "synthetic:vocab=32000,seed=1,ttft_ms=40,tpot_ms=30"
 SYNTHETIC_DRAFTER = "synthetic:vocab=32000,seed=1,ttft_ms=3,tpot_ms=2,acceptance=0.7"
 DEMO_PROMPT_IDS = "1,2,3,4,5,6,7,8"
+
+# The default pair: a small Python-code target and its distilled drafter, trained
+# by tools/train_demo_models.py and committed under the repository's models/.
+DEMO_TARGET = "pycoder-11m"
+DEMO_DRAFTER = "pycoder-1m-drafter"
+MODELS_ENV = "DSI_MODELS_DIR"
+MAX_DEFAULT_TARGETS = 4
+
+
+def demo_models_dir() -> Path:
+    """``$DSI_MODELS_DIR``, else ``models/`` beside the ``dsi`` package: the
+    repository root of a checkout or an editable install. A built wheel does not
+    carry the models (26 MB); point ``DSI_MODELS_DIR`` at a checkout's models/."""
+    env = os.environ.get(MODELS_ENV)
+    return Path(env).expanduser() if env else Path(__file__).resolve().parent.parent / "models"
+
+
+def resolve_models(args: argparse.Namespace) -> None:
+    """Fill in the model specs left unset: the synthetic pair with
+    ``--synthetic``, else the shipped demo pair (an error if it is missing)."""
+    if getattr(args, "synthetic", False):
+        args.target_model = args.target_model or SYNTHETIC_TARGET
+        args.drafter_model = args.drafter_model or SYNTHETIC_DRAFTER
+        return
+    root = demo_models_dir()
+    for attr, name in (("target_model", DEMO_TARGET), ("drafter_model", DEMO_DRAFTER)):
+        if getattr(args, attr) is None:
+            path = root / name
+            if not (path / "config.json").is_file():
+                raise NotFound(
+                    f"the demo model {path} is missing (the demo pair ships in the source repository's models/"
+                    f" folder, not in a wheel): set {MODELS_ENV} to a checkout's models/, pass --target-model"
+                    " and --drafter-model, or use --synthetic"
+                )
+            setattr(args, attr, str(path))
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--target-model",
-        default=SYNTHETIC_TARGET,
+        default=None,
         metavar="SPEC",
-        help="target model directory or synthetic spec (default: a synthetic 13B-like target)",
+        help=f"target model directory or synthetic spec (default: the shipped {DEMO_TARGET} Python-code model)",
     )
     p.add_argument(
         "--drafter-model",
-        default=SYNTHETIC_DRAFTER,
+        default=None,
         metavar="SPEC",
-        help="drafter model directory or synthetic spec (default: a synthetic 68M-like drafter)",
+        help=f"drafter model directory or synthetic spec (default: the shipped {DEMO_DRAFTER}, distilled from it)",
     )
-    p.add_argument("--targets", type=int, default=4, help="target replicas = SP degree (default: %(default)s)")
+    p.add_argument(
+        "--synthetic",
+        action="store_true",
+        help="default to the synthetic pair instead: a 13B-like target (30 ms per forward pass) and a 68M-like"
+        " drafter (2 ms per token, 70%% acceptance), no model files needed",
+    )
+    p.add_argument(
+        "--targets",
+        type=int,
+        default=None,
+        metavar="N",
+        help=f"target replicas = SP degree (default: {MAX_DEFAULT_TARGETS}; with real models on --device cpu, one per"
+        f" core up to {MAX_DEFAULT_TARGETS}, since replicas on the same cores cannot verify in parallel)",
+    )
     p.add_argument("--device", default="cpu", help="device for Hugging Face models (default: %(default)s)")
     p.add_argument("--dtype", default="auto")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        metavar="N",
+        help="CPU threads per model process (default 0: on --device cpu, the machine's cores shared evenly among"
+        " the target replicas and the drafter, at least 1 each)",
+    )
     p.add_argument("--host", default="127.0.0.1", help="coordinator address (default: %(default)s)")
     p.add_argument("--port", type=int, default=50050, help="coordinator port (default: %(default)s)")
     p.add_argument("--strategy", choices=["nonsi", "si", "dsi"], default="dsi")
     p.add_argument("--lookahead", type=int, default=5)
     p.add_argument("--max-new-tokens", type=int, default=100, help="default generation length (default: %(default)s)")
+    p.add_argument(
+        "--http-port",
+        type=int,
+        default=None,
+        metavar="PORT",
+        help="also serve the coordinator's OpenAI-compatible API on this port (0 = any free port; default: off)",
+    )
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        metavar="PORT",
+        help="also serve the coordinator's Prometheus /metrics on this port (0 = any free port; default: off)",
+    )
     p.add_argument("--log-dir", help="where service logs go (default: a new temporary folder)")
     p.add_argument("--startup-timeout", type=float, default=300.0)
     g = p.add_mutually_exclusive_group()
@@ -129,9 +201,28 @@ class Cluster:
                     await child.proc.wait()
 
 
+def default_targets(args: argparse.Namespace) -> int:
+    """4 replicas, except real models on the CPU: one per core (at most 4). On a
+    2-core machine 4 CPU replicas verify no faster than 2, and DSI's lead over SI
+    (2.4x vs 1.7-1.9x over non-SI with 2, docs/models.md) shrinks to nothing."""
+    if args.device == "cpu" and not args.target_model.startswith("synthetic"):
+        return max(1, min(MAX_DEFAULT_TARGETS, os.cpu_count() or 1))
+    return MAX_DEFAULT_TARGETS
+
+
+def model_threads(args: argparse.Namespace) -> int:
+    """Threads for each model process: ``--threads``, else on the CPU the cores
+    split among the processes (N replicas plus a drafter would otherwise each
+    start one thread per core and fight over them); 0 (torch's default) on an
+    accelerator."""
+    if args.threads or args.device != "cpu":
+        return args.threads
+    return max(1, (os.cpu_count() or 1) // (args.targets + 1))
+
+
 async def start(args: argparse.Namespace, cluster: Cluster) -> str:
     common = ["--host", "127.0.0.1", "--port", "0", "--log-format", "json"]
-    model = ["--device", args.device, "--dtype", args.dtype]
+    model = ["--device", args.device, "--dtype", args.dtype, "--threads", str(model_threads(args))]
     targets = [
         await cluster.spawn(f"target-{i}", "target", "--model", args.target_model, *model, *common)
         for i in range(args.targets)
@@ -158,10 +249,24 @@ async def start(args: argparse.Namespace, cluster: Cluster) -> str:
     ]
     for a in target_addrs:
         argv += ["--target", a]
+    for flag, port in (("--http-port", args.http_port), ("--metrics-port", args.metrics_port)):
+        if port is not None:
+            argv += [flag, str(port)]
     if not args.target_model.startswith("synthetic"):
         argv += ["--tokenizer", args.target_model]
     coordinator = await cluster.spawn("coordinator", *argv)
     return await cluster.address(coordinator, args.startup_timeout)
+
+
+def served_urls(log: Path) -> list[str]:
+    """The HTTP endpoints the coordinator logged before it announced itself."""
+    urls = []
+    for line in log.read_text(errors="replace").splitlines():
+        with contextlib.suppress(ValueError):
+            rec = json.loads(line)
+            if isinstance(rec, dict) and "url" in rec:
+                urls.append(f"{rec.get('msg', 'serving')}: {rec['url']}")
+    return urls
 
 
 async def demo(address: str, args: argparse.Namespace) -> int:
@@ -195,6 +300,13 @@ async def demo(address: str, args: argparse.Namespace) -> int:
 
 
 async def main(args: argparse.Namespace) -> int:
+    if args.targets is not None and args.targets < 1:
+        raise InvalidArgument(f"--targets must be 1 or more, got {args.targets}")
+    if args.threads < 0:
+        raise InvalidArgument(f"--threads must be 0 or more, got {args.threads}")
+    resolve_models(args)
+    if args.targets is None:
+        args.targets = default_targets(args)
     log_dir = Path(args.log_dir or tempfile.mkdtemp(prefix="dsi-up-"))
     log_dir.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 - start-up, before any service runs
     cluster = Cluster(log_dir)
@@ -217,6 +329,8 @@ async def main(args: argparse.Namespace) -> int:
         if args.demo or args.prompt:
             return await demo(address, args)
         print(f"coordinator listening on {address}", file=sys.stderr)
+        for line in served_urls(cluster.children[-1].log):
+            print(line, file=sys.stderr)
         example = '"def fibonacci(n):"' if not args.target_model.startswith("synthetic") else "--prompt-ids 1,2,3"
         print(f"try: dsi generate --coordinator {address} {example}\nCtrl-C stops everything.", file=sys.stderr)
         await stop.wait()

@@ -134,11 +134,29 @@ def cmdline(pid: int) -> str:
 def test_help_of_every_command() -> None:
     commands = {
         (): ["target", "drafter", "coordinator", "generate", "up"],
-        ("target",): ["--model", "--device", "--dtype", "--port", "--announce", "--max-sessions", "--grace"],
-        ("drafter",): ["--model", "--max-lookahead", "--proposal-top-k", "--announce"],
+        ("target",): [
+            "--model",
+            "--device",
+            "--dtype",
+            "--port",
+            "--announce",
+            "--max-sessions",
+            "--grace",
+            "--threads",
+        ],
+        ("drafter",): ["--model", "--max-lookahead", "--proposal-top-k", "--announce", "--threads"],
         ("coordinator",): ["--target", "--drafter", "--strategy", "--lookahead", "--tokenizer"],
         ("generate",): ["--coordinator", "--prompt-ids", "--max-new-tokens", "--json", "--temperature"],
-        ("up",): ["--demo", "--targets", "--target-model", "--drafter-model", "--log-dir"],
+        ("up",): [
+            "--demo",
+            "--synthetic",
+            "--targets",
+            "--target-model",
+            "--drafter-model",
+            "--log-dir",
+            "--threads",
+            "--http-port",
+        ],
     }
     procs = {
         cmd: subprocess.Popen(
@@ -250,6 +268,7 @@ def test_up_demo(tmp_path: Path) -> None:
     log_dir = tmp_path / "logs"
     r = run_dsi(
         "up",
+        "--synthetic",
         "--demo",
         "--targets",
         "2",
@@ -276,6 +295,35 @@ def test_up_demo(tmp_path: Path) -> None:
         assert "stopped" in [rec["msg"] for rec in json_log_lines(log.read_text())], log
 
 
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--targets", "0"], "dsi up: error: --targets must be 1 or more, got 0"),
+        (["--threads", "-1"], "dsi up: error: --threads must be 0 or more, got -1"),
+    ],
+)
+def test_up_rejects_bad_counts_before_starting_anything(flags: list[str], message: str, tmp_path: Path) -> None:
+    r = run_dsi("up", "--synthetic", "--demo", "--port", "0", "--log-dir", str(tmp_path), *flags, timeout=60)
+    assert r.returncode == 1 and r.stderr.strip() == message, r.stderr
+    assert list(tmp_path.iterdir()) == []  # no service was started
+
+
+def test_model_servers_reject_negative_threads() -> None:
+    for role in ("target", "drafter"):
+        r = run_dsi(role, "--threads", "-1", "--port", "0")
+        assert r.returncode == 2 and "argument --threads: must be 0 or more, got -1" in r.stderr, r.stderr
+
+
+def test_apply_cpu_threads_sets_torch_intra_op_threads() -> None:
+    code = (
+        "import torch; from dsi.backends import apply_cpu_threads; "
+        "before = torch.get_num_threads(); apply_cpu_threads(0); same = torch.get_num_threads(); "
+        "apply_cpu_threads(1); print(before == same, torch.get_num_threads())"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert r.returncode == 0 and r.stdout.split() == ["True", "1"], r.stdout + r.stderr
+
+
 @dataclass
 class Up:
     service: Service
@@ -286,10 +334,12 @@ class Up:
 
 @pytest.fixture(scope="module")
 def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Up]:
-    """``dsi up`` serving (no --demo) on a free port."""
+    """``dsi up --synthetic`` serving (no --demo) on a free port (the default
+    pair is tested in test_demo_models.py)."""
     tmp = tmp_path_factory.mktemp("up")
     log_dir = tmp / "logs"
-    args = ["up", "--targets", "2", "--port", "0", "--log-dir", str(log_dir), "--max-new-tokens", "30"]
+    args = ["up", "--synthetic", "--targets", "2", "--port", "0", "--log-dir", str(log_dir), "--max-new-tokens", "30"]
+    args += ["--http-port", "0", "--metrics-port", "0"]
     children: set[int] = set()
     with start_dsi(tmp, "up", *args) as svc:
         try:
@@ -345,6 +395,21 @@ def test_up_generate_json(up: Up) -> None:
     assert stats["verifications_started"] >= 1 and stats["wall_seconds"] > 0
 
 
+def test_up_passes_http_and_metrics_ports_to_the_coordinator(up: Up) -> None:
+    import urllib.request
+
+    api = re.search(r"^OpenAI-compatible API serving: (http://\S+)$", up.service.err(), re.M)
+    metrics = re.search(r"^metrics serving: (http://\S+/metrics)$", up.service.err(), re.M)
+    assert api and metrics, up.service.err()
+    with urllib.request.urlopen(f"{api[1]}/v1/models", timeout=10) as resp:
+        assert json.loads(resp.read())["data"][0]["id"].startswith("synthetic"), api[1]
+    generate = run_dsi("generate", "--coordinator", up.address, "--prompt-ids", "1,2", "--max-new-tokens", "3")
+    assert generate.returncode == 0, generate.stderr
+    with urllib.request.urlopen(metrics[1], timeout=10) as resp:
+        text = resp.read().decode()
+    assert re.search(r"^dsi_requests_total\{.*\} [1-9]", text, re.M), text[:2000]
+
+
 def test_up_generate_text_prompt_without_tokenizer_fails_clearly(up: Up) -> None:
     r = run_dsi("generate", "--coordinator", up.address, "def fibonacci(n):", timeout=60)
     assert r.returncode != 0
@@ -360,6 +425,12 @@ def test_up_stops_on_sigint_and_leaves_no_children(up: Up) -> None:
     assert len(children) == 4, [cmdline(p) for p in children]  # 2 targets, a drafter, a coordinator
     roles = sorted(cmdline(p).split(" -m dsi ")[1].split()[0] for p in children)
     assert roles == ["coordinator", "drafter", "target", "target"]
+    # The model processes share the cores: 2 targets + a drafter on the CPU.
+    share = str(max(1, (os.cpu_count() or 1) // 3))
+    for p in children:
+        argv = cmdline(p).split()
+        if "coordinator" not in argv:
+            assert argv[argv.index("--threads") + 1] == share, argv
     assert all(proc_alive(p) for p in children)
 
     up.service.proc.send_signal(signal.SIGINT)
@@ -373,3 +444,20 @@ def test_up_stops_on_sigint_and_leaves_no_children(up: Up) -> None:
     for log in logs:
         msgs = [rec["msg"] for rec in json_log_lines(log.read_text())]
         assert "shutting down" in msgs and msgs[-1] == "stopped", (log.name, msgs)
+
+
+def test_up_sizes_cpu_replicas_to_the_cores(monkeypatch: pytest.MonkeyPatch) -> None:
+    import argparse
+
+    from dsi.up import default_targets, model_threads
+
+    def ns(**kw: object) -> argparse.Namespace:
+        return argparse.Namespace(**{"device": "cpu", "target_model": "models/x", "threads": 0, "targets": 2, **kw})
+
+    for cores, replicas, threads in ((1, 1, 1), (2, 2, 1), (3, 3, 1), (16, 4, 3)):
+        monkeypatch.setattr(os, "cpu_count", lambda cores=cores: cores)
+        assert default_targets(ns()) == replicas, cores
+        assert model_threads(ns(targets=replicas)) == threads, cores
+    assert default_targets(ns(device="cuda:0")) == 4 and model_threads(ns(device="cuda:0")) == 0
+    assert default_targets(ns(target_model="synthetic:tpot_ms=30")) == 4
+    assert model_threads(ns(threads=5)) == 5

@@ -6,9 +6,19 @@ path of a local Hugging Face model directory.
 
 from __future__ import annotations
 
+import argparse
+
 from dsi.backends.base import DrafterModel, LocalDrafter, LocalTarget, TargetModel
 
-__all__ = ["LocalDrafter", "LocalTarget", "is_synthetic", "load_drafter_model", "load_target_model"]
+__all__ = [
+    "LocalDrafter",
+    "LocalTarget",
+    "add_model_arguments",
+    "apply_cpu_threads",
+    "is_synthetic",
+    "load_drafter_model",
+    "load_target_model",
+]
 
 
 def is_synthetic(spec: str) -> bool:
@@ -33,3 +43,33 @@ def load_drafter_model(spec: str, device: str = "cpu", dtype: str = "auto") -> D
     from dsi.backends.hf import HFDrafter
 
     return HFDrafter(spec, device, dtype)
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """The model options of ``dsi target`` and ``dsi drafter``."""
+    p.add_argument("--model", default="synthetic", help="model directory or synthetic spec (default: %(default)s)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda:N or mps (default: %(default)s)")
+    p.add_argument("--dtype", default="auto", help="auto, float32, float16, bfloat16, float64 (default: %(default)s)")
+    p.add_argument(
+        "--threads",
+        type=_threads,
+        default=0,
+        metavar="N",
+        help="CPU threads for the model's operators (0 = torch's default: one per core). Set it when several"
+        " model servers share a machine's cores, or to the container's CPU limit",
+    )
+
+
+def _threads(text: str) -> int:
+    n = int(text)
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {n}")
+    return n
+
+
+def apply_cpu_threads(threads: int) -> None:
+    """``torch.set_num_threads(threads)`` when asked (0 leaves torch's default)."""
+    if threads > 0:
+        import torch
+
+        torch.set_num_threads(threads)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import inspect
 import json
 import logging
 import time
@@ -98,6 +99,9 @@ class HFCore:
         if dtype == "auto" and self.device.type == "cpu" and self.model.dtype in (torch.float16, torch.bfloat16):
             self.model = self.model.float()  # half precision on CPU is slow and often unsupported
         self.model.to(self.device).eval()
+        # transformers renamed the forward argument and output field `past_key_values`
+        # to `cache` (5.24; the old name warns until 5.40): use whichever it has.
+        self._cache_arg = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
         self.tokenizer: Any = None
         if any((p / f).is_file() for f in TOKENIZER_FILES):
             self.tokenizer = AutoTokenizer.from_pretrained(str(p), local_files_only=True)
@@ -155,11 +159,12 @@ class HFCore:
         new = torch.tensor([list(tokens[keep:])], dtype=torch.long, device=self.device)
         try:
             with torch.inference_mode():
-                out = self.model(input_ids=new, past_key_values=state.cache, use_cache=True, logits_to_keep=num_rows)
+                kwargs = {self._cache_arg: state.cache}
+                out = self.model(input_ids=new, use_cache=True, logits_to_keep=num_rows, **kwargs)
         except BaseException:
             self._reset(state)  # a half-updated cache must never be reused
             raise
-        state.cache = out.past_key_values
+        state.cache = getattr(out, self._cache_arg)
         state.tokens = list(tokens)
         rows = out.logits[0, -num_rows:].float().cpu().numpy()
         return Forward(rows, keep, len(tokens) - keep, time.perf_counter() - start)

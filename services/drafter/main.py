@@ -6,7 +6,7 @@ import argparse
 import asyncio
 import logging
 
-from dsi.backends import LocalDrafter, load_drafter_model
+from dsi.backends import LocalDrafter, add_model_arguments, apply_cpu_threads, load_drafter_model
 from dsi.metrics import add_metrics_argument, serve_service_metrics
 from dsi.server import announce, serve_until_signal, start_server
 from services.drafter.service import register
@@ -15,9 +15,7 @@ log = logging.getLogger("dsi.drafter")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="synthetic", help="model directory or synthetic spec (default: %(default)s)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda:N or mps (default: %(default)s)")
-    p.add_argument("--dtype", default="auto", help="auto, float32, float16, bfloat16, float64 (default: %(default)s)")
+    add_model_arguments(p)
     p.add_argument("--max-lookahead", type=int, default=64, help="largest lookahead accepted (default: %(default)s)")
     p.add_argument(
         "--proposal-top-k",
@@ -29,6 +27,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 async def run(args: argparse.Namespace) -> None:
+    apply_cpu_threads(args.threads)
     model = load_drafter_model(args.model, args.device, args.dtype)
     drafter = LocalDrafter(model, args.max_sessions, args.session_idle_timeout, args.max_lookahead, args.proposal_top_k)
     sweeper = asyncio.ensure_future(drafter.sessions.sweep_forever())

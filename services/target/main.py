@@ -6,7 +6,7 @@ import argparse
 import asyncio
 import logging
 
-from dsi.backends import LocalTarget, load_target_model
+from dsi.backends import LocalTarget, add_model_arguments, apply_cpu_threads, load_target_model
 from dsi.metrics import add_metrics_argument, serve_service_metrics
 from dsi.server import announce, serve_until_signal, start_server
 from services.target.service import register
@@ -15,14 +15,13 @@ log = logging.getLogger("dsi.target")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="synthetic", help="model directory or synthetic spec (default: %(default)s)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda:N or mps (default: %(default)s)")
-    p.add_argument("--dtype", default="auto", help="auto, float32, float16, bfloat16, float64 (default: %(default)s)")
+    add_model_arguments(p)
     p.add_argument("--max-draft-tokens", type=int, default=64, help="draft tokens per Verify (default: %(default)s)")
     add_metrics_argument(p)
 
 
 async def run(args: argparse.Namespace) -> None:
+    apply_cpu_threads(args.threads)
     model = load_target_model(args.model, args.device, args.dtype)
     target = LocalTarget(model, args.max_sessions, args.session_idle_timeout, args.max_draft_tokens)
     sweeper = asyncio.ensure_future(target.sessions.sweep_forever())

@@ -1,0 +1,821 @@
+#!/usr/bin/env python3
+"""Train the demo model pair that ``dsi up`` serves: a small Python-code target
+and a drafter distilled from it, on the Python standard library's own source.
+
+Everything runs on the CPU from files every Python installation has, with a
+fixed seed; nothing is downloaded. The pipeline:
+
+1. corpus     the stdlib's ``.py`` files (tests and generated tables excluded),
+              split by file into train / held-out by a hash of the relative path;
+2. tokenizer  byte-level BPE (``tokenizers``), saved for ``AutoTokenizer``;
+3. target     ``LlamaForCausalLM`` (~11M parameters) trained by next-token loss;
+4. drafter    ``LlamaForCausalLM`` (~0.9M parameters, 12x fewer) trained by
+              distillation: KL(target || drafter) on the target's logits;
+5. evaluation held-out perplexity of both, and the acceptance rate of the pair
+              through dsi's own engine (greedy and sampled) on held-out prompts;
+6. output     ``<out>/<target>/``, ``<out>/<drafter>/`` (config.json, 16-bit
+              safetensors, tokenizer, generation_config.json, README.md model
+              card) and ``<out>/eval.json`` (prompts and measured figures, read
+              by tests/test_demo_models.py).
+
+Reproduce the shipped pair (29 minutes on a 2-core Intel Xeon VM, about 55 on a
+slower 2-core AMD EPYC one)::
+
+    nice -n 19 .venv/bin/python tools/train_demo_models.py --out models
+
+``--quick`` runs the whole pipeline on toy sizes in a minute or two (a smoke
+test of the script, not a usable model).
+
+The stdlib differs slightly between Python versions, so the exact numbers (and
+weights) depend on the Python that runs this; the cards record which one did.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import json
+import math
+import os
+import platform
+import re
+import shutil
+import sys
+import sysconfig
+import tempfile
+import time
+import tokenize
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:  # run as a plain script from a checkout
+    sys.path.insert(0, str(REPO))
+
+EOS = "<|endoftext|>"
+TARGET_NAME = "pycoder-11m"
+DRAFTER_NAME = "pycoder-1m-drafter"
+EXCLUDED_DIRS = {"test", "tests", "idle_test", "site-packages", "__pycache__"}
+# Generated data rather than code: the pydoc topics blob and the charmap codec tables.
+EXCLUDED_FILES = {"pydoc_data/topics.py"}
+HELDOUT_MODULUS = 20  # one file in 20 (by path hash) is held out
+
+
+# --------------------------------------------------------------------------- config
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    hidden: int
+    layers: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+
+
+@dataclass(frozen=True)
+class Plan:
+    vocab: int = 4096
+    seq_len: int = 512
+    # Small batches: with a few million tokens to spend, more updates per token
+    # win (equal-token trials: batch 1-2 x 512 beat 8 x 512 clearly, for both models).
+    target_batch: int = 1
+    drafter_batch: int = 1
+    eval_batch: int = 8
+    target: ModelShape = ModelShape(hidden=384, layers=6, intermediate=1024, heads=6, kv_heads=2)
+    drafter: ModelShape = ModelShape(hidden=128, layers=2, intermediate=384, heads=4, kv_heads=2)
+    target_steps: int = 5600  # 2.87M tokens, about one epoch of the train split
+    target_lr: float = 7e-4
+    drafter_steps: int = 4000  # 2.05M tokens
+    drafter_lr: float = 2e-3
+    warmup_frac: float = 0.05
+    weight_decay: float = 0.1
+    num_prompts: int = 32  # held-out prompts for the acceptance figures
+    new_tokens: int = 64
+    sampled_seeds: int = 2
+    temperature: float = 1.0
+    lookahead: int = 5
+    test_prompts: int = 6  # the subset tests/test_demo_models.py re-measures
+    test_new_tokens: int = 48
+
+
+QUICK = Plan(
+    vocab=512,
+    seq_len=256,
+    eval_batch=4,
+    target=ModelShape(hidden=64, layers=2, intermediate=128, heads=2, kv_heads=1),
+    drafter=ModelShape(hidden=32, layers=1, intermediate=64, heads=2, kv_heads=1),
+    target_steps=30,
+    drafter_steps=20,
+    num_prompts=6,
+    new_tokens=16,
+    sampled_seeds=1,
+    test_prompts=3,
+    test_new_tokens=12,
+)
+
+
+def progress(total: int, desc: str):
+    try:
+        from tqdm import tqdm
+    except ImportError:  # pragma: no cover - tqdm comes with huggingface_hub
+
+        class _Bar:
+            def __init__(self) -> None:
+                self.n = 0
+
+            def update(self, k: int = 1) -> None:
+                self.n += k
+                if self.n % max(1, total // 20) == 0 or self.n == total:
+                    print(f"{desc}: {self.n}/{total}", file=sys.stderr, flush=True)
+
+            def set_postfix_str(self, s: str) -> None: ...
+
+            def close(self) -> None: ...
+
+        return _Bar()
+    return tqdm(total=total, desc=desc, dynamic_ncols=True, mininterval=2.0)
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------- corpus
+
+
+@dataclass
+class Corpus:
+    root: str
+    train: list[tuple[str, str]]  # (relative path, text)
+    heldout: list[tuple[str, str]]
+
+    def describe(self) -> dict:
+        def size(files: list[tuple[str, str]]) -> int:
+            return sum(len(t.encode()) for _, t in files)
+
+        listing = "\n".join(rel for rel, _ in self.train + self.heldout)
+        return {
+            "stdlib": self.root,
+            "python": platform.python_version(),
+            "train_files": len(self.train),
+            "train_bytes": size(self.train),
+            "heldout_files": len(self.heldout),
+            "heldout_bytes": size(self.heldout),
+            "file_list_sha256": hashlib.sha256(listing.encode()).hexdigest()[:16],
+        }
+
+
+def is_heldout(rel: str) -> bool:
+    return int(hashlib.sha256(rel.encode()).hexdigest(), 16) % HELDOUT_MODULUS == 0
+
+
+def load_corpus() -> Corpus:
+    root = Path(sysconfig.get_paths()["stdlib"])
+    train, heldout = [], []
+    for path in sorted(root.rglob("*.py"), key=lambda p: p.relative_to(root).as_posix()):
+        rel = path.relative_to(root).as_posix()
+        parts = rel.split("/")
+        if EXCLUDED_DIRS & set(parts[:-1]) or parts[-1].startswith("test_") or rel in EXCLUDED_FILES:
+            continue
+        try:
+            with tokenize.open(path) as fh:  # honours PEP 263 coding cookies
+                text = fh.read()
+        except (OSError, SyntaxError, UnicodeDecodeError):
+            continue
+        if "gencodec.py" in text[:1000]:  # generated charmap tables
+            continue
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
+        if not text.strip():
+            continue
+        (heldout if is_heldout(rel) else train).append((rel, text))
+    return Corpus(str(root), train, heldout)
+
+
+# --------------------------------------------------------------------------- tokenizer
+
+
+def train_tokenizer(corpus: Corpus, plan: Plan, out: Path):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=plan.vocab,
+        min_frequency=2,
+        special_tokens=[EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator((t for _, t in corpus.train), trainer, length=len(corpus.train))
+    hf = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=EOS,
+        eos_token=EOS,
+        pad_token=EOS,
+        clean_up_tokenization_spaces=False,  # code: never touch the spaces
+        model_max_length=plan.seq_len,
+    )
+    hf.save_pretrained(out)
+    loaded = AutoTokenizer.from_pretrained(str(out), local_files_only=True)
+    sample = "def fibonacci(n):\n    if n < 2:\n        return n\n"
+    assert loaded.decode(loaded.encode(sample)) == sample, "tokenizer does not round-trip"
+    assert loaded.eos_token_id == 0
+    return tok
+
+
+def encode(tok, files: list[tuple[str, str]]) -> np.ndarray:
+    """Files as one token stream, each followed by the end-of-text token."""
+    eos = tok.token_to_id(EOS)
+    out: list[int] = []
+    for enc in tok.encode_batch([t for _, t in files]):
+        out.extend(enc.ids)
+        out.append(eos)
+    return np.asarray(out, dtype=np.uint16)
+
+
+def token_byte_lengths(tok, vocab: int) -> np.ndarray:
+    """UTF-8 byte length of every token (0 for the special token), for bits/byte."""
+    lengths = np.zeros(vocab, dtype=np.int64)
+    for i in range(vocab):
+        s = tok.id_to_token(i)
+        if s is not None and s != EOS:
+            lengths[i] = len(s)  # byte-level BPE: one printable character per byte
+    return lengths
+
+
+# --------------------------------------------------------------------------- models
+
+
+def llama(shape: ModelShape, plan: Plan, seed: int):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=plan.vocab,
+        hidden_size=shape.hidden,
+        intermediate_size=shape.intermediate,
+        num_hidden_layers=shape.layers,
+        num_attention_heads=shape.heads,
+        num_key_value_heads=shape.kv_heads,
+        max_position_embeddings=plan.seq_len,
+        tie_word_embeddings=True,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=0,
+        initializer_range=0.02,
+    )
+    return LlamaForCausalLM(cfg)
+
+
+def n_params(model) -> int:
+    return int(sum(p.numel() for p in model.parameters()))
+
+
+class Batches:
+    """Windows of ``seq_len`` tokens from the stream, each epoch in a seeded
+    random order with a random offset, so one epoch sees every token once."""
+
+    def __init__(self, stream: np.ndarray, plan: Plan, batch: int, seed: int) -> None:
+        self.stream, self.plan, self.batch = stream, plan, batch
+        self.rng = np.random.default_rng(seed)
+        self.queue: list[int] = []
+        self.epochs = 0
+
+    def _refill(self) -> None:
+        t = self.plan.seq_len
+        offset = int(self.rng.integers(0, t))
+        starts = np.arange(offset, len(self.stream) - t, t)
+        self.queue = list(self.rng.permutation(starts))
+        self.epochs += 1
+
+    def next(self):
+        import torch
+
+        rows = []
+        for _ in range(self.batch):
+            if not self.queue:
+                self._refill()
+            s = self.queue.pop()
+            rows.append(self.stream[s : s + self.plan.seq_len].astype(np.int64))
+        return torch.from_numpy(np.stack(rows))
+
+
+def optimizer(model, lr: float, plan: Plan):
+    import torch
+
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    other = [p for p in model.parameters() if p.dim() < 2]
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": plan.weight_decay}, {"params": other, "weight_decay": 0.0}],
+        lr=lr,
+        betas=(0.9, 0.95),
+    )
+
+
+def lr_at(step: int, total: int, peak: float, plan: Plan) -> float:
+    warm = max(1, int(total * plan.warmup_frac))
+    if step < warm:
+        return peak * (step + 1) / warm
+    frac = (step - warm) / max(1, total - warm)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))  # cosine to 10%
+
+
+def optimise(
+    model,
+    stream: np.ndarray,
+    plan: Plan,
+    *,
+    steps: int,
+    lr: float,
+    batch: int,
+    seed: int,
+    desc: str,
+    metric: str,
+    loss_of,
+) -> dict:
+    """AdamW over ``steps`` batches with the plan's schedule and clipping;
+    ``loss_of(x)`` is the loss of one batch. Returns the training record."""
+    import torch
+
+    model.train()
+    opt = optimizer(model, lr, plan)
+    data = Batches(stream, plan, batch, seed)
+    bar = progress(steps, desc)
+    start, ema = time.perf_counter(), None
+    for step in range(steps):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, steps, lr, plan)
+        loss = loss_of(data.next())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
+        done = (step + 1) * batch * plan.seq_len
+        bar.update(1)
+        bar.set_postfix_str(f"{metric} {ema:.3f} {done / (time.perf_counter() - start):.0f} tok/s")
+    bar.close()
+    model.eval()
+    seconds = time.perf_counter() - start
+    tokens = steps * batch * plan.seq_len
+    return {
+        "steps": steps,
+        "tokens": tokens,
+        "epochs": round(tokens / len(stream), 2),
+        "seconds": round(seconds, 1),
+        "tokens_per_second": round(tokens / seconds),
+        f"final_train_{metric.lower()}": round(ema or 0.0, 4),
+        "peak_lr": lr,
+    }
+
+
+def train_target(model, stream: np.ndarray, plan: Plan, seed: int) -> dict:
+    """Next-token cross-entropy."""
+    return optimise(
+        model,
+        stream,
+        plan,
+        steps=plan.target_steps,
+        lr=plan.target_lr,
+        batch=plan.target_batch,
+        seed=seed,
+        desc="target",
+        metric="loss",
+        loss_of=lambda x: model(input_ids=x, labels=x).loss,
+    )
+
+
+def distill_drafter(drafter, target, stream: np.ndarray, plan: Plan, seed: int) -> dict:
+    """KL(target || drafter) on the target's full next-token distributions."""
+    import torch
+    import torch.nn.functional as F
+
+    target.eval()
+
+    def kl(x):
+        with torch.inference_mode():
+            p_log = F.log_softmax(target(input_ids=x).logits.float(), dim=-1)
+        p_log = p_log.clone()  # out of inference mode, usable in autograd
+        q_log = F.log_softmax(drafter(input_ids=x).logits.float(), dim=-1)
+        v = q_log.shape[-1]
+        return F.kl_div(q_log.view(-1, v), p_log.view(-1, v), log_target=True, reduction="batchmean")
+
+    return optimise(
+        drafter,
+        stream,
+        plan,
+        steps=plan.drafter_steps,
+        lr=plan.drafter_lr,
+        batch=plan.drafter_batch,
+        seed=seed + 1,
+        desc="drafter",
+        metric="KL",
+        loss_of=kl,
+    )
+
+
+def save_model(model, tokenizer_dir: Path, out: Path) -> None:
+    """config + 16-bit safetensors + tokenizer + generation config."""
+    import torch
+    from transformers import GenerationConfig
+
+    if out.exists():
+        shutil.rmtree(out)
+    model.generation_config = GenerationConfig(bos_token_id=0, eos_token_id=0, pad_token_id=0, do_sample=False)
+    half = model.to(torch.float16)
+    half.save_pretrained(out, safe_serialization=True)
+    for f in out.glob("*.safetensors"):
+        f.chmod(0o644)
+    model.float()
+    for f in tokenizer_dir.iterdir():
+        shutil.copy2(f, out / f.name)
+
+
+def reload(path: Path):
+    """The saved 16-bit weights, as dsi runs them on a CPU (upcast to float32)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, local_files_only=True).eval()
+
+
+def dir_size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def heldout_loss(model, stream: np.ndarray, plan: Plan, byte_len: np.ndarray, desc: str) -> dict:
+    import torch
+    import torch.nn.functional as F
+
+    t = plan.seq_len
+    starts = list(range(0, len(stream) - 1, t))
+    nll, count, nbytes = 0.0, 0, 0
+    bar = progress(len(starts), desc)
+    with torch.inference_mode():
+        for i in range(0, len(starts), plan.eval_batch):
+            rows = [stream[s : s + t + 1].astype(np.int64) for s in starts[i : i + plan.eval_batch]]
+            full = [r for r in rows if len(r) == t + 1]
+            groups = ([np.stack(full)] if full else []) + [r[None] for r in rows if len(r) != t + 1]
+            for g in groups:  # full windows as one batch; the short last one alone
+                x = torch.from_numpy(g)
+                logits = model(input_ids=x[:, :-1]).logits.float()
+                nll += F.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten(), reduction="sum").item()
+                count += x[:, 1:].numel()
+                nbytes += int(byte_len[g[:, 1:]].sum())
+            bar.update(len(rows))
+    bar.close()
+    return {
+        "tokens": count,
+        "loss_nats_per_token": round(nll / count, 4),
+        "perplexity": round(math.exp(nll / count), 3),
+        "bits_per_byte": round(nll / math.log(2) / max(1, nbytes), 4),
+    }
+
+
+DEF_LINE = re.compile(r"^[ \t]*(async[ \t]+)?def[ \t]+\w+\(.*\)(\s*->\s*[^:]+)?:[ \t]*$")
+
+
+def heldout_prompts(corpus: Corpus, plan: Plan, seed: int) -> list[str]:
+    """Code-completion prompts from held-out files: a one-line ``def`` with up to
+    8 lines (400 characters) of the code before it, ending at the colon (the
+    model writes the body)."""
+    candidates = []
+    for _rel, text in corpus.heldout:
+        lines = text.split("\n")
+        for i, line in enumerate(lines):
+            if DEF_LINE.match(line):
+                before: list[str] = []
+                for prev in reversed(lines[max(0, i - 8) : i]):
+                    if sum(len(b) + 1 for b in before) + len(prev) + 1 > 400:
+                        break
+                    before.insert(0, prev)
+                candidates.append("\n".join([*before, line.rstrip()]))
+    rng = np.random.default_rng(seed)
+    pick = sorted(rng.choice(len(candidates), size=min(plan.num_prompts, len(candidates)), replace=False))
+    return [candidates[i] for i in pick]
+
+
+async def engine_acceptance(
+    target_dir: Path,
+    drafter_dir: Path,
+    prompts: list[str],
+    new_tokens: int,
+    temperature: float,
+    seeds: list[int],
+    lookahead: int,
+) -> dict:
+    """Acceptance through dsi's own engine (SI: deterministic positions, so the
+    greedy figure is reproducible), pooled over prompts and seeds."""
+    from transformers import AutoTokenizer
+
+    from dsi.backends import LocalDrafter, LocalTarget, load_drafter_model, load_target_model
+    from dsi.types import SamplingParams
+    from services.coordinator.engine import Engine, GenerationParams, Strategy
+
+    tok = AutoTokenizer.from_pretrained(str(target_dir), local_files_only=True)
+    target = LocalTarget(load_target_model(str(target_dir)))
+    drafter = LocalDrafter(load_drafter_model(str(drafter_dir)))
+    info = target.model.info
+    engine = Engine(
+        [target],
+        [drafter],
+        eos_token_ids=info.eos_token_ids,
+        max_context=info.max_context_tokens,
+        vocab_size=info.vocab_size,
+    )
+    accepted = decided = new = 0
+    for prompt in prompts:
+        for seed in seeds:
+            params = GenerationParams(
+                max_new_tokens=new_tokens,
+                sampling=SamplingParams.create(temperature),
+                seed=seed,
+                strategy=Strategy.SI,
+                lookahead=lookahead,
+            )
+            gen = engine.generate(tok.encode(prompt), params)
+            async for _ in gen.tokens():
+                pass
+            accepted += gen.stats.accepted_tokens
+            decided += gen.stats.decided_drafts
+            new += gen.stats.new_tokens
+    return {
+        "acceptance_rate": round(accepted / max(1, decided), 4),
+        "accepted": accepted,
+        "decided_drafts": decided,
+        "new_tokens": new,
+        "prompts": len(prompts),
+        "seeds": seeds,
+        "temperature": temperature,
+        "lookahead": lookahead,
+        "max_new_tokens": new_tokens,
+        "strategy": "si",
+    }
+
+
+# --------------------------------------------------------------------------- cards
+
+
+def machine() -> str:
+    import torch
+
+    from dsi.experiments.bench import machine as describe
+
+    return f"{describe()}, torch.set_num_threads({torch.get_num_threads()}), torch {torch.__version__}"
+
+
+def card(role: str, name: str, report: dict) -> str:
+    r = report
+    m = r["models"][role]
+    pair = r["acceptance"]
+    data = r["corpus"]
+    other = DRAFTER_NAME if role == "target" else TARGET_NAME
+    if role == "target":
+        training = (
+            f"Next-token cross-entropy, {r['target_training']['steps']} steps of {r['plan']['target_batch']} x"
+            f" {r['plan']['seq_len']} tokens = {r['target_training']['tokens']:,} tokens"
+            f" ({r['target_training']['epochs']} epochs of the train split), AdamW (betas 0.9/0.95, weight decay"
+            f" 0.1), peak learning rate {r['target_training']['peak_lr']}, 5% warm-up then cosine to 10%, gradient"
+            f" clipping 1.0; {r['target_training']['seconds'] / 60:.1f} min"
+            f" ({r['target_training']['tokens_per_second']} tokens/s)."
+        )
+    else:
+        training = (
+            f"Distilled from `{TARGET_NAME}` (its 16-bit weights as shipped): KL(target || drafter) on the"
+            f" target's full next-token distribution at every position of training-split windows,"
+            f" {r['drafter_training']['steps']} steps of {r['plan']['drafter_batch']} x {r['plan']['seq_len']} tokens ="
+            f" {r['drafter_training']['tokens']:,} tokens, AdamW, peak learning rate"
+            f" {r['drafter_training']['peak_lr']}; {r['drafter_training']['seconds'] / 60:.1f} min"
+            f" ({r['drafter_training']['tokens_per_second']} tokens/s)."
+        )
+    g, s = pair["greedy"], pair["sampled"]
+    ppl = r["heldout"][role]
+    return f"""---
+license: apache-2.0
+library_name: transformers
+pipeline_tag: text-generation
+tags: [code, python, speculative-decoding, dsi]
+---
+
+# {name}
+
+The {"target" if role == "target" else "drafter"} of dsi's demo pair (`{TARGET_NAME}` + `{DRAFTER_NAME}`), a tiny
+Python code-completion model trained from scratch on the Python standard library's own source, so that
+`dsi up` shows real speculative inference on a fresh machine with no download. It is a demo: it writes
+plausible-looking Python, not correct programs.
+
+| | |
+|---|---|
+| Architecture | `LlamaForCausalLM`: {m["layers"]} layers, hidden {m["hidden"]}, MLP {m["intermediate"]}, {m["heads"]} heads ({m["kv_heads"]} key/value heads), RoPE, tied embeddings |
+| Parameters | {m["parameters"]:,} ({m["parameters"] / 1e6:.2f}M){f"; {r['models']['target']['parameters'] / m['parameters']:.1f}x fewer than the target" if role == "drafter" else ""} |
+| Weights | float16 safetensors, {m["weights_bytes"] / 1e6:.1f} MB (folder {m["folder_bytes"] / 1e6:.1f} MB) |
+| Context | {r["plan"]["seq_len"]} tokens (the training length) |
+| Tokenizer | byte-level BPE, {r["plan"]["vocab"]} tokens (`tokenizers`), trained on the train split; `<|endoftext|>` (id 0) ends each file and is the EOS/BOS/pad token; shared with `{other}` |
+| Held-out perplexity | **{ppl["perplexity"]}** per token ({ppl["loss_nats_per_token"]} nats/token, {ppl["bits_per_byte"]} bits/byte) on {ppl["tokens"]:,} held-out tokens |
+| Pair acceptance, greedy | **{g["acceptance_rate"]:.3f}** ({g["accepted"]}/{g["decided_drafts"]} drafts) |
+| Pair acceptance, sampled (T={s["temperature"]}) | **{s["acceptance_rate"]:.3f}** ({s["accepted"]}/{s["decided_drafts"]} drafts, seeds {s["seeds"]}) |
+
+## Data
+
+The `.py` files of the standard library of Python {data["python"]} (`sysconfig.get_paths()["stdlib"]`),
+excluding test packages (`test/`, `tests/`, `idle_test/`, `test_*.py`), `site-packages/`, and generated data
+(`pydoc_data/topics.py`, the `gencodec.py` charmap tables). Split by file: a file is held out when the SHA-256 of
+its path relative to the stdlib is 0 modulo {HELDOUT_MODULUS}, so the split does not depend on the machine's
+file order. Train: {data["train_files"]} files, {data["train_bytes"] / 1e6:.2f} MB, {r["stream"]["train_tokens"]:,}
+tokens; held out: {data["heldout_files"]} files, {data["heldout_bytes"] / 1e6:.2f} MB,
+{r["stream"]["heldout_tokens"]:,} tokens (file list digest `{data["file_list_sha256"]}`). Other Python versions
+have a slightly different stdlib, hence slightly different data.
+
+## Training
+
+{training}
+Seed {r["seed"]}, float32 on the CPU. Machine: {r["machine"]}.
+Whole pipeline (tokenizer, target, drafter, evaluation): **{r["wall_seconds"] / 60:.1f} min** wall time
+(stages in seconds: {r["stage_seconds"]}; load average {r["load_average_at_start"]} at the start and
+{r["load_average_at_end"]} at the end: the machine was {"shared with other work" if max(r["load_average_at_start"][1], r["load_average_at_end"][1]) > 0.5 else "otherwise idle"}).
+
+## Evaluation
+
+- Perplexity: the held-out files as one token stream (each file followed by `<|endoftext|>`), in
+  non-overlapping windows of {r["plan"]["seq_len"]} tokens, with the 16-bit weights as shipped (run in float32).
+- Acceptance rate: through dsi's own engine (`services.coordinator.engine.Engine`, in-process `LocalTarget` /
+  `LocalDrafter` on these folders), strategy SI, lookahead {g["lookahead"]}, {g["max_new_tokens"]} new tokens for
+  each of {g["prompts"]} held-out prompts (a one-line `def` with up to 8 lines of the code before it, ending at
+  the colon; listed in `../eval.json`). Rate = drafts accepted / drafts whose position was decided, pooled. Sampled
+  means temperature {s["temperature"]}, no top-k/top-p, with the drafter's default top-64 proposal distribution
+  and exact speculative sampling.
+- `tests/test_demo_models.py` re-measures greedy acceptance on the first {r["test_subset"]["prompts"]} prompts
+  ({r["test_subset"]["max_new_tokens"]} new tokens): {r["test_subset"]["acceptance_rate"]:.3f} when trained.
+
+## Use
+
+```bash
+dsi up                                    # serves this pair (the default)
+dsi generate "def fibonacci(n):"
+```
+
+```python
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+tok = AutoTokenizer.from_pretrained("models/{name}")
+model = AutoModelForCausalLM.from_pretrained("models/{name}")
+ids = tok("def fibonacci(n):", return_tensors="pt").input_ids
+print(tok.decode(model.generate(ids, max_new_tokens=60, do_sample=False)[0]))
+```
+
+## Reproduce
+
+```bash
+{r["command"]}
+```
+"""  # noqa: E501 - markdown table rows
+
+
+# --------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--out", type=Path, default=REPO / "models", help="output folder (default: %(default)s)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: %(default)s)")
+    ap.add_argument("--target-steps", type=int, help="override the plan's target training steps")
+    ap.add_argument("--drafter-steps", type=int, help="override the plan's drafter distillation steps")
+    ap.add_argument("--quick", action="store_true", help="toy sizes and steps: a smoke test of the pipeline")
+    args = ap.parse_args(argv)
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    plan = QUICK if args.quick else Plan()
+    over = {}
+    if args.target_steps:
+        over["target_steps"] = args.target_steps
+    if args.drafter_steps:
+        over["drafter_steps"] = args.drafter_steps
+    if over:
+        from dataclasses import replace
+
+        plan = replace(plan, **over)
+    t0 = time.perf_counter()
+    out: Path = args.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="dsi-train-"))
+    command = "nice -n 19 .venv/bin/python tools/train_demo_models.py" + "".join(
+        f" {a}" for a in (argv if argv is not None else sys.argv[1:])
+    )
+    report: dict = {"seed": args.seed, "plan": asdict(plan), "command": command, "machine": machine()}
+    report["load_average_at_start"] = [round(x, 2) for x in os.getloadavg()]
+    stages: dict[str, float] = {}
+    report["stage_seconds"] = stages
+
+    def stage_done(name: str, since: float) -> float:
+        now = time.perf_counter()
+        stages[name] = round(now - since, 1)
+        return now
+
+    log("1/5 corpus")
+    corpus = load_corpus()
+    report["corpus"] = corpus.describe()
+    log(f"    {report['corpus']}")
+
+    t = stage_done("corpus", t0)
+    log("2/5 tokenizer")
+    tok_dir = work / "tokenizer"
+    tok = train_tokenizer(corpus, plan, tok_dir)
+    train_stream, heldout_stream = encode(tok, corpus.train), encode(tok, corpus.heldout)
+    report["stream"] = {
+        "train_tokens": len(train_stream),
+        "heldout_tokens": len(heldout_stream),
+        "train_bytes_per_token": round(report["corpus"]["train_bytes"] / len(train_stream), 3),
+    }
+    log(f"    {report['stream']}")
+    byte_len = token_byte_lengths(tok, plan.vocab)
+
+    t = stage_done("tokenizer", t)
+    log("3/5 target")
+    target = llama(plan.target, plan, args.seed)
+    report["target_training"] = train_target(target, train_stream, plan, args.seed)
+    target_dir, drafter_dir = out / TARGET_NAME, out / DRAFTER_NAME
+    save_model(target, tok_dir, target_dir)
+    target = reload(target_dir)  # distil from (and evaluate) exactly what ships
+
+    t = stage_done("target", t)
+    log("4/5 drafter")
+    drafter = llama(plan.drafter, plan, args.seed + 1)
+    report["drafter_training"] = distill_drafter(drafter, target, train_stream, plan, args.seed)
+    save_model(drafter, tok_dir, drafter_dir)
+    drafter = reload(drafter_dir)
+
+    t = stage_done("drafter", t)
+    log("5/5 evaluation")
+    report["heldout"] = {
+        "target": heldout_loss(target, heldout_stream, plan, byte_len, "held-out target"),
+        "drafter": heldout_loss(drafter, heldout_stream, plan, byte_len, "held-out drafter"),
+    }
+    log(f"    {report['heldout']}")
+    prompts = heldout_prompts(corpus, plan, args.seed)
+    seeds = list(range(plan.sampled_seeds))
+
+    async def measure() -> dict:
+        return {
+            "greedy": await engine_acceptance(
+                target_dir, drafter_dir, prompts, plan.new_tokens, 0.0, [0], plan.lookahead
+            ),
+            "sampled": await engine_acceptance(
+                target_dir, drafter_dir, prompts, plan.new_tokens, plan.temperature, seeds, plan.lookahead
+            ),
+            "test_subset": await engine_acceptance(
+                target_dir, drafter_dir, prompts[: plan.test_prompts], plan.test_new_tokens, 0.0, [0], plan.lookahead
+            ),
+        }
+
+    measured = asyncio.run(measure())
+    report["acceptance"] = {"greedy": measured["greedy"], "sampled": measured["sampled"]}
+    report["test_subset"] = measured["test_subset"]
+    log(
+        f"    greedy {measured['greedy']['acceptance_rate']}, sampled {measured['sampled']['acceptance_rate']},"
+        f" test subset {measured['test_subset']['acceptance_rate']}"
+    )
+
+    stage_done("evaluation", t)
+    report["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    report["models"] = {}
+    for role, shape, path, model in (
+        ("target", plan.target, target_dir, target),
+        ("drafter", plan.drafter, drafter_dir, drafter),
+    ):
+        report["models"][role] = {
+            "name": path.name,
+            **asdict(shape),
+            "parameters": n_params(model),
+            "weights_bytes": sum(f.stat().st_size for f in path.glob("*.safetensors")),
+            "folder_bytes": dir_size(path),
+        }
+    report["wall_seconds"] = round(time.perf_counter() - t0, 1)
+    for role, path in (("target", target_dir), ("drafter", drafter_dir)):
+        (path / "README.md").write_text(card(role, path.name, report))
+        report["models"][role]["folder_bytes"] = dir_size(path)
+    report["prompts"] = prompts
+    (out / "eval.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    shutil.rmtree(work, ignore_errors=True)
+    total = dir_size(target_dir) + dir_size(drafter_dir) + (out / "eval.json").stat().st_size
+    log(f"done in {report['wall_seconds'] / 60:.1f} min; {out}: {total / 1e6:.1f} MB")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
