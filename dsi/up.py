@@ -201,11 +201,19 @@ class Cluster:
                     await child.proc.wait()
 
 
+def synthetic_target(args: argparse.Namespace) -> bool:
+    """Whether the target is a synthetic spec (imported here, not at the top:
+    ``dsi --help`` builds this parser and need not load the backends)."""
+    from dsi.backends import is_synthetic
+
+    return is_synthetic(args.target_model)
+
+
 def default_targets(args: argparse.Namespace) -> int:
     """4 replicas, except real models on the CPU: one per core (at most 4). On a
     2-core machine 4 CPU replicas verify no faster than 2, and DSI's lead over SI
     (2.4x vs 1.7-1.9x over non-SI with 2, docs/models.md) shrinks to nothing."""
-    if args.device == "cpu" and not args.target_model.startswith("synthetic"):
+    if args.device == "cpu" and not synthetic_target(args):
         return max(1, min(MAX_DEFAULT_TARGETS, os.cpu_count() or 1))
     return MAX_DEFAULT_TARGETS
 
@@ -252,7 +260,7 @@ async def start(args: argparse.Namespace, cluster: Cluster) -> str:
     for flag, port in (("--http-port", args.http_port), ("--metrics-port", args.metrics_port)):
         if port is not None:
             argv += [flag, str(port)]
-    if not args.target_model.startswith("synthetic"):
+    if not synthetic_target(args):
         argv += ["--tokenizer", args.target_model]
     coordinator = await cluster.spawn("coordinator", *argv)
     return await cluster.address(coordinator, args.startup_timeout)
@@ -273,7 +281,7 @@ async def demo(address: str, args: argparse.Namespace) -> int:
     from dsi.cli import stats_line
     from dsi.client import Client, request
 
-    synthetic = args.target_model.startswith("synthetic")
+    synthetic = synthetic_target(args)
     prompt = args.prompt or ("" if synthetic else "def fibonacci(n):")
     ids = [int(t) for t in (args.prompt_ids or DEMO_PROMPT_IDS).split(",")] if synthetic and not prompt else []
     strategies = ["nonsi", "si", "dsi"] if args.demo else [args.strategy]
@@ -331,7 +339,7 @@ async def main(args: argparse.Namespace) -> int:
         print(f"coordinator listening on {address}", file=sys.stderr)
         for line in served_urls(cluster.children[-1].log):
             print(line, file=sys.stderr)
-        example = '"def fibonacci(n):"' if not args.target_model.startswith("synthetic") else "--prompt-ids 1,2,3"
+        example = "--prompt-ids 1,2,3" if synthetic_target(args) else '"def fibonacci(n):"'
         print(f"try: dsi generate --coordinator {address} {example}\nCtrl-C stops everything.", file=sys.stderr)
         await stop.wait()
         return 0

@@ -324,6 +324,18 @@ def test_apply_cpu_threads_sets_torch_intra_op_threads() -> None:
     assert r.returncode == 0 and r.stdout.split() == ["True", "1"], r.stdout + r.stderr
 
 
+def wait_for_coordinator(svc: Service, timeout: float) -> str:
+    """The address a running ``dsi up`` prints once its coordinator serves."""
+    found: list[str] = []
+
+    def listening() -> bool:
+        found[:] = re.findall(r"coordinator listening on (\S+)", svc.err())
+        return bool(found)
+
+    wait_for(listening, timeout, "'coordinator listening on'", svc.proc)
+    return found[0]
+
+
 @dataclass
 class Up:
     service: Service
@@ -343,15 +355,9 @@ def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Up]:
     children: set[int] = set()
     with start_dsi(tmp, "up", *args) as svc:
         try:
-            found: list[str] = []
-
-            def listening() -> bool:
-                found[:] = re.findall(r"coordinator listening on (\S+)", svc.err())
-                return bool(found)
-
-            wait_for(listening, 90, "'coordinator listening on'", svc.proc)
+            address = wait_for_coordinator(svc, 90)
             children |= child_pids(svc.proc.pid)
-            yield Up(svc, found[0], log_dir, children)
+            yield Up(svc, address, log_dir, children)
         finally:
             if svc.proc.poll() is None:
                 svc.proc.send_signal(signal.SIGINT)

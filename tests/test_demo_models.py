@@ -7,6 +7,7 @@ acceptance rate its model card reports, and it stays small.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import signal
@@ -41,13 +42,20 @@ def tokenizer():
     return AutoTokenizer.from_pretrained(str(TARGET), local_files_only=True)
 
 
-def reference_greedy(prompt_ids: list[int], new_tokens: int) -> list[int]:
-    """The target alone, through plain transformers."""
+@functools.cache
+def reference_model():
+    """The target alone, through plain transformers (loaded once per run)."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(TARGET), dtype=torch.float32, local_files_only=True).eval()
-    out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=new_tokens, do_sample=False)
+    return AutoModelForCausalLM.from_pretrained(str(TARGET), dtype=torch.float32, local_files_only=True).eval()
+
+
+def reference_greedy(prompt_ids: list[int], new_tokens: int) -> list[int]:
+    """The target's own greedy ``generate``."""
+    import torch
+
+    out = reference_model().generate(torch.tensor([prompt_ids]), max_new_tokens=new_tokens, do_sample=False)
     return out[0, len(prompt_ids) :].tolist()
 
 
@@ -140,19 +148,13 @@ def test_dsi_up_then_generate_completes_python(tmp_path: Path, tokenizer) -> Non
     """The README's first run: ``dsi up`` on its defaults (this pair, DSI over
     two target processes), then ``dsi generate "def fibonacci(n):"``: the
     target's own greedy completion, as text, with the stats line."""
-    from tests.test_cli import json_log_lines, run_dsi, start_dsi, wait_for
+    from tests.test_cli import json_log_lines, run_dsi, start_dsi, wait_for_coordinator
 
     prompt, new_tokens = "def fibonacci(n):", 40
     log_dir = tmp_path / "logs"
     with start_dsi(tmp_path, "up", "up", "--targets", "2", "--port", "0", "--log-dir", str(log_dir)) as svc:
-        found: list[str] = []
-
-        def listening() -> bool:
-            found[:] = re.findall(r"coordinator listening on (\S+)", svc.err())
-            return bool(found)
-
-        wait_for(listening, 120, "'coordinator listening on'", svc.proc)
-        gen = ("generate", "--coordinator", found[0], prompt, "--max-new-tokens", str(new_tokens))
+        address = wait_for_coordinator(svc, 120)
+        gen = ("generate", "--coordinator", address, prompt, "--max-new-tokens", str(new_tokens))
         r = run_dsi(*gen, "--json", timeout=120)
         assert r.returncode == 0, r.stderr
         out = json.loads(r.stdout)
