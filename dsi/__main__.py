@@ -1,3 +1,3 @@
-from dsi.cli import main
+from dsi.tools.cli import main
 
 main()

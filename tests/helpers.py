@@ -10,9 +10,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dsi.backends import LocalDrafter, LocalTarget, load_drafter_model, load_target_model
-from dsi.interfaces import Drafter, Target
-from dsi.server import RunningServer, start_server
-from dsi.transport import GrpcDrafter, GrpcTarget
+from dsi.domain.interfaces import Drafter, Target
+from dsi.serving.server import RunningServer, start_server
+from dsi.wire.transport import GrpcDrafter, GrpcTarget
 from services.coordinator.coordinator import Codec, Coordinator, Defaults
 from services.coordinator.service import register as register_coordinator
 from services.drafter.service import register as register_drafter

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from dsi.cli import main as cli_main
-from dsi.experiments import netdelay
-from dsi.types import DraftRequest, VerifyRequest
+from dsi.domain.types import DraftRequest, VerifyRequest
+from dsi.tools.cli import main as cli_main
+from dsi.tools.experiments import netdelay
 from tests.helpers import serve
 
 TARGET = "synthetic:vocab=512,seed=3,ttft_ms=4,tpot_ms=3"
@@ -124,7 +124,7 @@ sp = [1, 3]
 
 def test_bench_subprocess_cluster_with_delay(tmp_path: Path) -> None:
     """The default launch: every service its own process, the coordinator
-    with delay-injecting channels (dsi.experiments.coordinator)."""
+    with delay-injecting channels (dsi.tools.experiments.coordinator)."""
     out = tmp_path / "s"
     code = _cli(
         [
@@ -186,7 +186,7 @@ def test_bench_grid(tmp_path: Path) -> None:
 
 def test_bench_hf_models_with_hf_peers(tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
-    from dsi.experiments.hfmodels import build
+    from dsi.tools.experiments.hfmodels import build
 
     models = build(tmp_path / "models", size="tiny")
     out = tmp_path / "h"
@@ -223,7 +223,7 @@ def test_bench_hf_models_with_hf_peers(tmp_path: Path) -> None:
 
 async def test_delay_interceptors_add_the_delay_both_ways() -> None:
     from dsi.backends import LocalDrafter, LocalTarget, load_drafter_model, load_target_model
-    from dsi.transport import GrpcDrafter, GrpcTarget
+    from dsi.wire.transport import GrpcDrafter, GrpcTarget
     from services.drafter.service import register as register_drafter
     from services.target.service import register as register_target
 

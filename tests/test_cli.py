@@ -455,7 +455,7 @@ def test_up_stops_on_sigint_and_leaves_no_children(up: Up) -> None:
 def test_up_sizes_cpu_replicas_to_the_cores(monkeypatch: pytest.MonkeyPatch) -> None:
     import argparse
 
-    from dsi.up import default_targets, model_threads
+    from dsi.tools.up import default_targets, model_threads
 
     def ns(**kw: object) -> argparse.Namespace:
         return argparse.Namespace(**{"device": "cpu", "target_model": "models/x", "threads": 0, "targets": 2, **kw})

@@ -9,9 +9,9 @@ import asyncio
 import grpc
 import pytest
 
-from dsi.errors import InvalidArgument
-from dsi.transport import GrpcDrafter, GrpcTarget
+from dsi.domain.errors import InvalidArgument
 from dsi.v1 import generation_pb2, generation_pb2_grpc
+from dsi.wire.transport import GrpcDrafter, GrpcTarget
 from services.coordinator.coordinator import Codec, Coordinator, Defaults, TextStream
 from services.coordinator.engine import Strategy
 from tests.helpers import LOOPBACK, eventually, local_cluster, serve
@@ -226,7 +226,7 @@ async def test_vocabulary_mismatch_is_refused_naming_both():
 
 
 async def test_connect_times_out_with_unavailable_for_a_missing_target():
-    from dsi.errors import Unavailable
+    from dsi.domain.errors import Unavailable
 
     target = GrpcTarget(f"{LOOPBACK}:1")
     with pytest.raises(Unavailable, match=f"{LOOPBACK}:1"):

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from dsi.backends import load_drafter_model, load_target_model
-from dsi.up import DEMO_DRAFTER, DEMO_TARGET, demo_models_dir
+from dsi.tools.up import DEMO_DRAFTER, DEMO_TARGET, demo_models_dir
 from services.coordinator.coordinator import Codec, Defaults, GenerateInput
 from services.coordinator.engine import Strategy
 from tests.helpers import local_cluster

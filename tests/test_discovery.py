@@ -9,9 +9,9 @@ from contextlib import AsyncExitStack
 import pytest
 
 from dsi.backends import LocalDrafter, LocalTarget, load_drafter_model, load_target_model
-from dsi.errors import InvalidArgument, Unavailable
-from dsi.server import start_server
-from dsi.transport import GrpcDrafter, GrpcTarget
+from dsi.domain.errors import InvalidArgument, Unavailable
+from dsi.serving.server import start_server
+from dsi.wire.transport import GrpcDrafter, GrpcTarget
 from services.coordinator.coordinator import DRAFTER, TARGET, GenerateInput
 from services.coordinator.discovery import DnsResolver, build_coordinator, format_address, parse_dns
 from services.coordinator.engine import Strategy

@@ -19,8 +19,8 @@ import torch
 
 from dsi.backends import LocalDrafter, LocalTarget, load_drafter_model, load_target_model
 from dsi.backends.synthetic import PseudoLM, SyntheticSpec
-from dsi.sampling import warp
-from dsi.types import SamplingParams
+from dsi.domain.sampling import warp
+from dsi.domain.types import SamplingParams
 from services.coordinator.engine import Engine, GenerationParams, Strategy
 from tests.helpers import eventually
 

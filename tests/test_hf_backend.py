@@ -15,12 +15,12 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from dsi import sampling  # noqa: E402
 from dsi.backends import load_drafter_model, load_target_model  # noqa: E402
 from dsi.backends.base import LocalDrafter, LocalTarget  # noqa: E402
 from dsi.backends.hf import HFDrafter, HFTarget  # noqa: E402
-from dsi.errors import InvalidArgument, NotFound  # noqa: E402
-from dsi.types import GREEDY, DraftRequest, DraftToken, SamplingParams, VerifyRequest  # noqa: E402
+from dsi.domain import sampling  # noqa: E402
+from dsi.domain.errors import InvalidArgument, NotFound  # noqa: E402
+from dsi.domain.types import GREEDY, DraftRequest, DraftToken, SamplingParams, VerifyRequest  # noqa: E402
 
 FAMILIES = ["llama", "gpt2"]
 VOCAB = 64

@@ -44,7 +44,7 @@ GPU_PRODUCT = "nvidia.com/gpu.product"
 
 # Oldest Kubernetes the manifests claim (native gRPC probes are GA from 1.27).
 MIN_K8S = "1.27"
-# Shutdown arithmetic (dsi/server.py): after --drain-delay the server waits up
+# Shutdown arithmetic (dsi/serving/server.py): after --drain-delay the server waits up
 # to 1 s for health Watch streams to end, then server.stop(--grace); after
 # that it releases sessions (the engine's release timeout, 5 s) and exits.
 WATCH_WAIT_S = 1
@@ -493,7 +493,7 @@ def test_only_the_coordinator_reaches_targets_and_drafters(name: str) -> None:
 def test_rendered_args_parse_as_dsi_commands(name: str) -> None:
     """The containers run `dsi ARGS` (the image's entrypoint): every rendered
     command line, with the ConfigMap's values substituted, parses."""
-    from dsi.cli import build_parser
+    from dsi.tools.cli import build_parser
 
     objs = render(name)
     parser = build_parser()
@@ -570,7 +570,7 @@ def test_dockerfile_runtime_is_non_root_with_dsi_entrypoint() -> None:
         for dep in by_kind(render(name), "Deployment").values():
             assert pod_spec(dep)["securityContext"]["runAsUser"] == uid
     pyproject = (ROOT / "pyproject.toml").read_text()
-    assert re.search(r'^dsi = "dsi\.cli:main"$', pyproject, re.M), "the image's entrypoint is the dsi script"
+    assert re.search(r'^dsi = "dsi\.tools\.cli:main"$', pyproject, re.M), "the image's entrypoint is the dsi script"
 
 
 # --- the synthetic overlay's own command lines, run locally ------------------------

@@ -18,9 +18,9 @@ import grpc
 import openai
 import pytest
 
-from dsi.client import Client, request
-from dsi.metrics import CoordinatorMetrics, ServiceMetrics, parse_text, serve_metrics
+from dsi.serving.metrics import CoordinatorMetrics, ServiceMetrics, parse_text, serve_metrics
 from dsi.v1 import generation_pb2, generation_pb2_grpc
+from dsi.wire.client import Client, request
 from services.coordinator.openai_api import start_openai_api
 from tests.helpers import LOOPBACK, eventually, local_cluster
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from dsi.client import Client, request
+from dsi.wire.client import Client, request
 from tests.helpers import local_cluster
 
 ROOT = Path(__file__).resolve().parents[1]

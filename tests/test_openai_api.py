@@ -14,8 +14,8 @@ import aiohttp
 import openai
 import pytest
 
-from dsi import errors
-from dsi.client import Client, request
+from dsi.domain import errors
+from dsi.wire.client import Client, request
 from services.coordinator.coordinator import Codec
 from services.coordinator.openai_api import OpenAIApi, api_error, fallback_chat_text, start_openai_api
 from tests.helpers import LOOPBACK, LocalCluster, eventually, local_cluster, tiny_tokenizer

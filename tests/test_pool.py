@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from dsi.errors import Unavailable
+from dsi.domain.errors import Unavailable
 from services.coordinator.pool import Pool
 
 

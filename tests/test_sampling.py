@@ -1,4 +1,4 @@
-"""The sampling math of dsi/sampling.py: warping, keyed randomness, sparse
+"""The sampling math of dsi/domain/sampling.py: warping, keyed randomness, sparse
 proposals and the exact speculative rejection sampling that makes every
 strategy lossless.
 
@@ -16,9 +16,9 @@ import math
 import numpy as np
 import pytest
 
-from dsi import sampling
-from dsi.errors import InvalidArgument
-from dsi.sampling import (
+from dsi.domain import sampling
+from dsi.domain.errors import InvalidArgument
+from dsi.domain.sampling import (
     STREAM_ACCEPT,
     STREAM_DRAFT,
     STREAM_SAMPLE,
@@ -30,7 +30,7 @@ from dsi.sampling import (
     verify_rows,
     warp,
 )
-from dsi.types import GREEDY, DraftToken, SamplingParams, SparseDist
+from dsi.domain.types import GREEDY, DraftToken, SamplingParams, SparseDist
 
 V = 6
 

@@ -22,12 +22,12 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from dsi import errors
 from dsi.backends import LocalDrafter, LocalTarget, load_drafter_model, load_target_model
-from dsi.server import start_server
-from dsi.transport import GrpcDrafter, GrpcTarget
-from dsi.types import DraftRequest, VerifyRequest
+from dsi.domain import errors
+from dsi.domain.types import DraftRequest, VerifyRequest
+from dsi.serving.server import start_server
 from dsi.v1 import common_pb2, drafter_pb2, drafter_pb2_grpc, target_pb2, target_pb2_grpc
+from dsi.wire.transport import GrpcDrafter, GrpcTarget
 from services.drafter.service import SERVICE_NAME as DRAFTER_SERVICE
 from services.drafter.service import register as register_drafter
 from services.target.service import SERVICE_NAME as TARGET_SERVICE

@@ -1,4 +1,4 @@
-"""SessionStore (dsi/sessions.py): bounded, idle-limited per-session state with
+"""SessionStore (dsi/domain/sessions.py): bounded, idle-limited per-session state with
 in-order access per session."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ from contextlib import AsyncExitStack
 
 import pytest
 
-from dsi.errors import ResourceExhausted
-from dsi.sessions import SessionStore
+from dsi.domain.errors import ResourceExhausted
+from dsi.domain.sessions import SessionStore
 from tests.helpers import eventually
 
 

@@ -1,7 +1,7 @@
 """Graceful shutdown of the real processes (``python -m dsi ...``), as
 Kubernetes does it: SIGTERM while a streamed ``Generate`` runs.
 
-What the code does (``dsi/server.py``): on SIGTERM a server reports
+What the code does (``dsi/serving/server.py``): on SIGTERM a server reports
 NOT_SERVING on the standard health service (a ``Watch`` stream gets the
 change, then ends), waits ``--drain-delay`` seconds still serving, then calls
 ``server.stop(--grace)``: new RPCs are refused, running ones get ``--grace``
@@ -41,9 +41,9 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from dsi import errors
-from dsi.client import Client
+from dsi.domain import errors
 from dsi.v1 import drafter_pb2, drafter_pb2_grpc, generation_pb2, generation_pb2_grpc, target_pb2, target_pb2_grpc
+from dsi.wire.client import Client
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -369,7 +369,7 @@ def test_a_call_dropped_by_a_stopping_server_is_unavailable() -> None:
     not cancel it (grpc.aio raises CancelledError for that), so dsi reports
     the peer as unavailable: the coordinator's client gets UNAVAILABLE naming
     the target, never a CANCELLED it did not ask for."""
-    from dsi.grpc_status import to_domain
+    from dsi.wire.grpc_status import to_domain
 
     dropped = grpc.aio.AioRpcError(grpc.StatusCode.CANCELLED, grpc.aio.Metadata(), grpc.aio.Metadata(), "CANCELLED")
     err = to_domain(dropped, "target 127.0.0.1:50051")

@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dsi.cli import main as cli_main
-from dsi.experiments import config as xconfig
-from dsi.experiments.simulate import (
+from dsi.tools.cli import main as cli_main
+from dsi.tools.experiments import config as xconfig
+from dsi.tools.experiments.simulate import (
     Node,
     SimConfig,
     draw_coins,

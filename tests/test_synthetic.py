@@ -15,9 +15,9 @@ import pytest
 from dsi.backends import load_drafter_model, load_target_model
 from dsi.backends.base import LocalDrafter, LocalTarget
 from dsi.backends.synthetic import PseudoLM, SyntheticDrafter, SyntheticSpec, SyntheticTarget
-from dsi.errors import InvalidArgument
-from dsi.sampling import warp
-from dsi.types import GREEDY, DraftRequest, DraftToken, SamplingParams, VerifyRequest
+from dsi.domain.errors import InvalidArgument
+from dsi.domain.sampling import warp
+from dsi.domain.types import GREEDY, DraftRequest, DraftToken, SamplingParams, VerifyRequest
 
 # ---------------------------------------------------------------------------
 # SyntheticSpec.parse

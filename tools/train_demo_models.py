@@ -519,7 +519,7 @@ async def engine_acceptance(
     from transformers import AutoTokenizer
 
     from dsi.backends import LocalDrafter, LocalTarget, load_drafter_model, load_target_model
-    from dsi.types import SamplingParams
+    from dsi.domain.types import SamplingParams
     from services.coordinator.engine import Engine, GenerationParams, Strategy
 
     tok = AutoTokenizer.from_pretrained(str(target_dir), local_files_only=True)
@@ -569,7 +569,7 @@ async def engine_acceptance(
 def machine() -> str:
     import torch
 
-    from dsi.experiments.bench import machine as describe
+    from dsi.tools.experiments.bench import machine as describe
 
     return f"{describe()}, torch.set_num_threads({torch.get_num_threads()}), torch {torch.__version__}"
 

@@ -18,10 +18,10 @@ from typing import Any
 
 import numpy as np
 
-from dsi import sampling, validation
-from dsi.interfaces import Drafter, Target
-from dsi.sessions import SessionStore
-from dsi.types import (
+from dsi.domain import sampling, validation
+from dsi.domain.interfaces import Drafter, Target
+from dsi.domain.sessions import SessionStore
+from dsi.domain.types import (
     DraftChunk,
     DraftRequest,
     DraftToken,
@@ -113,7 +113,7 @@ class LocalTarget(Target):
             model.new_state, max_sessions, session_idle_timeout, on_drop=model.drop_state
         )
         self.counters = ServiceCounters()
-        #: Called with every forward pass (metrics, see dsi/metrics.py); None = nothing to call.
+        #: Called with every forward pass (metrics, see dsi/serving/metrics.py); None = nothing to call.
         self.on_forward: Callable[[Forward], None] | None = None
         self._device = _Device()
 
@@ -178,7 +178,7 @@ class LocalDrafter(Drafter):
             model.new_state, max_sessions, session_idle_timeout, on_drop=model.drop_state
         )
         self.counters = ServiceCounters()
-        #: Called with every forward pass (metrics, see dsi/metrics.py); None = nothing to call.
+        #: Called with every forward pass (metrics, see dsi/serving/metrics.py); None = nothing to call.
         self.on_forward: Callable[[Forward], None] | None = None
         self.active_streams = 0
         self._device = _Device()

@@ -24,9 +24,9 @@ from typing import Any
 import numpy as np
 
 from dsi.backends.base import DrafterModel, Forward, TargetModel
-from dsi.errors import InvalidArgument, NotFound
-from dsi.sampling import warp
-from dsi.types import ModelInfo, SamplingParams
+from dsi.domain.errors import InvalidArgument, NotFound
+from dsi.domain.sampling import warp
+from dsi.domain.types import ModelInfo, SamplingParams
 
 log = logging.getLogger(__name__)
 

@@ -39,9 +39,9 @@ from dataclasses import dataclass, fields
 import numpy as np
 
 from dsi.backends.base import DrafterModel, Forward, TargetModel
-from dsi.errors import InvalidArgument
-from dsi.sampling import warp
-from dsi.types import ModelInfo, SamplingParams
+from dsi.domain.errors import InvalidArgument
+from dsi.domain.sampling import warp
+from dsi.domain.types import ModelInfo, SamplingParams
 
 PREFIX = "synthetic"
 CONTEXT_WINDOW = 4  # tokens of context the pseudo model looks at

@@ -14,9 +14,9 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from dsi.errors import InvalidArgument, Unavailable
-from dsi.interfaces import Drafter, Target
-from dsi.types import SamplingParams, ServiceInfo
+from dsi.domain.errors import InvalidArgument, Unavailable
+from dsi.domain.interfaces import Drafter, Target
+from dsi.domain.types import SamplingParams, ServiceInfo
 from services.coordinator.engine import Engine, FinishReason, GenerationParams, GenerationStats, Strategy
 from services.coordinator.pool import Pool
 
@@ -200,7 +200,7 @@ class Coordinator:
         self._none_running = asyncio.Event()
         self._none_running.set()
         self.watchers: list[Any] = []  # discovery watchers, see discovery.py
-        #: Wraps every generation's output stream (metrics, see dsi/metrics.py); None = as is.
+        #: Wraps every generation's output stream (metrics, see dsi/serving/metrics.py); None = as is.
         self.instrument: Callable[[GenerateInput, AsyncIterator[GenerateOutput]], AsyncIterator[GenerateOutput]] | None
         self.instrument = None
         for kind, peers in ((TARGET, targets), (DRAFTER, drafters)):

@@ -18,7 +18,7 @@ import socket
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
-from dsi.errors import InvalidArgument, Unavailable
+from dsi.domain.errors import InvalidArgument, Unavailable
 from services.coordinator.coordinator import DRAFTER, TARGET, Codec, Coordinator, Defaults
 
 log = logging.getLogger(__name__)

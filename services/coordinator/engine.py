@@ -1,8 +1,8 @@
 """The generation engine: non-SI, SI and DSI over abstract Target/Drafter.
 
 Nothing here knows about gRPC: targets and drafters are the interfaces of
-:mod:`dsi.interfaces`, implemented in-process by :mod:`dsi.backends` and over
-the network by :mod:`dsi.transport`.
+:mod:`dsi.domain.interfaces`, implemented in-process by :mod:`dsi.backends` and over
+the network by :mod:`dsi.wire.transport`.
 
 Losslessness (DESIGN.md): every sequence position is decided exactly once, by
 one verification whose assumed prefix equals the committed prefix, and the
@@ -37,9 +37,9 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 
-from dsi.errors import Internal, InvalidArgument, Unavailable
-from dsi.interfaces import Drafter, Target
-from dsi.types import GREEDY, DraftChunk, DraftRequest, DraftToken, SamplingParams, VerifyRequest, VerifyResult
+from dsi.domain.errors import Internal, InvalidArgument, Unavailable
+from dsi.domain.interfaces import Drafter, Target
+from dsi.domain.types import GREEDY, DraftChunk, DraftRequest, DraftToken, SamplingParams, VerifyRequest, VerifyResult
 from services.coordinator.pool import Lease, Pool
 
 log = logging.getLogger(__name__)

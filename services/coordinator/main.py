@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import logging
 
-from dsi.metrics import CoordinatorMetrics, add_metrics_argument, serve_metrics
-from dsi.server import announce, serve_until_signal, start_server
-from dsi.transport import GrpcDrafter, GrpcTarget
+from dsi.serving.metrics import CoordinatorMetrics, add_metrics_argument, serve_metrics
+from dsi.serving.server import announce, serve_until_signal, start_server
+from dsi.wire.transport import GrpcDrafter, GrpcTarget
 from services.coordinator.coordinator import Codec, Coordinator, Defaults
 from services.coordinator.discovery import build_coordinator
 from services.coordinator.engine import Strategy

@@ -28,8 +28,8 @@ from typing import Any
 
 from aiohttp import web
 
-from dsi import errors
-from dsi.web import HttpServer, start_http
+from dsi.domain import errors
+from dsi.serving.web import HttpServer, start_http
 from services.coordinator.coordinator import Coordinator, GenerateInput, GenerateOutput
 from services.coordinator.engine import FinishReason, GenerationStats, Strategy
 

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
-from dsi.errors import Unavailable
+from dsi.domain.errors import Unavailable
 
 T = TypeVar("T")
 

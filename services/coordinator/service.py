@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import grpc
 
-from dsi import convert
-from dsi.errors import InvalidArgument
-from dsi.grpc_status import guard
+from dsi.domain.errors import InvalidArgument
 from dsi.v1 import generation_pb2, generation_pb2_grpc
+from dsi.wire import convert
+from dsi.wire.grpc_status import guard
 from services.coordinator.coordinator import DRAFTER, TARGET, Coordinator, GenerateInput, GenerateOutput, Peer
 from services.coordinator.engine import FinishReason, GenerationStats, Strategy
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import grpc
 
-from dsi import convert
-from dsi.grpc_status import guard
-from dsi.interfaces import Drafter
+from dsi.domain.interfaces import Drafter
 from dsi.v1 import drafter_pb2, drafter_pb2_grpc
+from dsi.wire import convert
+from dsi.wire.grpc_status import guard
 
 SERVICE_NAME = drafter_pb2.DESCRIPTOR.services_by_name["DrafterService"].full_name
 

@@ -7,8 +7,8 @@ import asyncio
 import logging
 
 from dsi.backends import LocalTarget, add_model_arguments, apply_cpu_threads, load_target_model
-from dsi.metrics import add_metrics_argument, serve_service_metrics
-from dsi.server import announce, serve_until_signal, start_server
+from dsi.serving.metrics import add_metrics_argument, serve_service_metrics
+from dsi.serving.server import announce, serve_until_signal, start_server
 from services.target.service import register
 
 log = logging.getLogger("dsi.target")

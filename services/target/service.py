@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import grpc
 
-from dsi import convert
-from dsi.grpc_status import guard
-from dsi.interfaces import Target
+from dsi.domain.interfaces import Target
 from dsi.v1 import target_pb2, target_pb2_grpc
+from dsi.wire import convert
+from dsi.wire.grpc_status import guard
 
 SERVICE_NAME = target_pb2.DESCRIPTOR.services_by_name["TargetService"].full_name
 
@@ -35,7 +35,7 @@ class TargetServicer(target_pb2_grpc.TargetServiceServicer):
 
 
 def register(target: Target, vocab_size: int):
-    """A ``register`` callback for :func:`dsi.server.start_server`."""
+    """A ``register`` callback for :func:`dsi.serving.server.start_server`."""
 
     def _register(server: grpc.aio.Server) -> list[str]:
         target_pb2_grpc.add_TargetServiceServicer_to_server(TargetServicer(target, vocab_size), server)

@@ -1,7 +1,7 @@
 """Domain types shared by models, services and the coordinator.
 
 These mirror the messages of ``protos/dsi/v1`` but know nothing of protobuf;
-:mod:`dsi.convert` translates between the two.
+:mod:`dsi.wire.convert` translates between the two.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from dsi.errors import InvalidArgument
+from dsi.domain.errors import InvalidArgument
 
 # A draft distribution's probabilities must add up to 1 within this tolerance.
 PROB_SUM_TOLERANCE = 1e-3

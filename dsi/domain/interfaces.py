@@ -2,7 +2,7 @@
 
 The coordinator's strategies see only :class:`Target` and :class:`Drafter`.
 In-process backends (:mod:`dsi.backends`) implement them directly; gRPC
-clients (:mod:`dsi.transport`) implement them over the network. One algorithm,
+clients (:mod:`dsi.wire.transport`) implement them over the network. One algorithm,
 two transports.
 """
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 import abc
 from collections.abc import AsyncIterator
 
-from dsi.types import DraftChunk, DraftRequest, ServiceInfo, VerifyRequest, VerifyResult
+from dsi.domain.types import DraftChunk, DraftRequest, ServiceInfo, VerifyRequest, VerifyResult
 
 
 class Target(abc.ABC):

@@ -1,5 +1,5 @@
 """Checks of request fields against a model's vocabulary and a service's
-limits. Each failure raises :class:`~dsi.errors.InvalidArgument` with a message
+limits. Each failure raises :class:`~dsi.domain.errors.InvalidArgument` with a message
 that says what is wrong."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from dsi.errors import InvalidArgument
-from dsi.types import DraftToken, SamplingParams
+from dsi.domain.errors import InvalidArgument
+from dsi.domain.types import DraftToken, SamplingParams
 
 MAX_SESSION_ID_LENGTH = 128
 

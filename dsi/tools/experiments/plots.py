@@ -18,7 +18,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.colors import TwoSlopeNorm
 
-from dsi.experiments.simulate import RATIOS
+from dsi.tools.experiments.simulate import RATIOS
 
 CMAP = "RdYlGn_r"  # low (faster) = green, 1 = yellow, high (slower) = red
 DPI = 90

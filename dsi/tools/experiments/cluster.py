@@ -5,7 +5,7 @@ Two ways, the same services and the same gRPC hops either way:
 * ``subprocess`` (the default of ``dsi bench``): every target and drafter is its
   own ``dsi target`` / ``dsi drafter`` process, as ``dsi up`` and a deployment
   run them, and the coordinator its own process
-  (:mod:`dsi.experiments.coordinator`: the stock coordinator whose client
+  (:mod:`dsi.tools.experiments.coordinator`: the stock coordinator whose client
   channels carry the injected link delays). Each service has its own event
   loop and Python interpreter, so their overheads do not add up in one loop.
 * ``inproc``: every server in the benchmark's own event loop (fast start-up:
@@ -27,9 +27,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dsi.errors import Unavailable
-from dsi.experiments import netdelay
-from dsi.experiments.config import Cluster
+from dsi.domain.errors import Unavailable
+from dsi.tools.experiments import netdelay
+from dsi.tools.experiments.config import Cluster
 
 LAUNCHES = ("subprocess", "inproc")
 
@@ -140,7 +140,7 @@ async def start(
             argv += ["--target", addr, "--target-delay-ms", f"{inst.delay_ms:g}"]
         for inst, addr in zip(cluster.drafters, addrs[len(cluster.targets) :], strict=True):
             argv += ["--drafter", addr, "--drafter-delay-ms", f"{inst.delay_ms:g}"]
-        coordinator = await _spawn(log_dir, "coordinator", "dsi.experiments.coordinator", argv)
+        coordinator = await _spawn(log_dir, "coordinator", "dsi.tools.experiments.coordinator", argv)
         children.append(coordinator)
         address = await _address(coordinator, startup_timeout)
     except BaseException:
@@ -151,8 +151,8 @@ async def start(
 
 async def _start_inproc(cluster: Cluster) -> Running:
     from dsi.backends import LocalDrafter, LocalTarget, load_drafter_model, load_target_model
-    from dsi.server import start_server
-    from dsi.transport import GrpcDrafter, GrpcTarget
+    from dsi.serving.server import start_server
+    from dsi.wire.transport import GrpcDrafter, GrpcTarget
     from services.coordinator.coordinator import Codec, Coordinator, Defaults
     from services.coordinator.service import register as register_coordinator
     from services.drafter.service import register as register_drafter

@@ -11,12 +11,12 @@ from collections.abc import AsyncIterator, Sequence
 
 import grpc
 
-from dsi import convert
-from dsi.errors import Unavailable
-from dsi.grpc_status import call, to_domain
-from dsi.interfaces import Drafter, Target
-from dsi.types import DraftChunk, DraftRequest, ServiceInfo, VerifyRequest, VerifyResult
+from dsi.domain.errors import Unavailable
+from dsi.domain.interfaces import Drafter, Target
+from dsi.domain.types import DraftChunk, DraftRequest, ServiceInfo, VerifyRequest, VerifyResult
 from dsi.v1 import drafter_pb2, drafter_pb2_grpc, target_pb2, target_pb2_grpc
+from dsi.wire import convert
+from dsi.wire.grpc_status import call, to_domain
 
 CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
@@ -31,7 +31,7 @@ _NO_VOCAB_CHECK = 2**32
 
 def open_channel(address: str, interceptors: Sequence[grpc.aio.ClientInterceptor] | None = None) -> grpc.aio.Channel:
     """A channel to ``address``; ``interceptors`` wrap every call on it (the
-    benchmarks inject network delay this way, see dsi.experiments.netdelay)."""
+    benchmarks inject network delay this way, see dsi.tools.experiments.netdelay)."""
     return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS, interceptors=interceptors)
 
 

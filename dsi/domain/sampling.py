@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from dsi.types import Decision, DraftToken, SamplingParams, SparseDist
+from dsi.domain.types import Decision, DraftToken, SamplingParams, SparseDist
 
 # Independent random streams per position.
 STREAM_ACCEPT = 1  # target: accept/reject test of a draft token

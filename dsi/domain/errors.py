@@ -1,7 +1,7 @@
 """Domain errors.
 
 Model code, backends and the coordinator raise these; the gRPC layer maps them
-to status codes in exactly one place (:mod:`dsi.grpc_status`). Nothing here
+to status codes in exactly one place (:mod:`dsi.wire.grpc_status`). Nothing here
 imports grpc.
 """
 

@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from dsi.backends import is_synthetic
-from dsi.experiments.simulate import Node, SimConfig
+from dsi.tools.experiments.simulate import Node, SimConfig
 
 if sys.version_info >= (3, 11):
     import tomllib

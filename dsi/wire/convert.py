@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from dsi.types import (
+from dsi.domain.types import (
     Decision,
     DraftChunk,
     DraftRequest,

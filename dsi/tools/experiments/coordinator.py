@@ -1,7 +1,7 @@
 """The coordinator process of ``dsi bench``: ``dsi coordinator`` whose client
 channels carry injected network delay.
 
-    python -m dsi.experiments.coordinator --target A --target-delay-ms 2 \\
+    python -m dsi.tools.experiments.coordinator --target A --target-delay-ms 2 \\
         --target B --target-delay-ms 0 --drafter C --drafter-delay-ms 1 ...
 
 ``--target-delay-ms`` / ``--drafter-delay-ms`` give, in order, the one-way
@@ -15,14 +15,14 @@ import argparse
 import asyncio
 import sys
 
-from dsi.experiments import netdelay
+from dsi.tools.experiments import netdelay
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    from dsi.cli import _server_args
+    from dsi.tools.cli import _server_args
     from services.coordinator import main as coordinator
 
-    p = argparse.ArgumentParser(prog="python -m dsi.experiments.coordinator", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m dsi.tools.experiments.coordinator", description=__doc__)
     coordinator.add_arguments(p)
     _server_args(p, "coordinator", sessions=False)
     p.add_argument("--target-delay-ms", type=float, action="append", default=[], help="one-way delay per --target")
@@ -34,8 +34,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 async def run(args: argparse.Namespace) -> None:
-    from dsi.server import announce, serve_until_signal, start_server
-    from dsi.transport import GrpcDrafter, GrpcTarget
+    from dsi.serving.server import announce, serve_until_signal, start_server
+    from dsi.wire.transport import GrpcDrafter, GrpcTarget
     from services.coordinator.coordinator import Coordinator, Defaults
     from services.coordinator.engine import Strategy
     from services.coordinator.main import load_codec
@@ -62,7 +62,7 @@ async def run(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from dsi.logs import setup_logging
+    from dsi.serving.logs import setup_logging
 
     args = parse_args(argv)
     setup_logging(args.log_level, args.log_format)

@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from dsi.errors import InvalidArgument, NotFound, Unavailable
+from dsi.domain.errors import InvalidArgument, NotFound, Unavailable
 
 # Latencies like a 13B target and a 68M drafter, each on its own data-centre
 # GPU (the Vicuna-13B / Vicuna-68M pair of the DSI paper); acceptance as
@@ -42,7 +42,7 @@ def demo_models_dir() -> Path:
     repository root of a checkout or an editable install. A built wheel does not
     carry the models (26 MB); point ``DSI_MODELS_DIR`` at a checkout's models/."""
     env = os.environ.get(MODELS_ENV)
-    return Path(env).expanduser() if env else Path(__file__).resolve().parent.parent / "models"
+    return Path(env).expanduser() if env else Path(__file__).resolve().parents[2] / "models"
 
 
 def resolve_models(args: argparse.Namespace) -> None:
@@ -278,8 +278,8 @@ def served_urls(log: Path) -> list[str]:
 
 
 async def demo(address: str, args: argparse.Namespace) -> int:
-    from dsi.cli import stats_line
-    from dsi.client import Client, request
+    from dsi.tools.cli import stats_line
+    from dsi.wire.client import Client, request
 
     synthetic = synthetic_target(args)
     prompt = args.prompt or ("" if synthetic else "def fibonacci(n):")

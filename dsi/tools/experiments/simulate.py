@@ -859,7 +859,7 @@ def main(args: argparse.Namespace) -> int:
     (out / "grid.json").write_text(json.dumps(meta, indent=2))
     pngs = []
     try:
-        from dsi.experiments import plots
+        from dsi.tools.experiments import plots
 
         pngs = plots.grid_heatmaps(rows, out, "simulated", meta)
     except ImportError as exc:

@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 import grpc
 
-from dsi import errors
+from dsi.domain import errors
 
 log = logging.getLogger(__name__)
 

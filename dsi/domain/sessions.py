@@ -17,7 +17,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
-from dsi.errors import ResourceExhausted
+from dsi.domain.errors import ResourceExhausted
 
 S = TypeVar("S")
 

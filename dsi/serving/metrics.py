@@ -30,8 +30,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
 
-from dsi import errors
-from dsi.web import HttpServer, start_http
+from dsi.domain import errors
+from dsi.serving.web import HttpServer, start_http
 
 if TYPE_CHECKING:
     from dsi.backends.base import Forward, LocalDrafter, LocalTarget

@@ -19,8 +19,8 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from dsi import __version__
-from dsi.errors import DsiError
-from dsi.logs import setup_logging
+from dsi.domain.errors import DsiError
+from dsi.serving.logs import setup_logging
 
 DEFAULT_PORTS = {"coordinator": 50050, "target": 50051, "drafter": 50052}
 
@@ -98,7 +98,7 @@ def stats_line(r: Any) -> str:
 
 
 async def _generate(args: argparse.Namespace) -> int:
-    from dsi.client import Client, request
+    from dsi.wire.client import Client, request
 
     req = request(
         args.prompt or "",
@@ -134,7 +134,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _cmd_up(args: argparse.Namespace) -> int:
-    from dsi.up import main as up_main
+    from dsi.tools.up import main as up_main
 
     return asyncio.run(up_main(args))
 
@@ -170,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     p.set_defaults(func=_cmd_generate)
 
-    from dsi.up import add_arguments as up_arguments
+    from dsi.tools.up import add_arguments as up_arguments
 
     p = sub.add_parser(
         "up",
@@ -180,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     up_arguments(p)
     p.set_defaults(func=_cmd_up)
 
-    from dsi.experiments import bench, simulate
+    from dsi.tools.experiments import bench, simulate
 
     p = sub.add_parser(
         "simulate",

@@ -1,7 +1,7 @@
 """Random-weight Hugging Face models for latency experiments (nothing is
 downloaded: the weights come from a config object and a seed).
 
-    python -m dsi.experiments.hfmodels DIR [--size small|tiny]
+    python -m dsi.tools.experiments.hfmodels DIR [--size small|tiny]
 
 writes ``DIR/target`` (a Llama-architecture causal LM) and ``DIR/drafter``: the
 target's embeddings, its first layer and its head (an early-exit drafter with
@@ -65,7 +65,7 @@ def build(
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m dsi.experiments.hfmodels", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m dsi.tools.experiments.hfmodels", description=__doc__)
     p.add_argument("dir", type=Path)
     p.add_argument("--size", choices=sorted(SIZES), default="small")
     p.add_argument("--seed", type=int, default=0)

@@ -34,8 +34,8 @@ from typing import Any
 
 import numpy as np
 
-from dsi.experiments import config as xconfig
-from dsi.experiments.simulate import STRATEGIES, simulate_config, write_csv
+from dsi.tools.experiments import config as xconfig
+from dsi.tools.experiments.simulate import STRATEGIES, simulate_config, write_csv
 
 DEFAULT_RUN = {
     "tokens": 64,
@@ -59,7 +59,7 @@ HF_PEERS = ("hf_generate", "hf_assisted")
 async def generate_once(client: Any, prompt: list[int], tokens: int, strategy: str, lookahead: int) -> dict:
     """Stream one generation; times are client-side (the request leaves ->
     the last token arrives)."""
-    from dsi.client import FINISH_NAMES, request, stats_dict
+    from dsi.wire.client import FINISH_NAMES, request, stats_dict
 
     req = request(prompt_ids=prompt, max_new_tokens=tokens, strategy=strategy, lookahead=lookahead)
     ids: list[int] = []
@@ -347,8 +347,8 @@ def _f(v: Any, nd: int = 3) -> str:
 async def calibrate(launch: str, log_dir: Path | None) -> dict[str, Any]:
     """Timer overshoot of asyncio.sleep, and the per-step overhead of each
     strategy with zero-latency synthetic models (pure system overhead)."""
-    from dsi.client import Client
-    from dsi.experiments import cluster as xcluster
+    from dsi.tools.experiments import cluster as xcluster
+    from dsi.wire.client import Client
 
     loop = asyncio.get_running_loop()
     timer: dict[str, float] = {}
@@ -490,7 +490,7 @@ def _run_params(args: argparse.Namespace, exp: xconfig.Experiment) -> dict[str, 
 
 def _progress(total: int, enabled: bool) -> Any:
     if not enabled:
-        from dsi.experiments.simulate import _NoBar
+        from dsi.tools.experiments.simulate import _NoBar
 
         return _NoBar()
     from tqdm import tqdm
@@ -525,8 +525,8 @@ def machine() -> str:
 
 
 async def amain(args: argparse.Namespace) -> int:
-    from dsi.client import Client
-    from dsi.experiments import cluster as xcluster
+    from dsi.tools.experiments import cluster as xcluster
+    from dsi.wire.client import Client
 
     exp = _experiment(args)
     run = _run_params(args, exp)
@@ -551,7 +551,7 @@ async def amain(args: argparse.Namespace) -> int:
         base = exp.profiles[0]
         if not base.cluster.synthetic:
             raise SystemExit("dsi bench --grid needs a synthetic cluster")
-        from dsi.experiments.simulate import grid_axes
+        from dsi.tools.experiments.simulate import grid_axes
 
         nf, na = (args.grid_size * 2)[:2]
         fracs, accs = grid_axes(nf, na, args.fraction_range, args.acceptance_range)
@@ -653,7 +653,7 @@ def _plots(
     out: Path, rows: list[dict], summary: list[dict], speedups: list[dict], args: argparse.Namespace
 ) -> list[str]:
     try:
-        from dsi.experiments import plots
+        from dsi.tools.experiments import plots
     except ImportError as exc:
         print(f"dsi bench: no plots ({exc}); install matplotlib: pip install 'dsi[experiments]'", file=sys.stderr)
         return []
@@ -679,7 +679,7 @@ def _plots(
         names.append(plots.overhead_heatmap(grid_rows, out))
         sim_dir = Path(args.sim_grid) if args.sim_grid else None
         if sim_dir is not None and (sim_dir / "grid.csv").exists():
-            from dsi.experiments.simulate import read_csv
+            from dsi.tools.experiments.simulate import read_csv
 
             names.append(plots.side_by_side(read_csv(sim_dir / "grid.csv"), grid_rows, out))
         else:
@@ -700,7 +700,7 @@ def _plots(
 
 
 def _load_csv(path: Path) -> list[dict]:
-    from dsi.experiments.simulate import read_csv
+    from dsi.tools.experiments.simulate import read_csv
 
     def conv(v: str) -> Any:
         if v in ("True", "False"):
@@ -726,7 +726,7 @@ def replot(args: argparse.Namespace) -> int:
 
 
 def main(args: argparse.Namespace) -> int:
-    from dsi.experiments.config import ConfigError
+    from dsi.tools.experiments.config import ConfigError
 
     if args.replot:
         return replot(args)

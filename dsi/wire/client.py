@@ -8,9 +8,9 @@ from typing import Any
 
 import grpc
 
-from dsi.grpc_status import call, to_domain
-from dsi.transport import open_channel
 from dsi.v1 import generation_pb2, generation_pb2_grpc
+from dsi.wire.grpc_status import call, to_domain
+from dsi.wire.transport import open_channel
 
 STRATEGIES = {
     "nonsi": generation_pb2.STRATEGY_NONSI,

@@ -1,0 +1,1 @@
+"""What every service shares to run: the gRPC server bootstrap, logging, metrics, the HTTP server."""

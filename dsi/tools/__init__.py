@@ -1,0 +1,1 @@
+"""Command-line tools: the `dsi` command, `dsi up`, and the experiments (simulate, bench)."""

@@ -1,0 +1,1 @@
+"""The wire: protobuf <-> domain conversion, the one error -> status mapping, gRPC clients."""
