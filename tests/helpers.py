@@ -14,6 +14,7 @@ from dsi.domain.interfaces import Drafter, Target
 from dsi.serving.server import RunningServer, start_server
 from dsi.wire.transport import GrpcDrafter, GrpcTarget
 from services.coordinator.coordinator import Codec, Coordinator, Defaults
+from services.coordinator.engine import Engine
 from services.coordinator.service import register as register_coordinator
 from services.drafter.service import register as register_drafter
 from services.target.service import register as register_target
@@ -173,7 +174,7 @@ async def local_cluster(
         if transport == "grpc":
             t_clients: list[Target] = []
             for lt in local_t:
-                srv = await stack.enter_async_context(serve(register_target(lt, lt.model.info.vocab_size)))
+                srv = await stack.enter_async_context(serve(register_target(lt)))
                 servers.append(srv)
                 t_clients.append(GrpcTarget(srv.address))
             d_clients: list[Drafter] = []
@@ -209,3 +210,18 @@ async def eventually(predicate, timeout: float = 5.0, interval: float = 0.01) ->
         if loop.time() > deadline:
             raise AssertionError(f"condition not reached within {timeout}s")
         await asyncio.sleep(interval)
+
+
+def make_engine(target_spec: str, drafter_spec: str, replicas: int, **kw) -> Engine:
+    """An in-process engine: ``replicas`` targets of one model and one drafter."""
+    targets = [LocalTarget(load_target_model(target_spec)) for _ in range(replicas)]
+    drafter = LocalDrafter(load_drafter_model(drafter_spec))
+    info = targets[0].model.info
+    return Engine(
+        targets,
+        [drafter],
+        eos_token_ids=info.eos_token_ids,
+        max_context=info.max_context_tokens,
+        vocab_size=info.vocab_size,
+        **kw,
+    )

@@ -229,7 +229,7 @@ async def test_delay_interceptors_add_the_delay_both_ways() -> None:
 
     target = LocalTarget(load_target_model("synthetic:vocab=64,seed=1"))
     drafter = LocalDrafter(load_drafter_model("synthetic:vocab=64,seed=1"))
-    async with serve(register_target(target, 64)) as t_srv, serve(register_drafter(drafter)) as d_srv:
+    async with serve(register_target(target)) as t_srv, serve(register_drafter(drafter)) as d_srv:
         delay = 0.02
         t = GrpcTarget(t_srv.address, interceptors=netdelay.interceptors(delay * 1000))
         d = GrpcDrafter(d_srv.address, interceptors=netdelay.interceptors(delay * 1000))

@@ -144,7 +144,7 @@ def test_help_of_every_command() -> None:
             "--grace",
             "--threads",
         ],
-        ("drafter",): ["--model", "--max-lookahead", "--proposal-top-k", "--announce", "--threads"],
+        ("drafter",): ["--model", "--max-lookahead", "--announce", "--threads"],
         ("coordinator",): ["--target", "--drafter", "--strategy", "--lookahead", "--tokenizer"],
         ("generate",): ["--coordinator", "--prompt-ids", "--max-new-tokens", "--json", "--temperature"],
         ("up",): [

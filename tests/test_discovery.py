@@ -42,7 +42,7 @@ async def start_targets(stack: AsyncExitStack, n: int, spec: str = T) -> list[tu
     out = []
     for _ in range(n):
         target = LocalTarget(load_target_model(spec))
-        srv = await stack.enter_async_context(serve(register_target(target, target.model.info.vocab_size)))
+        srv = await stack.enter_async_context(serve(register_target(target)))
         out.append((target, srv.address))
     return out
 
@@ -164,7 +164,7 @@ async def test_a_vanished_replica_is_found_on_failure_and_dropped():
     async with AsyncExitStack() as stack:
         drafter = await start_drafter(stack)
         target = LocalTarget(load_target_model(T))
-        dying = await start_server(register_target(target, 200), LOOPBACK, 0)
+        dying = await start_server(register_target(target), LOOPBACK, 0)
         ((_, survivor),) = await start_targets(stack, 1)
         resolver.answers["t"] = [dying.address]
         coordinator = await build_coordinator(

@@ -16,7 +16,7 @@ from dsi.backends import load_drafter_model, load_target_model
 from dsi.backends.base import LocalDrafter, LocalTarget
 from dsi.backends.synthetic import PseudoLM, SyntheticDrafter, SyntheticSpec, SyntheticTarget
 from dsi.domain.errors import InvalidArgument
-from dsi.domain.sampling import warp
+from dsi.domain.sampling import choose, warp
 from dsi.domain.types import GREEDY, DraftRequest, DraftToken, SamplingParams, VerifyRequest
 
 # ---------------------------------------------------------------------------
@@ -171,16 +171,30 @@ async def test_target_rows_are_the_pseudo_lm_of_each_prefix() -> None:
     [SamplingParams(temperature=1.0), SamplingParams(temperature=0.7, top_k=3), SamplingParams(1.2, top_p=0.8)],
     ids=str,
 )
-async def test_drafter_distribution_overlaps_target_by_exactly_a(a: float, params: SamplingParams) -> None:
+async def test_drafter_guesses_the_targets_token_or_one_it_never_chooses(a: float, params: SamplingParams) -> None:
+    """The drafter's scores single out one token: the target's own choice there
+    (same rule, same seed) when the context's coin says so, else a token
+    outside the target's support; so a draft is accepted exactly when the coin
+    (probability ``a``) says so."""
     d = SyntheticDrafter(f"synthetic:vocab=64,seed=1,acceptance={a}")
     state = d.new_state()
     rng = np.random.default_rng(1)
-    for _ in range(20):
+    right = 0
+    for trial in range(40):
         ctx = rng.integers(0, 64, size=6).tolist()
-        q, _ = await d.next_scores(state, ctx, params, seed=0)
-        p = warp(d.lm.logits(ctx), params)
-        assert math.isclose(q.sum(), 1.0, rel_tol=1e-12)
-        assert math.isclose(np.minimum(p, q).sum(), a, abs_tol=1e-12), "sum(min(p, q)) must equal the acceptance"
+        scores, _ = await d.next_scores(state, ctx, params, seed=trial)
+        assert np.isfinite(scores).sum() == 1
+        guess = int(np.argmax(scores))
+        assert choose(scores, params, trial, len(ctx)) == guess, "every rule picks the one finite score"
+        target = choose(d.lm.logits(ctx), params, trial, len(ctx))
+        coin = d.lm.draw(ctx)[4]
+        if coin < a:
+            assert guess == target
+            right += 1
+        else:
+            assert warp(d.lm.logits(ctx), params)[guess] == 0, "a wrong guess is a token the target never chooses"
+    if a in (0.0, 1.0):
+        assert right == 40 * a
 
 
 # ---------------------------------------------------------------------------

@@ -652,8 +652,7 @@ Whole pipeline (tokenizer, target, drafter, evaluation): **{r["wall_seconds"] / 
   `LocalDrafter` on these folders), strategy SI, lookahead {g["lookahead"]}, {g["max_new_tokens"]} new tokens for
   each of {g["prompts"]} held-out prompts (a one-line `def` with up to 8 lines of the code before it, ending at
   the colon; listed in `../eval.json`). Rate = drafts accepted / drafts whose position was decided, pooled. Sampled
-  means temperature {s["temperature"]}, no top-k/top-p, with the drafter's default top-64 proposal distribution
-  and exact speculative sampling.
+  means temperature {s["temperature"]}, no top-k/top-p, with dsi's keyed Gumbel-max decision rule.
 - `tests/test_demo_models.py` re-measures greedy acceptance on the first {r["test_subset"]["prompts"]} prompts
   ({r["test_subset"]["max_new_tokens"]} new tokens): {r["test_subset"]["acceptance_rate"]:.3f} when trained.
 
@@ -684,6 +683,30 @@ print(tok.decode(model.generate(ids, max_new_tokens=60, do_sample=False)[0]))
 # --------------------------------------------------------------------------- main
 
 
+def measure_again(out: Path) -> int:
+    """Re-measure the acceptance figures of an existing pair (e.g. after the
+    decision rule changed) with the prompts and settings of its eval.json."""
+    report = json.loads((out / "eval.json").read_text())
+    target_dir, drafter_dir = (out / report["models"][role]["name"] for role in ("target", "drafter"))
+
+    async def measure() -> dict:
+        got = {}
+        for name, fig in report["acceptance"].items():
+            got[name] = await engine_acceptance(
+                target_dir,
+                drafter_dir,
+                report["prompts"],
+                fig["max_new_tokens"],
+                fig["temperature"],
+                fig["seeds"],
+                fig["lookahead"],
+            )
+        return got
+
+    print(json.dumps(asyncio.run(measure()), indent=1))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
@@ -694,7 +717,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--target-steps", type=int, help="override the plan's target training steps")
     ap.add_argument("--drafter-steps", type=int, help="override the plan's drafter distillation steps")
     ap.add_argument("--quick", action="store_true", help="toy sizes and steps: a smoke test of the pipeline")
+    ap.add_argument(
+        "--measure-acceptance",
+        action="store_true",
+        help="train nothing: measure the pair in --out again (greedy and sampled, the prompts, seeds and settings"
+        " of its eval.json) through the current engine, and print the figures as JSON",
+    )
     args = ap.parse_args(argv)
+    if args.measure_acceptance:
+        return measure_again(args.out.resolve())
 
     import torch
 

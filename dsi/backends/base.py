@@ -79,9 +79,9 @@ class DrafterModel(abc.ABC):
     async def next_scores(
         self, state: Any, tokens: Sequence[int], params: SamplingParams, seed: int
     ) -> tuple[np.ndarray, Forward]:
-        """Scores for the token after ``tokens``: raw scores whose argmax is
-        the greedy proposal when ``params.greedy``, else probabilities (after
-        the same warping the target applies) to sample from."""
+        """Logits for the token after ``tokens``; the drafter proposes
+        :func:`dsi.domain.sampling.choose` of them (the decision rule the
+        target applies, on the drafter's own distribution)."""
 
     def drop_state(self, state: Any) -> None:  # noqa: B027 - optional hook
         ...
@@ -127,7 +127,7 @@ class LocalTarget(Target):
         info = self.model.info
         validation.check_session_id(request.session_id)
         validation.check_context(request.context, info.vocab_size, info.max_context_tokens, len(request.drafts))
-        validation.check_drafts(request.drafts, request.sampling, info.vocab_size, self.limits.max_draft_tokens)
+        validation.check_drafts(request.drafts, info.vocab_size, self.limits.max_draft_tokens)
 
     async def verify(self, request: VerifyRequest) -> VerifyResult:
         self.check(request)
@@ -164,7 +164,6 @@ class LocalDrafter(Drafter):
         max_sessions: int = 256,
         session_idle_timeout: float = 600.0,
         max_lookahead: int = 64,
-        proposal_top_k: int = 64,
     ) -> None:
         self.model = model
         self.name = f"local-drafter:{model.info.model_id}"
@@ -173,7 +172,6 @@ class LocalDrafter(Drafter):
             max_sessions=max_sessions,
             session_idle_timeout_seconds=session_idle_timeout,
         )
-        self.default_top_k = proposal_top_k
         self.sessions: SessionStore[Any] = SessionStore(
             model.new_state, max_sessions, session_idle_timeout, on_drop=model.drop_state
         )
@@ -202,7 +200,6 @@ class LocalDrafter(Drafter):
         info = self.model.info
         room = info.max_context_tokens - len(request.context)
         budget = min(request.max_tokens, room) if request.max_tokens else room
-        top_k = request.proposal_top_k or self.default_top_k
         eos = set(info.eos_token_ids)
         tokens = list(request.context)
         self.active_streams += 1
@@ -218,7 +215,7 @@ class LocalDrafter(Drafter):
                         async with self._device.lock:
                             waited = time.perf_counter() - queued
                             scores, fwd = await self.model.next_scores(state, tokens, request.sampling, request.seed)
-                        tok = sampling.propose(scores, request.sampling, top_k, request.seed, len(tokens))
+                        tok = DraftToken(sampling.choose(scores, request.sampling, request.seed, len(tokens)))
                         self.counters.forward_passes += 1
                         self.counters.computed_tokens += fwd.computed_tokens
                         self.counters.cached_tokens += fwd.cached_tokens

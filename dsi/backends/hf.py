@@ -25,7 +25,6 @@ import numpy as np
 
 from dsi.backends.base import DrafterModel, Forward, TargetModel
 from dsi.domain.errors import InvalidArgument, NotFound
-from dsi.domain.sampling import warp
 from dsi.domain.types import ModelInfo, SamplingParams
 
 log = logging.getLogger(__name__)
@@ -204,5 +203,4 @@ class HFDrafter(DrafterModel):
         self, state: _Session, tokens: Sequence[int], params: SamplingParams, seed: int
     ) -> tuple[np.ndarray, Forward]:
         fwd = await self.core.forward(state, tokens, 1)
-        row = fwd.rows[0]
-        return (row if params.greedy else warp(row, params)), fwd
+        return fwd.rows[0], fwd

@@ -9,13 +9,12 @@ Spec grammar (every key optional)::
 
 The target's next-token distribution ``p`` after a context depends only on
 ``(seed, len(context), context[-4:])``: ``support`` tokens with random weights.
-The drafter, built from the same vocab and seed, proposes from
-``q = A * p' + (1 - A) * r``, where ``p'`` is ``p`` warped with the request's
-sampling parameters and ``r`` lives on tokens outside ``p``'s support; then
-``sum(min(p', q)) = A`` and speculative sampling accepts each draft with
-probability exactly ``A``, independently. Greedy drafting proposes the target's
-argmax when a per-context coin with bias ``A`` says so, otherwise a token
-outside ``p``'s support.
+The drafter, built from the same vocab and seed, knows ``p``: when a
+per-context coin with bias ``A`` says so it proposes the very token the target
+will choose there (the decision rule of :mod:`dsi.domain.sampling`, with the
+request's sampling parameters and seed), otherwise a token outside ``p``'s
+support, which the target never chooses. Each draft is therefore accepted with
+probability exactly ``A``, independently, for greedy decoding and for sampling.
 
 Latency is an ``asyncio.sleep``: the first forward pass of a session sleeps
 ``ttft_ms``, later ones ``tpot_ms``; a target adds ``verify_token_ms`` per draft
@@ -40,7 +39,7 @@ import numpy as np
 
 from dsi.backends.base import DrafterModel, Forward, TargetModel
 from dsi.domain.errors import InvalidArgument
-from dsi.domain.sampling import warp
+from dsi.domain.sampling import choose
 from dsi.domain.types import ModelInfo, SamplingParams
 
 PREFIX = "synthetic"
@@ -204,14 +203,11 @@ class SyntheticDrafter(DrafterModel):
         cached = min(_lcp(state.seen, tokens), len(tokens) - 1)
         seconds = await self._latency.sleep(state, 0.0)
         state.seen = list(tokens)
-        a = self.spec.acceptance
-        p_ids, p, r_ids, r, coin = self.lm.draw(tokens)
-        q = np.zeros(self.spec.vocab)
-        if params.greedy:
-            q[p_ids[np.argmax(p)] if coin < a else r_ids[np.argmax(r)]] = 1.0
+        _, _, r_ids, r, coin = self.lm.draw(tokens)
+        if coin < self.spec.acceptance:
+            guess = choose(self.lm.logits(tokens), params, seed, len(tokens))
         else:
-            logits = np.full(self.spec.vocab, -np.inf)
-            logits[p_ids] = np.log(p)
-            q = a * warp(logits, params)
-            q[r_ids] += (1.0 - a) * r
-        return q, Forward(q[None, :], cached, len(tokens) - cached, seconds)
+            guess = int(r_ids[np.argmax(r)])
+        scores = np.full(self.spec.vocab, -np.inf)
+        scores[guess] = 0.0  # every rule picks the one finite score
+        return scores, Forward(scores[None, :], cached, len(tokens) - cached, seconds)

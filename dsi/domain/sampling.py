@@ -1,14 +1,37 @@
-"""Sampling math: logit warping, drafting proposals and exact speculative
-rejection sampling with sparse draft distributions.
+"""The decision rule: which token the target puts at each position.
 
-Everything here is plain numpy in float64 on the CPU, whatever device produced
-the logits, so a decision does not depend on where it is computed.
+dsi decides every position with **keyed Gumbel-max sampling**. The token at
+sequence position ``i`` is
 
-Randomness is *keyed*: the uniform number used for a decision at sequence
-position ``i`` is a hash of ``(seed, i, stream)``. The decision at a position
-therefore does not depend on which target replica makes it, and a position's
-random numbers are independent of those of every other position, which is what
-losslessness needs (each position is decided exactly once, see DESIGN.md).
+    argmax_x ( log p_i(x) + G(seed, i, x) )
+
+where ``p_i`` is the target's next-token distribution after the committed
+prefix (warped by temperature, top-k and top-p) and ``G(seed, i, x)`` is
+standard Gumbel noise computed by hashing ``(seed, i, x)``. By the Gumbel-max
+theorem the result is a sample from ``p_i``; because the noise of position
+``i`` is independent of the noise of every other position, and the prefix is
+a function of the earlier positions' noise only, every committed token is
+distributed exactly as the target's conditional distribution. Greedy decoding
+is the same rule with zero noise.
+
+The token at a position is therefore a *function* of (seed, position, the
+target's distribution there): every target replica, every verification that
+covers the position with the right prefix, every strategy, computes the same
+token. Which verification decides a position, and when, carries no
+information (docs/architecture.md, "Why timing cannot bias the output").
+
+A draft is a *guess* of that token. The drafter guesses with the same rule on
+its own distribution, ``argmax_x (log q_i(x) + G(seed, i, x))``: where ``q`` is
+close to ``p`` the two argmaxes coincide (the Gumbel coupling), and a guess
+never needs to be accompanied by a distribution. The target accepts a draft
+when it equals its own token; the first mismatch is replaced by the target's
+token (the correction), and when every draft matches, the next token is the
+target's token after them (the bonus). The output never depends on the
+drafts, only the speed does.
+
+Everything here is numpy in float64 on the host. The noise is defined by
+32-bit integer arithmetic that never overflows an int64 (so the same values
+can be computed by torch on any device).
 """
 
 from __future__ import annotations
@@ -19,20 +42,47 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from dsi.domain.types import Decision, DraftToken, SamplingParams, SparseDist
+from dsi.domain.types import Decision, DraftToken, SamplingParams
 
-# Independent random streams per position.
-STREAM_ACCEPT = 1  # target: accept/reject test of a draft token
-STREAM_SAMPLE = 2  # target: residual sample after a rejection, or a plain sample
-STREAM_DRAFT = 3  # drafter: sampling the proposal
-
+_M32 = 0xFFFFFFFF
 _U64 = (1 << 64) - 1
+_GOLDEN32 = 0x9E3779B1  # odd: multiplication by it is a bijection modulo 2^32
 
 
-def keyed_uniform(seed: int, position: int, stream: int) -> float:
-    """A uniform number in [0, 1) determined by (seed, position, stream)."""
-    digest = hashlib.blake2b(struct.pack("<QQQ", seed & _U64, position & _U64, stream & _U64), digest_size=8).digest()
-    return (int.from_bytes(digest, "little") >> 11) * (1.0 / (1 << 53))
+def noise_keys(seed: int, position: int) -> tuple[int, int, int]:
+    """Three 32-bit keys for the noise of ``position`` under ``seed``."""
+    digest = hashlib.blake2b(struct.pack("<QQ", seed & _U64, position & _U64), digest_size=12).digest()
+    k = int.from_bytes(digest, "little")
+    return k & _M32, (k >> 32) & _M32, (k >> 64) & _M32
+
+
+def _mul32(x: np.ndarray, c: int) -> np.ndarray:
+    """``x * c mod 2^32`` for int64 ``x`` < 2^32, with products below 2^49."""
+    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & _M32
+
+
+def _fmix32(x: np.ndarray) -> np.ndarray:
+    """MurmurHash3's 32-bit finaliser: a bijection with full avalanche."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x85EBCA6B)
+    x = x ^ (x >> 13)
+    x = _mul32(x, 0xC2B2AE35)
+    return x ^ (x >> 16)
+
+
+def keyed_uniforms(seed: int, position: int, token_ids: np.ndarray) -> np.ndarray:
+    """Uniform numbers in (0, 1), 53 bits each, one per token id, determined by
+    ``(seed, position, token id)`` alone."""
+    k1, k2, k3 = noise_keys(seed, position)
+    x = _fmix32(_mul32(np.asarray(token_ids, dtype=np.int64) & _M32, _GOLDEN32) ^ k1)
+    hi = _fmix32(x ^ k2)  # 32 bits
+    lo = _fmix32(x ^ k3) >> 11  # 21 bits
+    return ((hi << 21 | lo).astype(np.float64) + 0.5) * (1.0 / (1 << 53))
+
+
+def gumbel_noise(seed: int, position: int, vocab_size: int) -> np.ndarray:
+    """Standard Gumbel noise ``G(seed, position, x)`` for every token id ``x``."""
+    return -np.log(-np.log(keyed_uniforms(seed, position, np.arange(vocab_size))))
 
 
 def warp(logits: np.ndarray, params: SamplingParams) -> np.ndarray:
@@ -56,12 +106,16 @@ def warp(logits: np.ndarray, params: SamplingParams) -> np.ndarray:
     return p
 
 
-def sample_index(probs: np.ndarray, u: float) -> int:
-    """Inverse-CDF sample from (unnormalised, non-negative) ``probs``; never
-    returns an index of probability 0."""
-    cum = np.cumsum(probs)
-    idx = int(np.searchsorted(cum, u * cum[-1], side="right"))
-    return min(idx, probs.size - 1)
+def log_probs(logits: np.ndarray, params: SamplingParams) -> np.ndarray:
+    """Warped log-probabilities up to an additive constant (-inf = excluded)."""
+    if params.top_p < 1.0:
+        with np.errstate(divide="ignore"):
+            return np.log(warp(logits, params))
+    x = np.asarray(logits, dtype=np.float64) / params.temperature
+    if 0 < params.top_k < x.size:
+        kth = np.partition(x, -params.top_k)[-params.top_k]
+        x = np.where(x < kth, -np.inf, x)
+    return x
 
 
 def greedy_token(scores: np.ndarray) -> int:
@@ -69,49 +123,13 @@ def greedy_token(scores: np.ndarray) -> int:
     return int(np.argmax(scores))
 
 
-def truncate(q: np.ndarray, top_k: int) -> SparseDist:
-    """Keep the ``top_k`` most likely entries of dense ``q`` as a SparseDist.
-
-    The probabilities are rounded to float32 (what goes on the wire) and
-    renormalised, so the drafter samples from exactly the distribution the
-    target will see.
-    """
-    nz = np.flatnonzero(q > 0)
-    if top_k and nz.size > top_k:
-        nz = nz[np.argpartition(q[nz], -top_k)[-top_k:]]
-    ids = np.sort(nz)
-    kept = q[ids]
-    return SparseDist.from_wire(ids, (kept / kept.sum()).astype(np.float32), q.size)
-
-
-def propose(q: np.ndarray, params: SamplingParams, top_k: int, seed: int, position: int) -> DraftToken:
-    """The drafter's choice at ``position`` from its dense distribution ``q``.
-
-    Greedy: the argmax, with a one-point distribution. Sampling: a sample from
-    the top-k truncation of ``q``, sent along with the token.
-    """
+def choose(logits: np.ndarray, params: SamplingParams, seed: int, position: int) -> int:
+    """The token at ``position`` under the decision rule, from raw ``logits``:
+    the argmax when greedy, else the keyed Gumbel-max sample of the warped
+    distribution. The target decides with it; a drafter guesses with it."""
     if params.greedy:
-        tok = greedy_token(q)
-        return DraftToken(tok, SparseDist(np.array([tok], dtype=np.int64), np.ones(1)))
-    dist = truncate(q, top_k)
-    idx = sample_index(dist.probs, keyed_uniform(seed, position, STREAM_DRAFT))
-    return DraftToken(int(dist.token_ids[idx]), dist)
-
-
-def decide(p: np.ndarray, draft: DraftToken, seed: int, position: int) -> Decision:
-    """Speculative sampling at one position: accept ``draft`` with probability
-    min(1, p(x)/q(x)), else sample from normalize(max(0, p - q))."""
-    assert draft.dist is not None, "sampling needs the draft distribution"
-    x = draft.token_id
-    qx = draft.dist.prob(x)
-    if keyed_uniform(seed, position, STREAM_ACCEPT) * qx < p[x]:
-        return Decision(True, x)
-    residual = p.copy()
-    residual[draft.dist.token_ids] -= draft.dist.probs
-    np.maximum(residual, 0.0, out=residual)
-    if residual.sum() <= 0.0:  # only reachable through rounding: p == q
-        residual = p
-    return Decision(False, sample_index(residual, keyed_uniform(seed, position, STREAM_SAMPLE)))
+        return greedy_token(logits)
+    return greedy_token(log_probs(logits, params) + gumbel_noise(seed, position, len(logits)))
 
 
 def verify_rows(
@@ -125,28 +143,12 @@ def verify_rows(
 
     ``rows[i]`` holds the target's logits for sequence position
     ``start_position + i`` (``len(drafts) + 1`` rows). Returns the decisions,
-    the number of leading accepted drafts, and the token after them.
+    the number of leading accepted drafts, and the token after them (the
+    correction at the first mismatch, or the bonus token).
     """
     m = len(drafts)
     assert rows.shape[0] == m + 1
-    decisions: list[Decision] = []
-    rejected_at = -1
-    for i, d in enumerate(drafts):
-        if params.greedy:
-            best = greedy_token(rows[i])
-            dec = Decision(best == d.token_id, best)
-        else:
-            dec = decide(warp(rows[i], params), d, seed, start_position + i)
-        if not dec.accepted and rejected_at < 0:
-            rejected_at = i
-        decisions.append(dec)
-    if rejected_at >= 0:
-        return decisions, rejected_at, decisions[rejected_at].token_id
-    return decisions, m, next_token(rows[m], params, seed, start_position + m)
-
-
-def next_token(row: np.ndarray, params: SamplingParams, seed: int, position: int) -> int:
-    """The target's own choice at ``position`` (no draft there)."""
-    if params.greedy:
-        return greedy_token(row)
-    return sample_index(warp(row, params), keyed_uniform(seed, position, STREAM_SAMPLE))
+    tokens = [choose(rows[i], params, seed, start_position + i) for i in range(m + 1)]
+    decisions = [Decision(t == d.token_id, t) for t, d in zip(tokens[:m], drafts, strict=True)]
+    accepted = next((i for i, dec in enumerate(decisions) if not dec.accepted), m)
+    return decisions, accepted, tokens[accepted]

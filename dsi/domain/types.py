@@ -10,12 +10,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-import numpy as np
-
 from dsi.domain.errors import InvalidArgument
-
-# A draft distribution's probabilities must add up to 1 within this tolerance.
-PROB_SUM_TOLERANCE = 1e-3
 
 
 @dataclass(frozen=True)
@@ -49,61 +44,11 @@ class SamplingParams:
 GREEDY = SamplingParams()
 
 
-@dataclass(frozen=True, eq=False)
-class SparseDist:
-    """A distribution given by its support: ``token_ids`` with ``probs``.
-
-    ``probs`` is float64 and sums to exactly what ``np.sum`` says is 1 after
-    normalisation. Both ends of a Verify build it with :meth:`from_wire` from
-    the same float32 values, so they agree bit for bit on the distribution.
-    """
-
-    token_ids: np.ndarray  # int64, distinct
-    probs: np.ndarray  # float64, normalised
-    #: The float32 values this was built from: what goes back on the wire, so a
-    #: receiver rebuilds exactly ``probs``.
-    wire: np.ndarray | None = None
-
-    @classmethod
-    def from_wire(cls, token_ids: Sequence[int], probs: Sequence[float], vocab_size: int) -> SparseDist:
-        ids = np.asarray(token_ids, dtype=np.int64)
-        p32 = np.asarray(probs, dtype=np.float32)
-        if ids.ndim != 1 or ids.size == 0:
-            raise InvalidArgument("a draft distribution must list at least one token id")
-        if p32.shape != ids.shape:
-            raise InvalidArgument(f"a draft distribution has {ids.size} token ids but {p32.size} probabilities")
-        outside = ids[(ids < 0) | (ids >= vocab_size)]
-        if outside.size:
-            raise InvalidArgument(
-                f"a draft distribution has token id {int(outside[0])} outside the vocabulary (size {vocab_size})"
-            )
-        if np.unique(ids).size != ids.size:
-            raise InvalidArgument("a draft distribution lists a token id more than once")
-        p = p32.astype(np.float64)
-        if not np.all(np.isfinite(p)) or np.any(p < 0):
-            raise InvalidArgument("draft probabilities must be finite and >= 0")
-        total = float(p.sum())
-        if abs(total - 1.0) > PROB_SUM_TOLERANCE:
-            raise InvalidArgument(f"draft probabilities must add up to 1, got {total:.6f}")
-        return cls(ids, p / total, p32)
-
-    def wire_probs(self) -> np.ndarray:
-        return self.wire if self.wire is not None else self.probs.astype(np.float32)
-
-    def prob(self, token_id: int) -> float:
-        hit = np.flatnonzero(self.token_ids == token_id)
-        return float(self.probs[hit[0]]) if hit.size else 0.0
-
-    def dense(self, vocab_size: int) -> np.ndarray:
-        out = np.zeros(vocab_size, dtype=np.float64)
-        out[self.token_ids] = self.probs
-        return out
-
-
 @dataclass(frozen=True)
 class DraftToken:
+    """A guess of the target's token at one position (see dsi.domain.sampling)."""
+
     token_id: int
-    dist: SparseDist | None = None
 
 
 @dataclass(frozen=True)
@@ -153,7 +98,6 @@ class DraftRequest:
     max_tokens: int = 0
     sampling: SamplingParams = GREEDY
     seed: int = 0
-    proposal_top_k: int = 0
 
 
 @dataclass(frozen=True)

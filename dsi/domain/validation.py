@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from dsi.domain.errors import InvalidArgument
-from dsi.domain.types import DraftToken, SamplingParams
+from dsi.domain.types import DraftToken
 
 MAX_SESSION_ID_LENGTH = 128
 
@@ -48,23 +48,10 @@ def check_context(
         )
 
 
-def check_drafts(
-    drafts: Sequence[DraftToken], sampling: SamplingParams, vocab_size: int, max_draft_tokens: int
-) -> None:
+def check_drafts(drafts: Sequence[DraftToken], vocab_size: int, max_draft_tokens: int) -> None:
     if len(drafts) > max_draft_tokens:
         raise InvalidArgument(f"{len(drafts)} draft tokens exceed the limit of {max_draft_tokens}")
     check_token_ids([d.token_id for d in drafts], vocab_size, "draft_tokens")
-    for i, d in enumerate(drafts):
-        if d.dist is None:
-            if not sampling.greedy:
-                raise InvalidArgument(
-                    f"draft_tokens[{i}] has no distribution; sampling (temperature > 0) needs one per draft token"
-                )
-            continue
-        if d.dist.prob(d.token_id) <= 0.0:
-            raise InvalidArgument(
-                f"draft_tokens[{i}] = {d.token_id} has probability 0 in the distribution it was drawn from"
-            )
 
 
 def check_lookahead(lookahead: int, max_lookahead: int) -> None:

@@ -21,6 +21,11 @@ if sys.version_info >= (3, 11):
 else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
+if sys.version_info >= (3, 13):
+    from warnings import deprecated as _deprecated
+else:
+    from typing_extensions import deprecated as _deprecated
+
 DESCRIPTOR: _descriptor.FileDescriptor
 
 @_typing.final
@@ -28,8 +33,12 @@ class SamplingParams(_message.Message):
     """How the next token is chosen from the model's logits.
 
     The warping order matches Hugging Face `generate`: temperature, then top-k,
-    then top-p. Target and drafter apply the same parameters, so the drafter's
-    proposal distribution is comparable with the target's distribution.
+    then top-p. Greedy decoding takes the argmax. Sampling takes the keyed
+    Gumbel-max sample: at sequence position i the token is
+    argmax_x(log p(x) + G(seed, i, x)), with p the warped distribution and G
+    Gumbel noise that depends only on (seed, i, x) (docs/architecture.md gives
+    the exact function). The target decides with that rule and the drafter
+    guesses with it, applying the same parameters.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -67,9 +76,8 @@ Global___SamplingParams: _TypeAlias = SamplingParams  # noqa: Y015
 class SparseDistribution(_message.Message):
     """A probability distribution over the vocabulary, given by its support.
 
-    Tokens not listed have probability 0. Receivers renormalise the listed
-    probabilities (in double precision) before use, so both ends of a Verify
-    work with exactly the same distribution.
+    Deprecated: draft tokens no longer carry distributions (the decision rule
+    does not need them); kept for wire compatibility.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -102,7 +110,7 @@ Global___SparseDistribution: _TypeAlias = SparseDistribution  # noqa: Y015
 
 @_typing.final
 class DraftToken(_message.Message):
-    """One drafted token and the distribution it was drawn from."""
+    """One drafted token: a guess of the token the target will choose there."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -111,12 +119,9 @@ class DraftToken(_message.Message):
     token_id: _builtins.int
     """The drafted token id."""
     @_builtins.property
+    @_deprecated("""This field has been marked as deprecated using proto field options.""")
     def distribution(self) -> Global___SparseDistribution:
-        """The (top-k truncated) distribution the drafter sampled token_id from;
-        token_id must have a non-zero probability in it. Required when the
-        request samples (temperature > 0), so that the target can run exact
-        speculative rejection sampling; optional for greedy decoding.
-        """
+        """Deprecated and ignored: the decision rule needs no draft distribution."""
 
     def __init__(
         self,

@@ -17,6 +17,11 @@ if sys.version_info >= (3, 11):
 else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
+if sys.version_info >= (3, 13):
+    from warnings import deprecated as _deprecated
+else:
+    from typing_extensions import deprecated as _deprecated
+
 DESCRIPTOR: _descriptor.FileDescriptor
 
 @_typing.final
@@ -88,13 +93,19 @@ class DraftRequest(_message.Message):
     context limit. The last chunk may be shorter than lookahead.
     """
     seed: _builtins.int
-    """Seed of the drafter's random choices; the choice at sequence position i
-    depends only on (seed, i) and the context.
+    """Seed of the decision rule: use the seed of the Verify requests that check
+    these drafts, so the drafter's guesses use the target's noise.
     """
-    proposal_top_k: _builtins.int
-    """Number of most likely tokens kept in each sent distribution (the draft
-    is sampled from that truncated distribution). 0 = the server default.
-    """
+    @_builtins.property
+    @_deprecated("""This field has been marked as deprecated using proto field options.""")
+    def proposal_top_k(self) -> _builtins.int:
+        """Deprecated and ignored: drafts carry no distributions any more."""
+
+    @proposal_top_k.setter
+    @_deprecated("""This field has been marked as deprecated using proto field options.""")
+    def proposal_top_k(self, value: _builtins.int) -> None:
+        """Deprecated and ignored: drafts carry no distributions any more."""
+
     @_builtins.property
     def context_token_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """The tokens to continue. Not empty; ids < vocab_size; shorter than
@@ -137,7 +148,7 @@ class DraftResponse(_message.Message):
     """Sequence position of tokens[0] (len(context) for the first chunk)."""
     @_builtins.property
     def tokens(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.DraftToken]:
-        """The drafted tokens of this chunk, each with its distribution."""
+        """The drafted tokens of this chunk."""
 
     @_builtins.property
     def stats(self) -> _common_pb2.ForwardStats:

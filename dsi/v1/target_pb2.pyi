@@ -82,9 +82,9 @@ class VerifyRequest(_message.Message):
     generation uses one session id on every instance it talks to.
     """
     seed: _builtins.int
-    """Seed of the random decisions. The uniform numbers used at sequence
-    position i depend only on (seed, i), so a decision does not depend on
-    which instance makes it.
+    """Seed of the decision rule. The token chosen at sequence position i
+    depends only on (seed, i) and the target's distribution there, so it does
+    not depend on which instance decides, nor on the drafts.
     """
     @_builtins.property
     def context_token_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
@@ -128,13 +128,11 @@ class DraftDecision(_message.Message):
     ACCEPTED_FIELD_NUMBER: _builtins.int
     TOKEN_ID_FIELD_NUMBER: _builtins.int
     accepted: _builtins.bool
-    """Whether the draft token is kept. Greedy: it equals the target's argmax.
-    Sampling: accepted with probability min(1, p(x) / q(x)).
-    """
+    """Whether the draft token equals the token the target chooses here."""
     token_id: _builtins.int
-    """The token the target puts at this position: the draft token when
-    accepted, otherwise the correction (greedy: the argmax; sampling: a
-    sample from normalize(max(0, p - q))).
+    """The token the target chooses at this position (greedy: the argmax;
+    sampling: the keyed Gumbel-max sample, see SamplingParams): the draft
+    token when accepted, otherwise the correction.
     """
     def __init__(
         self,
@@ -162,8 +160,8 @@ class VerifyResponse(_message.Message):
     """Number of leading draft tokens accepted (0..len(draft_tokens))."""
     next_token_id: _builtins.int
     """The token that follows the last accepted draft token: the correction of
-    the first rejected draft, or, when every draft was accepted, a token
-    decoded from the target's own distribution after the last one.
+    the first rejected draft, or, when every draft was accepted, the target's
+    token after the last one.
     """
     @_builtins.property
     def decisions(self) -> _containers.RepeatedCompositeFieldContainer[Global___DraftDecision]:

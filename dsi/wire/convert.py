@@ -1,8 +1,9 @@
 """Translation between protobuf messages (dsi.v1) and domain types.
 
-Conversions from the wire validate what the domain types require (e.g. a
-draft distribution that is not a distribution raises InvalidArgument); range
-checks against a model's vocabulary and limits happen in the backends.
+Conversions from the wire validate what the domain types require (e.g.
+sampling parameters out of range raise InvalidArgument); range checks against a
+model's vocabulary and limits happen in the backends. Deprecated fields
+(``DraftToken.distribution``, ``DraftRequest.proposal_top_k``) are ignored.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ from dsi.domain.types import (
     ServiceCounters,
     ServiceInfo,
     ServiceLimits,
-    SparseDist,
     VerifyRequest,
     VerifyResult,
 )
@@ -37,27 +37,12 @@ def sampling_to_pb(p: SamplingParams) -> common_pb2.SamplingParams:
     return common_pb2.SamplingParams(temperature=p.temperature, top_p=0.0 if p.top_p >= 1.0 else p.top_p, top_k=p.top_k)
 
 
-def draft_tokens_from_pb(msgs: Sequence[common_pb2.DraftToken], vocab_size: int) -> list[DraftToken]:
-    out = []
-    for m in msgs:
-        dist = (
-            SparseDist.from_wire(m.distribution.token_ids, m.distribution.probs, vocab_size)
-            if m.HasField("distribution")
-            else None
-        )
-        out.append(DraftToken(m.token_id, dist))
-    return out
+def draft_tokens_from_pb(msgs: Sequence[common_pb2.DraftToken]) -> list[DraftToken]:
+    return [DraftToken(m.token_id) for m in msgs]
 
 
 def draft_tokens_to_pb(tokens: Sequence[DraftToken]) -> list[common_pb2.DraftToken]:
-    out = []
-    for t in tokens:
-        msg = common_pb2.DraftToken(token_id=t.token_id)
-        if t.dist is not None:
-            msg.distribution.token_ids.extend(t.dist.token_ids.tolist())
-            msg.distribution.probs.extend(t.dist.wire_probs().tolist())
-        out.append(msg)
-    return out
+    return [common_pb2.DraftToken(token_id=t.token_id) for t in tokens]
 
 
 def stats_to_pb(s: ForwardStats) -> common_pb2.ForwardStats:
@@ -132,11 +117,11 @@ def service_info_from_pb(
 # --- target -----------------------------------------------------------------
 
 
-def verify_request_from_pb(m: target_pb2.VerifyRequest, vocab_size: int) -> VerifyRequest:
+def verify_request_from_pb(m: target_pb2.VerifyRequest) -> VerifyRequest:
     return VerifyRequest(
         session_id=m.session_id,
         context=list(m.context_token_ids),
-        drafts=draft_tokens_from_pb(m.draft_tokens, vocab_size),
+        drafts=draft_tokens_from_pb(m.draft_tokens),
         sampling=sampling_from_pb(m.sampling),
         seed=m.seed,
     )
@@ -181,7 +166,6 @@ def draft_request_from_pb(m: drafter_pb2.DraftRequest) -> DraftRequest:
         max_tokens=m.max_tokens,
         sampling=sampling_from_pb(m.sampling),
         seed=m.seed,
-        proposal_top_k=m.proposal_top_k,
     )
 
 
@@ -193,7 +177,6 @@ def draft_request_to_pb(r: DraftRequest) -> drafter_pb2.DraftRequest:
         max_tokens=r.max_tokens,
         sampling=sampling_to_pb(r.sampling),
         seed=r.seed,
-        proposal_top_k=r.proposal_top_k,
     )
 
 
@@ -203,5 +186,5 @@ def draft_chunk_to_pb(c: DraftChunk) -> drafter_pb2.DraftResponse:
     )
 
 
-def draft_chunk_from_pb(m: drafter_pb2.DraftResponse, vocab_size: int) -> DraftChunk:
-    return DraftChunk(draft_tokens_from_pb(m.tokens, vocab_size), m.start_position, stats_from_pb(m.stats))
+def draft_chunk_from_pb(m: drafter_pb2.DraftResponse) -> DraftChunk:
+    return DraftChunk(draft_tokens_from_pb(m.tokens), m.start_position, stats_from_pb(m.stats))

@@ -24,9 +24,6 @@ CHANNEL_OPTIONS = [
     ("grpc.keepalive_time_ms", 30_000),
     ("grpc.enable_retries", 0),
 ]
-# Vocabulary bound used when decoding streamed distributions on the client:
-# the target re-validates them against its own vocabulary.
-_NO_VOCAB_CHECK = 2**32
 
 
 def open_channel(address: str, interceptors: Sequence[grpc.aio.ClientInterceptor] | None = None) -> grpc.aio.Channel:
@@ -98,7 +95,7 @@ class GrpcDrafter(Drafter):
         stream = self.stub.Draft(convert.draft_request_to_pb(request))
         try:
             async for msg in stream:
-                yield convert.draft_chunk_from_pb(msg, _NO_VOCAB_CHECK)
+                yield convert.draft_chunk_from_pb(msg)
         except grpc.aio.AioRpcError as exc:
             raise to_domain(exc, self.name) from None
         finally:

@@ -17,19 +17,13 @@ log = logging.getLogger("dsi.drafter")
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p)
     p.add_argument("--max-lookahead", type=int, default=64, help="largest lookahead accepted (default: %(default)s)")
-    p.add_argument(
-        "--proposal-top-k",
-        type=int,
-        default=64,
-        help="tokens kept in each sent draft distribution (default: %(default)s)",
-    )
     add_metrics_argument(p)
 
 
 async def run(args: argparse.Namespace) -> None:
     apply_cpu_threads(args.threads)
     model = load_drafter_model(args.model, args.device, args.dtype)
-    drafter = LocalDrafter(model, args.max_sessions, args.session_idle_timeout, args.max_lookahead, args.proposal_top_k)
+    drafter = LocalDrafter(model, args.max_sessions, args.session_idle_timeout, args.max_lookahead)
     sweeper = asyncio.ensure_future(drafter.sessions.sweep_forever())
     metrics = await serve_service_metrics("drafter", drafter, args.host, args.metrics_port)
     running = await start_server(register(drafter), args.host, args.port)

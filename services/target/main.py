@@ -26,7 +26,7 @@ async def run(args: argparse.Namespace) -> None:
     target = LocalTarget(model, args.max_sessions, args.session_idle_timeout, args.max_draft_tokens)
     sweeper = asyncio.ensure_future(target.sessions.sweep_forever())
     metrics = await serve_service_metrics("target", target, args.host, args.metrics_port)
-    running = await start_server(register(target, model.info.vocab_size), args.host, args.port)
+    running = await start_server(register(target), args.host, args.port)
     log.info(
         "target serving",
         extra={

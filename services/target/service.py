@@ -13,9 +13,8 @@ SERVICE_NAME = target_pb2.DESCRIPTOR.services_by_name["TargetService"].full_name
 
 
 class TargetServicer(target_pb2_grpc.TargetServiceServicer):
-    def __init__(self, target: Target, vocab_size: int) -> None:
+    def __init__(self, target: Target) -> None:
         self.target = target
-        self.vocab_size = vocab_size
 
     @guard
     async def Info(self, request: target_pb2.TargetServiceInfoRequest, context: grpc.aio.ServicerContext):
@@ -23,7 +22,7 @@ class TargetServicer(target_pb2_grpc.TargetServiceServicer):
 
     @guard
     async def Verify(self, request: target_pb2.VerifyRequest, context: grpc.aio.ServicerContext):
-        result = await self.target.verify(convert.verify_request_from_pb(request, self.vocab_size))
+        result = await self.target.verify(convert.verify_request_from_pb(request))
         return convert.verify_result_to_pb(result)
 
     @guard
@@ -34,11 +33,11 @@ class TargetServicer(target_pb2_grpc.TargetServiceServicer):
         return target_pb2.TargetServiceReleaseSessionResponse(released=released)
 
 
-def register(target: Target, vocab_size: int):
+def register(target: Target):
     """A ``register`` callback for :func:`dsi.serving.server.start_server`."""
 
     def _register(server: grpc.aio.Server) -> list[str]:
-        target_pb2_grpc.add_TargetServiceServicer_to_server(TargetServicer(target, vocab_size), server)
+        target_pb2_grpc.add_TargetServiceServicer_to_server(TargetServicer(target), server)
         return [SERVICE_NAME]
 
     return _register

@@ -164,7 +164,7 @@ async def _start_inproc(cluster: Cluster) -> Running:
         local_d = [LocalDrafter(load_drafter_model(d.model, d.device, d.dtype)) for d in cluster.drafters]
         t_clients, d_clients = [], []
         for inst, lt in zip(cluster.targets, local_t, strict=True):
-            srv = await start_server(register_target(lt, lt.model.info.vocab_size))
+            srv = await start_server(register_target(lt))
             stack.push_async_callback(srv.stop, 0)
             t_clients.append((srv.address, GrpcTarget(srv.address, interceptors=netdelay.interceptors(inst.delay_ms))))
         for inst, ld in zip(cluster.drafters, local_d, strict=True):

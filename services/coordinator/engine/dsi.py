@@ -1,0 +1,217 @@
+"""DSI: drafting never waits for verification; chunks of drafts are verified
+on idle target replicas while drafting goes on; stale work is cancelled.
+
+State: the committed sequence, the pending drafts after it (all consistent
+with it), the live verifications, and one Draft stream (:mod:`.drafting`).
+A verification with base ``b`` and ``n`` drafts assumes the sequence up to
+``b`` and computes the target's token at positions ``b .. b + n`` (its
+*span*). Every live verification's assumptions hold so far: a committed token
+that differs from the pending draft cancels all of them.
+
+* **Deciding.** The frontier position ``C`` (the first undecided one) is
+  decided by the first live verification covering it to complete. Any of them
+  would give the same token (the decision rule, :mod:`dsi.domain.sampling`),
+  so the choice, which depends on timing, carries no information.
+* **Frontier step.** Whenever no live verification covers ``C``, one is issued
+  at once at base ``C`` (with whatever drafts are pending), preempting another
+  generation's speculation if no replica is idle. So a target forward pass is
+  always working on the frontier: DSI is never slower than non-SI beyond its
+  own overhead.
+* **Speculative chunks.** On idle replicas, up to the SP degree, a chunk
+  starts at the first position no live verification covers, once
+  ``lookahead`` drafts are pending there (or as many as fit before the next
+  covered position or the last one).
+* **Preemption** removes only the preempted chunk; the positions it covered
+  are covered again by a later chunk or, when the frontier reaches them, by a
+  frontier step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from dsi.domain.errors import Internal
+from dsi.domain.types import DraftToken, VerifyResult
+from services.coordinator.engine.drafting import DraftFeed
+from services.coordinator.engine.generation import Generation
+from services.coordinator.pool import Lease
+
+
+@dataclass(eq=False)
+class Verification:
+    seq: int
+    base: int  # first position it decides (= length of the context sent)
+    drafts: list[DraftToken]
+    lease: Lease
+    task: asyncio.Task[VerifyResult] = field(init=False)
+    result: VerifyResult | None = None
+    done_order: int = -1
+
+    @property
+    def end(self) -> int:
+        """The last position it decides (the token after its drafts)."""
+        return self.base + len(self.drafts)
+
+    def covers(self, pos: int) -> bool:
+        return self.base <= pos <= self.end
+
+
+async def run_dsi(gen: Generation) -> AsyncIterator[None]:
+    run = DsiRun(gen)
+    try:
+        while not gen.finished:
+            await run.step()
+            yield None
+    finally:
+        run.cancel_all()
+
+
+class DsiRun:
+    def __init__(self, gen: Generation) -> None:
+        self.gen = gen
+        self.engine = gen.engine
+        self.verifs: list[Verification] = []
+        self.feed = DraftFeed(gen)
+        self._seq = itertools.count()
+        self._done = itertools.count()
+        gen.on_diverge = self._diverge
+
+    async def step(self) -> None:
+        """Dispatch what can go, wait for the next event, act on it."""
+        self.dispatch()
+        self.feed.ensure()
+        waits: set[asyncio.Future] = {v.task for v in self.verifs if v.result is None}
+        if self.feed.reader is not None:
+            waits.add(self.feed.reader)
+        if not waits:
+            raise Internal("DSI has nothing in flight (bug)")
+        done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        for v in sorted((v for v in self.verifs if v.task in done), key=lambda v: v.seq):
+            self._completed(v)
+        if self.feed.reader is not None and self.feed.reader in done:
+            self.feed.on_chunk()
+        self.resolve()
+
+    # --- scheduling -----------------------------------------------------------
+
+    def _covered(self, pos: int) -> bool:
+        return any(v.covers(pos) for v in self.verifs)
+
+    def _first_uncovered(self, pos: int) -> int:
+        while self._covered(pos):
+            pos = max(v.end for v in self.verifs if v.covers(pos)) + 1
+        return pos
+
+    def _next_covered(self, pos: int) -> int:
+        """The first position after ``pos`` that a live verification covers
+        (past the last position if none)."""
+        return min((v.base for v in self.verifs if v.base > pos), default=self.gen.last_pos + 1)
+
+    def _drafts_for(self, start: int) -> tuple[list[DraftToken], bool]:
+        """Pending drafts for a verification at ``start``: up to the next
+        covered position, the last position or the services' limit. Also
+        whether that is all it can ever get (no reason to wait for more)."""
+        gen = self.gen
+        c = len(gen.committed)
+        stop = min(self._next_covered(start), gen.last_pos, start + self.engine.max_draft_tokens)
+        drafts = gen.pending[start - c : stop - c]
+        return drafts, start + len(drafts) >= stop or not self.feed.more_coming()
+
+    def dispatch(self) -> None:
+        gen, pool = self.gen, self.engine.targets
+        c = len(gen.committed)
+        if gen.finished or c > gen.last_pos:
+            return
+        if not self._covered(c):  # nothing covers the frontier: a frontier step, now
+            lease, _ = pool.acquire_frontier(gen.affinity(c))
+            self._issue(c, self._drafts_for(c)[0], lease)
+        while len(self.verifs) < self.engine.sp_degree:
+            start = self._first_uncovered(c)
+            if start > gen.last_pos or start - c > len(gen.pending):
+                return  # everything is covered, or the drafts it would assume are not there yet
+            if start > c and gen.pending[start - c - 1].token_id in self.engine.eos:
+                return  # nothing follows a drafted end-of-sequence
+            drafts, complete = self._drafts_for(start)
+            if len(drafts) < gen.params.lookahead and not complete:
+                return
+            holder: list[Verification] = []
+            lease = pool.acquire_idle(
+                depth=lambda s=start: s - len(gen.committed),
+                preempt=lambda h=holder: self._preempted(h[0]),
+                affinity=gen.affinity(start),
+            )
+            if lease is None:
+                return
+            holder.append(self._issue(start, drafts, lease))
+
+    def _issue(self, base: int, drafts: list[DraftToken], lease: Lease) -> Verification:
+        v = Verification(next(self._seq), base, list(drafts), lease)
+        v.task = asyncio.ensure_future(self.gen.verify(lease, base, v.drafts))
+        self.verifs.append(v)
+        self.gen.stats.verifications_started += 1
+        return v
+
+    def _drop(self, v: Verification) -> bool:
+        """Remove ``v``, cancelling it if it still runs; True if it did."""
+        self.verifs.remove(v)
+        self.engine.targets.release(v.lease)
+        return self.gen.cancel(v.task)
+
+    def _preempted(self, victim: Verification) -> None:
+        """The pool took ``victim``'s replica for another generation's frontier
+        step. Its span is covered again later (a chunk or a frontier step)."""
+        if victim in self.verifs and self._drop(victim):
+            self.gen.stats.preemptions += 1
+
+    def _diverge(self) -> None:
+        """The committed token differs from the draft: everything speculated
+        past it is stale. Cancel it and restart drafting."""
+        for v in list(self.verifs):
+            if self._drop(v):
+                self.gen.stats.verifications_cancelled += 1
+        self.feed.stop()
+
+    def cancel_all(self) -> None:
+        for v in list(self.verifs):
+            self._drop(v)
+        self.feed.stop()
+
+    # --- deciding ---------------------------------------------------------------
+
+    def _completed(self, v: Verification) -> None:
+        if v.task.cancelled():
+            return
+        exc = v.task.exception()
+        if exc is not None:
+            raise exc
+        v.result = v.task.result()
+        v.done_order = next(self._done)
+        self.gen.stats.target_forward_passes += 1
+
+    def resolve(self) -> None:
+        """Commit what completed verifications decide, from the frontier on."""
+        gen = self.gen
+        while not gen.finished:
+            c = len(gen.committed)
+            done = [v for v in self.verifs if v.covers(c) and v.result is not None]
+            if not done:
+                break
+            v = min(done, key=lambda v: v.done_order)
+            self.verifs.remove(v)
+            assert v.result is not None
+            for pos in range(c, v.end + 1):
+                if pos < v.end:
+                    decision = v.result.decisions[pos - v.base]
+                    token, last = decision.token_id, not decision.accepted
+                else:
+                    token, last = v.result.next_token, True
+                if gen.commit(token) or last or gen.finished:
+                    break
+            # Verifications whose every position is decided are useless now.
+            c = len(gen.committed)
+            for w in [w for w in self.verifs if w.end < c]:
+                if self._drop(w):
+                    gen.stats.verifications_cancelled += 1

@@ -1,0 +1,252 @@
+"""The engine and what every strategy shares: one generation's committed
+sequence, its statistics, its RPCs and their cleanup.
+
+Nothing here knows about gRPC: targets and drafters are the interfaces of
+:mod:`dsi.domain.interfaces`, implemented in-process by :mod:`dsi.backends`
+and over the network by :mod:`dsi.wire.transport`.
+
+Losslessness (docs/architecture.md): the token at every position is a
+function of (seed, position, the target's distribution there)
+(:mod:`dsi.domain.sampling`), so any verification whose assumed prefix equals
+the committed prefix decides it the same way; each position is committed once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Sequence
+
+from dsi.domain.errors import InvalidArgument, Unavailable
+from dsi.domain.interfaces import Drafter, Target
+from dsi.domain.types import DraftRequest, DraftToken, SamplingParams, VerifyRequest, VerifyResult
+from services.coordinator.engine.types import FinishReason, GenerationParams, GenerationStats, Strategy
+from services.coordinator.pool import Lease, Pool
+
+log = logging.getLogger("services.coordinator.engine")
+
+
+class Engine:
+    """Runs generations on a set of target replicas and drafters."""
+
+    def __init__(
+        self,
+        targets: Sequence[Target],
+        drafters: Sequence[Drafter] = (),
+        *,
+        eos_token_ids: Sequence[int] = (),
+        max_context: int,
+        vocab_size: int,
+        max_sp_degree: int = 0,
+        max_draft_tokens: int = 64,
+        lead_chunks: int = 2,
+        release_timeout: float = 5.0,
+    ) -> None:
+        self.targets: Pool[Target] = Pool(list(targets), "target replica")
+        self.drafters: Pool[Drafter] = Pool(list(drafters), "drafter")
+        self.eos = frozenset(eos_token_ids)
+        self.max_context = max_context
+        self.vocab_size = vocab_size
+        #: Upper bound on target replicas used by one generation (0 = all).
+        self.max_sp_degree = max_sp_degree
+        self.max_draft_tokens = max_draft_tokens
+        self.lead_chunks = lead_chunks
+        self.release_timeout = release_timeout
+
+    def check(self, prompt: Sequence[int], params: GenerationParams) -> None:
+        if not prompt:
+            raise InvalidArgument("the prompt is empty: give a prompt or prompt_token_ids")
+        bad = [t for t in prompt if not 0 <= t < self.vocab_size]
+        if bad:
+            raise InvalidArgument(f"prompt token id {bad[0]} is outside the vocabulary (size {self.vocab_size})")
+        if params.max_new_tokens < 1:
+            raise InvalidArgument("max_new_tokens must be >= 1")
+        if len(prompt) + params.max_new_tokens > self.max_context:
+            raise InvalidArgument(
+                f"prompt of {len(prompt)} tokens plus max_new_tokens={params.max_new_tokens} exceeds the"
+                f" context limit of {self.max_context} tokens"
+            )
+        if not 1 <= params.lookahead <= self.max_draft_tokens:
+            raise InvalidArgument(f"lookahead must lie in 1..{self.max_draft_tokens}, got {params.lookahead}")
+        if params.strategy is not Strategy.NONSI and not self.drafters.slots:
+            raise InvalidArgument(f"strategy {params.strategy.value} needs a drafter and none is configured")
+
+    def room(self, prompt: Sequence[int]) -> int:
+        """New tokens that fit in the context after ``prompt``."""
+        return self.max_context - len(prompt)
+
+    @property
+    def sp_degree(self) -> int:
+        """Target replicas one generation may use at once."""
+        n = len(self.targets)
+        return min(n, self.max_sp_degree) if self.max_sp_degree else n
+
+    def generate(self, prompt: Sequence[int], params: GenerationParams) -> Generation:
+        self.check(prompt, params)
+        return Generation(self, list(prompt), params)
+
+
+class Generation:
+    """One request. Iterate :meth:`tokens` for lists of newly committed
+    tokens; afterwards :attr:`finish_reason` and :attr:`stats` are set.
+    Closing the iteration early cancels every RPC of the request and releases
+    its sessions."""
+
+    def __init__(self, engine: Engine, prompt: list[int], params: GenerationParams) -> None:
+        self.engine = engine
+        self.params = params
+        self.session_id = f"gen-{uuid.uuid4().hex}"
+        self.prompt_len = len(prompt)
+        self.committed: list[int] = list(prompt)
+        self.last_pos = len(prompt) + params.max_new_tokens - 1  # last position to generate
+        self.stats = GenerationStats(seed=params.seed)
+        self.finish_reason: FinishReason | None = None
+        #: Drafts for positions len(committed)...: what speculation assumes.
+        self.pending: list[DraftToken] = []
+        #: Called with every stale verification or stream to cancel: the strategy's hook.
+        self.on_diverge: Callable[[], None] = lambda: None
+        #: Cancelled tasks still finishing; awaited at cleanup.
+        self.cancelled: set[asyncio.Task] = set()
+        self._out: list[int] = []
+        self._start = 0.0
+        self._used_targets: set[int] = set()
+        #: per target replica: how much of the assumed sequence its cache holds
+        self._cached: dict[int, int] = {}
+        self._drafter_lease: Lease | None = None
+
+    # --- public -------------------------------------------------------------
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def new_tokens(self) -> list[int]:
+        return self.committed[self.prompt_len :]
+
+    async def tokens(self) -> AsyncIterator[list[int]]:
+        from services.coordinator.engine.dsi import run_dsi
+        from services.coordinator.engine.sequential import run_nonsi, run_si
+
+        self._start = time.perf_counter()
+        runner = {Strategy.NONSI: run_nonsi, Strategy.SI: run_si, Strategy.DSI: run_dsi}[self.params.strategy]
+        steps = runner(self)
+        try:
+            async for _ in steps:
+                if self._out:
+                    out, self._out = self._out, []
+                    yield out
+            if self._out:
+                out, self._out = self._out, []
+                yield out
+        finally:
+            self.stats.wall_seconds = time.perf_counter() - self._start
+            await steps.aclose()
+            await self._cleanup()
+
+    def stop(self, reason: FinishReason) -> None:
+        """End the generation (e.g. a stop string was found)."""
+        if self.finish_reason is None:
+            self.finish_reason = reason
+
+    # --- for the strategies ---------------------------------------------------
+
+    @property
+    def sampling(self) -> SamplingParams:
+        return self.params.sampling
+
+    def context(self, upto: int) -> list[int]:
+        """The assumed sequence (committed, then pending drafts) up to ``upto``."""
+        c = len(self.committed)
+        return self.committed[:upto] if upto <= c else self.committed + [d.token_id for d in self.pending[: upto - c]]
+
+    def commit(self, token: int) -> bool:
+        """Commit ``token`` at the frontier; returns True when it differs from
+        the pending draft there (everything speculated past it is stale, and
+        :attr:`on_diverge` has cancelled it)."""
+        diverged = False
+        if self.pending:
+            draft = self.pending.pop(0)
+            self.stats.decided_drafts += 1
+            if draft.token_id == token:
+                self.stats.accepted_tokens += 1
+            else:
+                diverged = True
+        self.committed.append(token)
+        self._out.append(token)
+        self.stats.new_tokens += 1
+        if self.stats.new_tokens == 1:
+            self.stats.time_to_first_token_seconds = time.perf_counter() - self._start
+        if token in self.engine.eos:
+            self.stop(FinishReason.EOS)
+        elif len(self.committed) > self.last_pos:
+            self.stop(FinishReason.LENGTH)
+        if diverged:
+            self.pending.clear()
+            wrong_from = len(self.committed) - 1  # caches are valid only before the diverged position
+            self._cached = {i: min(n, wrong_from) for i, n in self._cached.items()}
+            self.on_diverge()
+        return diverged
+
+    async def verify(self, lease: Lease, base: int, drafts: list[DraftToken]) -> VerifyResult:
+        """One Verify on the leased replica: the assumed context up to ``base``
+        and ``drafts`` after it. Releases the lease however it ends."""
+        self._used_targets.add(lease.replica)
+        self._cached[lease.replica] = base + len(drafts)
+        request = VerifyRequest(self.session_id, self.context(base), drafts, self.sampling, self.params.seed)
+        completed = unreachable = False
+        try:
+            result = await self.engine.targets.member(lease.replica).verify(request)
+            completed = True
+            return result
+        except Unavailable:
+            unreachable = True  # later generations avoid it for a while; this one fails, naming it
+            raise
+        finally:
+            self.engine.targets.release(lease, completed, unreachable)
+
+    def affinity(self, base: int) -> Callable[[int], int]:
+        """How many of the first ``base`` tokens replica ``i`` has cached."""
+        return lambda i: min(self._cached.get(i, 0), base)
+
+    def drafter(self) -> Drafter:
+        pool = self.engine.drafters
+        if self._drafter_lease is None:
+            self._drafter_lease = pool.acquire_on(pool.least_loaded())
+        return pool.member(self._drafter_lease.replica)
+
+    def draft_request(self, context: list[int], max_tokens: int) -> DraftRequest:
+        return DraftRequest(
+            self.session_id, context, self.params.lookahead, max_tokens, self.sampling, self.params.seed
+        )
+
+    def cancel(self, task: asyncio.Task) -> bool:
+        """Cancel ``task`` if still running; True if it was."""
+        if task.done():
+            return False
+        task.cancel()
+        self.cancelled.add(task)
+        return True
+
+    # --- cleanup --------------------------------------------------------------
+
+    async def _cleanup(self) -> None:
+        if self.cancelled:
+            await asyncio.gather(*self.cancelled, return_exceptions=True)
+        releases = [self.engine.targets.member(i).release_session(self.session_id) for i in self._used_targets]
+        if self._drafter_lease is not None:
+            self.engine.drafters.release(self._drafter_lease)
+            releases.append(self.engine.drafters.member(self._drafter_lease.replica).release_session(self.session_id))
+        if releases:
+            try:
+                results = await asyncio.wait_for(
+                    asyncio.gather(*releases, return_exceptions=True), self.engine.release_timeout
+                )
+            except asyncio.TimeoutError:
+                log.warning("releasing session %s timed out", self.session_id)
+            else:
+                for r in results:
+                    if isinstance(r, BaseException):
+                        log.warning("releasing session %s failed: %s", self.session_id, r)

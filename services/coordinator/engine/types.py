@@ -1,0 +1,59 @@
+"""What a generation is asked to do and what it reports."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+from dsi.domain.types import GREEDY, SamplingParams
+
+
+class Strategy(str, Enum):
+    NONSI = "nonsi"
+    SI = "si"
+    DSI = "dsi"
+
+
+class FinishReason(str, Enum):
+    LENGTH = "length"
+    EOS = "eos"
+    STOP = "stop"
+    CANCELLED = "cancelled"
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    max_new_tokens: int
+    sampling: SamplingParams = GREEDY
+    #: Keys every random choice (dsi.domain.sampling): the same seed gives the
+    #: same tokens under every strategy.
+    seed: int = 0
+    strategy: Strategy = Strategy.DSI
+    lookahead: int = 5
+
+
+@dataclass
+class GenerationStats:
+    new_tokens: int = 0
+    wall_seconds: float = 0.0
+    time_to_first_token_seconds: float = 0.0
+    target_forward_passes: int = 0
+    drafted_tokens: int = 0
+    accepted_tokens: int = 0
+    #: drafted tokens whose position was decided while they were the draft there
+    decided_drafts: int = 0
+    verifications_started: int = 0
+    verifications_cancelled: int = 0
+    preemptions: int = 0
+    draft_streams: int = 0
+    #: the seed the generation used (drawn at random when the request gave none)
+    seed: int = 0
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted_tokens / self.decided_drafts if self.decided_drafts else 0.0
+
+    def as_dict(self) -> dict[str, float | int]:
+        out: dict[str, float | int] = dict(vars(self))
+        out["acceptance_rate"] = self.acceptance_rate
+        return out
