@@ -70,6 +70,49 @@ async def test_get_info_reports_replicas_and_defaults():
         assert len(ids) == 33 and msgs[-1].stats.draft_streams > 0
 
 
+async def test_unseeded_requests_draw_a_fresh_seed_that_repeats_them():
+    """Issue 12: without a seed, sampled requests differ; the seed each one
+    reports repeats it exactly, under every strategy."""
+    async with local_cluster([T, T], [D], serve_coordinator=True) as c:
+        s = stub(c.coordinator_address)
+        sampled = dict(prompt_token_ids=[1, 2, 3], max_new_tokens=24, temperature=1.0, lookahead=3)
+        runs = [await collect(s, **sampled, strategy=STRATEGY_PB["dsi"]) for _ in range(3)]
+        seeds = [msgs[-1].stats.seed for _, _, msgs in runs]
+        assert len(set(seeds)) == 3 and all(0 <= x < 2**53 for x in seeds), seeds
+        assert len({tuple(ids) for ids, _, _ in runs}) == 3, "unseeded sampled requests returned the same text"
+        first_ids = runs[0][0]
+        for strategy in STRATEGY_PB.values():
+            ids, _, msgs = await collect(s, **sampled, strategy=strategy, seed=seeds[0])
+            assert ids == first_ids, f"seed {seeds[0]} did not repeat the generation under strategy {strategy}"
+            assert msgs[-1].stats.seed == seeds[0]
+        # An explicit seed 0 is a seed like any other (not "unset").
+        zero = [await collect(s, **sampled, strategy=STRATEGY_PB["dsi"], seed=0) for _ in range(2)]
+        assert zero[0][0] == zero[1][0] and zero[0][2][-1].stats.seed == 0
+
+
+async def test_unset_max_new_tokens_stops_at_the_context_limit():
+    """Issue 12: a long prompt with max_new_tokens unset generates up to the
+    context limit and ends with FINISH_REASON_LENGTH (the default of 128 is
+    cut to the room left); an explicit value that does not fit is refused."""
+    small = "synthetic:vocab=300,seed=21,max_context=64"
+    async with local_cluster([small], [small + ",acceptance=0.6"], serve_coordinator=True) as c:
+        s = stub(c.coordinator_address)
+        prompt = list(range(1, 55))  # 54 tokens: room for 10
+        for strategy in STRATEGY_PB.values():
+            ids, _, msgs = await collect(s, prompt_token_ids=prompt, strategy=strategy)
+            assert len(ids) == 10 and msgs[-1].finish_reason == generation_pb2.FINISH_REASON_LENGTH, strategy
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await collect(s, prompt_token_ids=prompt, max_new_tokens=11)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "context limit" in err.value.details()
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await collect(s, prompt_token_ids=list(range(1, 65)))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "leaves no room" in err.value.details()
+    defaults = Defaults(max_new_tokens=0)  # 0: up to the context limit
+    async with local_cluster([small], [], serve_coordinator=True, defaults=defaults) as c:
+        ids, _, msgs = await collect(stub(c.coordinator_address), prompt_token_ids=[1, 2], strategy=1)
+        assert len(ids) == 62 and msgs[-1].finish_reason == generation_pb2.FINISH_REASON_LENGTH
+
+
 @pytest.mark.parametrize(
     ("fields", "needle"),
     [
@@ -215,7 +258,7 @@ async def test_vocabulary_mismatch_is_refused_naming_both():
 
     target = LocalTarget(load_target_model("synthetic:vocab=300"))
     drafter = LocalDrafter(load_drafter_model("synthetic:vocab=301"))
-    async with serve(register_target(target, 300)) as ts, serve(register_drafter(drafter)) as ds:
+    async with serve(register_target(target)) as ts, serve(register_drafter(drafter)) as ds:
         clients = GrpcTarget(ts.address), GrpcDrafter(ds.address)
         with pytest.raises(InvalidArgument) as err:
             await Coordinator.connect([(ts.address, clients[0])], [(ds.address, clients[1])])

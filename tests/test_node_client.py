@@ -83,7 +83,7 @@ async def test_node_client_receives_exactly_the_python_clients_tokens():
 
 
 async def test_node_client_sampling_with_a_large_seed_matches_python():
-    """uint64 seeds travel exactly (as decimal strings); SI sampling is
+    """uint64 seeds travel exactly (as decimal strings); sampling is
     reproducible from the seed."""
     seed = 2**63 + 12345
     async with local_cluster([T], [D], serve_coordinator=True) as c:
@@ -105,6 +105,18 @@ async def test_node_client_sampling_with_a_large_seed_matches_python():
             str(seed),
         )
         assert got["token_ids"] == ref.token_ids
+        assert got["stats"]["seed"] == str(seed) == str(ref.stats["seed"])
+
+
+async def test_node_client_without_a_seed_gets_a_fresh_one_it_can_repeat():
+    sampled = ("--prompt-ids", "5,6", "--max-new-tokens", "25", "--strategy", "dsi", "--temperature", "1")
+    async with local_cluster([T, T], [D], serve_coordinator=True) as c:
+        first = await node_json(c.coordinator_address, *sampled)
+        second = await node_json(c.coordinator_address, *sampled)
+        assert first["stats"]["seed"] != second["stats"]["seed"]
+        assert first["token_ids"] != second["token_ids"]
+        again = await node_json(c.coordinator_address, *sampled, "--seed", first["stats"]["seed"])
+        assert again["token_ids"] == first["token_ids"] and again["stats"]["seed"] == first["stats"]["seed"]
 
 
 async def test_node_client_streams_text_and_reports_errors():

@@ -110,10 +110,19 @@ async def test_stop_strings_and_seeded_sampling():
         )
         assert cut.choices[0].text == " ".join(words[:3]) and cut.choices[0].finish_reason == "stop"
         assert cut.model_extra["dsi"]["finish_reason"] == "stop"
-        # Sampling (OpenAI's default temperature 1) with a seed is reproducible (SI: from the seed alone).
-        kw = dict(model=MODEL, prompt=[9, 9], max_tokens=10, seed=2**63 + 5, extra_body={"strategy": "si", "top_k": 10})
-        one, two = [await a.client.completions.create(**kw) for _ in range(2)]
-        assert one.choices[0].model_extra["token_ids"] == two.choices[0].model_extra["token_ids"]
+        # Sampling (OpenAI's default temperature 1) with a seed is reproducible, under every strategy.
+        kw = dict(model=MODEL, prompt=[9, 9], max_tokens=10, seed=2**63 + 5)
+        strategies = ("si", "dsi", "nonsi")
+        runs = [await a.client.completions.create(**kw, extra_body={"strategy": s, "top_k": 10}) for s in strategies]
+        assert len({tuple(r.choices[0].model_extra["token_ids"]) for r in runs}) == 1
+        assert runs[0].model_extra["dsi"]["stats"]["seed"] == 2**63 + 5
+        # Without a seed: a fresh one each time, reported, and it repeats the completion.
+        kw = dict(model=MODEL, prompt=[9, 9], max_tokens=10)
+        free = [await a.client.completions.create(**kw) for _ in range(2)]
+        seeds = [r.model_extra["dsi"]["stats"]["seed"] for r in free]
+        assert seeds[0] != seeds[1] and free[0].choices[0].text != free[1].choices[0].text
+        again = await a.client.completions.create(**kw, seed=seeds[0])
+        assert again.choices[0].text == free[0].choices[0].text
 
 
 async def test_models_list_and_retrieve():

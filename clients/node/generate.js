@@ -33,7 +33,7 @@ Streams a generation from a dsi coordinator (dsi.v1.GenerationService/Generate).
   --lookahead N            draft tokens per chunk (0 = server default)
   --temperature T          0 = greedy (default)
   --top-p P, --top-k K     sampling filters (0 = off)
-  --seed N                 seed of every random choice (default: 0)
+  --seed N                 seed of the sampling (default: a fresh one, shown in the statistics)
   --stop STRING            stop string (repeatable)
   --timeout SECONDS        deadline of the call (default: none)
   --json                   print one JSON object instead of streaming text
@@ -59,7 +59,7 @@ function parseCommandLine(argv) {
       temperature: { type: 'string', default: '0' },
       'top-p': { type: 'string', default: '0' },
       'top-k': { type: 'string', default: '0' },
-      seed: { type: 'string', default: '0' },
+      seed: { type: 'string', default: '' },
       stop: { type: 'string', multiple: true, default: [] },
       timeout: { type: 'string', default: '' },
       json: { type: 'boolean', default: false },
@@ -87,7 +87,7 @@ function parseCommandLine(argv) {
     throw new UsageError(`--prompt-ids must be comma-separated integers, got ${JSON.stringify(values['prompt-ids'])}`);
   }
   if (!(values.strategy in STRATEGIES)) throw new UsageError('--strategy must be nonsi, si or dsi');
-  if (!/^\d+$/.test(values.seed)) throw new UsageError('--seed must be an integer >= 0');
+  if (values.seed !== '' && !/^\d+$/.test(values.seed)) throw new UsageError('--seed must be an integer >= 0');
   const prompt = positionals[0] || '';
   if (!values.help && !values.info && !prompt && ids.length === 0) throw new UsageError('give a PROMPT or --prompt-ids');
   return {
@@ -104,7 +104,8 @@ function parseCommandLine(argv) {
       temperature: number('temperature'),
       top_p: number('top-p'),
       top_k: count('top-k'),
-      seed: values.seed, // uint64: passed as a decimal string, exact beyond 2**53
+      // uint64, as a decimal string (exact beyond 2**53); left unset, the server draws one
+      seed: values.seed === '' ? undefined : values.seed,
       strategy: STRATEGIES[values.strategy],
       lookahead: count('lookahead'),
       stop: values.stop,
@@ -136,7 +137,7 @@ function statsLine(r) {
     `first token ${(s.time_to_first_token_seconds * 1000).toFixed(0)} ms, ` +
     `acceptance ${s.acceptance_rate.toFixed(2)}, target passes ${s.target_forward_passes}, ` +
     `verifications ${s.verifications_started} (${s.verifications_cancelled} cancelled, ` +
-    `${s.preemptions} preempted), finish: ${r.finish_reason}`
+    `${s.preemptions} preempted), seed ${s.seed}, finish: ${r.finish_reason}`
   );
 }
 

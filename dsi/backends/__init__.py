@@ -18,6 +18,7 @@ __all__ = [
     "is_synthetic",
     "load_drafter_model",
     "load_target_model",
+    "non_negative_int",
 ]
 
 
@@ -52,7 +53,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", help="auto, float32, float16, bfloat16, float64 (default: %(default)s)")
     p.add_argument(
         "--threads",
-        type=_threads,
+        type=non_negative_int,
         default=0,
         metavar="N",
         help="CPU threads for the model's operators (0 = torch's default: one per core). Set it when several"
@@ -60,7 +61,8 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _threads(text: str) -> int:
+def non_negative_int(text: str) -> int:
+    """An argparse type: an integer >= 0."""
     n = int(text)
     if n < 0:
         raise argparse.ArgumentTypeError(f"must be 0 or more, got {n}")

@@ -75,12 +75,20 @@ def _parse_ids(text: str | None) -> list[int]:
 
 def _generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt-ids", metavar="1,2,3", help="prompt as token ids (for synthetic models)")
-    p.add_argument("--max-new-tokens", type=int, default=0, help="tokens to generate (0 = server default)")
+    p.add_argument(
+        "--max-new-tokens", type=int, default=0, help="tokens to generate (0 = the server default, cut to the context)"
+    )
     p.add_argument("--strategy", choices=["nonsi", "si", "dsi"], default="", help="(default: the server's)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-p", type=float, default=0.0)
     p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="seed of the sampling; the same seed gives the same text under every strategy (default: a fresh one,"
+        " shown in the statistics line)",
+    )
     p.add_argument("--lookahead", type=int, default=0, help="draft tokens per chunk (0 = server default)")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
 
@@ -93,7 +101,7 @@ def stats_line(r: Any) -> str:
         f"first token {s['time_to_first_token_seconds'] * 1000:.0f} ms, "
         f"acceptance {s['acceptance_rate']:.2f}, target passes {s['target_forward_passes']}, "
         f"verifications {s['verifications_started']} ({s['verifications_cancelled']} cancelled, "
-        f"{s['preemptions']} preempted), finish: {r.finish_reason}"
+        f"{s['preemptions']} preempted), seed {s.get('seed', 0)}, finish: {r.finish_reason}"
     )
 
 

@@ -105,7 +105,10 @@ class GenerateRequest(_message.Message):
     prompt_token_ids.
     """
     max_new_tokens: _builtins.int
-    """Number of new tokens to generate at most; 0 = the server default."""
+    """Number of new tokens to generate at most; must fit in the context after
+    the prompt. 0 = the server default, cut to the room the context leaves
+    (the generation then ends with FINISH_REASON_LENGTH at the context limit).
+    """
     temperature: _builtins.float
     """Softmax temperature; 0 = greedy decoding."""
     top_p: _builtins.float
@@ -113,8 +116,9 @@ class GenerateRequest(_message.Message):
     top_k: _builtins.int
     """Top-k filtering; 0 disables it."""
     seed: _builtins.int
-    """Seed of every random choice; with the same seed a run is reproducible
-    (always for greedy decoding and for STRATEGY_NONSI and STRATEGY_SI).
+    """Seed of every random choice. The same seed gives the same tokens under
+    every strategy, whatever the timing. Unset: the server draws a fresh
+    random seed (below 2^53) and reports it in GenerationStats.seed.
     """
     strategy: Global___Strategy.ValueType
     """Speculation strategy."""
@@ -139,16 +143,18 @@ class GenerateRequest(_message.Message):
         temperature: _builtins.float = ...,
         top_p: _builtins.float = ...,
         top_k: _builtins.int = ...,
-        seed: _builtins.int = ...,
+        seed: _builtins.int | None = ...,
         strategy: Global___Strategy.ValueType = ...,
         lookahead: _builtins.int = ...,
         stop: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_seed", b"_seed", "seed", b"seed"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["lookahead", b"lookahead", "max_new_tokens", b"max_new_tokens", "prompt", b"prompt", "prompt_token_ids", b"prompt_token_ids", "seed", b"seed", "stop", b"stop", "strategy", b"strategy", "temperature", b"temperature", "top_k", b"top_k", "top_p", b"top_p"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_seed", b"_seed", "lookahead", b"lookahead", "max_new_tokens", b"max_new_tokens", "prompt", b"prompt", "prompt_token_ids", b"prompt_token_ids", "seed", b"seed", "stop", b"stop", "strategy", b"strategy", "temperature", b"temperature", "top_k", b"top_k", "top_p", b"top_p"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__seed: _TypeAlias = _typing.Literal["seed"]  # noqa: Y015
+    _WhichOneofArgType__seed: _TypeAlias = _typing.Literal["_seed", b"_seed"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__seed) -> _WhichOneofReturnType__seed | None: ...
 
 Global___GenerateRequest: _TypeAlias = GenerateRequest  # noqa: Y015
 
@@ -169,6 +175,7 @@ class GenerationStats(_message.Message):
     VERIFICATIONS_CANCELLED_FIELD_NUMBER: _builtins.int
     PREEMPTIONS_FIELD_NUMBER: _builtins.int
     DRAFT_STREAMS_FIELD_NUMBER: _builtins.int
+    SEED_FIELD_NUMBER: _builtins.int
     new_tokens: _builtins.int
     """Tokens generated."""
     wall_seconds: _builtins.float
@@ -198,6 +205,10 @@ class GenerationStats(_message.Message):
     """Verify requests cancelled to free a replica for the frontier step."""
     draft_streams: _builtins.int
     """Draft streams opened."""
+    seed: _builtins.int
+    """The seed the generation used: the request's, or the one drawn for it.
+    Sending it back as GenerateRequest.seed repeats the generation.
+    """
     def __init__(
         self,
         *,
@@ -212,10 +223,11 @@ class GenerationStats(_message.Message):
         verifications_cancelled: _builtins.int = ...,
         preemptions: _builtins.int = ...,
         draft_streams: _builtins.int = ...,
+        seed: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["acceptance_rate", b"acceptance_rate", "accepted_tokens", b"accepted_tokens", "draft_streams", b"draft_streams", "drafted_tokens", b"drafted_tokens", "new_tokens", b"new_tokens", "preemptions", b"preemptions", "target_forward_passes", b"target_forward_passes", "time_to_first_token_seconds", b"time_to_first_token_seconds", "verifications_cancelled", b"verifications_cancelled", "verifications_started", b"verifications_started", "wall_seconds", b"wall_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["acceptance_rate", b"acceptance_rate", "accepted_tokens", b"accepted_tokens", "draft_streams", b"draft_streams", "drafted_tokens", b"drafted_tokens", "new_tokens", b"new_tokens", "preemptions", b"preemptions", "seed", b"seed", "target_forward_passes", b"target_forward_passes", "time_to_first_token_seconds", b"time_to_first_token_seconds", "verifications_cancelled", b"verifications_cancelled", "verifications_started", b"verifications_started", "wall_seconds", b"wall_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -93,7 +93,7 @@ def request(
     temperature: float = 0.0,
     top_p: float = 0.0,
     top_k: int = 0,
-    seed: int = 0,
+    seed: int | None = None,
     lookahead: int = 0,
     stop: list[str] | None = None,
 ) -> generation_pb2.GenerateRequest:
@@ -105,7 +105,7 @@ def request(
         temperature=temperature,
         top_p=top_p,
         top_k=top_k,
-        seed=seed,
+        seed=seed,  # None leaves it unset: the server draws one and reports it
         lookahead=lookahead,
         stop=stop or [],
     )

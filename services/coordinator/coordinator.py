@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -27,6 +28,7 @@ log = logging.getLogger(__name__)
 class Defaults:
     strategy: Strategy = Strategy.DSI
     lookahead: int = 5
+    #: used when a request gives none, cut to the room the context leaves; 0 = up to the context limit
     max_new_tokens: int = 128
     max_sp_degree: int = 0  # 0 = every target replica
 
@@ -39,7 +41,8 @@ class GenerateInput:
     temperature: float = 0.0
     top_p: float = 0.0
     top_k: int = 0
-    seed: int = 0
+    #: None: a fresh random seed (reported in the stats)
+    seed: int | None = None
     strategy: Strategy | None = None
     lookahead: int = 0
     stop: Sequence[str] = ()
@@ -163,6 +166,14 @@ async def fetch_info(client: Target | Drafter, timeout: float) -> ServiceInfo:
 
 
 TARGET, DRAFTER = "target", "drafter"
+
+#: Seeds drawn for requests without one stay below 2^53: exact as JSON numbers
+#: and in JavaScript, whatever client reads them back.
+SEED_BITS = 53
+
+
+def new_seed() -> int:
+    return secrets.randbits(SEED_BITS)
 
 
 class Coordinator:
@@ -293,12 +304,22 @@ class Coordinator:
         clients = [s.member for pool in (self.engine.targets, self.engine.drafters) for s in pool.slots]
         await asyncio.gather(*(c.close() for c in clients), *self._closing, return_exceptions=True)
 
-    def params(self, req: GenerateInput) -> GenerationParams:
+    def params(self, req: GenerateInput, prompt: Sequence[int]) -> GenerationParams:
+        """The request's parameters with the server's defaults filled in."""
         d = self.defaults
+        max_new = req.max_new_tokens
+        if not max_new:  # unset: the default, or as many as the context has room for
+            room = self.engine.room(prompt)
+            if room < 1:
+                raise InvalidArgument(
+                    f"the prompt of {len(prompt)} tokens leaves no room in the context limit of"
+                    f" {self.engine.max_context} tokens"
+                )
+            max_new = min(d.max_new_tokens, room) if d.max_new_tokens else room
         return GenerationParams(
-            max_new_tokens=req.max_new_tokens or d.max_new_tokens,
+            max_new_tokens=max_new,
             sampling=SamplingParams.create(req.temperature, req.top_p, req.top_k),
-            seed=req.seed,
+            seed=new_seed() if req.seed is None else req.seed,
             strategy=req.strategy or d.strategy,
             lookahead=req.lookahead or d.lookahead,
         )
@@ -310,7 +331,7 @@ class Coordinator:
 
     async def _generate(self, req: GenerateInput) -> AsyncIterator[GenerateOutput]:
         prompt = self.codec.encode(req.prompt) if req.prompt else list(req.prompt_token_ids)
-        params = self.params(req)
+        params = self.params(req, prompt)
         generation = self.engine.generate(prompt, params)
         text = TextStream(self.codec.decode, req.stop)
         tokens = generation.tokens()

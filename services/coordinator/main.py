@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 
+from dsi.backends import non_negative_int
 from dsi.serving.metrics import CoordinatorMetrics, add_metrics_argument, serve_metrics
 from dsi.serving.server import announce, serve_until_signal, start_server
 from dsi.wire.transport import GrpcDrafter, GrpcTarget
@@ -37,7 +38,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--strategy", choices=[s.value for s in Strategy], default="dsi", help="default strategy (default: %(default)s)"
     )
     p.add_argument("--lookahead", type=int, default=5, help="default draft tokens per chunk (default: %(default)s)")
-    p.add_argument("--max-new-tokens", type=int, default=128, help="default generation length (default: %(default)s)")
+    p.add_argument(
+        "--max-new-tokens",
+        type=non_negative_int,
+        default=128,
+        help="generation length for requests that give none, cut to the room the context leaves; 0 = up to the"
+        " context limit (default: %(default)s)",
+    )
     p.add_argument(
         "--max-sp-degree", type=int, default=0, help="at most this many target replicas per generation (default: all)"
     )

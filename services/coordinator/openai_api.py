@@ -19,7 +19,6 @@ import asyncio
 import json
 import logging
 import math
-import secrets
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -180,10 +179,8 @@ def parse_common(f: Fields, settings: Settings, prompt_ids: list[int], max_token
     temperature = f.number("temperature", 1.0)  # OpenAI's default: sampling at temperature 1
     top_p = f.number("top_p", 1.0)
     top_k = f.integer("top_k", 0, minimum=-1)  # -1 (as in vLLM) or 0: off
-    seed = f.body.get("seed")
-    if seed is None:
-        seed = secrets.randbits(63)  # as with OpenAI, a request without a seed is not reproducible
-    elif not _is_int(seed) or not 0 <= seed < SEED_LIMIT:
+    seed = f.body.get("seed")  # None: the coordinator draws one and reports it in dsi.stats.seed
+    if seed is not None and (not _is_int(seed) or not 0 <= seed < SEED_LIMIT):
         raise invalid("seed", f"'seed' must be an integer in [0, 2**64), got {json.dumps(seed)}")
     strategy = f.body.get("strategy")
     if strategy is not None:

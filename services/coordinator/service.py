@@ -39,7 +39,7 @@ def input_from_pb(m: generation_pb2.GenerateRequest) -> GenerateInput:
         temperature=m.temperature,
         top_p=m.top_p,
         top_k=m.top_k,
-        seed=m.seed,
+        seed=m.seed if m.HasField("seed") else None,
         strategy=STRATEGY_FROM_PB[m.strategy],
         lookahead=m.lookahead,
         stop=list(m.stop),
@@ -59,6 +59,7 @@ def stats_to_pb(s: GenerationStats) -> generation_pb2.GenerationStats:
         verifications_cancelled=s.verifications_cancelled,
         preemptions=s.preemptions,
         draft_streams=s.draft_streams,
+        seed=s.seed,
     )
 
 
