@@ -20,7 +20,7 @@ from dsi.backends import LocalDrafter, LocalTarget, load_drafter_model, load_tar
 from dsi.backends.synthetic import PseudoLM, SyntheticSpec
 from dsi.domain.interfaces import Target
 from dsi.domain.types import SamplingParams
-from services.coordinator.engine import Engine, GenerationParams, Strategy
+from services.coordinator.engine import Engine, GenerationParams, Observer, Outcome, Strategy
 from tests.helpers import eventually, make_engine
 
 STRATEGIES = list(Strategy)
@@ -323,3 +323,63 @@ def test_preempting_a_chunk_behind_a_completed_one_leaves_no_position_uncovered(
         for prompt, out in ((a_prompt, out_a), (b_prompt, out_b), (c_prompt, out_c)):
             ref, _ = run_virtual(run(alone, prompt, GenerationParams(16, sampling, seed=5, strategy=Strategy.NONSI)))
             assert out == ref, (prompt, sampling)
+
+
+class Recorder(Observer):
+    def __init__(self) -> None:
+        self.started: dict[int, object] = {}
+        self.ended: dict[int, Outcome] = {}
+        self.completed: set[int] = set()
+        self.commits: list[tuple[int, int, int | None]] = []
+        self.chunks: list[object] = []
+        self.streams: dict[int, bool | None] = {}
+
+    def verification_started(self, v):
+        assert v.id not in self.started
+        self.started[v.id] = v
+
+    def verification_completed(self, v, at, accepted):
+        assert v.id in self.started and v.id not in self.completed and at >= v.started
+        self.completed.add(v.id)
+
+    def verification_ended(self, v, outcome, at):
+        assert v.id in self.started and v.id not in self.ended, f"verification {v.id} ended twice"
+        self.ended[v.id] = outcome
+
+    def draft_stream_started(self, stream, drafter, start, at):
+        self.streams[stream] = None
+
+    def draft_chunk(self, chunk):
+        assert chunk.stream in self.streams
+        self.chunks.append(chunk)
+
+    def draft_stream_ended(self, stream, at, cancelled):
+        assert self.streams[stream] is None, "a stream ends once"
+        self.streams[stream] = cancelled
+
+    def committed(self, position, token, draft, at):
+        self.commits.append((position, token, draft))
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+async def test_an_observer_hears_every_verification_stream_and_commit(strategy):
+    t_spec = "synthetic:vocab=300,seed=9,tpot_ms=3"
+    d_spec = "synthetic:vocab=300,seed=9,tpot_ms=0.5,acceptance=0.7"
+    engine = make_engine(t_spec, d_spec, 3)
+    rec = Recorder()
+    gen = engine.generate([1, 2, 3], GenerationParams(40, strategy=strategy, lookahead=3), observer=rec)
+    out = [t async for toks in gen.tokens() for t in toks]
+    st = gen.stats
+    assert set(rec.ended) == set(rec.started), "every verification ends exactly once"
+    assert len(rec.started) == st.verifications_started
+    assert len(rec.completed) == st.target_forward_passes
+    assert Outcome.DECIDED in rec.ended.values()
+    assert [(p, t) for p, t, _ in rec.commits] == list(enumerate(out, start=3)), "commits in order, all of them"
+    decided = [(t, d) for _, t, d in rec.commits if d is not None]
+    assert len(decided) == st.decided_drafts and sum(t == d for t, d in decided) == st.accepted_tokens
+    assert sum(c.tokens for c in rec.chunks) == st.drafted_tokens and len(rec.streams) == st.draft_streams
+    assert None not in rec.streams.values(), "every stream ended"
+    if strategy is Strategy.DSI:
+        cancelled = [o for o in rec.ended.values() if o in (Outcome.STALE, Outcome.USELESS)]
+        assert len(cancelled) >= st.verifications_cancelled
+        assert st.accepted_tokens < st.decided_drafts and True in rec.streams.values(), "a rejection stops a stream"

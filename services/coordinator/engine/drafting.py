@@ -6,16 +6,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator
 
 from dsi.domain.types import DraftChunk
 from services.coordinator.engine.generation import Generation
+from services.coordinator.engine.observe import DraftChunkInfo
 
 
 class DraftFeed:
     def __init__(self, gen: Generation) -> None:
         self.gen = gen
         self._stream: AsyncIterator[DraftChunk] | None = None
+        self._stream_id = -1
         #: The pending read of the next chunk: what the DSI loop waits on.
         self.reader: asyncio.Task[DraftChunk] | None = None
 
@@ -43,9 +46,17 @@ class DraftFeed:
             return  # far enough ahead; resume when verifications catch up
         end = len(gen.committed) + len(gen.pending)
         request = gen.draft_request(gen.context(end), min(room, gen.last_pos + 1 - end))
-        self._stream = gen.drafter().draft(request)
+        drafter = gen.drafter()
+        self._stream = drafter.draft(request)
         self.reader = asyncio.ensure_future(self._stream.__anext__())
         gen.stats.draft_streams += 1
+        self._stream_id = gen.next_stream_id()
+        if gen.observer is not None:
+            gen.observer.draft_stream_started(self._stream_id, drafter.name, end, time.perf_counter())
+
+    def _ended(self, cancelled: bool) -> None:
+        if self.gen.observer is not None:
+            self.gen.observer.draft_stream_ended(self._stream_id, time.perf_counter(), cancelled)
 
     def stop(self) -> None:
         """Cancel the stream (stale after a rejection, or the generation ends)."""
@@ -53,6 +64,7 @@ class DraftFeed:
         self._stream = self.reader = None
         if stream is None:
             return
+        self._ended(cancelled=True)
 
         async def close() -> None:
             if reader is not None:
@@ -75,11 +87,15 @@ class DraftFeed:
         exc = reader.exception()
         if isinstance(exc, StopAsyncIteration):
             self._stream = self.reader = None
+            self._ended(cancelled=False)
             return
         if exc is not None:
             raise exc
         chunk = reader.result()
         gen.stats.drafted_tokens += len(chunk.tokens)
+        if gen.observer is not None:
+            info = DraftChunkInfo(self._stream_id, chunk.start_position, len(chunk.tokens), time.perf_counter())
+            gen.observer.draft_chunk(info)
         c = len(gen.committed)
         pos = chunk.start_position
         for tok in chunk.tokens:

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -37,6 +38,7 @@ from dsi.domain.errors import Internal
 from dsi.domain.types import DraftToken, VerifyResult
 from services.coordinator.engine.drafting import DraftFeed
 from services.coordinator.engine.generation import Generation
+from services.coordinator.engine.observe import Outcome, VerificationInfo
 from services.coordinator.pool import Lease
 
 
@@ -49,6 +51,7 @@ class Verification:
     task: asyncio.Task[VerifyResult] = field(init=False)
     result: VerifyResult | None = None
     done_order: int = -1
+    info: VerificationInfo | None = None  # what the observer was told
 
     @property
     def end(self) -> int:
@@ -127,7 +130,7 @@ class DsiRun:
             return
         if not self._covered(c):  # nothing covers the frontier: a frontier step, now
             lease, _ = pool.acquire_frontier(gen.affinity(c))
-            self._issue(c, self._drafts_for(c)[0], lease)
+            self._issue(c, self._drafts_for(c)[0], lease, frontier=True)
         while len(self.verifs) < self.engine.sp_degree:
             start = self._first_uncovered(c)
             if start > gen.last_pos or start - c > len(gen.pending):
@@ -147,36 +150,42 @@ class DsiRun:
                 return
             holder.append(self._issue(start, drafts, lease))
 
-    def _issue(self, base: int, drafts: list[DraftToken], lease: Lease) -> Verification:
+    def _issue(self, base: int, drafts: list[DraftToken], lease: Lease, frontier: bool = False) -> Verification:
         v = Verification(next(self._seq), base, list(drafts), lease)
+        v.info = self.gen.verification_info(lease, base, len(drafts), frontier)
         v.task = asyncio.ensure_future(self.gen.verify(lease, base, v.drafts))
         self.verifs.append(v)
         self.gen.stats.verifications_started += 1
         return v
 
-    def _drop(self, v: Verification) -> bool:
+    def _drop(self, v: Verification, outcome: Outcome) -> bool:
         """Remove ``v``, cancelling it if it still runs; True if it did."""
         self.verifs.remove(v)
         self.engine.targets.release(v.lease)
+        self._ended(v, outcome)
         return self.gen.cancel(v.task)
+
+    def _ended(self, v: Verification, outcome: Outcome) -> None:
+        if v.info is not None and self.gen.observer is not None:
+            self.gen.observer.verification_ended(v.info, outcome, time.perf_counter())
 
     def _preempted(self, victim: Verification) -> None:
         """The pool took ``victim``'s replica for another generation's frontier
         step. Its span is covered again later (a chunk or a frontier step)."""
-        if victim in self.verifs and self._drop(victim):
+        if victim in self.verifs and self._drop(victim, Outcome.PREEMPTED):
             self.gen.stats.preemptions += 1
 
     def _diverge(self) -> None:
         """The committed token differs from the draft: everything speculated
         past it is stale. Cancel it and restart drafting."""
         for v in list(self.verifs):
-            if self._drop(v):
+            if self._drop(v, Outcome.STALE):
                 self.gen.stats.verifications_cancelled += 1
         self.feed.stop()
 
     def cancel_all(self) -> None:
         for v in list(self.verifs):
-            self._drop(v)
+            self._drop(v, Outcome.ABANDONED)
         self.feed.stop()
 
     # --- deciding ---------------------------------------------------------------
@@ -186,10 +195,14 @@ class DsiRun:
             return
         exc = v.task.exception()
         if exc is not None:
+            self._ended(v, Outcome.FAILED)
+            v.info = None  # told once
             raise exc
         v.result = v.task.result()
         v.done_order = next(self._done)
         self.gen.stats.target_forward_passes += 1
+        if v.info is not None and self.gen.observer is not None:
+            self.gen.observer.verification_completed(v.info, time.perf_counter(), v.result.num_accepted)
 
     def resolve(self) -> None:
         """Commit what completed verifications decide, from the frontier on."""
@@ -201,6 +214,7 @@ class DsiRun:
                 break
             v = min(done, key=lambda v: v.done_order)
             self.verifs.remove(v)
+            self._ended(v, Outcome.DECIDED)
             assert v.result is not None
             for pos in range(c, v.end + 1):
                 if pos < v.end:
@@ -213,5 +227,5 @@ class DsiRun:
             # Verifications whose every position is decided are useless now.
             c = len(gen.committed)
             for w in [w for w in self.verifs if w.end < c]:
-                if self._drop(w):
+                if self._drop(w, Outcome.USELESS):
                     gen.stats.verifications_cancelled += 1

@@ -14,6 +14,7 @@ the committed prefix decides it the same way; each position is committed once.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 import uuid
@@ -22,6 +23,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dsi.domain.errors import InvalidArgument, Unavailable
 from dsi.domain.interfaces import Drafter, Target
 from dsi.domain.types import DraftRequest, DraftToken, SamplingParams, VerifyRequest, VerifyResult
+from services.coordinator.engine.observe import Observer, VerificationInfo
 from services.coordinator.engine.types import FinishReason, GenerationParams, GenerationStats, Strategy
 from services.coordinator.pool import Lease, Pool
 
@@ -83,9 +85,11 @@ class Engine:
         n = len(self.targets)
         return min(n, self.max_sp_degree) if self.max_sp_degree else n
 
-    def generate(self, prompt: Sequence[int], params: GenerationParams) -> Generation:
+    def generate(self, prompt: Sequence[int], params: GenerationParams, observer: Observer | None = None) -> Generation:
         self.check(prompt, params)
-        return Generation(self, list(prompt), params)
+        gen = Generation(self, list(prompt), params)
+        gen.observer = observer
+        return gen
 
 
 class Generation:
@@ -109,6 +113,10 @@ class Generation:
         self.on_diverge: Callable[[], None] = lambda: None
         #: Cancelled tasks still finishing; awaited at cleanup.
         self.cancelled: set[asyncio.Task] = set()
+        #: Hears of every verification, draft chunk and commit (timelines, traces); None = nobody.
+        self.observer: Observer | None = None
+        self._verification_ids = itertools.count()
+        self._stream_ids = itertools.count()
         self._out: list[int] = []
         self._start = 0.0
         self._used_targets: set[int] = set()
@@ -167,6 +175,9 @@ class Generation:
         the pending draft there (everything speculated past it is stale, and
         :attr:`on_diverge` has cancelled it)."""
         diverged = False
+        if self.observer is not None:
+            draft_id = self.pending[0].token_id if self.pending else None
+            self.observer.committed(len(self.committed), token, draft_id, time.perf_counter())
         if self.pending:
             draft = self.pending.pop(0)
             self.stats.decided_drafts += 1
@@ -206,6 +217,20 @@ class Generation:
             raise
         finally:
             self.engine.targets.release(lease, completed, unreachable)
+
+    def verification_info(self, lease: Lease, base: int, drafts: int, frontier: bool) -> VerificationInfo | None:
+        """What an observer is told about a verification (None without one)."""
+        if self.observer is None:
+            return None
+        name = getattr(self.engine.targets.member(lease.replica), "name", str(lease.replica))
+        info = VerificationInfo(
+            next(self._verification_ids), lease.replica, name, base, drafts, frontier, time.perf_counter()
+        )
+        self.observer.verification_started(info)
+        return info
+
+    def next_stream_id(self) -> int:
+        return next(self._stream_ids)
 
     def affinity(self, base: int) -> Callable[[int], int]:
         """How many of the first ``base`` tokens replica ``i`` has cached."""

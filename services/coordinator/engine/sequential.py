@@ -7,10 +7,12 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 
 from dsi.domain.types import DraftToken
 from services.coordinator.engine.generation import Generation
+from services.coordinator.engine.observe import DraftChunkInfo, Outcome
 
 
 def _replica(gen: Generation, current: int | None) -> int:
@@ -20,8 +22,22 @@ def _replica(gen: Generation, current: int | None) -> int:
 
 
 async def _verify(gen: Generation, replica: int, drafts: list[DraftToken]):
-    result = await gen.verify(gen.engine.targets.acquire_on(replica), len(gen.committed), drafts)
+    lease = gen.engine.targets.acquire_on(replica)
+    info = gen.verification_info(lease, len(gen.committed), len(drafts), frontier=True)
     gen.stats.verifications_started += 1
+    outcome = Outcome.ABANDONED
+    try:
+        result = await gen.verify(lease, len(gen.committed), drafts)
+        outcome = Outcome.DECIDED
+    except Exception:
+        outcome = Outcome.FAILED
+        raise
+    finally:
+        if info is not None and gen.observer is not None:
+            now = time.perf_counter()
+            if outcome is Outcome.DECIDED:
+                gen.observer.verification_completed(info, now, result.num_accepted)
+            gen.observer.verification_ended(info, outcome, now)
     gen.stats.target_forward_passes += 1
     return result
 
@@ -37,13 +53,23 @@ async def run_nonsi(gen: Generation) -> AsyncIterator[None]:
 
 async def _draft(gen: Generation, k: int) -> list[DraftToken]:
     gen.stats.draft_streams += 1
-    stream = gen.drafter().draft(gen.draft_request(list(gen.committed), k))
+    drafter = gen.drafter()
+    stream = drafter.draft(gen.draft_request(list(gen.committed), k))
+    sid, obs = gen.next_stream_id(), gen.observer
+    if obs is not None:
+        obs.draft_stream_started(sid, drafter.name, len(gen.committed), time.perf_counter())
     drafts: list[DraftToken] = []
+    finished = False
     try:
         async for chunk in stream:
             drafts.extend(chunk.tokens)
+            if obs is not None:
+                obs.draft_chunk(DraftChunkInfo(sid, chunk.start_position, len(chunk.tokens), time.perf_counter()))
+        finished = True
     finally:
         await stream.aclose()  # type: ignore[attr-defined]
+        if obs is not None:
+            obs.draft_stream_ended(sid, time.perf_counter(), cancelled=not finished)
     gen.stats.drafted_tokens += len(drafts)
     return drafts
 
