@@ -10,7 +10,8 @@ import grpc
 import pytest
 
 from dsi.domain.errors import InvalidArgument
-from dsi.v1 import generation_pb2, generation_pb2_grpc
+from dsi.domain.types import TreeShape
+from dsi.v1 import common_pb2, generation_pb2, generation_pb2_grpc
 from dsi.wire.transport import GrpcDrafter, GrpcTarget
 from services.coordinator.coordinator import Codec, Coordinator, Defaults, TextStream
 from services.coordinator.engine import Strategy
@@ -342,3 +343,40 @@ def test_text_stream_holds_back_incomplete_utf8():
     assert ts.push([2]) == ("", False)  # held back until the character is complete
     assert ts.push([3]) == ("é!", False)
     assert ts.flush() == ""
+
+
+async def test_token_trees_over_grpc_give_the_same_tokens():
+    """A tree shape per request (and as the server default): the same greedy
+    tokens as chains, alternatives reported in the stats; a shape out of
+    range is INVALID_ARGUMENT."""
+    d_tree = "synthetic:vocab=300,seed=21,tpot_ms=0.3,acceptance=0.5,sibling_acceptance=0.7"
+    defaults = Defaults(tree=TreeShape(2, 2))
+    async with local_cluster([T, T], [d_tree], serve_coordinator=True, defaults=defaults) as c:
+        s = stub(c.coordinator_address)
+        info = await s.GetInfo(generation_pb2.GetInfoRequest())
+        assert (info.defaults.tree.width, info.defaults.tree.depth) == (2, 2)
+        chain_tree = common_pb2.TreeShape(width=1)
+        outs = {}
+        for name, strategy in STRATEGY_PB.items():
+            for label, tree in (
+                ("chain", chain_tree),
+                ("3x2", common_pb2.TreeShape(width=3, depth=2)),
+                ("default", None),
+            ):
+                fields = dict(prompt_token_ids=[1, 2, 3], max_new_tokens=30, strategy=strategy, lookahead=3)
+                if tree is not None:
+                    fields["tree"] = tree
+                ids, _, msgs = await collect(s, **fields)
+                outs[(name, label)] = ids
+                hits = msgs[-1].stats.alternative_hits
+                if name == "nonsi" or label == "chain":
+                    assert hits == 0
+        assert len({tuple(v) for v in outs.values()}) == 1
+        hits = 0
+        for k in range(1, 6):
+            _, _, msgs = await collect(s, prompt_token_ids=[k, 2, 3], max_new_tokens=30, strategy=STRATEGY_PB["si"])
+            hits += msgs[-1].stats.alternative_hits
+        assert hits > 0, "with sibling acceptance 0.7 some alternative must be taken"
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await collect(s, prompt_token_ids=[1], tree=common_pb2.TreeShape(width=40))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "tree width" in err.value.details()

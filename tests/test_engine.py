@@ -287,7 +287,7 @@ def test_preempting_a_chunk_behind_a_completed_one_leaves_no_position_uncovered(
     generation B takes the idle replica; generation C's frontier step preempts
     A's deepest running chunk, which lies *before* the completed one. Every
     position must still get decided, with the tokens A gets alone."""
-    from tests.virtual_time import run_virtual
+    from dsi.tools.experiments.virtual_time import run_virtual
 
     t_spec = "synthetic:vocab=300,seed=8"
     d_spec = "synthetic:vocab=300,seed=8,ttft_ms=2,tpot_ms=2,acceptance=1.0"

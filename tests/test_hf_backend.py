@@ -114,8 +114,9 @@ async def test_sampling_verify_uses_the_model_logits(
             drafts.append(DraftToken(sampling.choose(q, params, seed, len(ctx) + i)))
         res = await target.verify(VerifyRequest("s", ctx, drafts, params, seed))
         rows = full_logits(reference_models[family], ctx + [d.token_id for d in drafts])[len(ctx) - 1 :]
-        decisions, num_accepted, nxt = sampling.verify_rows(rows, drafts, params, seed, len(ctx))
-        assert (res.decisions, res.num_accepted, res.next_token) == (decisions, num_accepted, nxt), f"seed {seed}"
+        decisions, path, nxt = sampling.verify_rows(rows, drafts, params, seed, len(ctx))
+        assert (res.decisions, res.path, res.next_token) == (decisions, path, nxt), f"seed {seed}"
+        assert res.num_accepted == len(path) and path == list(range(len(path))), "a chain's path is its prefix"
 
 
 # ---------------------------------------------------------------------------

@@ -10,7 +10,7 @@ faster and slower than the target, lookahead 1-8, 1-4 replicas, sequential and
 concurrent generations.
 
 Latencies are real ``asyncio.sleep`` calls on a virtual clock
-(tests/virtual_time.py): the schedule is what those latencies give, but the
+(dsi/tools/experiments/virtual_time.py): the schedule is what those latencies give, but the
 waiting is skipped, so a run of 1,500 generations takes seconds. Outputs are a
 function of the seed alone (the decision rule), so these tests are
 deterministic: they always pass or always fail.
@@ -34,10 +34,10 @@ from dsi.backends.base import DrafterModel, Forward, TargetModel
 from dsi.backends.synthetic import PseudoLM
 from dsi.domain.sampling import warp
 from dsi.domain.types import SamplingParams
+from dsi.tools.experiments.virtual_time import run_virtual
 from services.coordinator.engine import Engine, GenerationParams, Strategy
 from tests.helpers import make_engine
 from tests.stats import assert_fits, exact_continuations
-from tests.virtual_time import run_virtual
 
 # The pair of issue 12: p(EOS = 9 | 1, 2, 3) = 0.367 at temperature 1.
 VOCAB, SEED, SUPPORT, EOS = 16, 0, 4, 9
@@ -203,6 +203,17 @@ class SlowTarget(TargetModel):
         await asyncio.sleep(self.ms / 1000)
         return await self.inner.forward(state, tokens, num_rows)
 
+    async def forward_tree(
+        self, state: Any, context: Sequence[int], tokens: Sequence[int], parents: Sequence[int]
+    ) -> Forward:
+        await asyncio.sleep(self.ms / 1000)
+        return await self.inner.forward_tree(state, context, tokens, parents)
+
+    async def keep_path(
+        self, state: Any, context: Sequence[int], path_tokens: Sequence[int], path: Sequence[int]
+    ) -> None:
+        await self.inner.keep_path(state, context, path_tokens, path)
+
 
 class SlowDrafter(DrafterModel):
     """A drafter model whose every token step takes ``ms`` longer."""
@@ -218,6 +229,12 @@ class SlowDrafter(DrafterModel):
     ) -> tuple[np.ndarray, Forward]:
         await asyncio.sleep(self.ms / 1000)
         return await self.inner.next_scores(state, tokens, params, seed)
+
+    async def next_candidates(
+        self, state: Any, tokens: Sequence[int], params: SamplingParams, seed: int, k: int
+    ) -> tuple[list[int], Forward]:
+        await asyncio.sleep(self.ms / 1000)
+        return await self.inner.next_candidates(state, tokens, params, seed, k)
 
 
 @pytest.fixture(scope="module")

@@ -92,7 +92,7 @@ def test_ci_breaking_check_compares_the_latest_commit_with_its_parent(tmp_path: 
     text = proto.read_text()
     # A compatible change (a new field) passes.
     proto.write_text(
-        text.replace("  repeated string stop = 10;\n", "  repeated string stop = 10;\n  // New.\n  bool x = 11;\n")
+        text.replace("  repeated string stop = 10;\n", "  repeated string stop = 10;\n  // New.\n  bool x = 99;\n")
     )
     git("commit", "-qam", "compatible")
     r = run("bash", script, cwd=repo, env=env)

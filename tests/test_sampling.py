@@ -239,7 +239,9 @@ def test_verify_rows(reject_at: int | None, params: SamplingParams) -> None:
         if reject_at + 2 < m:  # a later wrong draft must not change anything
             tokens[reject_at + 2] = (tokens[reject_at + 2] + 3) % rows.shape[1]
     drafts = [DraftToken(t) for t in tokens]
-    decisions, num_accepted, nxt = verify_rows(rows, drafts, params, seed=seed, start_position=start)
+    decisions, path, nxt = verify_rows(rows, drafts, params, seed=seed, start_position=start)
+    num_accepted = len(path)
+    assert path == list(range(num_accepted)), "a chain's accepted path is a prefix"
     assert len(decisions) == m, "every draft position gets a decision"
     for i, d in enumerate(decisions):
         assert d.token_id == best[i], f"decision {i} must be the rule's token at position {start + i}"
@@ -254,9 +256,9 @@ def test_verify_rows(reject_at: int | None, params: SamplingParams) -> None:
 
 def test_verify_rows_with_no_drafts_is_a_plain_step() -> None:
     rows = np.array([[0.1, 3.0, -1.0, 3.0]])
-    assert verify_rows(rows, [], GREEDY, seed=0, start_position=0) == ([], 0, 1), "ties go to the lowest id"
+    assert verify_rows(rows, [], GREEDY, seed=0, start_position=0) == ([], [], 1), "ties go to the lowest id"
     sp = PARAMS["t1"]
-    assert verify_rows(rows, [], sp, seed=4, start_position=9) == ([], 0, choose(rows[0], sp, 4, 9))
+    assert verify_rows(rows, [], sp, seed=4, start_position=9) == ([], [], choose(rows[0], sp, 4, 9))
 
 
 def test_verify_rows_decisions_do_not_depend_on_chunking() -> None:

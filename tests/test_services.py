@@ -279,6 +279,26 @@ async def test_verify_greedy_decides_drafts_against_argmax(target: TargetEnv) ->
     assert resp.next_token_id == t3
 
 
+async def test_verify_a_token_tree_returns_the_accepted_path(target: TargetEnv) -> None:
+    """Two children of the context, the wrong one first; the right one has a
+    right child and a wrong one: the path goes right, right."""
+    t1 = target_argmax(target, CONTEXT)
+    t2 = target_argmax(target, [*CONTEXT, t1])
+    t3 = target_argmax(target, [*CONTEXT, t1, t2])
+    tree = [
+        common_pb2.DraftToken(token_id=(t1 + 1) % VOCAB, parent=-1),
+        common_pb2.DraftToken(token_id=t1, parent=-1),
+        common_pb2.DraftToken(token_id=(t2 + 1) % VOCAB, parent=1),
+        common_pb2.DraftToken(token_id=t2, parent=1),
+    ]
+    resp = await target.stub.Verify(verify_req(drafts=tree, session_id="tree"))
+    assert list(resp.accepted_path) == [1, 3] and resp.num_accepted == 2 and resp.next_token_id == t3
+    assert [d.accepted for d in resp.decisions] == [False, True, False, True]
+    # The session kept the context and the path: the next step reuses all of it.
+    resp = await target.stub.Verify(verify_req(context=[*CONTEXT, t1, t2, t3], session_id="tree"))
+    assert resp.stats.cached_tokens == len(CONTEXT) + 2
+
+
 async def test_verify_sampling_with_drafts_from_the_drafter() -> None:
     """Drafts streamed by a drafter with acceptance 1 are all accepted by the
     target; with acceptance 0 the first is rejected and corrected from the
@@ -349,6 +369,11 @@ VERIFY_ERRORS: dict[str, tuple[Callable[[], target_pb2.VerifyRequest], str]] = {
         "plus 3 draft tokens exceeds",
     ),
     "too many drafts": (lambda: verify_req(drafts=[draft(1)] * (MAX_DRAFT_TOKENS + 1)), "exceed the limit of 4"),
+    "parent not earlier": (
+        lambda: verify_req(drafts=[common_pb2.DraftToken(token_id=3, parent=1), draft(4)]),
+        "draft_tokens[0].parent = 1",
+    ),
+    "parent below -1": (lambda: verify_req(drafts=[common_pb2.DraftToken(token_id=3, parent=-2)]), "parent = -2"),
     "negative temperature": (
         lambda: verify_req(sampling=common_pb2.SamplingParams(temperature=-0.5)),
         "temperature",

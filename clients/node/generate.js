@@ -31,6 +31,7 @@ Streams a generation from a dsi coordinator (dsi.v1.GenerationService/Generate).
   --max-new-tokens N       tokens to generate (0 = server default)
   --strategy S             nonsi, si or dsi (default: the server's)
   --lookahead N            draft tokens per chunk (0 = server default)
+  --tree WxD               draft a token tree: W candidates per position, D-token branches (e.g. 3x2)
   --temperature T          0 = greedy (default)
   --top-p P, --top-k K     sampling filters (0 = off)
   --seed N                 seed of the sampling (default: a fresh one, shown in the statistics)
@@ -56,6 +57,7 @@ function parseCommandLine(argv) {
       'max-new-tokens': { type: 'string', default: '0' },
       strategy: { type: 'string', default: '' },
       lookahead: { type: 'string', default: '0' },
+      tree: { type: 'string', default: '' },
       temperature: { type: 'string', default: '0' },
       'top-p': { type: 'string', default: '0' },
       'top-k': { type: 'string', default: '0' },
@@ -87,6 +89,13 @@ function parseCommandLine(argv) {
     throw new UsageError(`--prompt-ids must be comma-separated integers, got ${JSON.stringify(values['prompt-ids'])}`);
   }
   if (!(values.strategy in STRATEGIES)) throw new UsageError('--strategy must be nonsi, si or dsi');
+  let tree;
+  if (values.tree === 'chain') tree = { width: 1, depth: 1 };
+  else if (values.tree !== '') {
+    const m = /^(\d+)(?:x(\d+))?$/.exec(values.tree);
+    if (!m) throw new UsageError(`--tree must be 'chain', W or WxD (e.g. 3x2), got ${JSON.stringify(values.tree)}`);
+    tree = { width: Number(m[1]), depth: m[2] === undefined ? 1 : Number(m[2]) };
+  }
   if (values.seed !== '' && !/^\d+$/.test(values.seed)) throw new UsageError('--seed must be an integer >= 0');
   const prompt = positionals[0] || '';
   if (!values.help && !values.info && !prompt && ids.length === 0) throw new UsageError('give a PROMPT or --prompt-ids');
@@ -109,6 +118,7 @@ function parseCommandLine(argv) {
       strategy: STRATEGIES[values.strategy],
       lookahead: count('lookahead'),
       stop: values.stop,
+      tree, // unset: the server's default shape
     },
   };
 }

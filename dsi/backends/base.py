@@ -22,6 +22,8 @@ from dsi.domain import sampling, validation
 from dsi.domain.interfaces import Drafter, Target
 from dsi.domain.sessions import SessionStore
 from dsi.domain.types import (
+    ROOT,
+    Decision,
     DraftChunk,
     DraftRequest,
     DraftToken,
@@ -33,6 +35,8 @@ from dsi.domain.types import (
     ServiceLimits,
     VerifyRequest,
     VerifyResult,
+    is_chain,
+    tree_parents,
 )
 
 log = logging.getLogger(__name__)
@@ -63,6 +67,24 @@ class TargetModel(abc.ABC):
         ``len(tokens)``, i.e. row ``i`` follows ``tokens[: len - num_rows + i + 1]``.
         Reuses and updates ``state``."""
 
+    @abc.abstractmethod
+    async def forward_tree(
+        self, state: Any, context: Sequence[int], tokens: Sequence[int], parents: Sequence[int]
+    ) -> Forward:
+        """One forward pass over ``context`` and a tree of draft ``tokens``
+        (``parents[i]``: the index of token i's parent, ``ROOT`` = the context
+        end, parents before children). Row 0 follows the context, row
+        ``1 + i`` follows token ``i`` and its ancestors. The state may then
+        hold the whole tree until :meth:`keep_path`."""
+
+    @abc.abstractmethod
+    async def keep_path(
+        self, state: Any, context: Sequence[int], path_tokens: Sequence[int], path: Sequence[int]
+    ) -> None:
+        """After :meth:`forward_tree`: keep in ``state`` only the context and
+        the accepted path (draft indices ``path`` with tokens ``path_tokens``),
+        as if they had been computed as one sequence."""
+
     def drop_state(self, state: Any) -> None:  # noqa: B027 - optional hook
         """Free what ``state`` holds (called when a session is dropped)."""
 
@@ -82,6 +104,15 @@ class DrafterModel(abc.ABC):
         """Logits for the token after ``tokens``; the drafter proposes
         :func:`dsi.domain.sampling.choose` of them (the decision rule the
         target applies, on the drafter's own distribution)."""
+
+    async def next_candidates(
+        self, state: Any, tokens: Sequence[int], params: SamplingParams, seed: int, k: int
+    ) -> tuple[list[int], Forward]:
+        """The ``k`` best guesses of the target's token after ``tokens``, best
+        first: the decision rule's choice on the drafter's scores, then its
+        runners-up (:func:`dsi.domain.sampling.top_candidates`)."""
+        scores, fwd = await self.next_scores(state, tokens, params, seed)
+        return sampling.top_candidates(scores, params, seed, len(tokens), k), fwd
 
     def drop_state(self, state: Any) -> None:  # noqa: B027 - optional hook
         ...
@@ -130,14 +161,25 @@ class LocalTarget(Target):
         validation.check_drafts(request.drafts, info.vocab_size, self.limits.max_draft_tokens)
 
     async def verify(self, request: VerifyRequest) -> VerifyResult:
+        """One forward pass over the context and the drafts (a chain or a
+        tree), then the decisions. After a tree, the session keeps only the
+        context and the accepted path."""
         self.check(request)
-        tokens = list(request.context) + [d.token_id for d in request.drafts]
+        ids = [d.token_id for d in request.drafts]
+        chain = is_chain(request.drafts)
         queued = time.perf_counter()
         try:
             async with self.sessions.use(request.session_id) as state:
                 async with self._device.lock:
                     waited = time.perf_counter() - queued
-                    fwd = await self.model.forward(state, tokens, len(request.drafts) + 1)
+                    if chain:
+                        fwd = await self.model.forward(state, [*request.context, *ids], len(ids) + 1)
+                    else:  # the session must keep the accepted path only: decide before releasing the device
+                        fwd = await self.model.forward_tree(state, request.context, ids, tree_parents(request.drafts))
+                        decided = self._decide(request, fwd)
+                        await self.model.keep_path(state, request.context, [ids[i] for i in decided[1]], decided[1])
+            if chain:
+                decided = self._decide(request, fwd)
         except asyncio.CancelledError:
             self.counters.cancelled_requests += 1
             raise
@@ -147,11 +189,13 @@ class LocalTarget(Target):
         self.counters.requests += 1
         if self.on_forward is not None:
             self.on_forward(fwd)
-        decisions, num_accepted, nxt = sampling.verify_rows(
-            fwd.rows, request.drafts, request.sampling, request.seed, len(request.context)
-        )
+        decisions, path, nxt = decided
         stats = ForwardStats(fwd.cached_tokens, fwd.computed_tokens, waited, fwd.seconds)
-        return VerifyResult(decisions, num_accepted, nxt, stats)
+        return VerifyResult(decisions, len(path), nxt, stats, path)
+
+    @staticmethod
+    def _decide(request: VerifyRequest, fwd: Forward) -> tuple[list[Decision], list[int], int]:
+        return sampling.verify_rows(fwd.rows, request.drafts, request.sampling, request.seed, len(request.context))
 
     async def release_session(self, session_id: str) -> bool:
         return self.sessions.release(session_id)
@@ -195,13 +239,53 @@ class LocalDrafter(Drafter):
         if request.max_tokens < 0:
             raise validation.InvalidArgument("max_tokens must be >= 0")
 
+    async def _guesses(
+        self, state: Any, tokens: list[int], request: DraftRequest, k: int
+    ) -> tuple[list[int], ForwardStats]:
+        """The ``k`` best guesses after ``tokens`` (one forward pass)."""
+        queued = time.perf_counter()
+        async with self._device.lock:
+            waited = time.perf_counter() - queued
+            guesses, fwd = await self.model.next_candidates(state, tokens, request.sampling, request.seed, k)
+        self.counters.forward_passes += 1
+        self.counters.computed_tokens += fwd.computed_tokens
+        self.counters.cached_tokens += fwd.cached_tokens
+        if self.on_forward is not None:
+            self.on_forward(fwd)
+        return guesses, ForwardStats(fwd.cached_tokens, fwd.computed_tokens, waited, fwd.seconds)
+
+    async def _continue(
+        self, state: Any, prefix: list[int], depth: int, request: DraftRequest, eos: set[int]
+    ) -> tuple[list[int], ForwardStats]:
+        """Up to ``depth`` best guesses after ``prefix`` (one forward pass
+        each; none after an end-of-sequence token)."""
+        out: list[int] = []
+        stats = ForwardStats()
+        while len(out) < depth and [*prefix, *out][-1] not in eos:
+            guesses, cost = await self._guesses(state, [*prefix, *out], request, 1)
+            stats = stats + cost
+            out.append(guesses[0])
+        return out, stats
+
     async def draft(self, request: DraftRequest) -> AsyncIterator[DraftChunk]:
+        """Stream the main path (the best guesses) in chunks of ``lookahead``
+        positions.
+
+        With a tree shape each main token comes with its alternatives at once
+        (the runners-up of the same forward pass, so free; children of the
+        same parent, in order of preference). Their branches (``depth - 1``
+        more guesses each, a forward pass per token) follow in a chunk of
+        their own after each main chunk, so the main path never waits for
+        them. Parents are indices among all tokens of the stream."""
         self.check(request)
         info = self.model.info
         room = info.max_context_tokens - len(request.context)
         budget = min(request.max_tokens, room) if request.max_tokens else room
         eos = set(info.eos_token_ids)
+        shape = request.tree
         tokens = list(request.context)
+        sent = 0  # tokens streamed so far: the index of the next one
+        last_main = ROOT
         self.active_streams += 1
         try:
             async with self.sessions.use(request.session_id) as state:
@@ -210,25 +294,41 @@ class LocalDrafter(Drafter):
                     chunk: list[DraftToken] = []
                     stats = ForwardStats()
                     start = len(tokens)
-                    while len(chunk) < request.lookahead and drafted < budget:
-                        queued = time.perf_counter()
-                        async with self._device.lock:
-                            waited = time.perf_counter() - queued
-                            scores, fwd = await self.model.next_scores(state, tokens, request.sampling, request.seed)
-                        tok = DraftToken(sampling.choose(scores, request.sampling, request.seed, len(tokens)))
-                        self.counters.forward_passes += 1
-                        self.counters.computed_tokens += fwd.computed_tokens
-                        self.counters.cached_tokens += fwd.cached_tokens
-                        self.counters.drafted_tokens += 1
-                        if self.on_forward is not None:
-                            self.on_forward(fwd)
-                        stats = stats + ForwardStats(fwd.cached_tokens, fwd.computed_tokens, waited, fwd.seconds)
-                        chunk.append(tok)
-                        tokens.append(tok.token_id)
+                    alternatives: list[tuple[int, list[int]]] = []  # (stream index, prefix) to grow a branch from
+                    for _ in range(min(request.lookahead, budget - drafted)):
+                        guesses, cost = await self._guesses(state, tokens, request, shape.width)
+                        stats = stats + cost
+                        main = guesses[0]
+                        if shape.is_chain:
+                            chunk.append(DraftToken(main))
+                        else:
+                            parent, last_main = last_main, sent + len(chunk)
+                            chunk.append(DraftToken(main, parent))
+                            for alt in guesses[1:]:
+                                alternatives.append((sent + len(chunk), [*tokens, alt]))
+                                chunk.append(DraftToken(alt, parent))
+                        tokens.append(main)
                         drafted += 1
-                        if tok.token_id in eos:
+                        if main in eos:
                             budget = drafted
+                            break
+                    sent += len(chunk)
+                    self.counters.drafted_tokens += len(chunk)
                     yield DraftChunk(chunk, start, stats)
+                    if shape.depth > 1 and alternatives:
+                        branches: list[DraftToken] = []
+                        stats = ForwardStats()
+                        first = 0
+                        for index, prefix in alternatives:
+                            more, cost = await self._continue(state, prefix, shape.depth - 1, request, eos)
+                            stats = stats + cost
+                            first = first or (len(prefix) if more else 0)
+                            for j, tok in enumerate(more):
+                                branches.append(DraftToken(tok, index if j == 0 else sent + len(branches) - 1))
+                        if branches:
+                            sent += len(branches)
+                            self.counters.drafted_tokens += len(branches)
+                            yield DraftChunk(branches, first, stats)
             self.counters.requests += 1
         except (asyncio.CancelledError, GeneratorExit):  # the client cancelled or closed the stream
             self.counters.cancelled_requests += 1

@@ -25,7 +25,7 @@ import numpy as np
 
 from dsi.backends.base import DrafterModel, Forward, TargetModel
 from dsi.domain.errors import InvalidArgument, NotFound
-from dsi.domain.types import ModelInfo, SamplingParams
+from dsi.domain.types import ROOT, ModelInfo, SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -136,12 +136,10 @@ class HFCore:
         state.cache = DynamicCache(config=self.model.config)
         state.tokens = []
 
-    def forward_sync(self, state: _Session, tokens: Sequence[int], num_rows: int) -> Forward:
-        """Scores for the last ``num_rows`` positions of ``tokens``; the
-        session's cache ends up holding exactly ``tokens``."""
-        torch = self.torch
-        start = time.perf_counter()
-        keep = min(_lcp(state.tokens, tokens), len(tokens) - num_rows)
+    def _reuse(self, state: _Session, tokens: Sequence[int], most: int) -> int:
+        """Keep the cached prefix shared with ``tokens`` (at most ``most``
+        tokens), crop the rest; returns how many tokens the cache holds."""
+        keep = min(_lcp(state.tokens, tokens), most)
         if state.cache is None or keep == 0:
             self._reset(state)
             keep = 0
@@ -155,22 +153,92 @@ class HFCore:
                 self._reset(state)
                 keep = 0
         state.tokens = list(tokens[:keep])  # what the cache holds now, even if the forward fails
-        new = torch.tensor([list(tokens[keep:])], dtype=torch.long, device=self.device)
+        return keep
+
+    def _run(self, state: _Session, new: list[int], rows: int, **kwargs: Any) -> np.ndarray:
+        """The model over ``new`` after the cache; the last ``rows`` rows of logits."""
+        torch = self.torch
+        ids = torch.tensor([new], dtype=torch.long, device=self.device)
         try:
             with torch.inference_mode():
-                kwargs = {self._cache_arg: state.cache}
-                out = self.model(input_ids=new, use_cache=True, logits_to_keep=num_rows, **kwargs)
+                out = self.model(
+                    input_ids=ids, use_cache=True, logits_to_keep=rows, **{self._cache_arg: state.cache}, **kwargs
+                )
         except BaseException:
             self._reset(state)  # a half-updated cache must never be reused
             raise
         state.cache = getattr(out, self._cache_arg)
+        return out.logits[0, -rows:].float().cpu().numpy()
+
+    def forward_sync(self, state: _Session, tokens: Sequence[int], num_rows: int) -> Forward:
+        """Scores for the last ``num_rows`` positions of ``tokens``; the
+        session's cache ends up holding exactly ``tokens``."""
+        start = time.perf_counter()
+        keep = self._reuse(state, tokens, len(tokens) - num_rows)
+        rows = self._run(state, list(tokens[keep:]), num_rows)
         state.tokens = list(tokens)
-        rows = out.logits[0, -num_rows:].float().cpu().numpy()
         return Forward(rows, keep, len(tokens) - keep, time.perf_counter() - start)
 
-    async def forward(self, state: _Session, tokens: Sequence[int], num_rows: int) -> Forward:
+    def forward_tree_sync(
+        self, state: _Session, context: Sequence[int], tokens: Sequence[int], parents: Sequence[int]
+    ) -> Forward:
+        """Scores after the context and after every node of a token tree, in
+        one pass: each node attends to the context and its ancestors (a 4D
+        attention mask) at the position of its depth. The cache then holds
+        the context and every node, in order, until :meth:`keep_path_sync`."""
+        torch = self.torch
+        start = time.perf_counter()
+        n, ctx = len(tokens), len(context)
+        keep = self._reuse(state, context, ctx - 1)
+        new = [*context[keep:], *tokens]
+        m = ctx - keep  # context tokens to compute (at least the last one: its row follows the context)
+        depth = [0] * n
+        ancestors = torch.zeros((n, n), dtype=torch.bool)
+        for i, p in enumerate(parents):
+            depth[i] = 1 if p == ROOT else depth[p] + 1
+            if p != ROOT:
+                ancestors[i] = ancestors[p]
+            ancestors[i, i] = True
+        allowed = torch.zeros((m + n, ctx + n), dtype=torch.bool)
+        allowed[:m, :ctx] = torch.ones((m, ctx), dtype=torch.bool).tril(diagonal=keep)
+        allowed[m:, :ctx] = True
+        allowed[m:, ctx:] = ancestors
+        dtype = self.model.dtype
+        mask = torch.zeros((1, 1, m + n, ctx + n), dtype=dtype)
+        mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+        positions = torch.tensor([[*range(keep, ctx), *(ctx - 1 + d for d in depth)]], dtype=torch.long)
+        rows = self._run(state, new, n + 1, attention_mask=mask.to(self.device), position_ids=positions.to(self.device))
+        state.tokens = [*context, *([-1] * n)]  # not a sequence: only the context is reusable as it is
+        return Forward(rows, keep, m + n, time.perf_counter() - start)
+
+    def keep_path_sync(
+        self, state: _Session, context: Sequence[int], path_tokens: Sequence[int], path: Sequence[int]
+    ) -> None:
+        """Keep the context and the accepted path of the tree in the cache
+        (the keys and values of those nodes, which saw exactly their
+        ancestors), dropping the other nodes."""
+        from transformers.cache_utils import DynamicLayer
+
+        torch = self.torch
+        ctx = len(context)
+        layers = getattr(state.cache, "layers", None)
+        if not layers or any(type(layer) is not DynamicLayer for layer in layers):
+            self._reuse(state, context, ctx)  # another cache layout: keep the context, recompute the path later
+            return
+        index = torch.tensor([*range(ctx), *(ctx + i for i in path)], dtype=torch.long, device=self.device)
+        for layer in layers:
+            if layer.keys is not None and layer.keys.numel():
+                layer.keys = layer.keys.index_select(-2, index)
+                layer.values = layer.values.index_select(-2, index)
+        state.tokens = [*context, *path_tokens]
+
+    async def run_in_executor(self, fn: Any, *args: Any) -> Any:
+        """Model work runs in this model's one worker thread, off the event loop."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self.forward_sync, state, list(tokens), num_rows)
+        return await loop.run_in_executor(self._executor, fn, *args)
+
+    async def forward(self, state: _Session, tokens: Sequence[int], num_rows: int) -> Forward:
+        return await self.run_in_executor(self.forward_sync, state, list(tokens), num_rows)
 
 
 class HFTarget(TargetModel):
@@ -186,6 +254,19 @@ class HFTarget(TargetModel):
 
     async def forward(self, state: _Session, tokens: Sequence[int], num_rows: int) -> Forward:
         return await self.core.forward(state, tokens, num_rows)
+
+    async def forward_tree(
+        self, state: _Session, context: Sequence[int], tokens: Sequence[int], parents: Sequence[int]
+    ) -> Forward:
+        return await self.core.run_in_executor(
+            self.core.forward_tree_sync, state, list(context), list(tokens), list(parents)
+        )
+
+    async def keep_path(
+        self, state: _Session, context: Sequence[int], path_tokens: Sequence[int], path: Sequence[int]
+    ) -> None:
+        core = self.core
+        await core.run_in_executor(core.keep_path_sync, state, list(context), list(path_tokens), list(path))
 
 
 class HFDrafter(DrafterModel):

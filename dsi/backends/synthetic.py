@@ -5,7 +5,7 @@ Spec grammar (every key optional)::
 
     synthetic:vocab=32000,seed=0,ttft_ms=0,tpot_ms=0,acceptance=0.8,
               verify_token_ms=0,prefill_token_ms=0,max_context=8192,
-              support=8,eos=-1,jitter_ms=0
+              support=8,eos=-1,jitter_ms=0,sibling_acceptance=0.4
 
 The target's next-token distribution ``p`` after a context depends only on
 ``(seed, len(context), context[-4:])``: ``support`` tokens with random weights.
@@ -15,12 +15,17 @@ will choose there (the decision rule of :mod:`dsi.domain.sampling`, with the
 request's sampling parameters and seed), otherwise a token outside ``p``'s
 support, which the target never chooses. Each draft is therefore accepted with
 probability exactly ``A``, independently, for greedy decoding and for sampling.
+Asked for several guesses (a token tree), the drafter ranks the target's token
+second with probability ``sibling_acceptance`` when its first guess is wrong,
+third with that probability when the first two are wrong, and so on; the other
+guesses are tokens the target never chooses.
 
 Latency is an ``asyncio.sleep``: the first forward pass of a session sleeps
 ``ttft_ms``, later ones ``tpot_ms``; a target adds ``verify_token_ms`` per draft
 token and ``prefill_token_ms`` per context token it had not seen in that
 session (apart from the last one, which every forward pass computes).
-``jitter_ms`` adds a uniform random delay (for tests of races).
+``jitter_ms`` adds a uniform random delay (for tests of races). A tree
+verification costs ``verify_token_ms`` per node, like a chain.
 """
 
 from __future__ import annotations
@@ -40,7 +45,7 @@ import numpy as np
 from dsi.backends.base import DrafterModel, Forward, TargetModel
 from dsi.domain.errors import InvalidArgument
 from dsi.domain.sampling import choose
-from dsi.domain.types import ModelInfo, SamplingParams
+from dsi.domain.types import ROOT, ModelInfo, SamplingParams
 
 PREFIX = "synthetic"
 CONTEXT_WINDOW = 4  # tokens of context the pseudo model looks at
@@ -59,6 +64,7 @@ class SyntheticSpec:
     support: int = 8
     eos: int = -1
     jitter_ms: float = 0.0
+    sibling_acceptance: float = 0.4
 
     @classmethod
     def parse(cls, spec: str) -> SyntheticSpec:
@@ -84,8 +90,8 @@ class SyntheticSpec:
     def check(self) -> None:
         if self.vocab < 2 * self.support or self.support < 1:
             raise InvalidArgument("synthetic spec: need support >= 1 and vocab >= 2 * support")
-        if not 0.0 <= self.acceptance <= 1.0:
-            raise InvalidArgument("synthetic spec: acceptance must lie in [0, 1]")
+        if not 0.0 <= self.acceptance <= 1.0 or not 0.0 <= self.sibling_acceptance <= 1.0:
+            raise InvalidArgument("synthetic spec: acceptance and sibling_acceptance must lie in [0, 1]")
         latencies = (self.ttft_ms, self.tpot_ms, self.verify_token_ms, self.prefill_token_ms, self.jitter_ms)
         if not all(math.isfinite(v) and v >= 0 for v in latencies):
             raise InvalidArgument("synthetic spec: latencies must be finite numbers >= 0")
@@ -128,6 +134,12 @@ class PseudoLM:
         for a in out[:4]:
             a.setflags(write=False)  # shared by every caller through the cache
         return out
+
+    def rank_coin(self, tokens: Sequence[int], rank: int) -> float:
+        """A uniform number per (context, rank), independent of :meth:`draw`'s."""
+        tail = tuple(tokens[-CONTEXT_WINDOW:])
+        key = struct.pack(f"<QQQ{len(tail)}Q", self.seed & (2**64 - 1), len(tokens), rank, *tail)
+        return int.from_bytes(hashlib.blake2b(key, digest_size=8, person=b"dsi-rank").digest(), "little") / 2**64
 
     def logits(self, tokens: Sequence[int]) -> np.ndarray:
         p_ids, p, _, _, _ = self.draw(tokens)
@@ -186,6 +198,25 @@ class SyntheticTarget(TargetModel):
         state.seen = list(tokens)
         return Forward(rows, cached, computed, seconds)
 
+    async def forward_tree(
+        self, state: _State, context: Sequence[int], tokens: Sequence[int], parents: Sequence[int]
+    ) -> Forward:
+        cached = min(_lcp(state.seen, context), len(context) - 1)
+        catch_up = len(context) - 1 - cached
+        extra = self.spec.verify_token_ms * len(tokens) + self.spec.prefill_token_ms * catch_up
+        seconds = await self._latency.sleep(state, extra)
+        paths: list[list[int]] = []
+        for tok, parent in zip(tokens, parents, strict=True):
+            paths.append([*(paths[parent] if parent != ROOT else []), tok])
+        rows = np.stack([self.lm.logits(context), *(self.lm.logits([*context, *p]) for p in paths)])
+        state.seen = [*context, *([-1] * len(tokens))]  # the tree is not a sequence: only the context is reusable
+        return Forward(rows, cached, len(context) - cached + len(tokens), seconds)
+
+    async def keep_path(
+        self, state: _State, context: Sequence[int], path_tokens: Sequence[int], path: Sequence[int]
+    ) -> None:
+        state.seen = [*context, *path_tokens]
+
 
 class SyntheticDrafter(DrafterModel):
     def __init__(self, spec: str) -> None:
@@ -200,14 +231,24 @@ class SyntheticDrafter(DrafterModel):
     async def next_scores(
         self, state: _State, tokens: Sequence[int], params: SamplingParams, seed: int
     ) -> tuple[np.ndarray, Forward]:
+        (guess,), fwd = await self.next_candidates(state, tokens, params, seed, 1)
+        scores = np.full(self.spec.vocab, -np.inf)
+        scores[guess] = 0.0  # every rule picks the one finite score
+        return scores, Forward(scores[None, :], fwd.cached_tokens, fwd.computed_tokens, fwd.seconds)
+
+    async def next_candidates(
+        self, state: _State, tokens: Sequence[int], params: SamplingParams, seed: int, k: int
+    ) -> tuple[list[int], Forward]:
         cached = min(_lcp(state.seen, tokens), len(tokens) - 1)
         seconds = await self._latency.sleep(state, 0.0)
         state.seen = list(tokens)
         _, _, r_ids, r, coin = self.lm.draw(tokens)
-        if coin < self.spec.acceptance:
-            guess = choose(self.lm.logits(tokens), params, seed, len(tokens))
-        else:
-            guess = int(r_ids[np.argmax(r)])
-        scores = np.full(self.spec.vocab, -np.inf)
-        scores[guess] = 0.0  # every rule picks the one finite score
-        return scores, Forward(scores[None, :], cached, len(tokens) - cached, seconds)
+        guesses = [int(t) for t in r_ids[np.argsort(-r, kind="stable")]][:k]  # tokens the target never picks
+        rank = 0 if coin < self.spec.acceptance else None
+        for i in range(1, k):
+            if rank is None and self.lm.rank_coin(tokens, i) < self.spec.sibling_acceptance:
+                rank = i
+        if rank is not None:
+            guesses.insert(rank, choose(self.lm.logits(tokens), params, seed, len(tokens)))
+        empty = np.zeros((1, 0))
+        return guesses[:k], Forward(empty, cached, len(tokens) - cached, seconds)

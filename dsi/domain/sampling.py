@@ -42,7 +42,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from dsi.domain.types import Decision, DraftToken, SamplingParams
+from dsi.domain.types import ROOT, Decision, DraftToken, SamplingParams, tree_parents
 
 _M32 = 0xFFFFFFFF
 _U64 = (1 << 64) - 1
@@ -132,23 +132,59 @@ def choose(logits: np.ndarray, params: SamplingParams, seed: int, position: int)
     return greedy_token(log_probs(logits, params) + gumbel_noise(seed, position, len(logits)))
 
 
+def top_candidates(logits: np.ndarray, params: SamplingParams, seed: int, position: int, k: int) -> list[int]:
+    """The ``k`` best guesses of the token at ``position``: the rule's choice
+    first, then the runners-up of the same noisy scores (Gumbel top-k). A
+    drafter proposes them as a node's children, in this order."""
+    scores = np.asarray(logits, dtype=np.float64) if params.greedy else log_probs(logits, params)
+    if not params.greedy:
+        scores = scores + gumbel_noise(seed, position, len(logits))
+    k = min(k, int(np.isfinite(scores).sum()))
+    top = np.argpartition(-scores, k - 1)[:k] if k < len(scores) else np.arange(len(scores))
+    return [int(t) for t in sorted(top, key=lambda t: (-scores[t], t))][:k]
+
+
 def verify_rows(
     rows: np.ndarray,
     drafts: Sequence[DraftToken],
     params: SamplingParams,
     seed: int,
     start_position: int,
-) -> tuple[list[Decision], int, int]:
-    """Decide every draft position from the target's logits.
+) -> tuple[list[Decision], list[int], int]:
+    """Decide a tree of drafts from the target's logits.
 
-    ``rows[i]`` holds the target's logits for sequence position
-    ``start_position + i`` (``len(drafts) + 1`` rows). Returns the decisions,
-    the number of leading accepted drafts, and the token after them (the
-    correction at the first mismatch, or the bonus token).
+    ``rows[0]`` holds the target's logits after the context (for sequence
+    position ``start_position``), ``rows[1 + i]`` those after draft ``i``
+    and its ancestors. Returns one decision per draft (does it equal the
+    target's token after its parent?), the accepted path (draft indices from
+    the root: at each step the child equal to the target's token), and the
+    target's token after the path (the correction, or the bonus token).
+    A chain is the tree where each draft follows the previous one.
     """
-    m = len(drafts)
-    assert rows.shape[0] == m + 1
-    tokens = [choose(rows[i], params, seed, start_position + i) for i in range(m + 1)]
-    decisions = [Decision(t == d.token_id, t) for t, d in zip(tokens[:m], drafts, strict=True)]
-    accepted = next((i for i, dec in enumerate(decisions) if not dec.accepted), m)
-    return decisions, accepted, tokens[accepted]
+    parents = tree_parents(drafts)
+    assert rows.shape[0] == len(drafts) + 1
+    depth = [0] * len(drafts)
+    for i, p in enumerate(parents):
+        if not ROOT <= p < i:
+            raise ValueError(f"draft {i}: parent {p} is not an earlier draft or the root")
+        depth[i] = 1 if p == ROOT else depth[p] + 1
+    cache: dict[int, int] = {}
+
+    def token_after(node: int) -> int:  # the target's token after ``node`` (ROOT: after the context)
+        if node not in cache:
+            position = start_position + (0 if node == ROOT else depth[node])
+            cache[node] = choose(rows[node + 1], params, seed, position)
+        return cache[node]
+
+    decisions = []
+    for d, p in zip(drafts, parents, strict=True):
+        t = token_after(p)
+        decisions.append(Decision(t == d.token_id, t))
+    path: list[int] = []
+    node = ROOT
+    while True:
+        child = next((i for i, p in enumerate(parents) if p == node and decisions[i].accepted), None)
+        if child is None:
+            return decisions, path, token_after(node)
+        path.append(child)
+        node = child

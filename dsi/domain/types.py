@@ -46,9 +46,80 @@ GREEDY = SamplingParams()
 
 @dataclass(frozen=True)
 class DraftToken:
-    """A guess of the target's token at one position (see dsi.domain.sampling)."""
+    """A guess of the target's token at one position (see dsi.domain.sampling).
+
+    Drafts form a tree: ``parent`` is the index of the draft this one follows
+    (in the same request, or the same Draft stream), ``ROOT`` for the end of
+    the context, ``None`` for the previous draft (a chain; the first draft of
+    a chain follows the context)."""
 
     token_id: int
+    parent: int | None = None
+
+
+#: ``DraftToken.parent`` of a draft that follows the context directly.
+ROOT = -1
+
+
+def tree_parents(drafts: Sequence[DraftToken]) -> list[int]:
+    """Each draft's parent index (``ROOT`` for the context end), the chain
+    default filled in."""
+    return [i - 1 if d.parent is None else d.parent for i, d in enumerate(drafts)]
+
+
+def is_chain(drafts: Sequence[DraftToken]) -> bool:
+    return all(p == i - 1 for i, p in enumerate(tree_parents(drafts)))
+
+
+@dataclass(frozen=True)
+class TreeShape:
+    """The shape of a drafter's token tree: at every position of its main
+    path (its best guesses), ``width`` candidates: the main guess and
+    ``width - 1`` alternatives (its next best guesses), each alternative
+    followed by a branch of ``depth - 1`` more guesses. ``width == 1`` is a
+    chain."""
+
+    width: int = 1
+    depth: int = 1
+
+    MAX_WIDTH = 16
+    MAX_DEPTH = 16
+
+    @classmethod
+    def create(cls, width: int = 1, depth: int = 1) -> TreeShape:
+        """Validate wire-style values (0 = 1) and build the shape."""
+        width, depth = max(width, 1), max(depth, 1)
+        if width > cls.MAX_WIDTH or depth > cls.MAX_DEPTH:
+            raise InvalidArgument(
+                f"tree width must lie in 1..{cls.MAX_WIDTH} and depth in 1..{cls.MAX_DEPTH}, got {width}x{depth}"
+            )
+        return cls(width, depth)
+
+    @classmethod
+    def parse(cls, text: str) -> TreeShape:
+        """``chain``, ``W`` or ``WxD`` (e.g. ``3x2``: 3 candidates per
+        position, alternatives with 2-token branches)."""
+        if text.strip().lower() in ("", "chain"):
+            return CHAIN
+        w, x, d = text.lower().partition("x")
+        try:
+            return cls.create(int(w), int(d) if x else 1)
+        except ValueError:
+            raise InvalidArgument(f"a tree shape is 'chain', W or WxD (e.g. 3x2), got {text!r}") from None
+
+    @property
+    def is_chain(self) -> bool:
+        return self.width <= 1
+
+    @property
+    def nodes_per_position(self) -> int:
+        return 1 + (self.width - 1) * self.depth
+
+    def __str__(self) -> str:
+        return "chain" if self.is_chain else f"{self.width}x{self.depth}"
+
+
+CHAIN = TreeShape()
 
 
 @dataclass(frozen=True)
@@ -84,10 +155,13 @@ class Decision:
 
 @dataclass(frozen=True)
 class VerifyResult:
+    #: one per draft: whether it equals the target's token after its parent, and that token
     decisions: list[Decision]
     num_accepted: int
     next_token: int
     stats: ForwardStats = field(default_factory=ForwardStats)
+    #: indices of the accepted drafts, from the root (for a chain: 0 .. num_accepted - 1)
+    path: list[int] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -98,6 +172,7 @@ class DraftRequest:
     max_tokens: int = 0
     sampling: SamplingParams = GREEDY
     seed: int = 0
+    tree: TreeShape = CHAIN
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from dsi.domain.errors import InvalidArgument
-from dsi.domain.types import DraftToken
+from dsi.domain.types import ROOT, DraftToken
 
 MAX_SESSION_ID_LENGTH = 128
 
@@ -52,6 +52,11 @@ def check_drafts(drafts: Sequence[DraftToken], vocab_size: int, max_draft_tokens
     if len(drafts) > max_draft_tokens:
         raise InvalidArgument(f"{len(drafts)} draft tokens exceed the limit of {max_draft_tokens}")
     check_token_ids([d.token_id for d in drafts], vocab_size, "draft_tokens")
+    for i, d in enumerate(drafts):
+        if d.parent is not None and not ROOT <= d.parent < i:
+            raise InvalidArgument(
+                f"draft_tokens[{i}].parent = {d.parent}: a parent must be an earlier draft token or -1 (the context)"
+            )
 
 
 def check_lookahead(lookahead: int, max_lookahead: int) -> None:

@@ -20,6 +20,7 @@ from typing import Any
 
 from dsi import __version__
 from dsi.domain.errors import DsiError
+from dsi.serving.args import tree_shape
 from dsi.serving.logs import setup_logging
 
 DEFAULT_PORTS = {"coordinator": 50050, "target": 50051, "drafter": 50052}
@@ -90,6 +91,14 @@ def _generation_args(p: argparse.ArgumentParser) -> None:
         " shown in the statistics line)",
     )
     p.add_argument("--lookahead", type=int, default=0, help="draft tokens per chunk (0 = server default)")
+    p.add_argument(
+        "--tree",
+        type=tree_shape,
+        default=None,
+        metavar="WxD",
+        help="draft a token tree: W candidates per position, alternatives with D-token branches (e.g. 3x2);"
+        " 'chain' for one guess per position (default: the server's)",
+    )
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
 
 
@@ -101,7 +110,9 @@ def stats_line(r: Any) -> str:
         f"first token {s['time_to_first_token_seconds'] * 1000:.0f} ms, "
         f"acceptance {s['acceptance_rate']:.2f}, target passes {s['target_forward_passes']}, "
         f"verifications {s['verifications_started']} ({s['verifications_cancelled']} cancelled, "
-        f"{s['preemptions']} preempted), seed {s.get('seed', 0)}, finish: {r.finish_reason}"
+        f"{s['preemptions']} preempted)"
+        + (f", tree alternatives {s['alternative_hits']}" if s.get("alternative_hits") else "")
+        + f", seed {s.get('seed', 0)}, finish: {r.finish_reason}"
     )
 
 
@@ -119,6 +130,7 @@ async def _generate(args: argparse.Namespace) -> int:
         args.seed,
         args.lookahead,
         args.stop,
+        args.tree,
     )
     if not args.prompt and not req.prompt_token_ids:
         raise SystemExit("give a PROMPT or --prompt-ids")

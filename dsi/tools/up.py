@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dsi.domain.errors import InvalidArgument, NotFound, Unavailable
+from dsi.domain.types import CHAIN
+from dsi.serving.args import tree_shape
 
 # Latencies like a 13B target and a 68M drafter, each on its own data-centre
 # GPU (the Vicuna-13B / Vicuna-68M pair of the DSI paper); acceptance as
@@ -106,6 +108,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=50050, help="coordinator port (default: %(default)s)")
     p.add_argument("--strategy", choices=["nonsi", "si", "dsi"], default="dsi")
     p.add_argument("--lookahead", type=int, default=5)
+    p.add_argument(
+        "--tree",
+        type=tree_shape,
+        default=CHAIN,
+        metavar="WxD",
+        help="draft token trees of this shape by default (e.g. 3x2; default: chains)",
+    )
     p.add_argument("--max-new-tokens", type=int, default=100, help="default generation length (default: %(default)s)")
     p.add_argument(
         "--http-port",
@@ -250,6 +259,8 @@ async def start(args: argparse.Namespace, cluster: Cluster) -> str:
         args.strategy,
         "--lookahead",
         str(args.lookahead),
+        "--tree",
+        str(args.tree),
         "--max-new-tokens",
         str(args.max_new_tokens),
         "--drafter",

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13\x64si/v1/common.proto\x12\x06\x64si.v1\"C\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\r\"6\n\x12SparseDistribution\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\r\n\x05probs\x18\x02 \x03(\x02\"T\n\nDraftToken\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x34\n\x0c\x64istribution\x18\x02 \x01(\x0b\x32\x1a.dsi.v1.SparseDistributionB\x02\x18\x01\"\xcb\x01\n\tModelInfo\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x02 \x01(\t\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x15\n\reos_token_ids\x18\x04 \x03(\r\x12\x1a\n\x12max_context_tokens\x18\x05 \x01(\r\x12\x1d\n\x15tokenizer_fingerprint\x18\x06 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x07 \x01(\t\x12\r\n\x05\x64type\x18\x08 \x01(\t\x12\x16\n\x0enum_parameters\x18\t \x01(\x04\"|\n\rServiceLimits\x12\x18\n\x10max_draft_tokens\x18\x01 \x01(\r\x12\x15\n\rmax_lookahead\x18\x02 \x01(\r\x12\x14\n\x0cmax_sessions\x18\x03 \x01(\r\x12$\n\x1csession_idle_timeout_seconds\x18\x04 \x01(\x01\"\xe2\x01\n\x0fServiceCounters\x12\x10\n\x08sessions\x18\x01 \x01(\r\x12\x15\n\rbusy_sessions\x18\x02 \x01(\r\x12\x16\n\x0e\x66orward_passes\x18\x03 \x01(\x04\x12\x17\n\x0f\x63omputed_tokens\x18\x04 \x01(\x04\x12\x15\n\rcached_tokens\x18\x05 \x01(\x04\x12\x10\n\x08requests\x18\x06 \x01(\x04\x12\x1a\n\x12\x63\x61ncelled_requests\x18\x07 \x01(\x04\x12\x16\n\x0e\x64rafted_tokens\x18\x08 \x01(\x04\x12\x18\n\x10\x65victed_sessions\x18\t \x01(\x04\"n\n\x0c\x46orwardStats\x12\x15\n\rcached_tokens\x18\x01 \x01(\r\x12\x17\n\x0f\x63omputed_tokens\x18\x02 \x01(\r\x12\x15\n\rqueue_seconds\x18\x03 \x01(\x01\x12\x17\n\x0f\x63ompute_seconds\x18\x04 \x01(\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13\x64si/v1/common.proto\x12\x06\x64si.v1\"C\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\r\"6\n\x12SparseDistribution\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\r\n\x05probs\x18\x02 \x03(\x02\"t\n\nDraftToken\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x34\n\x0c\x64istribution\x18\x02 \x01(\x0b\x32\x1a.dsi.v1.SparseDistributionB\x02\x18\x01\x12\x13\n\x06parent\x18\x03 \x01(\x05H\x00\x88\x01\x01\x42\t\n\x07_parent\")\n\tTreeShape\x12\r\n\x05width\x18\x01 \x01(\r\x12\r\n\x05\x64\x65pth\x18\x02 \x01(\r\"\xcb\x01\n\tModelInfo\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x02 \x01(\t\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x15\n\reos_token_ids\x18\x04 \x03(\r\x12\x1a\n\x12max_context_tokens\x18\x05 \x01(\r\x12\x1d\n\x15tokenizer_fingerprint\x18\x06 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x07 \x01(\t\x12\r\n\x05\x64type\x18\x08 \x01(\t\x12\x16\n\x0enum_parameters\x18\t \x01(\x04\"|\n\rServiceLimits\x12\x18\n\x10max_draft_tokens\x18\x01 \x01(\r\x12\x15\n\rmax_lookahead\x18\x02 \x01(\r\x12\x14\n\x0cmax_sessions\x18\x03 \x01(\r\x12$\n\x1csession_idle_timeout_seconds\x18\x04 \x01(\x01\"\xe2\x01\n\x0fServiceCounters\x12\x10\n\x08sessions\x18\x01 \x01(\r\x12\x15\n\rbusy_sessions\x18\x02 \x01(\r\x12\x16\n\x0e\x66orward_passes\x18\x03 \x01(\x04\x12\x17\n\x0f\x63omputed_tokens\x18\x04 \x01(\x04\x12\x15\n\rcached_tokens\x18\x05 \x01(\x04\x12\x10\n\x08requests\x18\x06 \x01(\x04\x12\x1a\n\x12\x63\x61ncelled_requests\x18\x07 \x01(\x04\x12\x16\n\x0e\x64rafted_tokens\x18\x08 \x01(\x04\x12\x18\n\x10\x65victed_sessions\x18\t \x01(\x04\"n\n\x0c\x46orwardStats\x12\x15\n\rcached_tokens\x18\x01 \x01(\r\x12\x17\n\x0f\x63omputed_tokens\x18\x02 \x01(\r\x12\x15\n\rqueue_seconds\x18\x03 \x01(\x01\x12\x17\n\x0f\x63ompute_seconds\x18\x04 \x01(\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,13 +38,15 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SPARSEDISTRIBUTION']._serialized_start=100
   _globals['_SPARSEDISTRIBUTION']._serialized_end=154
   _globals['_DRAFTTOKEN']._serialized_start=156
-  _globals['_DRAFTTOKEN']._serialized_end=240
-  _globals['_MODELINFO']._serialized_start=243
-  _globals['_MODELINFO']._serialized_end=446
-  _globals['_SERVICELIMITS']._serialized_start=448
-  _globals['_SERVICELIMITS']._serialized_end=572
-  _globals['_SERVICECOUNTERS']._serialized_start=575
-  _globals['_SERVICECOUNTERS']._serialized_end=801
-  _globals['_FORWARDSTATS']._serialized_start=803
-  _globals['_FORWARDSTATS']._serialized_end=913
+  _globals['_DRAFTTOKEN']._serialized_end=272
+  _globals['_TREESHAPE']._serialized_start=274
+  _globals['_TREESHAPE']._serialized_end=315
+  _globals['_MODELINFO']._serialized_start=318
+  _globals['_MODELINFO']._serialized_end=521
+  _globals['_SERVICELIMITS']._serialized_start=523
+  _globals['_SERVICELIMITS']._serialized_end=647
+  _globals['_SERVICECOUNTERS']._serialized_start=650
+  _globals['_SERVICECOUNTERS']._serialized_end=876
+  _globals['_FORWARDSTATS']._serialized_start=878
+  _globals['_FORWARDSTATS']._serialized_end=988
 # @@protoc_insertion_point(module_scope)

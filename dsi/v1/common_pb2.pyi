@@ -110,14 +110,26 @@ Global___SparseDistribution: _TypeAlias = SparseDistribution  # noqa: Y015
 
 @_typing.final
 class DraftToken(_message.Message):
-    """One drafted token: a guess of the token the target will choose there."""
+    """One drafted token: a guess of the token the target will choose there.
+
+    Drafts form a token tree: every root-to-node path is a candidate
+    continuation of the context. A chain (parent unset everywhere) is the tree
+    where each draft follows the previous one.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
     TOKEN_ID_FIELD_NUMBER: _builtins.int
     DISTRIBUTION_FIELD_NUMBER: _builtins.int
+    PARENT_FIELD_NUMBER: _builtins.int
     token_id: _builtins.int
     """The drafted token id."""
+    parent: _builtins.int
+    """Index of the draft this one follows: in a VerifyRequest, among its
+    draft_tokens; in a Draft stream, among all tokens the stream has sent.
+    Parents come before their children. -1 = the end of the context. Unset =
+    the previous draft (the end of the context for the first one).
+    """
     @_builtins.property
     @_deprecated("""This field has been marked as deprecated using proto field options.""")
     def distribution(self) -> Global___SparseDistribution:
@@ -128,14 +140,47 @@ class DraftToken(_message.Message):
         *,
         token_id: _builtins.int = ...,
         distribution: Global___SparseDistribution | None = ...,
+        parent: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["distribution", b"distribution"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_parent", b"_parent", "distribution", b"distribution", "parent", b"parent"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["distribution", b"distribution", "token_id", b"token_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_parent", b"_parent", "distribution", b"distribution", "parent", b"parent", "token_id", b"token_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__parent: _TypeAlias = _typing.Literal["parent"]  # noqa: Y015
+    _WhichOneofArgType__parent: _TypeAlias = _typing.Literal["_parent", b"_parent"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__parent) -> _WhichOneofReturnType__parent | None: ...
+
+Global___DraftToken: _TypeAlias = DraftToken  # noqa: Y015
+
+@_typing.final
+class TreeShape(_message.Message):
+    """The shape of a drafter's token tree. Along its main path (its best guesses)
+    the drafter proposes, at every position, `width` candidates: the main
+    guess and `width - 1` alternatives (its next best guesses, in order), each
+    followed by a branch of `depth - 1` more guesses. width 0 or 1 = a chain.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WIDTH_FIELD_NUMBER: _builtins.int
+    DEPTH_FIELD_NUMBER: _builtins.int
+    width: _builtins.int
+    """Candidates per position of the main path."""
+    depth: _builtins.int
+    """Tokens in each alternative branch (0 or 1: the alternative alone)."""
+    def __init__(
+        self,
+        *,
+        width: _builtins.int = ...,
+        depth: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["depth", b"depth", "width", b"width"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___DraftToken: _TypeAlias = DraftToken  # noqa: Y015
+Global___TreeShape: _TypeAlias = TreeShape  # noqa: Y015
 
 @_typing.final
 class ModelInfo(_message.Message):

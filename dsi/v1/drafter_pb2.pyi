@@ -84,6 +84,7 @@ class DraftRequest(_message.Message):
     SAMPLING_FIELD_NUMBER: _builtins.int
     SEED_FIELD_NUMBER: _builtins.int
     PROPOSAL_TOP_K_FIELD_NUMBER: _builtins.int
+    TREE_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     """Opaque id (1..128 characters) that names the cache to reuse."""
     lookahead: _builtins.int
@@ -118,6 +119,15 @@ class DraftRequest(_message.Message):
         Verify requests that check these drafts.
         """
 
+    @_builtins.property
+    def tree(self) -> _common_pb2.TreeShape:
+        """Draft a token tree of this shape (unset: a chain). Each chunk of
+        main-path tokens then carries, after each of them, its alternatives (the
+        drafter's next best guesses for that position); when depth > 1, a chunk of
+        their branches follows. Parents are explicit; `lookahead` and
+        `max_tokens` count main-path tokens.
+        """
+
     def __init__(
         self,
         *,
@@ -128,10 +138,11 @@ class DraftRequest(_message.Message):
         sampling: _common_pb2.SamplingParams | None = ...,
         seed: _builtins.int = ...,
         proposal_top_k: _builtins.int = ...,
+        tree: _common_pb2.TreeShape | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["sampling", b"sampling"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["sampling", b"sampling", "tree", b"tree"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["context_token_ids", b"context_token_ids", "lookahead", b"lookahead", "max_tokens", b"max_tokens", "proposal_top_k", b"proposal_top_k", "sampling", b"sampling", "seed", b"seed", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["context_token_ids", b"context_token_ids", "lookahead", b"lookahead", "max_tokens", b"max_tokens", "proposal_top_k", b"proposal_top_k", "sampling", b"sampling", "seed", b"seed", "session_id", b"session_id", "tree", b"tree"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -145,7 +156,9 @@ class DraftResponse(_message.Message):
     START_POSITION_FIELD_NUMBER: _builtins.int
     STATS_FIELD_NUMBER: _builtins.int
     start_position: _builtins.int
-    """Sequence position of tokens[0] (len(context) for the first chunk)."""
+    """Sequence position of tokens[0] (len(context) for the first chunk).
+    In a tree, every token's position is its parent's plus one.
+    """
     @_builtins.property
     def tokens(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.DraftToken]:
         """The drafted tokens of this chunk."""

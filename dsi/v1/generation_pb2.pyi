@@ -100,6 +100,7 @@ class GenerateRequest(_message.Message):
     STRATEGY_FIELD_NUMBER: _builtins.int
     LOOKAHEAD_FIELD_NUMBER: _builtins.int
     STOP_FIELD_NUMBER: _builtins.int
+    TREE_FIELD_NUMBER: _builtins.int
     prompt: _builtins.str
     """The prompt text, tokenized by the coordinator. Takes precedence over
     prompt_token_ids.
@@ -134,6 +135,10 @@ class GenerateRequest(_message.Message):
     def stop(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Generation stops when the text contains one of these strings."""
 
+    @_builtins.property
+    def tree(self) -> _common_pb2.TreeShape:
+        """Draft a token tree of this shape (SI and DSI); unset = the server default."""
+
     def __init__(
         self,
         *,
@@ -147,10 +152,11 @@ class GenerateRequest(_message.Message):
         strategy: Global___Strategy.ValueType = ...,
         lookahead: _builtins.int = ...,
         stop: _abc.Iterable[_builtins.str] | None = ...,
+        tree: _common_pb2.TreeShape | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_seed", b"_seed", "seed", b"seed"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_seed", b"_seed", "seed", b"seed", "tree", b"tree"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_seed", b"_seed", "lookahead", b"lookahead", "max_new_tokens", b"max_new_tokens", "prompt", b"prompt", "prompt_token_ids", b"prompt_token_ids", "seed", b"seed", "stop", b"stop", "strategy", b"strategy", "temperature", b"temperature", "top_k", b"top_k", "top_p", b"top_p"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_seed", b"_seed", "lookahead", b"lookahead", "max_new_tokens", b"max_new_tokens", "prompt", b"prompt", "prompt_token_ids", b"prompt_token_ids", "seed", b"seed", "stop", b"stop", "strategy", b"strategy", "temperature", b"temperature", "top_k", b"top_k", "top_p", b"top_p", "tree", b"tree"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__seed: _TypeAlias = _typing.Literal["seed"]  # noqa: Y015
     _WhichOneofArgType__seed: _TypeAlias = _typing.Literal["_seed", b"_seed"]  # noqa: Y015
@@ -176,6 +182,7 @@ class GenerationStats(_message.Message):
     PREEMPTIONS_FIELD_NUMBER: _builtins.int
     DRAFT_STREAMS_FIELD_NUMBER: _builtins.int
     SEED_FIELD_NUMBER: _builtins.int
+    ALTERNATIVE_HITS_FIELD_NUMBER: _builtins.int
     new_tokens: _builtins.int
     """Tokens generated."""
     wall_seconds: _builtins.float
@@ -209,6 +216,10 @@ class GenerationStats(_message.Message):
     """The seed the generation used: the request's, or the one drawn for it.
     Sending it back as GenerateRequest.seed repeats the generation.
     """
+    alternative_hits: _builtins.int
+    """Committed tokens that were a drafter's alternative (a tree node off its
+    main path): what the token tree added.
+    """
     def __init__(
         self,
         *,
@@ -224,10 +235,11 @@ class GenerationStats(_message.Message):
         preemptions: _builtins.int = ...,
         draft_streams: _builtins.int = ...,
         seed: _builtins.int = ...,
+        alternative_hits: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["acceptance_rate", b"acceptance_rate", "accepted_tokens", b"accepted_tokens", "draft_streams", b"draft_streams", "drafted_tokens", b"drafted_tokens", "new_tokens", b"new_tokens", "preemptions", b"preemptions", "seed", b"seed", "target_forward_passes", b"target_forward_passes", "time_to_first_token_seconds", b"time_to_first_token_seconds", "verifications_cancelled", b"verifications_cancelled", "verifications_started", b"verifications_started", "wall_seconds", b"wall_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["acceptance_rate", b"acceptance_rate", "accepted_tokens", b"accepted_tokens", "alternative_hits", b"alternative_hits", "draft_streams", b"draft_streams", "drafted_tokens", b"drafted_tokens", "new_tokens", b"new_tokens", "preemptions", b"preemptions", "seed", b"seed", "target_forward_passes", b"target_forward_passes", "time_to_first_token_seconds", b"time_to_first_token_seconds", "verifications_cancelled", b"verifications_cancelled", "verifications_started", b"verifications_started", "wall_seconds", b"wall_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -329,6 +341,7 @@ class GenerationDefaults(_message.Message):
     LOOKAHEAD_FIELD_NUMBER: _builtins.int
     MAX_NEW_TOKENS_FIELD_NUMBER: _builtins.int
     MAX_SP_DEGREE_FIELD_NUMBER: _builtins.int
+    TREE_FIELD_NUMBER: _builtins.int
     strategy: Global___Strategy.ValueType
     """Strategy used for STRATEGY_UNSPECIFIED."""
     lookahead: _builtins.int
@@ -339,6 +352,10 @@ class GenerationDefaults(_message.Message):
     """Upper bound on target replicas used by one generation (speculation
     parallelism degree).
     """
+    @_builtins.property
+    def tree(self) -> _common_pb2.TreeShape:
+        """Tree shape used when a request sets none (width 1 = chains)."""
+
     def __init__(
         self,
         *,
@@ -346,10 +363,11 @@ class GenerationDefaults(_message.Message):
         lookahead: _builtins.int = ...,
         max_new_tokens: _builtins.int = ...,
         max_sp_degree: _builtins.int = ...,
+        tree: _common_pb2.TreeShape | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["tree", b"tree"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["lookahead", b"lookahead", "max_new_tokens", b"max_new_tokens", "max_sp_degree", b"max_sp_degree", "strategy", b"strategy"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["lookahead", b"lookahead", "max_new_tokens", b"max_new_tokens", "max_sp_degree", b"max_sp_degree", "strategy", b"strategy", "tree", b"tree"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -94,7 +94,8 @@ class VerifyRequest(_message.Message):
 
     @_builtins.property
     def draft_tokens(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.DraftToken]:
-        """Drafted continuation of the context, in order. At most
+        """Drafted continuation of the context: a chain, or a token tree (see
+        DraftToken.parent), verified in one forward pass. At most
         ServiceLimits.max_draft_tokens; may be empty.
         """
 
@@ -156,6 +157,7 @@ class VerifyResponse(_message.Message):
     NUM_ACCEPTED_FIELD_NUMBER: _builtins.int
     NEXT_TOKEN_ID_FIELD_NUMBER: _builtins.int
     STATS_FIELD_NUMBER: _builtins.int
+    ACCEPTED_PATH_FIELD_NUMBER: _builtins.int
     num_accepted: _builtins.int
     """Number of leading draft tokens accepted (0..len(draft_tokens))."""
     next_token_id: _builtins.int
@@ -165,14 +167,22 @@ class VerifyResponse(_message.Message):
     """
     @_builtins.property
     def decisions(self) -> _containers.RepeatedCompositeFieldContainer[Global___DraftDecision]:
-        """One decision per draft token, in order. Decisions after the first
-        rejected one assume the rejected drafts were kept: they are returned for
-        analysis and must never be committed.
+        """One decision per draft token, in order: whether it equals the target's
+        token after its parent, and that token. Only the decisions along
+        accepted_path (and next_token_id) may be committed; the others assume
+        drafts that were not kept and are returned for analysis.
         """
 
     @_builtins.property
     def stats(self) -> _common_pb2.ForwardStats:
         """What the request cost on this instance."""
+
+    @_builtins.property
+    def accepted_path(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """The accepted path: indices into draft_tokens, from the root, each the
+        child of the previous one equal to the target's token there. For a
+        chain: 0 .. num_accepted - 1. next_token_id follows its last node.
+        """
 
     def __init__(
         self,
@@ -181,10 +191,11 @@ class VerifyResponse(_message.Message):
         num_accepted: _builtins.int = ...,
         next_token_id: _builtins.int = ...,
         stats: _common_pb2.ForwardStats | None = ...,
+        accepted_path: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["stats", b"stats"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["decisions", b"decisions", "next_token_id", b"next_token_id", "num_accepted", b"num_accepted", "stats", b"stats"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted_path", b"accepted_path", "decisions", b"decisions", "next_token_id", b"next_token_id", "num_accepted", b"num_accepted", "stats", b"stats"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -8,7 +8,9 @@ from typing import Any
 
 import grpc
 
+from dsi.domain.types import TreeShape
 from dsi.v1 import generation_pb2, generation_pb2_grpc
+from dsi.wire import convert
 from dsi.wire.grpc_status import call, to_domain
 from dsi.wire.transport import open_channel
 
@@ -96,6 +98,7 @@ def request(
     seed: int | None = None,
     lookahead: int = 0,
     stop: list[str] | None = None,
+    tree: TreeShape | None = None,
 ) -> generation_pb2.GenerateRequest:
     return generation_pb2.GenerateRequest(
         prompt=prompt,
@@ -108,4 +111,5 @@ def request(
         seed=seed,  # None leaves it unset: the server draws one and reports it
         lookahead=lookahead,
         stop=stop or [],
+        tree=None if tree is None else convert.tree_to_pb(tree),  # None: the server's default shape
     )

@@ -21,6 +21,7 @@ from dsi.domain.types import (
     ServiceCounters,
     ServiceInfo,
     ServiceLimits,
+    TreeShape,
     VerifyRequest,
     VerifyResult,
 )
@@ -38,11 +39,19 @@ def sampling_to_pb(p: SamplingParams) -> common_pb2.SamplingParams:
 
 
 def draft_tokens_from_pb(msgs: Sequence[common_pb2.DraftToken]) -> list[DraftToken]:
-    return [DraftToken(m.token_id) for m in msgs]
+    return [DraftToken(m.token_id, m.parent if m.HasField("parent") else None) for m in msgs]
 
 
 def draft_tokens_to_pb(tokens: Sequence[DraftToken]) -> list[common_pb2.DraftToken]:
-    return [common_pb2.DraftToken(token_id=t.token_id) for t in tokens]
+    return [common_pb2.DraftToken(token_id=t.token_id, parent=t.parent) for t in tokens]
+
+
+def tree_from_pb(m: common_pb2.TreeShape) -> TreeShape:
+    return TreeShape.create(m.width, m.depth)
+
+
+def tree_to_pb(t: TreeShape) -> common_pb2.TreeShape:
+    return common_pb2.TreeShape(width=t.width, depth=t.depth)
 
 
 def stats_to_pb(s: ForwardStats) -> common_pb2.ForwardStats:
@@ -143,6 +152,7 @@ def verify_result_to_pb(r: VerifyResult) -> target_pb2.VerifyResponse:
         num_accepted=r.num_accepted,
         next_token_id=r.next_token,
         stats=stats_to_pb(r.stats),
+        accepted_path=r.path,
     )
 
 
@@ -152,6 +162,8 @@ def verify_result_from_pb(m: target_pb2.VerifyResponse) -> VerifyResult:
         num_accepted=m.num_accepted,
         next_token=m.next_token_id,
         stats=stats_from_pb(m.stats),
+        # A target that predates trees verifies chains only and sends no path.
+        path=list(m.accepted_path) or list(range(m.num_accepted)),
     )
 
 
@@ -166,6 +178,7 @@ def draft_request_from_pb(m: drafter_pb2.DraftRequest) -> DraftRequest:
         max_tokens=m.max_tokens,
         sampling=sampling_from_pb(m.sampling),
         seed=m.seed,
+        tree=tree_from_pb(m.tree),
     )
 
 
@@ -177,6 +190,7 @@ def draft_request_to_pb(r: DraftRequest) -> drafter_pb2.DraftRequest:
         max_tokens=r.max_tokens,
         sampling=sampling_to_pb(r.sampling),
         seed=r.seed,
+        tree=tree_to_pb(r.tree) if not r.tree.is_chain else None,
     )
 
 

@@ -17,7 +17,7 @@ from typing import Any
 
 from dsi.domain.errors import InvalidArgument, Unavailable
 from dsi.domain.interfaces import Drafter, Target
-from dsi.domain.types import SamplingParams, ServiceInfo
+from dsi.domain.types import CHAIN, SamplingParams, ServiceInfo, TreeShape
 from services.coordinator.engine import Engine, FinishReason, GenerationParams, GenerationStats, Strategy
 from services.coordinator.pool import Pool
 
@@ -31,6 +31,7 @@ class Defaults:
     #: used when a request gives none, cut to the room the context leaves; 0 = up to the context limit
     max_new_tokens: int = 128
     max_sp_degree: int = 0  # 0 = every target replica
+    tree: TreeShape = CHAIN  # drafts as a token tree of this shape when a request sets none
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,8 @@ class GenerateInput:
     strategy: Strategy | None = None
     lookahead: int = 0
     stop: Sequence[str] = ()
+    #: None: the server default
+    tree: TreeShape | None = None
 
 
 @dataclass
@@ -322,6 +325,7 @@ class Coordinator:
             seed=new_seed() if req.seed is None else req.seed,
             strategy=req.strategy or d.strategy,
             lookahead=req.lookahead or d.lookahead,
+            tree=d.tree if req.tree is None else req.tree,
         )
 
     def generate(self, req: GenerateInput) -> AsyncIterator[GenerateOutput]:

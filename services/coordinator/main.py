@@ -6,6 +6,8 @@ import argparse
 import logging
 
 from dsi.backends import non_negative_int
+from dsi.domain.types import CHAIN
+from dsi.serving.args import tree_shape
 from dsi.serving.metrics import CoordinatorMetrics, add_metrics_argument, serve_metrics
 from dsi.serving.server import announce, serve_until_signal, start_server
 from dsi.wire.transport import GrpcDrafter, GrpcTarget
@@ -38,6 +40,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--strategy", choices=[s.value for s in Strategy], default="dsi", help="default strategy (default: %(default)s)"
     )
     p.add_argument("--lookahead", type=int, default=5, help="default draft tokens per chunk (default: %(default)s)")
+    p.add_argument(
+        "--tree",
+        type=tree_shape,
+        default=CHAIN,
+        metavar="WxD",
+        help="default token tree of the drafts: W candidates per position, alternatives with D-token branches"
+        " (e.g. 3x2); 'chain' = one guess per position (default)",
+    )
     p.add_argument(
         "--max-new-tokens",
         type=non_negative_int,
@@ -95,7 +105,7 @@ def load_codec(path: str | None) -> Codec:
 
 async def build(args: argparse.Namespace) -> Coordinator:
     codec = load_codec(args.tokenizer)
-    defaults = Defaults(Strategy(args.strategy), args.lookahead, args.max_new_tokens, args.max_sp_degree)
+    defaults = Defaults(Strategy(args.strategy), args.lookahead, args.max_new_tokens, args.max_sp_degree, args.tree)
     coordinator = await build_coordinator(
         args.target,
         args.drafter,
@@ -143,6 +153,7 @@ async def run(args: argparse.Namespace) -> None:
             "drafters": args.drafter,
             "strategy": args.strategy,
             "lookahead": args.lookahead,
+            "tree": str(args.tree),
         },
     )
     announce(args.announce, running.address)

@@ -8,7 +8,7 @@ JSON out; dsi's domain errors become HTTP statuses in :data:`ERRORS`, with
 OpenAI-style bodies ``{"error": {"message", "type", "param", "code"}}``.
 
 Beyond the OpenAI fields, a request may set ``strategy`` (``"nonsi"``,
-``"si"`` or ``"dsi"``), ``lookahead`` and ``top_k``; unset ones take the
+``"si"`` or ``"dsi"``), ``lookahead``, ``tree`` (e.g. ``"3x2"``) and ``top_k``; unset ones take the
 coordinator's defaults. docs/api.md describes every field and what is
 refused.
 """
@@ -28,6 +28,8 @@ from typing import Any
 from aiohttp import web
 
 from dsi.domain import errors
+from dsi.domain.errors import InvalidArgument
+from dsi.domain.types import TreeShape
 from dsi.serving.web import HttpServer, start_http
 from services.coordinator.coordinator import Coordinator, GenerateInput, GenerateOutput
 from services.coordinator.engine import FinishReason, GenerationStats, Strategy
@@ -189,6 +191,14 @@ def parse_common(f: Fields, settings: Settings, prompt_ids: list[int], max_token
             raise invalid("strategy", f"'strategy' must be one of {', '.join(names)}, got {json.dumps(strategy)}")
         strategy = Strategy(strategy)
     lookahead = f.integer("lookahead", 0, minimum=0)
+    tree = f.body.get("tree")
+    if tree is not None:
+        if not isinstance(tree, str):
+            raise invalid("tree", f'\'tree\' must be a string such as "3x2" or "chain", got {json.dumps(tree)}')
+        try:
+            tree = TreeShape.parse(tree)
+        except InvalidArgument as exc:
+            raise invalid("tree", str(exc)) from None
     stop = f.body.get("stop")
     if stop is None:
         stop = []
@@ -215,6 +225,7 @@ def parse_common(f: Fields, settings: Settings, prompt_ids: list[int], max_token
             strategy=strategy,
             lookahead=lookahead,
             stop=stop,
+            tree=tree,
         ),
         stream=stream,
         include_usage=include_usage,

@@ -43,6 +43,7 @@ def input_from_pb(m: generation_pb2.GenerateRequest) -> GenerateInput:
         strategy=STRATEGY_FROM_PB[m.strategy],
         lookahead=m.lookahead,
         stop=list(m.stop),
+        tree=convert.tree_from_pb(m.tree) if m.HasField("tree") else None,
     )
 
 
@@ -60,6 +61,7 @@ def stats_to_pb(s: GenerationStats) -> generation_pb2.GenerationStats:
         preemptions=s.preemptions,
         draft_streams=s.draft_streams,
         seed=s.seed,
+        alternative_hits=s.alternative_hits,
     )
 
 
@@ -104,6 +106,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
                 lookahead=d.lookahead,
                 max_new_tokens=d.max_new_tokens,
                 max_sp_degree=eng.sp_degree,
+                tree=convert.tree_to_pb(d.tree),
             ),
             has_tokenizer=c.codec.has_tokenizer,
         )

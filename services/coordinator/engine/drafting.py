@@ -9,9 +9,10 @@ import contextlib
 import time
 from collections.abc import AsyncIterator
 
-from dsi.domain.types import DraftChunk
+from dsi.domain.types import DraftChunk, DraftToken
 from services.coordinator.engine.generation import Generation
 from services.coordinator.engine.observe import DraftChunkInfo
+from services.coordinator.engine.trees import StreamTree
 
 
 class DraftFeed:
@@ -19,6 +20,7 @@ class DraftFeed:
         self.gen = gen
         self._stream: AsyncIterator[DraftChunk] | None = None
         self._stream_id = -1
+        self._tree = StreamTree(0)
         #: The pending read of the next chunk: what the DSI loop waits on.
         self.reader: asyncio.Task[DraftChunk] | None = None
 
@@ -48,6 +50,7 @@ class DraftFeed:
         request = gen.draft_request(gen.context(end), min(room, gen.last_pos + 1 - end))
         drafter = gen.drafter()
         self._stream = drafter.draft(request)
+        self._tree = StreamTree(end)
         self.reader = asyncio.ensure_future(self._stream.__anext__())
         gen.stats.draft_streams += 1
         self._stream_id = gen.next_stream_id()
@@ -97,16 +100,18 @@ class DraftFeed:
             info = DraftChunkInfo(self._stream_id, chunk.start_position, len(chunk.tokens), time.perf_counter())
             gen.observer.draft_chunk(info)
         c = len(gen.committed)
-        pos = chunk.start_position
-        for tok in chunk.tokens:
+        for pos, token, branch in self._tree.read(chunk.tokens):
+            if branch is not None:  # an alternative (or its branch, which grows in place)
+                if len(branch) == 1 and c <= pos < c + len(gen.pending):
+                    gen.alternatives.add(pos, branch)
+                continue
             end = c + len(gen.pending)
             if pos < end:  # the frontier overtook the drafter: compare with what is known
                 known = gen.committed[pos] if pos < c else gen.pending[pos - c].token_id
-                if known != tok.token_id:
+                if known != token:
                     self.stop()  # drafted from a stale prefix
                     return
             elif pos == end and pos <= gen.last_pos:
-                gen.pending.append(tok)
-            pos += 1
+                gen.pending.append(DraftToken(token))
         assert self._stream is not None
         self.reader = asyncio.ensure_future(self._stream.__anext__())

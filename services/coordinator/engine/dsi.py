@@ -18,12 +18,12 @@ that differs from the pending draft cancels all of them.
   always working on the frontier: DSI is never slower than non-SI beyond its
   own overhead.
 * **Speculative chunks.** On idle replicas, up to the SP degree, a chunk
-  starts at the first position no live verification covers, once
-  ``lookahead`` drafts are pending there (or as many as fit before the next
-  covered position or the last one).
-* **Preemption** removes only the preempted chunk; the positions it covered
-  are covered again by a later chunk or, when the frontier reaches them, by a
-  frontier step.
+  starts at the first position where no live verification carries a draft
+  (the previous chunk's bonus position), once ``lookahead`` drafts are pending
+  there (or as many as fit before the next verification or the end).
+* **Preemption** removes only the preempted chunk; its drafts are the first
+  ones no verification carries, so a later chunk, or a frontier step when the
+  frontier reaches them, covers them again.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ from dsi.domain.types import DraftToken, VerifyResult
 from services.coordinator.engine.drafting import DraftFeed
 from services.coordinator.engine.generation import Generation
 from services.coordinator.engine.observe import Outcome, VerificationInfo
+from services.coordinator.engine.trees import verification_tree
 from services.coordinator.pool import Lease
 
 
@@ -46,7 +47,8 @@ from services.coordinator.pool import Lease
 class Verification:
     seq: int
     base: int  # first position it decides (= length of the context sent)
-    drafts: list[DraftToken]
+    drafts: list[DraftToken]  # a tree: the main path and the alternatives at its positions
+    main: int  # main-path drafts among them (for positions base .. base + main - 1)
     lease: Lease
     task: asyncio.Task[VerifyResult] = field(init=False)
     result: VerifyResult | None = None
@@ -55,8 +57,15 @@ class Verification:
 
     @property
     def end(self) -> int:
-        """The last position it decides (the token after its drafts)."""
-        return self.base + len(self.drafts)
+        """The last position it surely decides (the token after its main path;
+        a path through an alternative's branch may decide more)."""
+        return self.base + self.main
+
+    def tokens(self) -> list[int]:
+        """What it decided, from ``base`` on: its accepted path, then the
+        target's token after it."""
+        assert self.result is not None
+        return [*(self.drafts[i].token_id for i in self.result.path), self.result.next_token]
 
     def covers(self, pos: int) -> bool:
         return self.base <= pos <= self.end
@@ -103,23 +112,29 @@ class DsiRun:
     def _covered(self, pos: int) -> bool:
         return any(v.covers(pos) for v in self.verifs)
 
-    def _first_uncovered(self, pos: int) -> int:
-        while self._covered(pos):
-            pos = max(v.end for v in self.verifs if v.covers(pos)) + 1
-        return pos
+    def _first_undrafted(self, pos: int) -> int:
+        """The first position from ``pos`` on where no live verification
+        carries a draft. A chunk starts there, so that it begins where the
+        previous one's drafts end (its bonus position), as the drafter's
+        chunks do."""
+        while True:
+            ends = [v.end for v in self.verifs if v.base <= pos < v.end]
+            if not ends:
+                return pos
+            pos = max(ends)
 
-    def _next_covered(self, pos: int) -> int:
-        """The first position after ``pos`` that a live verification covers
-        (past the last position if none)."""
+    def _next_base(self, pos: int) -> int:
+        """The base of the first live verification after ``pos`` (past the
+        last position if none)."""
         return min((v.base for v in self.verifs if v.base > pos), default=self.gen.last_pos + 1)
 
     def _drafts_for(self, start: int) -> tuple[list[DraftToken], bool]:
         """Pending drafts for a verification at ``start``: up to the next
-        covered position, the last position or the services' limit. Also
-        whether that is all it can ever get (no reason to wait for more)."""
+        verification's base, past the last position or the services' limit.
+        Also whether that is all it can ever get (no reason to wait)."""
         gen = self.gen
         c = len(gen.committed)
-        stop = min(self._next_covered(start), gen.last_pos, start + self.engine.max_draft_tokens)
+        stop = min(self._next_base(start), gen.last_pos + 1, start + self.engine.max_draft_tokens)
         drafts = gen.pending[start - c : stop - c]
         return drafts, start + len(drafts) >= stop or not self.feed.more_coming()
 
@@ -132,13 +147,13 @@ class DsiRun:
             lease, _ = pool.acquire_frontier(gen.affinity(c))
             self._issue(c, self._drafts_for(c)[0], lease, frontier=True)
         while len(self.verifs) < self.engine.sp_degree:
-            start = self._first_uncovered(c)
+            start = self._first_undrafted(c)
             if start > gen.last_pos or start - c > len(gen.pending):
                 return  # everything is covered, or the drafts it would assume are not there yet
             if start > c and gen.pending[start - c - 1].token_id in self.engine.eos:
                 return  # nothing follows a drafted end-of-sequence
             drafts, complete = self._drafts_for(start)
-            if len(drafts) < gen.params.lookahead and not complete:
+            if not drafts or (len(drafts) < gen.params.lookahead and not complete):
                 return
             holder: list[Verification] = []
             lease = pool.acquire_idle(
@@ -150,9 +165,10 @@ class DsiRun:
                 return
             holder.append(self._issue(start, drafts, lease))
 
-    def _issue(self, base: int, drafts: list[DraftToken], lease: Lease, frontier: bool = False) -> Verification:
-        v = Verification(next(self._seq), base, list(drafts), lease)
-        v.info = self.gen.verification_info(lease, base, len(drafts), frontier)
+    def _issue(self, base: int, main: list[DraftToken], lease: Lease, frontier: bool = False) -> Verification:
+        tree, n_main = verification_tree(main, self.gen.alternatives, base, self.engine.max_draft_tokens)
+        v = Verification(next(self._seq), base, tree, n_main, lease)
+        v.info = self.gen.verification_info(lease, base, len(tree), frontier)
         v.task = asyncio.ensure_future(self.gen.verify(lease, base, v.drafts))
         self.verifs.append(v)
         self.gen.stats.verifications_started += 1
@@ -215,14 +231,12 @@ class DsiRun:
             v = min(done, key=lambda v: v.done_order)
             self.verifs.remove(v)
             self._ended(v, Outcome.DECIDED)
-            assert v.result is not None
-            for pos in range(c, v.end + 1):
-                if pos < v.end:
-                    decision = v.result.decisions[pos - v.base]
-                    token, last = decision.token_id, not decision.accepted
-                else:
-                    token, last = v.result.next_token, True
-                if gen.commit(token) or last or gen.finished:
+            # Every token it decided is committed: the positions before ``c``
+            # agree with the committed ones (its assumptions held), and after
+            # a divergence its own path is what was committed.
+            for token in v.tokens()[c - v.base :]:
+                gen.commit(token)
+                if gen.finished:
                     break
             # Verifications whose every position is decided are useless now.
             c = len(gen.committed)

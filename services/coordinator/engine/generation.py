@@ -24,6 +24,7 @@ from dsi.domain.errors import InvalidArgument, Unavailable
 from dsi.domain.interfaces import Drafter, Target
 from dsi.domain.types import DraftRequest, DraftToken, SamplingParams, VerifyRequest, VerifyResult
 from services.coordinator.engine.observe import Observer, VerificationInfo
+from services.coordinator.engine.trees import Alternatives
 from services.coordinator.engine.types import FinishReason, GenerationParams, GenerationStats, Strategy
 from services.coordinator.pool import Lease, Pool
 
@@ -107,8 +108,10 @@ class Generation:
         self.last_pos = len(prompt) + params.max_new_tokens - 1  # last position to generate
         self.stats = GenerationStats(seed=params.seed)
         self.finish_reason: FinishReason | None = None
-        #: Drafts for positions len(committed)...: what speculation assumes.
+        #: Drafts for positions len(committed)...: what speculation assumes (the main path).
         self.pending: list[DraftToken] = []
+        #: The drafter's alternatives at those positions (token trees).
+        self.alternatives = Alternatives()
         #: Called with every stale verification or stream to cancel: the strategy's hook.
         self.on_diverge: Callable[[], None] = lambda: None
         #: Cancelled tasks still finishing; awaited at cleanup.
@@ -172,12 +175,15 @@ class Generation:
 
     def commit(self, token: int) -> bool:
         """Commit ``token`` at the frontier; returns True when it differs from
-        the pending draft there (everything speculated past it is stale, and
-        :attr:`on_diverge` has cancelled it)."""
+        the pending draft there: everything speculated past it is stale, and
+        :attr:`on_diverge` has cancelled it. If ``token`` is one of the
+        drafter's alternatives there, its branch becomes the pending drafts."""
+        position = len(self.committed)
         diverged = False
         if self.observer is not None:
             draft_id = self.pending[0].token_id if self.pending else None
-            self.observer.committed(len(self.committed), token, draft_id, time.perf_counter())
+            self.observer.committed(position, token, draft_id, time.perf_counter())
+        branch = self.alternatives.take(position, token)
         if self.pending:
             draft = self.pending.pop(0)
             self.stats.decided_drafts += 1
@@ -185,6 +191,9 @@ class Generation:
                 self.stats.accepted_tokens += 1
             else:
                 diverged = True
+                if branch is not None:  # the target's token is an alternative: its branch is drafted already
+                    self.stats.accepted_tokens += 1
+                    self.stats.alternative_hits += 1
         self.committed.append(token)
         self._out.append(token)
         self.stats.new_tokens += 1
@@ -195,7 +204,8 @@ class Generation:
         elif len(self.committed) > self.last_pos:
             self.stop(FinishReason.LENGTH)
         if diverged:
-            self.pending.clear()
+            self.pending = [DraftToken(t) for t in branch[1:]] if branch is not None else []
+            self.alternatives.clear()  # the other alternatives followed the main path
             wrong_from = len(self.committed) - 1  # caches are valid only before the diverged position
             self._cached = {i: min(n, wrong_from) for i, n in self._cached.items()}
             self.on_diverge()
@@ -244,7 +254,13 @@ class Generation:
 
     def draft_request(self, context: list[int], max_tokens: int) -> DraftRequest:
         return DraftRequest(
-            self.session_id, context, self.params.lookahead, max_tokens, self.sampling, self.params.seed
+            self.session_id,
+            context,
+            self.params.lookahead,
+            max_tokens,
+            self.sampling,
+            self.params.seed,
+            self.params.tree,
         )
 
     def cancel(self, task: asyncio.Task) -> bool:

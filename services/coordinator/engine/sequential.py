@@ -1,8 +1,9 @@
 """Non-SI and SI: one verification at a time, on one replica.
 
 - non-SI: Verify with zero drafts, one token per forward pass.
-- SI: draft ``lookahead`` tokens, verify them in one forward pass, commit the
-  accepted ones and the target's token after them, repeat.
+- SI: draft ``lookahead`` tokens (a chain, or a token tree with that many
+  main-path positions), verify them in one forward pass, commit the accepted
+  path and the target's token after it, repeat.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from collections.abc import AsyncIterator
 from dsi.domain.types import DraftToken
 from services.coordinator.engine.generation import Generation
 from services.coordinator.engine.observe import DraftChunkInfo, Outcome
+from services.coordinator.engine.trees import StreamTree, verification_tree
 
 
 def _replica(gen: Generation, current: int | None) -> int:
@@ -78,15 +80,22 @@ async def run_si(gen: Generation) -> AsyncIterator[None]:
     replica = None
     while not gen.finished:
         replica = _replica(gen, replica)
-        k = min(gen.params.lookahead, gen.last_pos - len(gen.committed))
-        drafts = await _draft(gen, k) if k > 0 else []
-        result = await _verify(gen, replica, drafts)
-        gen.pending = list(drafts)
-        for d in drafts[: result.num_accepted]:
+        c = len(gen.committed)
+        k = min(gen.params.lookahead, gen.last_pos - c)
+        nodes = await _draft(gen, k) if k > 0 else []
+        main: list[DraftToken] = []
+        for position, token, branch in StreamTree(c).read(nodes):
+            if branch is None:
+                main.append(DraftToken(token))
+            elif len(branch) == 1:  # a new alternative (its branch grows in place)
+                gen.alternatives.add(position, branch)
+        tree, _ = verification_tree(main, gen.alternatives, c, gen.engine.max_draft_tokens)
+        result = await _verify(gen, replica, tree)
+        gen.pending = main
+        for token in [*(tree[i].token_id for i in result.path), result.next_token]:
             if gen.finished:
                 break
-            gen.commit(d.token_id)
-        if not gen.finished:
-            gen.commit(result.next_token)
+            gen.commit(token)
         gen.pending = []
+        gen.alternatives.clear()
         yield None

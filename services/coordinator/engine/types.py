@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 
-from dsi.domain.types import GREEDY, SamplingParams
+from dsi.domain.types import CHAIN, GREEDY, SamplingParams, TreeShape
 
 
 class Strategy(str, Enum):
@@ -30,6 +30,8 @@ class GenerationParams:
     seed: int = 0
     strategy: Strategy = Strategy.DSI
     lookahead: int = 5
+    #: drafts as a token tree of this shape (SI and DSI); CHAIN = one guess per position
+    tree: TreeShape = CHAIN
 
 
 @dataclass
@@ -48,6 +50,8 @@ class GenerationStats:
     draft_streams: int = 0
     #: the seed the generation used (drawn at random when the request gave none)
     seed: int = 0
+    #: committed tokens that were a drafter's alternative (a tree node off its main path)
+    alternative_hits: int = 0
 
     @property
     def acceptance_rate(self) -> float:
