@@ -8,7 +8,9 @@ from typing import Any
 
 import grpc
 
+from dsi.domain.timeline import Timeline
 from dsi.v1 import generation_pb2, generation_pb2_grpc
+from dsi.wire import convert
 from dsi.wire.grpc_status import call, to_domain
 from dsi.wire.transport import open_channel
 
@@ -27,6 +29,8 @@ class Result:
     text: str = ""
     finish_reason: str = "unspecified"
     stats: dict[str, Any] = field(default_factory=dict)
+    #: the schedule, when the request asked for it (GenerateRequest.timeline)
+    timeline: Timeline | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -82,6 +86,8 @@ class Client:
             if msg.finish_reason:
                 out.finish_reason = FINISH_NAMES[msg.finish_reason]
                 out.stats = stats_dict(msg.stats)
+                if msg.HasField("timeline"):
+                    out.timeline = convert.timeline_from_pb(msg.timeline)
         return out
 
 
@@ -96,6 +102,7 @@ def request(
     seed: int | None = None,
     lookahead: int = 0,
     stop: list[str] | None = None,
+    timeline: bool = False,
 ) -> generation_pb2.GenerateRequest:
     return generation_pb2.GenerateRequest(
         prompt=prompt,
@@ -108,4 +115,5 @@ def request(
         seed=seed,  # None leaves it unset: the server draws one and reports it
         lookahead=lookahead,
         stop=stop or [],
+        timeline=timeline,
     )

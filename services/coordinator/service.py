@@ -43,6 +43,7 @@ def input_from_pb(m: generation_pb2.GenerateRequest) -> GenerateInput:
         strategy=STRATEGY_FROM_PB[m.strategy],
         lookahead=m.lookahead,
         stop=list(m.stop),
+        timeline=m.timeline,
     )
 
 
@@ -69,6 +70,8 @@ def output_to_pb(o: GenerateOutput) -> generation_pb2.GenerateResponse:
     )
     if o.stats is not None:
         msg.stats.CopyFrom(stats_to_pb(o.stats))
+    if o.timeline is not None:
+        msg.timeline.CopyFrom(convert.timeline_to_pb(o.timeline))
     return msg
 
 
