@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -102,8 +103,12 @@ async def _serve(args: argparse.Namespace) -> None:
     if args.announce:
         Path(args.announce).write_text(url)  # noqa: ASYNC240 - once, at start-up
     print(f"otlp sink listening on {url}", file=sys.stderr, flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):  # also when started in the background (SIGINT ignored there)
+        loop.add_signal_handler(sig, stop.set)
     try:
-        await asyncio.Event().wait()
+        await stop.wait()
     finally:
         await sink.stop()
         if out is not None:
