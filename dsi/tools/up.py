@@ -23,6 +23,7 @@ from pathlib import Path
 from dsi.domain.errors import InvalidArgument, NotFound, Unavailable
 from dsi.domain.types import CHAIN
 from dsi.serving.args import tree_shape
+from dsi.serving.tracing import add_tracing_argument
 
 # Latencies like a 13B target and a 68M drafter, each on its own data-centre
 # GPU (the Vicuna-13B / Vicuna-68M pair of the DSI paper); acceptance as
@@ -130,6 +131,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="PORT",
         help="also serve the coordinator's Prometheus /metrics on this port (0 = any free port; default: off)",
     )
+    add_tracing_argument(p)  # passed on to every service
     p.add_argument("--log-dir", help="where service logs go (default: a new temporary folder)")
     p.add_argument("--startup-timeout", type=float, default=300.0)
     g = p.add_mutually_exclusive_group()
@@ -239,6 +241,8 @@ def model_threads(args: argparse.Namespace) -> int:
 
 async def start(args: argparse.Namespace, cluster: Cluster) -> str:
     common = ["--host", "127.0.0.1", "--port", "0", "--log-format", "json"]
+    if args.otlp_endpoint:
+        common += ["--otlp-endpoint", args.otlp_endpoint]
     model = ["--device", args.device, "--dtype", args.dtype, "--threads", str(model_threads(args))]
     targets = [
         await cluster.spawn(f"target-{i}", "target", "--model", args.target_model, *model, *common)
@@ -265,6 +269,7 @@ async def start(args: argparse.Namespace, cluster: Cluster) -> str:
         str(args.max_new_tokens),
         "--drafter",
         drafter_addr,
+        *(["--otlp-endpoint", args.otlp_endpoint] if args.otlp_endpoint else []),
     ]
     for a in target_addrs:
         argv += ["--target", a]

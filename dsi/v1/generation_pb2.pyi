@@ -86,6 +86,54 @@ FINISH_REASON_CANCELLED: FinishReason.ValueType  # 4
 """The server ended the generation early, e.g. while shutting down."""
 Global___FinishReason: _TypeAlias = FinishReason  # noqa: Y015
 
+class _VerificationOutcome:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _VerificationOutcomeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_VerificationOutcome.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    VERIFICATION_OUTCOME_UNSPECIFIED: _VerificationOutcome.ValueType  # 0
+    """Not set (not sent by dsi)."""
+    VERIFICATION_OUTCOME_DECIDED: _VerificationOutcome.ValueType  # 1
+    """Its result committed at least one token."""
+    VERIFICATION_OUTCOME_USELESS: _VerificationOutcome.ValueType  # 2
+    """Every position it covers was decided by another verification first
+    (cancelled if it was still running).
+    """
+    VERIFICATION_OUTCOME_STALE: _VerificationOutcome.ValueType  # 3
+    """Cancelled: a token it assumed was rejected."""
+    VERIFICATION_OUTCOME_PREEMPTED: _VerificationOutcome.ValueType  # 4
+    """Cancelled to free its replica for a frontier step (of any generation)."""
+    VERIFICATION_OUTCOME_FAILED: _VerificationOutcome.ValueType  # 5
+    """Its RPC failed."""
+    VERIFICATION_OUTCOME_ABANDONED: _VerificationOutcome.ValueType  # 6
+    """The generation ended while it was live (length, EOS, stop string, client
+    gone).
+    """
+
+class VerificationOutcome(_VerificationOutcome, metaclass=_VerificationOutcomeEnumTypeWrapper):
+    """How a verification ended."""
+
+VERIFICATION_OUTCOME_UNSPECIFIED: VerificationOutcome.ValueType  # 0
+"""Not set (not sent by dsi)."""
+VERIFICATION_OUTCOME_DECIDED: VerificationOutcome.ValueType  # 1
+"""Its result committed at least one token."""
+VERIFICATION_OUTCOME_USELESS: VerificationOutcome.ValueType  # 2
+"""Every position it covers was decided by another verification first
+(cancelled if it was still running).
+"""
+VERIFICATION_OUTCOME_STALE: VerificationOutcome.ValueType  # 3
+"""Cancelled: a token it assumed was rejected."""
+VERIFICATION_OUTCOME_PREEMPTED: VerificationOutcome.ValueType  # 4
+"""Cancelled to free its replica for a frontier step (of any generation)."""
+VERIFICATION_OUTCOME_FAILED: VerificationOutcome.ValueType  # 5
+"""Its RPC failed."""
+VERIFICATION_OUTCOME_ABANDONED: VerificationOutcome.ValueType  # 6
+"""The generation ended while it was live (length, EOS, stop string, client
+gone).
+"""
+Global___VerificationOutcome: _TypeAlias = VerificationOutcome  # noqa: Y015
+
 @_typing.final
 class GenerateRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
@@ -101,6 +149,7 @@ class GenerateRequest(_message.Message):
     LOOKAHEAD_FIELD_NUMBER: _builtins.int
     STOP_FIELD_NUMBER: _builtins.int
     TREE_FIELD_NUMBER: _builtins.int
+    TIMELINE_FIELD_NUMBER: _builtins.int
     prompt: _builtins.str
     """The prompt text, tokenized by the coordinator. Takes precedence over
     prompt_token_ids.
@@ -125,6 +174,12 @@ class GenerateRequest(_message.Message):
     """Speculation strategy."""
     lookahead: _builtins.int
     """Draft tokens per verification chunk; 0 = the server default."""
+    timeline: _builtins.bool
+    """Also return the schedule of this generation (GenerateResponse.timeline in
+    the last message): every verification, draft stream and commit, timed.
+    For inspection (`dsi generate --timeline FILE`); costs a little memory
+    and a larger last message, nothing else.
+    """
     @_builtins.property
     def prompt_token_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """The prompt as token ids, used when prompt is empty (the only way in
@@ -153,10 +208,11 @@ class GenerateRequest(_message.Message):
         lookahead: _builtins.int = ...,
         stop: _abc.Iterable[_builtins.str] | None = ...,
         tree: _common_pb2.TreeShape | None = ...,
+        timeline: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_seed", b"_seed", "seed", b"seed", "tree", b"tree"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_seed", b"_seed", "lookahead", b"lookahead", "max_new_tokens", b"max_new_tokens", "prompt", b"prompt", "prompt_token_ids", b"prompt_token_ids", "seed", b"seed", "stop", b"stop", "strategy", b"strategy", "temperature", b"temperature", "top_k", b"top_k", "top_p", b"top_p", "tree", b"tree"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_seed", b"_seed", "lookahead", b"lookahead", "max_new_tokens", b"max_new_tokens", "prompt", b"prompt", "prompt_token_ids", b"prompt_token_ids", "seed", b"seed", "stop", b"stop", "strategy", b"strategy", "temperature", b"temperature", "timeline", b"timeline", "top_k", b"top_k", "top_p", b"top_p", "tree", b"tree"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__seed: _TypeAlias = _typing.Literal["seed"]  # noqa: Y015
     _WhichOneofArgType__seed: _TypeAlias = _typing.Literal["_seed", b"_seed"]  # noqa: Y015
@@ -253,6 +309,7 @@ class GenerateResponse(_message.Message):
     TEXT_FIELD_NUMBER: _builtins.int
     FINISH_REASON_FIELD_NUMBER: _builtins.int
     STATS_FIELD_NUMBER: _builtins.int
+    TIMELINE_FIELD_NUMBER: _builtins.int
     text: _builtins.str
     """Decoded text of those tokens (for synthetic models: the ids joined by
     spaces). Text that might begin a stop string is held back until it is
@@ -268,6 +325,10 @@ class GenerateResponse(_message.Message):
     def stats(self) -> Global___GenerationStats:
         """Set on the last message only."""
 
+    @_builtins.property
+    def timeline(self) -> Global___GenerationTimeline:
+        """Set on the last message only, when GenerateRequest.timeline asked for it."""
+
     def __init__(
         self,
         *,
@@ -275,14 +336,269 @@ class GenerateResponse(_message.Message):
         text: _builtins.str = ...,
         finish_reason: Global___FinishReason.ValueType = ...,
         stats: Global___GenerationStats | None = ...,
+        timeline: Global___GenerationTimeline | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["stats", b"stats"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["stats", b"stats", "timeline", b"timeline"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["finish_reason", b"finish_reason", "stats", b"stats", "text", b"text", "token_ids", b"token_ids"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["finish_reason", b"finish_reason", "stats", b"stats", "text", b"text", "timeline", b"timeline", "token_ids", b"token_ids"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GenerateResponse: _TypeAlias = GenerateResponse  # noqa: Y015
+
+@_typing.final
+class TimelineVerification(_message.Message):
+    """One Verify request of a generation."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    TARGET_FIELD_NUMBER: _builtins.int
+    BASE_FIELD_NUMBER: _builtins.int
+    DRAFTS_FIELD_NUMBER: _builtins.int
+    FRONTIER_FIELD_NUMBER: _builtins.int
+    SENT_SECONDS_FIELD_NUMBER: _builtins.int
+    COMPLETED_SECONDS_FIELD_NUMBER: _builtins.int
+    ENDED_SECONDS_FIELD_NUMBER: _builtins.int
+    ACCEPTED_FIELD_NUMBER: _builtins.int
+    OUTCOME_FIELD_NUMBER: _builtins.int
+    id: _builtins.int
+    """Order of issue, from 0."""
+    target: _builtins.int
+    """The target replica it ran on (an index into GenerationTimeline.targets)."""
+    base: _builtins.int
+    """The first position it decides (= context length sent)."""
+    drafts: _builtins.int
+    """Draft tokens it carried."""
+    frontier: _builtins.bool
+    """Issued because nothing covered the first undecided position (SI and
+    non-SI: every verification).
+    """
+    sent_seconds: _builtins.float
+    """Seconds since the generation started when it was sent."""
+    completed_seconds: _builtins.float
+    """When its result arrived (absent if it never completed: cancelled first)."""
+    ended_seconds: _builtins.float
+    """When it stopped mattering (decided, cancelled, or the generation ended)."""
+    accepted: _builtins.int
+    """Leading drafts the target accepted (set when it completed)."""
+    outcome: Global___VerificationOutcome.ValueType
+    """How it ended."""
+    def __init__(
+        self,
+        *,
+        id: _builtins.int = ...,
+        target: _builtins.int = ...,
+        base: _builtins.int = ...,
+        drafts: _builtins.int = ...,
+        frontier: _builtins.bool = ...,
+        sent_seconds: _builtins.float = ...,
+        completed_seconds: _builtins.float | None = ...,
+        ended_seconds: _builtins.float = ...,
+        accepted: _builtins.int | None = ...,
+        outcome: Global___VerificationOutcome.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_accepted", b"_accepted", "_completed_seconds", b"_completed_seconds", "accepted", b"accepted", "completed_seconds", b"completed_seconds"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_accepted", b"_accepted", "_completed_seconds", b"_completed_seconds", "accepted", b"accepted", "base", b"base", "completed_seconds", b"completed_seconds", "drafts", b"drafts", "ended_seconds", b"ended_seconds", "frontier", b"frontier", "id", b"id", "outcome", b"outcome", "sent_seconds", b"sent_seconds", "target", b"target"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__accepted: _TypeAlias = _typing.Literal["accepted"]  # noqa: Y015
+    _WhichOneofArgType__accepted: _TypeAlias = _typing.Literal["_accepted", b"_accepted"]  # noqa: Y015
+    _WhichOneofReturnType__completed_seconds: _TypeAlias = _typing.Literal["completed_seconds"]  # noqa: Y015
+    _WhichOneofArgType__completed_seconds: _TypeAlias = _typing.Literal["_completed_seconds", b"_completed_seconds"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__accepted) -> _WhichOneofReturnType__accepted | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__completed_seconds) -> _WhichOneofReturnType__completed_seconds | None: ...
+
+Global___TimelineVerification: _TypeAlias = TimelineVerification  # noqa: Y015
+
+@_typing.final
+class TimelineDraftStream(_message.Message):
+    """One Draft stream of a generation."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    DRAFTER_FIELD_NUMBER: _builtins.int
+    START_FIELD_NUMBER: _builtins.int
+    OPENED_SECONDS_FIELD_NUMBER: _builtins.int
+    ENDED_SECONDS_FIELD_NUMBER: _builtins.int
+    CANCELLED_FIELD_NUMBER: _builtins.int
+    id: _builtins.int
+    """Order of opening, from 0."""
+    drafter: _builtins.int
+    """The drafter it ran on (an index into GenerationTimeline.drafters)."""
+    start: _builtins.int
+    """Position of its first draft token."""
+    opened_seconds: _builtins.float
+    """Seconds since the generation started when it was opened."""
+    ended_seconds: _builtins.float
+    """When it finished or was cancelled."""
+    cancelled: _builtins.bool
+    """Stopped by the coordinator (stale after a rejection, far enough ahead,
+    or the generation ended) rather than finished.
+    """
+    def __init__(
+        self,
+        *,
+        id: _builtins.int = ...,
+        drafter: _builtins.int = ...,
+        start: _builtins.int = ...,
+        opened_seconds: _builtins.float = ...,
+        ended_seconds: _builtins.float = ...,
+        cancelled: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancelled", b"cancelled", "drafter", b"drafter", "ended_seconds", b"ended_seconds", "id", b"id", "opened_seconds", b"opened_seconds", "start", b"start"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TimelineDraftStream: _TypeAlias = TimelineDraftStream  # noqa: Y015
+
+@_typing.final
+class TimelineDraftChunk(_message.Message):
+    """A chunk of drafts as it arrived at the coordinator."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STREAM_FIELD_NUMBER: _builtins.int
+    START_FIELD_NUMBER: _builtins.int
+    TOKENS_FIELD_NUMBER: _builtins.int
+    RECEIVED_SECONDS_FIELD_NUMBER: _builtins.int
+    stream: _builtins.int
+    """The TimelineDraftStream.id it belongs to."""
+    start: _builtins.int
+    """Position of its first token."""
+    tokens: _builtins.int
+    """Tokens in it."""
+    received_seconds: _builtins.float
+    """Seconds since the generation started."""
+    def __init__(
+        self,
+        *,
+        stream: _builtins.int = ...,
+        start: _builtins.int = ...,
+        tokens: _builtins.int = ...,
+        received_seconds: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["received_seconds", b"received_seconds", "start", b"start", "stream", b"stream", "tokens", b"tokens"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TimelineDraftChunk: _TypeAlias = TimelineDraftChunk  # noqa: Y015
+
+@_typing.final
+class TimelineCommit(_message.Message):
+    """A committed token."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    POSITION_FIELD_NUMBER: _builtins.int
+    TOKEN_ID_FIELD_NUMBER: _builtins.int
+    DRAFT_TOKEN_ID_FIELD_NUMBER: _builtins.int
+    COMMITTED_SECONDS_FIELD_NUMBER: _builtins.int
+    position: _builtins.int
+    """Its position in the sequence (the prompt fills 0 .. prompt_tokens - 1)."""
+    token_id: _builtins.int
+    """The token committed there."""
+    draft_token_id: _builtins.int
+    """The pending draft at that position when it was committed: equal to
+    token_id when the draft was accepted, different for a rejection (the
+    committed token is the correction), absent when there was none.
+    """
+    committed_seconds: _builtins.float
+    """Seconds since the generation started."""
+    def __init__(
+        self,
+        *,
+        position: _builtins.int = ...,
+        token_id: _builtins.int = ...,
+        draft_token_id: _builtins.int | None = ...,
+        committed_seconds: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_draft_token_id", b"_draft_token_id", "draft_token_id", b"draft_token_id"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_draft_token_id", b"_draft_token_id", "committed_seconds", b"committed_seconds", "draft_token_id", b"draft_token_id", "position", b"position", "token_id", b"token_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__draft_token_id: _TypeAlias = _typing.Literal["draft_token_id"]  # noqa: Y015
+    _WhichOneofArgType__draft_token_id: _TypeAlias = _typing.Literal["_draft_token_id", b"_draft_token_id"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__draft_token_id) -> _WhichOneofReturnType__draft_token_id | None: ...
+
+Global___TimelineCommit: _TypeAlias = TimelineCommit  # noqa: Y015
+
+@_typing.final
+class GenerationTimeline(_message.Message):
+    """The schedule of one generation, as the coordinator saw it. Times are
+    seconds since the coordinator started the generation, on its clock.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STRATEGY_FIELD_NUMBER: _builtins.int
+    PROMPT_TOKENS_FIELD_NUMBER: _builtins.int
+    TARGETS_FIELD_NUMBER: _builtins.int
+    DRAFTERS_FIELD_NUMBER: _builtins.int
+    VERIFICATIONS_FIELD_NUMBER: _builtins.int
+    DRAFT_STREAMS_FIELD_NUMBER: _builtins.int
+    DRAFT_CHUNKS_FIELD_NUMBER: _builtins.int
+    COMMITS_FIELD_NUMBER: _builtins.int
+    WALL_SECONDS_FIELD_NUMBER: _builtins.int
+    strategy: Global___Strategy.ValueType
+    """The strategy that ran."""
+    prompt_tokens: _builtins.int
+    """Tokens of the prompt (the first generated position)."""
+    wall_seconds: _builtins.float
+    """Seconds from the start to the end of the generation."""
+    @_builtins.property
+    def targets(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Target replicas used, by name (e.g. "target 10.0.0.7:50051"), in order
+        of first use.
+        """
+
+    @_builtins.property
+    def drafters(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Drafters used, by name."""
+
+    @_builtins.property
+    def verifications(self) -> _containers.RepeatedCompositeFieldContainer[Global___TimelineVerification]:
+        """Every Verify request, in order of issue."""
+
+    @_builtins.property
+    def draft_streams(self) -> _containers.RepeatedCompositeFieldContainer[Global___TimelineDraftStream]:
+        """Every Draft stream, in order of opening."""
+
+    @_builtins.property
+    def draft_chunks(self) -> _containers.RepeatedCompositeFieldContainer[Global___TimelineDraftChunk]:
+        """Every chunk of drafts received, in order of arrival."""
+
+    @_builtins.property
+    def commits(self) -> _containers.RepeatedCompositeFieldContainer[Global___TimelineCommit]:
+        """Every committed token, in order."""
+
+    def __init__(
+        self,
+        *,
+        strategy: Global___Strategy.ValueType = ...,
+        prompt_tokens: _builtins.int = ...,
+        targets: _abc.Iterable[_builtins.str] | None = ...,
+        drafters: _abc.Iterable[_builtins.str] | None = ...,
+        verifications: _abc.Iterable[Global___TimelineVerification] | None = ...,
+        draft_streams: _abc.Iterable[Global___TimelineDraftStream] | None = ...,
+        draft_chunks: _abc.Iterable[Global___TimelineDraftChunk] | None = ...,
+        commits: _abc.Iterable[Global___TimelineCommit] | None = ...,
+        wall_seconds: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["commits", b"commits", "draft_chunks", b"draft_chunks", "draft_streams", b"draft_streams", "drafters", b"drafters", "prompt_tokens", b"prompt_tokens", "strategy", b"strategy", "targets", b"targets", "verifications", b"verifications", "wall_seconds", b"wall_seconds"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GenerationTimeline: _TypeAlias = GenerationTimeline  # noqa: Y015
 
 @_typing.final
 class GetInfoRequest(_message.Message):

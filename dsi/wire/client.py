@@ -8,6 +8,7 @@ from typing import Any
 
 import grpc
 
+from dsi.domain.timeline import Timeline
 from dsi.domain.types import TreeShape
 from dsi.v1 import generation_pb2, generation_pb2_grpc
 from dsi.wire import convert
@@ -29,6 +30,8 @@ class Result:
     text: str = ""
     finish_reason: str = "unspecified"
     stats: dict[str, Any] = field(default_factory=dict)
+    #: the schedule, when the request asked for it (GenerateRequest.timeline)
+    timeline: Timeline | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -84,6 +87,8 @@ class Client:
             if msg.finish_reason:
                 out.finish_reason = FINISH_NAMES[msg.finish_reason]
                 out.stats = stats_dict(msg.stats)
+                if msg.HasField("timeline"):
+                    out.timeline = convert.timeline_from_pb(msg.timeline)
         return out
 
 
@@ -99,6 +104,7 @@ def request(
     lookahead: int = 0,
     stop: list[str] | None = None,
     tree: TreeShape | None = None,
+    timeline: bool = False,
 ) -> generation_pb2.GenerateRequest:
     return generation_pb2.GenerateRequest(
         prompt=prompt,
@@ -112,4 +118,5 @@ def request(
         lookahead=lookahead,
         stop=stop or [],
         tree=None if tree is None else convert.tree_to_pb(tree),  # None: the server's default shape
+        timeline=timeline,
     )

@@ -10,6 +10,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from dsi.domain.timeline import (
+    OUTCOMES,
+    CommitMark,
+    DraftChunkMark,
+    DraftStreamSpan,
+    Timeline,
+    VerificationSpan,
+)
 from dsi.domain.types import (
     Decision,
     DraftChunk,
@@ -25,7 +33,7 @@ from dsi.domain.types import (
     VerifyRequest,
     VerifyResult,
 )
-from dsi.v1 import common_pb2, drafter_pb2, target_pb2
+from dsi.v1 import common_pb2, drafter_pb2, generation_pb2, target_pb2
 
 # --- shared -----------------------------------------------------------------
 
@@ -202,3 +210,97 @@ def draft_chunk_to_pb(c: DraftChunk) -> drafter_pb2.DraftResponse:
 
 def draft_chunk_from_pb(m: drafter_pb2.DraftResponse) -> DraftChunk:
     return DraftChunk(draft_tokens_from_pb(m.tokens), m.start_position, stats_from_pb(m.stats))
+
+
+# --- the schedule of a generation (GenerationTimeline) ------------------------------------------
+
+_OUTCOME_TO_PB = {o: generation_pb2.VerificationOutcome.Value(f"VERIFICATION_OUTCOME_{o.upper()}") for o in OUTCOMES}
+_OUTCOME_FROM_PB = {v: k for k, v in _OUTCOME_TO_PB.items()}
+
+
+def timeline_to_pb(t: Timeline) -> generation_pb2.GenerationTimeline:
+    return generation_pb2.GenerationTimeline(
+        strategy=generation_pb2.Strategy.Value(f"STRATEGY_{t.strategy.upper()}"),
+        prompt_tokens=t.prompt_tokens,
+        targets=t.targets,
+        drafters=t.drafters,
+        verifications=[
+            generation_pb2.TimelineVerification(
+                id=v.id,
+                target=v.target,
+                base=v.base,
+                drafts=v.drafts,
+                frontier=v.frontier,
+                sent_seconds=v.sent,
+                completed_seconds=v.completed,
+                ended_seconds=v.ended,
+                accepted=v.accepted,
+                outcome=_OUTCOME_TO_PB.get(v.outcome, generation_pb2.VERIFICATION_OUTCOME_UNSPECIFIED),
+            )
+            for v in t.verifications
+        ],
+        draft_streams=[
+            generation_pb2.TimelineDraftStream(
+                id=s.id,
+                drafter=s.drafter,
+                start=s.start,
+                opened_seconds=s.opened,
+                ended_seconds=s.ended,
+                cancelled=s.cancelled,
+            )
+            for s in t.draft_streams
+        ],
+        draft_chunks=[
+            generation_pb2.TimelineDraftChunk(
+                stream=c.stream, start=c.start, tokens=c.tokens, received_seconds=c.received
+            )
+            for c in t.draft_chunks
+        ],
+        commits=[
+            generation_pb2.TimelineCommit(
+                position=c.position, token_id=c.token_id, draft_token_id=c.draft_token_id, committed_seconds=c.at
+            )
+            for c in t.commits
+        ],
+        wall_seconds=t.wall_seconds,
+    )
+
+
+def timeline_from_pb(m: generation_pb2.GenerationTimeline) -> Timeline:
+    strategy = generation_pb2.Strategy.Name(m.strategy).removeprefix("STRATEGY_").lower()
+    return Timeline(
+        strategy=strategy,
+        prompt_tokens=m.prompt_tokens,
+        targets=list(m.targets),
+        drafters=list(m.drafters),
+        verifications=[
+            VerificationSpan(
+                id=v.id,
+                target=v.target,
+                base=v.base,
+                drafts=v.drafts,
+                frontier=v.frontier,
+                sent=v.sent_seconds,
+                ended=v.ended_seconds,
+                completed=v.completed_seconds if v.HasField("completed_seconds") else None,
+                accepted=v.accepted if v.HasField("accepted") else None,
+                outcome=_OUTCOME_FROM_PB.get(v.outcome, ""),
+            )
+            for v in m.verifications
+        ],
+        draft_streams=[
+            DraftStreamSpan(s.id, s.drafter, s.start, s.opened_seconds, s.ended_seconds, s.cancelled)
+            for s in m.draft_streams
+        ],
+        draft_chunks=[DraftChunkMark(c.stream, c.start, c.tokens, c.received_seconds) for c in m.draft_chunks],
+        commits=[
+            CommitMark(
+                c.position,
+                c.token_id,
+                c.draft_token_id if c.HasField("draft_token_id") else None,
+                c.committed_seconds,
+            )
+            for c in m.commits
+        ],
+        wall_seconds=m.wall_seconds,
+    )

@@ -7,7 +7,7 @@ the iterator of :meth:`GrpcDrafter.draft`, cancels the RPC on the server.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 
 import grpc
 
@@ -26,9 +26,16 @@ CHANNEL_OPTIONS = [
 ]
 
 
+#: Called for every new channel: interceptors to put first on it (dsi.serving.tracing adds its
+#: trace-context propagation here when tracing is on; empty otherwise).
+CHANNEL_INTERCEPTORS: list[Callable[[], Sequence[grpc.aio.ClientInterceptor]]] = []
+
+
 def open_channel(address: str, interceptors: Sequence[grpc.aio.ClientInterceptor] | None = None) -> grpc.aio.Channel:
     """A channel to ``address``; ``interceptors`` wrap every call on it (the
-    benchmarks inject network delay this way, see dsi.tools.experiments.netdelay)."""
+    benchmarks inject network delay this way, see dsi.tools.experiments.netdelay). Interceptors of
+    :data:`CHANNEL_INTERCEPTORS` come first."""
+    interceptors = [*(i for make in CHANNEL_INTERCEPTORS for i in make()), *(interceptors or [])] or None
     return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS, interceptors=interceptors)
 
 

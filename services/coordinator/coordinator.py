@@ -17,9 +17,14 @@ from typing import Any
 
 from dsi.domain.errors import InvalidArgument, Unavailable
 from dsi.domain.interfaces import Drafter, Target
+from dsi.domain.timeline import Timeline
 from dsi.domain.types import CHAIN, SamplingParams, ServiceInfo, TreeShape
-from services.coordinator.engine import Engine, FinishReason, GenerationParams, GenerationStats, Strategy
+from services.coordinator import tracing
+from services.coordinator.engine import Engine, FinishReason, Generation, GenerationParams, GenerationStats, Strategy
+from services.coordinator.engine.observe import Observer
+from services.coordinator.observers import combine
 from services.coordinator.pool import Pool
+from services.coordinator.timeline import TimelineRecorder
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +54,8 @@ class GenerateInput:
     stop: Sequence[str] = ()
     #: None: the server default
     tree: TreeShape | None = None
+    #: also return the generation's schedule (GenerateOutput.timeline, on the last output)
+    timeline: bool = False
 
 
 @dataclass
@@ -57,6 +64,8 @@ class GenerateOutput:
     text: str
     finish_reason: FinishReason | None = None
     stats: GenerationStats | None = None
+    #: the schedule, on the last output, when the request asked for it
+    timeline: Timeline | None = None
 
 
 # --- text ----------------------------------------------------------------------
@@ -217,6 +226,10 @@ class Coordinator:
         #: Wraps every generation's output stream (metrics, see dsi/serving/metrics.py); None = as is.
         self.instrument: Callable[[GenerateInput, AsyncIterator[GenerateOutput]], AsyncIterator[GenerateOutput]] | None
         self.instrument = None
+        #: Called for every generation before it starts: an engine observer to attach, or None. The tracing
+        #: observer (services/coordinator/tracing.py) is one; one with a ``finished(generation, error)``
+        #: method hears of the end too.
+        self.observers: list[Callable[[Generation, GenerateInput], Observer | None]] = [tracing.observe]
         for kind, peers in ((TARGET, targets), (DRAFTER, drafters)):
             for p in peers:
                 check_compatible(self.reference, kind, p)
@@ -337,6 +350,10 @@ class Coordinator:
         prompt = self.codec.encode(req.prompt) if req.prompt else list(req.prompt_token_ids)
         params = self.params(req, prompt)
         generation = self.engine.generate(prompt, params)
+        recorder = TimelineRecorder(params.strategy.value, len(prompt)) if req.timeline else None
+        observers = [make(generation, req) for make in self.observers]
+        generation.observer = combine([*observers, recorder])
+        error: BaseException | None = None
         text = TextStream(self.codec.decode, req.stop)
         tokens = generation.tokens()
         sent = 0
@@ -364,9 +381,13 @@ class Coordinator:
                 yield GenerateOutput(ids, delta)
             else:
                 final_text = text.flush()
-        except Unavailable:
+        except Unavailable as exc:
+            error = exc
             for watcher in self.watchers:  # a replica may be gone: look again now
                 watcher.poke()
+            raise
+        except BaseException as exc:
+            error = exc
             raise
         finally:
             try:
@@ -375,6 +396,10 @@ class Coordinator:
                 self._running.discard(generation)
                 if not self._running:
                     self._none_running.set()
+                for o in observers:
+                    if o is not None and hasattr(o, "finished"):
+                        o.finished(generation, error)
         stats = generation.stats
         stats.new_tokens = sent + len(final_ids)  # tokens after a stop string are not returned
-        yield GenerateOutput(final_ids, final_text, generation.finish_reason, stats)
+        timeline = recorder.finish() if recorder is not None else None
+        yield GenerateOutput(final_ids, final_text, generation.finish_reason, stats, timeline)

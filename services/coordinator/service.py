@@ -44,6 +44,7 @@ def input_from_pb(m: generation_pb2.GenerateRequest) -> GenerateInput:
         lookahead=m.lookahead,
         stop=list(m.stop),
         tree=convert.tree_from_pb(m.tree) if m.HasField("tree") else None,
+        timeline=m.timeline,
     )
 
 
@@ -71,6 +72,8 @@ def output_to_pb(o: GenerateOutput) -> generation_pb2.GenerateResponse:
     )
     if o.stats is not None:
         msg.stats.CopyFrom(stats_to_pb(o.stats))
+    if o.timeline is not None:
+        msg.timeline.CopyFrom(convert.timeline_to_pb(o.timeline))
     return msg
 
 

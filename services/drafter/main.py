@@ -7,6 +7,7 @@ import asyncio
 import logging
 
 from dsi.backends import LocalDrafter, add_model_arguments, apply_cpu_threads, load_drafter_model
+from dsi.serving import tracing
 from dsi.serving.metrics import add_metrics_argument, serve_service_metrics
 from dsi.serving.server import announce, serve_until_signal, start_server
 from services.drafter.service import register
@@ -26,6 +27,7 @@ async def run(args: argparse.Namespace) -> None:
     drafter = LocalDrafter(model, args.max_sessions, args.session_idle_timeout, args.max_lookahead)
     sweeper = asyncio.ensure_future(drafter.sessions.sweep_forever())
     metrics = await serve_service_metrics("drafter", drafter, args.host, args.metrics_port)
+    tracing.instrument_backend("drafter", drafter)  # after metrics: chains its hook; nothing when tracing is off
     running = await start_server(register(drafter), args.host, args.port)
     log.info(
         "drafter serving",

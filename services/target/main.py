@@ -7,6 +7,7 @@ import asyncio
 import logging
 
 from dsi.backends import LocalTarget, add_model_arguments, apply_cpu_threads, load_target_model
+from dsi.serving import tracing
 from dsi.serving.metrics import add_metrics_argument, serve_service_metrics
 from dsi.serving.server import announce, serve_until_signal, start_server
 from services.target.service import register
@@ -26,6 +27,7 @@ async def run(args: argparse.Namespace) -> None:
     target = LocalTarget(model, args.max_sessions, args.session_idle_timeout, args.max_draft_tokens)
     sweeper = asyncio.ensure_future(target.sessions.sweep_forever())
     metrics = await serve_service_metrics("target", target, args.host, args.metrics_port)
+    tracing.instrument_backend("target", target)  # after metrics: chains its hook; nothing when tracing is off
     running = await start_server(register(target), args.host, args.port)
     log.info(
         "target serving",

@@ -56,12 +56,17 @@ HF_PEERS = ("hf_generate", "hf_assisted")
 # --- one generation -------------------------------------------------------------------------------
 
 
-async def generate_once(client: Any, prompt: list[int], tokens: int, strategy: str, lookahead: int) -> dict:
+async def generate_once(
+    client: Any, prompt: list[int], tokens: int, strategy: str, lookahead: int, timeline: bool = False
+) -> dict:
     """Stream one generation; times are client-side (the request leaves ->
-    the last token arrives)."""
+    the last token arrives). With ``timeline``, the result has the schedule
+    (``"timeline"``, a :class:`dsi.domain.timeline.Timeline`)."""
+    from dsi.wire import convert
     from dsi.wire.client import FINISH_NAMES, request, stats_dict
 
-    req = request(prompt_ids=prompt, max_new_tokens=tokens, strategy=strategy, lookahead=lookahead)
+    req = request(prompt_ids=prompt, max_new_tokens=tokens, strategy=strategy, lookahead=lookahead, timeline=timeline)
+    schedule = None
     ids: list[int] = []
     first = last = 0.0
     stats: dict[str, Any] = {}
@@ -77,6 +82,8 @@ async def generate_once(client: Any, prompt: list[int], tokens: int, strategy: s
         if msg.finish_reason:
             finish = FINISH_NAMES[msg.finish_reason]
             stats = stats_dict(msg.stats)
+            if msg.HasField("timeline"):
+                schedule = convert.timeline_from_pb(msg.timeline)
     end = time.perf_counter()
     return {
         "token_ids": ids,
@@ -85,6 +92,7 @@ async def generate_once(client: Any, prompt: list[int], tokens: int, strategy: s
         "ttft_ms": (first - start) * 1000 if first else math.nan,
         "finish_reason": finish,
         "stats": stats,
+        "timeline": schedule,
     }
 
 
@@ -182,17 +190,22 @@ async def run_point(
     lookaheads: dict[str, int] | None = None,
     peers: HFPeers | None = None,
     skip: Sequence[str] = (),
+    timeline: tuple[int, int] | None = None,
+    timeline_dir: Path | None = None,
 ) -> list[dict]:
+    """Every strategy on every prompt, ``run["repeats"]`` times, after a
+    warm-up. With ``timeline`` = (repeat, prompt), that run of every strategy
+    also writes its schedule to ``timeline_dir`` (see :mod:`dsi.tools.timeline`)."""
     strategies = [s for s in run["strategies"] if s not in skip]
     if peers is not None:
         strategies += list(HF_PEERS) if peers.assistant is not None else ["hf_generate"]
     ks = {s: (lookaheads or {}).get(s, point.lookahead) for s in strategies}
 
-    async def one(strategy: str, prompt: list[int], tokens: int) -> dict:
+    async def one(strategy: str, prompt: list[int], tokens: int, schedule: bool = False) -> dict:
         if strategy in HF_PEERS:
             assert peers is not None
             return await asyncio.to_thread(peers.run, prompt, tokens, strategy == "hf_assisted", ks[strategy])
-        return await generate_once(client, prompt, tokens, strategy, ks[strategy])
+        return await generate_once(client, prompt, tokens, strategy, ks[strategy], schedule)
 
     for _ in range(int(run["warmup"])):  # sessions, channels, caches, lazy imports
         for s in strategies:
@@ -203,7 +216,9 @@ async def run_point(
         for p_idx, prompt in enumerate(prompts):
             shift = (rep + p_idx) % len(strategies)
             for s in strategies[shift:] + strategies[:shift]:
-                res = await one(s, prompt, point.tokens)
+                res = await one(s, prompt, point.tokens, timeline == (rep, p_idx))
+                if res.get("timeline") is not None and timeline_dir is not None:
+                    write_timeline(res["timeline"], timeline_dir / f"{_slug(point.label)}-{s}-r{rep}-p{p_idx}")
                 row = _row(point, s, ks[s], rep, p_idx, res)
                 if s not in HF_PEERS:
                     ref = reference.setdefault(p_idx, res["token_ids"])
@@ -214,6 +229,17 @@ async def run_point(
                 rows.append(row)
                 bar.update(1)
     return rows
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in text) or "point"
+
+
+def write_timeline(t: Any, stem: Path) -> None:
+    """The schedule of one run as STEM.json (Chrome trace events) and STEM.png."""
+    from dsi.tools.timeline import write
+
+    write(t, stem)  # without matplotlib: the JSON alone
 
 
 def simulate_point(point: xconfig.Point, run: dict[str, Any], lookaheads: dict[str, int] | None = None) -> dict:
@@ -446,6 +472,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="per cell, SI and DSI use the simulator's best of these (default: 1,2,3,5,8)",
     )
     g.add_argument("--sim-grid", metavar="DIR", help="a `dsi simulate --grid` folder to plot beside the measured grid")
+    p.add_argument(
+        "--timeline",
+        type=_ints,
+        nargs="?",
+        const=(0, 0),
+        metavar="REPEAT,PROMPT",
+        help="also record the schedule of that run (default 0,0: the first prompt of the first repeat) of every"
+        " strategy and point, as OUT/timelines/POINT-STRATEGY-rREPEAT-pPROMPT.json (Chrome trace events) and .png",
+    )
     p.add_argument("--out", help="output folder (default: results/bench/NAME)")
     p.add_argument("--replot", metavar="DIR", help="only redraw the plots of an earlier run's folder")
     p.add_argument("--no-progress", action="store_true")
@@ -528,6 +563,8 @@ async def amain(args: argparse.Namespace) -> int:
     from dsi.tools.experiments import cluster as xcluster
     from dsi.wire.client import Client
 
+    if args.timeline is not None and len(args.timeline) != 2:
+        raise SystemExit("dsi bench: --timeline takes REPEAT,PROMPT (two numbers, e.g. 0,0)")
     exp = _experiment(args)
     run = _run_params(args, exp)
     out = Path(args.out or f"results/bench/{exp.name}{'-grid' if args.grid else ''}")
@@ -607,7 +644,10 @@ async def amain(args: argparse.Namespace) -> int:
                 info = await client.info()
                 vocab = info.targets[0].model.vocab_size if info.targets else 32000
                 prompts = make_prompts(int(run["prompts"]), int(run["prompt_len"]), vocab, int(run["seed"]))
-                point_rows = await run_point(client, point, run, prompts, bar, ks, peers, skip)
+                chosen = tuple(args.timeline) if args.timeline else None
+                point_rows = await run_point(
+                    client, point, run, prompts, bar, ks, peers, skip, chosen, out / "timelines"
+                )
             if skip and "nonsi" in skip and rows:  # the grid's single non-SI measurement
                 base_rows = [
                     dict(r, point=point.label, **{f"sweep_{k}": v for k, v in point.values.items()})

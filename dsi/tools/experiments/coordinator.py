@@ -62,11 +62,16 @@ async def run(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from dsi.serving import tracing
     from dsi.serving.logs import setup_logging
 
     args = parse_args(argv)
     setup_logging(args.log_level, args.log_format)
-    asyncio.run(run(args))
+    tracing.setup("dsi-coordinator", args.otlp_endpoint)  # off unless asked for, as `dsi coordinator`
+    try:
+        asyncio.run(run(args))
+    finally:
+        tracing.shutdown()
     return 0
 
 
