@@ -122,17 +122,17 @@ def test_verification_tree_puts_the_main_path_first_and_respects_the_budget():
     assert n_main == 3
     assert [(n.token_id, n.parent) for n in nodes] == [
         (1, ROOT),
-        (21, ROOT),
-        (22, 1),
-        (23, ROOT),
         (2, 0),
+        (3, 1),
+        (21, ROOT),
+        (22, 3),
+        (23, ROOT),
         (24, 0),
-        (25, 5),
-        (26, 6),
-        (3, 4),
+        (25, 6),
+        (26, 7),
     ]
     small, n_main = verification_tree(main, alts, 10, budget=4)
-    assert n_main == 3 and [n.token_id for n in small] == [1, 21, 2, 3], "main drafts first, then what fits"
+    assert n_main == 3 and [n.token_id for n in small] == [1, 2, 3, 21], "main drafts first, then what fits"
 
 
 # --- the target verifies a tree in one pass ------------------------------------------------------------

@@ -5,7 +5,7 @@ Spec grammar (every key optional)::
 
     synthetic:vocab=32000,seed=0,ttft_ms=0,tpot_ms=0,acceptance=0.8,
               verify_token_ms=0,prefill_token_ms=0,max_context=8192,
-              support=8,eos=-1,jitter_ms=0,sibling_acceptance=0.4
+              support=8,eos=-1,jitter_ms=0,sibling_acceptance=0.4,coin_seed=-1
 
 The target's next-token distribution ``p`` after a context depends only on
 ``(seed, len(context), context[-4:])``: ``support`` tokens with random weights.
@@ -18,7 +18,9 @@ probability exactly ``A``, independently, for greedy decoding and for sampling.
 Asked for several guesses (a token tree), the drafter ranks the target's token
 second with probability ``sibling_acceptance`` when its first guess is wrong,
 third with that probability when the first two are wrong, and so on; the other
-guesses are tokens the target never chooses.
+guesses are tokens the target never chooses. The coins are keyed by
+``coin_seed`` (default: ``seed``): drafters of one pair with different coin
+seeds are right at different positions, independently.
 
 Latency is an ``asyncio.sleep``: the first forward pass of a session sleeps
 ``ttft_ms``, later ones ``tpot_ms``; a target adds ``verify_token_ms`` per draft
@@ -65,6 +67,7 @@ class SyntheticSpec:
     eos: int = -1
     jitter_ms: float = 0.0
     sibling_acceptance: float = 0.4
+    coin_seed: int = -1  # -1 = seed
 
     @classmethod
     def parse(cls, spec: str) -> SyntheticSpec:
@@ -223,6 +226,8 @@ class SyntheticDrafter(DrafterModel):
         self.spec = SyntheticSpec.parse(spec)
         self.info = self.spec.model_info(spec)
         self.lm = PseudoLM(self.spec.vocab, self.spec.seed, self.spec.support)
+        coin_seed = self.spec.seed if self.spec.coin_seed < 0 else self.spec.coin_seed
+        self.coins = PseudoLM(self.spec.vocab, coin_seed, self.spec.support)
         self._latency = _Latency(self.spec)
 
     def new_state(self) -> _State:
@@ -242,11 +247,12 @@ class SyntheticDrafter(DrafterModel):
         cached = min(_lcp(state.seen, tokens), len(tokens) - 1)
         seconds = await self._latency.sleep(state, 0.0)
         state.seen = list(tokens)
-        _, _, r_ids, r, coin = self.lm.draw(tokens)
+        _, _, r_ids, r, _ = self.lm.draw(tokens)
+        coin = self.coins.draw(tokens)[4]
         guesses = [int(t) for t in r_ids[np.argsort(-r, kind="stable")]][:k]  # tokens the target never picks
         rank = 0 if coin < self.spec.acceptance else None
         for i in range(1, k):
-            if rank is None and self.lm.rank_coin(tokens, i) < self.spec.sibling_acceptance:
+            if rank is None and self.coins.rank_coin(tokens, i) < self.spec.sibling_acceptance:
                 rank = i
         if rank is not None:
             guesses.insert(rank, choose(self.lm.logits(tokens), params, seed, len(tokens)))

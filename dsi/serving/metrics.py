@@ -274,6 +274,25 @@ class CoordinatorMetrics:
             registry=r,
         )
         self.draft_streams = Counter("dsi_draft_streams", "Draft streams opened.", s, registry=r)
+        self.alternative_hits = Counter(
+            "dsi_alternative_hits", "Committed tokens that were a token tree's alternative.", s, registry=r
+        )
+        d = ["strategy", "drafter"]
+        self.drafter_decided = Counter(
+            "dsi_drafter_decided_tokens", "Per drafter: its guesses whose position was decided.", d, registry=r
+        )
+        self.drafter_accepted = Counter(
+            "dsi_drafter_accepted_tokens", "Per drafter: its guesses that were committed.", d, registry=r
+        )
+        self.drafter_unique = Counter(
+            "dsi_drafter_unique_tokens",
+            "Per drafter: committed guesses of it where the main path guessed otherwise (what only it contributed).",
+            d,
+            registry=r,
+        )
+        self.drafter_dropped = Counter(
+            "dsi_drafter_dropped", "Per drafter: generations that dropped it for contributing nothing.", d, registry=r
+        )
         r.register(_PoolCollector(coordinator))
         coordinator.instrument = self.instrument
 
@@ -334,8 +353,15 @@ class CoordinatorMetrics:
             (self.cancelled, st.verifications_cancelled),
             (self.preemptions, st.preemptions),
             (self.draft_streams, st.draft_streams),
+            (self.alternative_hits, st.alternative_hits),
         ):
             metric.labels(strategy).inc(value)
+        for ds in st.drafters:
+            self.drafter_decided.labels(strategy, ds.drafter).inc(ds.decided)
+            self.drafter_accepted.labels(strategy, ds.drafter).inc(ds.accepted)
+            self.drafter_unique.labels(strategy, ds.drafter).inc(ds.unique)
+            if ds.dropped:
+                self.drafter_dropped.labels(strategy, ds.drafter).inc()
 
 
 # --- exposition -------------------------------------------------------------------------

@@ -239,6 +239,7 @@ class GenerationStats(_message.Message):
     DRAFT_STREAMS_FIELD_NUMBER: _builtins.int
     SEED_FIELD_NUMBER: _builtins.int
     ALTERNATIVE_HITS_FIELD_NUMBER: _builtins.int
+    DRAFTERS_FIELD_NUMBER: _builtins.int
     new_tokens: _builtins.int
     """Tokens generated."""
     wall_seconds: _builtins.float
@@ -276,6 +277,10 @@ class GenerationStats(_message.Message):
     """Committed tokens that were a drafter's alternative (a tree node off its
     main path): what the token tree added.
     """
+    @_builtins.property
+    def drafters(self) -> _containers.RepeatedCompositeFieldContainer[Global___DrafterStats]:
+        """Each drafter's part, the primary (whose guesses are the main path) first."""
+
     def __init__(
         self,
         *,
@@ -292,14 +297,55 @@ class GenerationStats(_message.Message):
         draft_streams: _builtins.int = ...,
         seed: _builtins.int = ...,
         alternative_hits: _builtins.int = ...,
+        drafters: _abc.Iterable[Global___DrafterStats] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["acceptance_rate", b"acceptance_rate", "accepted_tokens", b"accepted_tokens", "alternative_hits", b"alternative_hits", "draft_streams", b"draft_streams", "drafted_tokens", b"drafted_tokens", "new_tokens", b"new_tokens", "preemptions", b"preemptions", "seed", b"seed", "target_forward_passes", b"target_forward_passes", "time_to_first_token_seconds", b"time_to_first_token_seconds", "verifications_cancelled", b"verifications_cancelled", "verifications_started", b"verifications_started", "wall_seconds", b"wall_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["acceptance_rate", b"acceptance_rate", "accepted_tokens", b"accepted_tokens", "alternative_hits", b"alternative_hits", "draft_streams", b"draft_streams", "drafted_tokens", b"drafted_tokens", "drafters", b"drafters", "new_tokens", b"new_tokens", "preemptions", b"preemptions", "seed", b"seed", "target_forward_passes", b"target_forward_passes", "time_to_first_token_seconds", b"time_to_first_token_seconds", "verifications_cancelled", b"verifications_cancelled", "verifications_started", b"verifications_started", "wall_seconds", b"wall_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GenerationStats: _TypeAlias = GenerationStats  # noqa: Y015
+
+@_typing.final
+class DrafterStats(_message.Message):
+    """One drafter's part in a generation. A generation uses one instance of every
+    drafter model the coordinator has; their guesses merge into one token tree.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DRAFTER_FIELD_NUMBER: _builtins.int
+    DECIDED_FIELD_NUMBER: _builtins.int
+    ACCEPTED_FIELD_NUMBER: _builtins.int
+    UNIQUE_ACCEPTED_FIELD_NUMBER: _builtins.int
+    DROPPED_FIELD_NUMBER: _builtins.int
+    drafter: _builtins.str
+    """The drafter instance (its address, or the in-process model)."""
+    decided: _builtins.int
+    """Its guesses whose position was decided."""
+    accepted: _builtins.int
+    """Of those, the ones equal to the committed token."""
+    unique_accepted: _builtins.int
+    """Accepted guesses where the main path guessed otherwise: what only it contributed."""
+    dropped: _builtins.bool
+    """Dropped from the generation after contributing nothing unique for a while."""
+    def __init__(
+        self,
+        *,
+        drafter: _builtins.str = ...,
+        decided: _builtins.int = ...,
+        accepted: _builtins.int = ...,
+        unique_accepted: _builtins.int = ...,
+        dropped: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "decided", b"decided", "drafter", b"drafter", "dropped", b"dropped", "unique_accepted", b"unique_accepted"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DrafterStats: _TypeAlias = DrafterStats  # noqa: Y015
 
 @_typing.final
 class GenerateResponse(_message.Message):

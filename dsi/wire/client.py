@@ -43,7 +43,10 @@ class Result:
 
 
 def stats_dict(s: generation_pb2.GenerationStats) -> dict[str, Any]:
-    return {f.name: getattr(s, f.name) for f in s.DESCRIPTOR.fields}
+    """The stats as plain Python values (the per-drafter ones as a list of dicts)."""
+    out: dict[str, Any] = {f.name: getattr(s, f.name) for f in s.DESCRIPTOR.fields}
+    out["drafters"] = [{f.name: getattr(d, f.name) for f in d.DESCRIPTOR.fields} for d in s.drafters]
+    return out
 
 
 class Client:

@@ -274,6 +274,8 @@ class Coordinator:
     def _attach(self, kind: str, peer: Peer) -> int:
         index = self.pool(kind).add(peer.client)
         self._peers[kind][index] = peer
+        if kind == DRAFTER:  # instances of one model are replicas; different models all draft every generation
+            self.engine.drafter_models[index] = f"{peer.info.model.backend}:{peer.info.model.model_id}"
         return index
 
     def _update_limits(self) -> None:

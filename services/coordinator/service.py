@@ -63,6 +63,12 @@ def stats_to_pb(s: GenerationStats) -> generation_pb2.GenerationStats:
         draft_streams=s.draft_streams,
         seed=s.seed,
         alternative_hits=s.alternative_hits,
+        drafters=[
+            generation_pb2.DrafterStats(
+                drafter=d.drafter, decided=d.decided, accepted=d.accepted, unique_accepted=d.unique, dropped=d.dropped
+            )
+            for d in s.drafters
+        ],
     )
 
 

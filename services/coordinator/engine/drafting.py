@@ -1,6 +1,11 @@
-"""DSI's drafting: one Draft stream that keeps the generation's pending drafts
-growing while verifications run, stopped when it is far enough ahead and
-restarted after a rejection."""
+"""DSI's drafting: a Draft stream per drafter that keeps the generation's
+speculation growing while verifications run, stopped when it is far enough
+ahead and restarted after a rejection.
+
+The primary drafter's stream extends the main path (``Generation.pending``)
+and its alternatives; every other drafter's stream extends its
+:class:`~services.coordinator.engine.drafters.Proposal`.
+"""
 
 from __future__ import annotations
 
@@ -10,17 +15,31 @@ import time
 from collections.abc import AsyncIterator
 
 from dsi.domain.types import DraftChunk, DraftToken
+from services.coordinator.engine.drafters import DrafterSlot, Proposal
 from services.coordinator.engine.generation import Generation
 from services.coordinator.engine.observe import DraftChunkInfo
 from services.coordinator.engine.trees import StreamTree
 
 
+def more_drafts_coming(gen: Generation) -> bool:
+    """Whether the main path can grow: not past the last position, and not
+    after a drafted end-of-sequence."""
+    end = len(gen.committed) + len(gen.pending)
+    return end <= gen.last_pos and not (gen.pending and gen.pending[-1].token_id in gen.engine.eos)
+
+
 class DraftFeed:
-    def __init__(self, gen: Generation) -> None:
+    def __init__(self, gen: Generation, slot: DrafterSlot) -> None:
         self.gen = gen
+        self.slot = slot
         self._stream: AsyncIterator[DraftChunk] | None = None
         self._stream_id = -1
         self._tree = StreamTree(0)
+        self._proposal: Proposal | None = None
+        self._asked = self._got = 0  # main-path tokens asked of the stream, and received
+        #: (committed, pending) lengths when a stream ended early: a drafter with nothing to
+        #: propose (prompt lookup, say) is asked again only once they change.
+        self._idle_at: tuple[int, int] | None = None
         #: The pending read of the next chunk: what the DSI loop waits on.
         self.reader: asyncio.Task[DraftChunk] | None = None
 
@@ -30,32 +49,29 @@ class DraftFeed:
         gen = self.gen
         return gen.params.lookahead * (gen.engine.sp_degree + gen.engine.lead_chunks)
 
-    def more_coming(self) -> bool:
-        """Whether drafting has more to add: not past the last position, and
-        not after a drafted end-of-sequence."""
-        gen = self.gen
-        end = len(gen.committed) + len(gen.pending)
-        return end <= gen.last_pos and not (gen.pending and gen.pending[-1].token_id in gen.engine.eos)
-
     def ensure(self) -> None:
         """Start a stream if none runs, more drafts can come, and drafting is
         not yet ``max_lead`` tokens ahead."""
         gen = self.gen
-        if self._stream is not None or gen.finished or not self.more_coming():
+        if self._stream is not None or gen.finished or self.slot.stats.dropped or not more_drafts_coming(gen):
             return
+        if self._idle_at == (len(gen.committed), len(gen.pending)):
+            return  # it had nothing more to propose for this text
         room = self.max_lead - len(gen.pending)
         if room < gen.params.lookahead:
             return  # far enough ahead; resume when verifications catch up
         end = len(gen.committed) + len(gen.pending)
-        request = gen.draft_request(gen.context(end), min(room, gen.last_pos + 1 - end))
-        drafter = gen.drafter()
-        self._stream = drafter.draft(request)
+        self._asked, self._got, self._idle_at = min(room, gen.last_pos + 1 - end), 0, None
+        request = gen.draft_request(gen.context(end), self._asked, primary=self.slot.primary)
+        self._stream = self.slot.client.draft(request)
         self._tree = StreamTree(end)
+        if not self.slot.primary:
+            self._proposal = gen.proposals[self.slot.index] = Proposal(self.slot, end)
         self.reader = asyncio.ensure_future(self._stream.__anext__())
         gen.stats.draft_streams += 1
         self._stream_id = gen.next_stream_id()
         if gen.observer is not None:
-            gen.observer.draft_stream_started(self._stream_id, drafter.name, end, time.perf_counter())
+            gen.observer.draft_stream_started(self._stream_id, self.slot.client.name, end, time.perf_counter())
 
     def _ended(self, cancelled: bool) -> None:
         if self.gen.observer is not None:
@@ -79,10 +95,15 @@ class DraftFeed:
 
         self.gen.cancelled.add(asyncio.ensure_future(close()))
 
+    def stop_if_stale(self) -> None:
+        """A secondary drafter's stream whose proposal went wrong (or was
+        dropped with its generation's speculation) is of no more use."""
+        p = self._proposal
+        if self._stream is not None and p is not None and (p.dead or self.gen.proposals.get(self.slot.index) is not p):
+            self.stop()
+
     def on_chunk(self) -> None:
-        """Take the chunk the reader got: append what extends the pending
-        drafts; a chunk built on a prefix that turned out differently is
-        stale and stops the stream."""
+        """Take the chunk the reader got."""
         reader, gen = self.reader, self.gen
         assert reader is not None and reader.done()
         if reader.cancelled():
@@ -91,6 +112,8 @@ class DraftFeed:
         if isinstance(exc, StopAsyncIteration):
             self._stream = self.reader = None
             self._ended(cancelled=False)
+            if self._got < self._asked:
+                self._idle_at = (len(gen.committed), len(gen.pending))
             return
         if exc is not None:
             raise exc
@@ -99,19 +122,41 @@ class DraftFeed:
         if gen.observer is not None:
             info = DraftChunkInfo(self._stream_id, chunk.start_position, len(chunk.tokens), time.perf_counter())
             gen.observer.draft_chunk(info)
+        read = self._extend_main(chunk) if self.slot.primary else self._extend_proposal(chunk)
+        if read:
+            assert self._stream is not None
+            self.reader = asyncio.ensure_future(self._stream.__anext__())
+
+    def _extend_main(self, chunk: DraftChunk) -> bool:
+        """Append what extends the pending drafts; a chunk built on a prefix
+        that turned out differently is stale and stops the stream."""
+        gen = self.gen
         c = len(gen.committed)
         for pos, token, branch in self._tree.read(chunk.tokens):
             if branch is not None:  # an alternative (or its branch, which grows in place)
                 if len(branch) == 1 and c <= pos < c + len(gen.pending):
                     gen.alternatives.add(pos, branch)
                 continue
+            self._got += 1
             end = c + len(gen.pending)
             if pos < end:  # the frontier overtook the drafter: compare with what is known
                 known = gen.committed[pos] if pos < c else gen.pending[pos - c].token_id
                 if known != token:
                     self.stop()  # drafted from a stale prefix
-                    return
+                    return False
             elif pos == end and pos <= gen.last_pos:
                 gen.pending.append(DraftToken(token))
-        assert self._stream is not None
-        self.reader = asyncio.ensure_future(self._stream.__anext__())
+        return True
+
+    def _extend_proposal(self, chunk: DraftChunk) -> bool:
+        p = self._proposal
+        assert p is not None
+        for pos, token, branch in self._tree.read(chunk.tokens):
+            if branch is None:
+                self._got += 1
+                if pos == p.start + len(p.tokens):
+                    p.tokens.append(token)
+        if p.dead or self.gen.proposals.get(self.slot.index) is not p:
+            self.stop()
+            return False
+        return True

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 
 from dsi.domain.errors import Internal
 from dsi.domain.types import DraftToken, VerifyResult
-from services.coordinator.engine.drafting import DraftFeed
+from services.coordinator.engine.drafting import DraftFeed, more_drafts_coming
 from services.coordinator.engine.generation import Generation
 from services.coordinator.engine.observe import Outcome, VerificationInfo
 from services.coordinator.engine.trees import verification_tree
@@ -86,7 +86,7 @@ class DsiRun:
         self.gen = gen
         self.engine = gen.engine
         self.verifs: list[Verification] = []
-        self.feed = DraftFeed(gen)
+        self.feeds = [DraftFeed(gen, slot) for slot in gen.drafter_slots()]
         self._seq = itertools.count()
         self._done = itertools.count()
         gen.on_diverge = self._diverge
@@ -94,18 +94,21 @@ class DsiRun:
     async def step(self) -> None:
         """Dispatch what can go, wait for the next event, act on it."""
         self.dispatch()
-        self.feed.ensure()
+        for feed in self.feeds:
+            feed.ensure()
         waits: set[asyncio.Future] = {v.task for v in self.verifs if v.result is None}
-        if self.feed.reader is not None:
-            waits.add(self.feed.reader)
+        waits.update(feed.reader for feed in self.feeds if feed.reader is not None)
         if not waits:
             raise Internal("DSI has nothing in flight (bug)")
         done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
         for v in sorted((v for v in self.verifs if v.task in done), key=lambda v: v.seq):
             self._completed(v)
-        if self.feed.reader is not None and self.feed.reader in done:
-            self.feed.on_chunk()
+        for feed in self.feeds:
+            if feed.reader is not None and feed.reader in done:
+                feed.on_chunk()
         self.resolve()
+        for feed in self.feeds:
+            feed.stop_if_stale()
 
     # --- scheduling -----------------------------------------------------------
 
@@ -136,7 +139,7 @@ class DsiRun:
         c = len(gen.committed)
         stop = min(self._next_base(start), gen.last_pos + 1, start + self.engine.max_draft_tokens)
         drafts = gen.pending[start - c : stop - c]
-        return drafts, start + len(drafts) >= stop or not self.feed.more_coming()
+        return drafts, start + len(drafts) >= stop or not more_drafts_coming(gen)
 
     def dispatch(self) -> None:
         gen, pool = self.gen, self.engine.targets
@@ -166,7 +169,10 @@ class DsiRun:
             holder.append(self._issue(start, drafts, lease))
 
     def _issue(self, base: int, main: list[DraftToken], lease: Lease, frontier: bool = False) -> Verification:
-        tree, n_main = verification_tree(main, self.gen.alternatives, base, self.engine.max_draft_tokens)
+        gen = self.gen
+        tree, n_main = verification_tree(
+            main, gen.alternatives, base, self.engine.max_draft_tokens, list(gen.proposals.values()), gen.context(base)
+        )
         v = Verification(next(self._seq), base, tree, n_main, lease)
         v.info = self.gen.verification_info(lease, base, len(tree), frontier)
         v.task = asyncio.ensure_future(self.gen.verify(lease, base, v.drafts))
@@ -197,12 +203,14 @@ class DsiRun:
         for v in list(self.verifs):
             if self._drop(v, Outcome.STALE):
                 self.gen.stats.verifications_cancelled += 1
-        self.feed.stop()
+        for feed in self.feeds:
+            feed.stop()
 
     def cancel_all(self) -> None:
         for v in list(self.verifs):
             self._drop(v, Outcome.ABANDONED)
-        self.feed.stop()
+        for feed in self.feeds:
+            feed.stop()
 
     # --- deciding ---------------------------------------------------------------
 

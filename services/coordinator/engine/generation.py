@@ -22,7 +22,8 @@ from collections.abc import AsyncIterator, Callable, Sequence
 
 from dsi.domain.errors import InvalidArgument, Unavailable
 from dsi.domain.interfaces import Drafter, Target
-from dsi.domain.types import DraftRequest, DraftToken, SamplingParams, VerifyRequest, VerifyResult
+from dsi.domain.types import CHAIN, DraftRequest, DraftToken, SamplingParams, VerifyRequest, VerifyResult
+from services.coordinator.engine.drafters import DROP_AFTER, DrafterSlot, DrafterStats, Proposal
 from services.coordinator.engine.observe import Observer, VerificationInfo
 from services.coordinator.engine.trees import Alternatives
 from services.coordinator.engine.types import FinishReason, GenerationParams, GenerationStats, Strategy
@@ -57,6 +58,18 @@ class Engine:
         self.max_draft_tokens = max_draft_tokens
         self.lead_chunks = lead_chunks
         self.release_timeout = release_timeout
+        #: Drafter pool index -> the model it serves: instances of one model are replicas (a
+        #: generation uses one of them), different models all work on every generation.
+        #: Unset: the member's name.
+        self.drafter_models: dict[int, str] = {}
+
+    def drafter_groups(self) -> list[list[int]]:
+        """Active drafter instances by model, in the order the models were added."""
+        groups: dict[str, list[int]] = {}
+        for i in self.drafters.active():
+            key = self.drafter_models.get(i) or getattr(self.drafters.member(i), "name", str(i))
+            groups.setdefault(key, []).append(i)
+        return list(groups.values())
 
     def check(self, prompt: Sequence[int], params: GenerationParams) -> None:
         if not prompt:
@@ -112,6 +125,8 @@ class Generation:
         self.pending: list[DraftToken] = []
         #: The drafter's alternatives at those positions (token trees).
         self.alternatives = Alternatives()
+        #: The other drafters' guesses, by drafter (see drafters.py).
+        self.proposals: dict[int, Proposal] = {}
         #: Called with every stale verification or stream to cancel: the strategy's hook.
         self.on_diverge: Callable[[], None] = lambda: None
         #: Cancelled tasks still finishing; awaited at cleanup.
@@ -125,7 +140,7 @@ class Generation:
         self._used_targets: set[int] = set()
         #: per target replica: how much of the assumed sequence its cache holds
         self._cached: dict[int, int] = {}
-        self._drafter_lease: Lease | None = None
+        self._slots: list[DrafterSlot] | None = None
 
     # --- public -------------------------------------------------------------
 
@@ -179,21 +194,43 @@ class Generation:
         :attr:`on_diverge` has cancelled it. If ``token`` is one of the
         drafter's alternatives there, its branch becomes the pending drafts."""
         position = len(self.committed)
-        diverged = False
+        draft = self.pending[0].token_id if self.pending else None
         if self.observer is not None:
-            draft_id = self.pending[0].token_id if self.pending else None
-            self.observer.committed(position, token, draft_id, time.perf_counter())
+            self.observer.committed(position, token, draft, time.perf_counter())
+        # Drafts that guessed ``token`` here, and what they guessed after it: the primary's
+        # alternatives, the other drafters' proposals.
         branch = self.alternatives.take(position, token)
-        if self.pending:
-            draft = self.pending.pop(0)
+        tails = [branch[1:]] if branch is not None else []
+        for proposal in self.proposals.values():
+            guess = proposal.guess_at(position)
+            if guess is None:
+                continue
+            proposal.slot.stats.decided += 1
+            if guess != token:
+                proposal.dead = True
+                continue
+            proposal.slot.stats.accepted += 1
+            tails.append(proposal.tokens[position - proposal.start + 1 :])
+            if draft != token:
+                proposal.slot.stats.unique += 1
+        diverged = False
+        if draft is not None:
+            self.pending.pop(0)
             self.stats.decided_drafts += 1
-            if draft.token_id == token:
+            primary = self._slots[0].stats if self._slots else None
+            if primary is not None:
+                primary.decided += 1
+            if draft == token:
                 self.stats.accepted_tokens += 1
+                if primary is not None:
+                    primary.accepted += 1
             else:
                 diverged = True
-                if branch is not None:  # the target's token is an alternative: its branch is drafted already
+                if tails:  # another guess was right: what follows it is drafted already
                     self.stats.accepted_tokens += 1
                     self.stats.alternative_hits += 1
+        elif any(tails):  # no main guess here, another drafter's was right: speculate on it
+            diverged = True
         self.committed.append(token)
         self._out.append(token)
         self.stats.new_tokens += 1
@@ -203,9 +240,11 @@ class Generation:
             self.stop(FinishReason.EOS)
         elif len(self.committed) > self.last_pos:
             self.stop(FinishReason.LENGTH)
+        self._drop_idle_drafters()
         if diverged:
-            self.pending = [DraftToken(t) for t in branch[1:]] if branch is not None else []
-            self.alternatives.clear()  # the other alternatives followed the main path
+            self.pending = [DraftToken(t) for t in max(tails, key=len, default=[])]
+            self.alternatives.clear()  # the other alternatives and proposals followed the old main path
+            self.proposals.clear()
             wrong_from = len(self.committed) - 1  # caches are valid only before the diverged position
             self._cached = {i: min(n, wrong_from) for i, n in self._cached.items()}
             self.on_diverge()
@@ -246,13 +285,36 @@ class Generation:
         """How many of the first ``base`` tokens replica ``i`` has cached."""
         return lambda i: min(self._cached.get(i, 0), base)
 
-    def drafter(self) -> Drafter:
-        pool = self.engine.drafters
-        if self._drafter_lease is None:
-            self._drafter_lease = pool.acquire_on(pool.least_loaded())
-        return pool.member(self._drafter_lease.replica)
+    def drafter_slots(self) -> list[DrafterSlot]:
+        """The drafters this generation uses (leased on first use): one
+        instance of every drafter model, the primary first."""
+        if self._slots is None:
+            pool = self.engine.drafters
+            groups = self.engine.drafter_groups()
+            if not groups:
+                raise Unavailable("no drafter is available")
+            self._slots = []
+            for index, group in enumerate(groups):
+                lease = pool.acquire_on(min(group, key=pool.in_flight))
+                client = pool.member(lease.replica)
+                name = getattr(client, "name", str(lease.replica))
+                self._slots.append(DrafterSlot(index, client, lease, DrafterStats(name)))
+            self.stats.drafters = [s.stats for s in self._slots]
+        return self._slots
 
-    def draft_request(self, context: list[int], max_tokens: int) -> DraftRequest:
+    def drafter(self) -> Drafter:
+        """The primary drafter."""
+        return self.drafter_slots()[0].client
+
+    def _drop_idle_drafters(self) -> None:
+        for slot in self._slots or ():
+            st = slot.stats
+            if not slot.primary and not st.dropped and st.decided >= DROP_AFTER and st.unique == 0:
+                st.dropped = True
+                self.proposals.pop(slot.index, None)
+
+    def draft_request(self, context: list[int], max_tokens: int, primary: bool = True) -> DraftRequest:
+        """Only the primary drafts token trees; the others' guesses are branches already."""
         return DraftRequest(
             self.session_id,
             context,
@@ -260,7 +322,7 @@ class Generation:
             max_tokens,
             self.sampling,
             self.params.seed,
-            self.params.tree,
+            self.params.tree if primary else CHAIN,
         )
 
     def cancel(self, task: asyncio.Task) -> bool:
@@ -277,9 +339,9 @@ class Generation:
         if self.cancelled:
             await asyncio.gather(*self.cancelled, return_exceptions=True)
         releases = [self.engine.targets.member(i).release_session(self.session_id) for i in self._used_targets]
-        if self._drafter_lease is not None:
-            self.engine.drafters.release(self._drafter_lease)
-            releases.append(self.engine.drafters.member(self._drafter_lease.replica).release_session(self.session_id))
+        for slot in self._slots or ():
+            self.engine.drafters.release(slot.lease)
+            releases.append(slot.client.release_session(self.session_id))
         if releases:
             try:
                 results = await asyncio.wait_for(

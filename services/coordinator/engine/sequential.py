@@ -8,10 +8,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 
 from dsi.domain.types import DraftToken
+from services.coordinator.engine.drafters import DrafterSlot, Proposal
 from services.coordinator.engine.generation import Generation
 from services.coordinator.engine.observe import DraftChunkInfo, Outcome
 from services.coordinator.engine.trees import StreamTree, verification_tree
@@ -53,10 +55,10 @@ async def run_nonsi(gen: Generation) -> AsyncIterator[None]:
         yield None
 
 
-async def _draft(gen: Generation, k: int) -> list[DraftToken]:
+async def _draft(gen: Generation, slot: DrafterSlot, k: int) -> list[DraftToken]:
     gen.stats.draft_streams += 1
-    drafter = gen.drafter()
-    stream = drafter.draft(gen.draft_request(list(gen.committed), k))
+    drafter = slot.client
+    stream = drafter.draft(gen.draft_request(list(gen.committed), k, primary=slot.primary))
     sid, obs = gen.next_stream_id(), gen.observer
     if obs is not None:
         obs.draft_stream_started(sid, drafter.name, len(gen.committed), time.perf_counter())
@@ -82,14 +84,22 @@ async def run_si(gen: Generation) -> AsyncIterator[None]:
         replica = _replica(gen, replica)
         c = len(gen.committed)
         k = min(gen.params.lookahead, gen.last_pos - c)
-        nodes = await _draft(gen, k) if k > 0 else []
+        slots = [s for s in gen.drafter_slots() if not s.stats.dropped]
+        streams = await asyncio.gather(*(_draft(gen, s, k) for s in slots)) if k > 0 else [[] for _ in slots]
         main: list[DraftToken] = []
-        for position, token, branch in StreamTree(c).read(nodes):
-            if branch is None:
-                main.append(DraftToken(token))
-            elif len(branch) == 1:  # a new alternative (its branch grows in place)
-                gen.alternatives.add(position, branch)
-        tree, _ = verification_tree(main, gen.alternatives, c, gen.engine.max_draft_tokens)
+        for slot, nodes in zip(slots, streams, strict=True):
+            proposal = None if slot.primary else gen.proposals.setdefault(slot.index, Proposal(slot, c))
+            for position, token, branch in StreamTree(c).read(nodes):
+                if proposal is not None:
+                    if branch is None:
+                        proposal.tokens.append(token)
+                elif branch is None:
+                    main.append(DraftToken(token))
+                elif len(branch) == 1:  # a new alternative (its branch grows in place)
+                    gen.alternatives.add(position, branch)
+        tree, _ = verification_tree(
+            main, gen.alternatives, c, gen.engine.max_draft_tokens, list(gen.proposals.values()), gen.committed
+        )
         result = await _verify(gen, replica, tree)
         gen.pending = main
         for token in [*(tree[i].token_id for i in result.path), result.next_token]:
@@ -98,4 +108,5 @@ async def run_si(gen: Generation) -> AsyncIterator[None]:
             gen.commit(token)
         gen.pending = []
         gen.alternatives.clear()
+        gen.proposals.clear()
         yield None

@@ -17,6 +17,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 from dsi.domain.types import ROOT, DraftToken
+from services.coordinator.engine.drafters import Proposal
 
 #: An alternative and the guesses that follow it: token ids, from its position on.
 Branch = list[int]
@@ -93,25 +94,62 @@ class StreamTree:
             yield position, tok.token_id, branch
 
 
+class _Tree:
+    """A token tree being built: identical children of one node collapse."""
+
+    def __init__(self, budget: int) -> None:
+        self.nodes: list[DraftToken] = []
+        self._child: dict[tuple[int, int], int] = {}
+        self._budget = budget
+
+    def add(self, parent: int, tokens: Sequence[int]) -> list[int]:
+        """Add ``tokens`` as a path under ``parent`` (reusing equal nodes);
+        returns the node indices, fewer when the budget runs out."""
+        out = []
+        for tok in tokens:
+            node = self._child.get((parent, tok))
+            if node is None:
+                if len(self.nodes) >= self._budget:
+                    break
+                node = len(self.nodes)
+                self.nodes.append(DraftToken(tok, parent))
+                self._child[(parent, tok)] = node
+            out.append(node)
+            parent = node
+        return out
+
+
 def verification_tree(
-    main: Sequence[DraftToken], alternatives: Alternatives, base: int, budget: int
+    main: Sequence[DraftToken],
+    alternatives: Alternatives,
+    base: int,
+    budget: int,
+    proposals: Sequence[Proposal] = (),
+    context: Sequence[int] = (),
 ) -> tuple[list[DraftToken], int]:
-    """The tree a verification at ``base`` carries: the main-path drafts
-    ``main`` (for positions ``base ..``) as a chain, and after each of them
-    the alternatives at its position with their branches, within ``budget``
-    nodes (main drafts first, then alternatives in order of position and
-    preference). Returns the nodes and how many main drafts they include."""
-    n_main = min(len(main), budget)
-    room = budget - n_main
-    nodes: list[DraftToken] = []
-    parent = ROOT
+    """The tree a verification at ``base`` (after ``context``) carries, within
+    ``budget`` nodes: the main-path drafts ``main`` (positions ``base ..``)
+    as a chain first; then the primary's alternatives at those positions with
+    their branches; then every other drafter's proposal that agrees with
+    ``context``, from ``base`` on, attached where it starts (collapsing into
+    the main path as long as it agrees with it). Returns the nodes and how
+    many main drafts they include."""
+    tree = _Tree(budget)
+    main_nodes = tree.add(ROOT, [d.token_id for d in main])
+    n_main = len(main_nodes)
+
+    def parent_of(position: int) -> int:  # the main node before ``position``
+        return ROOT if position == base else main_nodes[position - base - 1]
+
     for i in range(n_main):
-        nodes.append(DraftToken(main[i].token_id, parent))
-        main_index = len(nodes) - 1
         for branch in alternatives.at.get(base + i, []):
-            take = branch[:room]
-            for j, tok in enumerate(take):
-                nodes.append(DraftToken(tok, parent if j == 0 else len(nodes) - 1))
-            room -= len(take)
-        parent = main_index
-    return nodes, n_main
+            tree.add(parent_of(base + i), branch)
+    for proposal in proposals:
+        if proposal.dead or proposal.start > base + n_main:
+            continue  # wrong already, or it assumes drafts this verification does not carry
+        skip = base - proposal.start
+        if skip > 0 and list(context[proposal.start : base]) != proposal.tokens[:skip]:
+            continue  # it assumed other tokens before ``base``
+        attach = max(proposal.start, base)
+        tree.add(parent_of(attach), proposal.tokens[max(skip, 0) :])
+    return tree.nodes, n_main

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
+from typing import Any
 
 from dsi.domain.types import CHAIN, GREEDY, SamplingParams, TreeShape
 
@@ -52,12 +53,15 @@ class GenerationStats:
     seed: int = 0
     #: committed tokens that were a drafter's alternative (a tree node off its main path)
     alternative_hits: int = 0
+    #: each drafter's part (services.coordinator.engine.drafters.DrafterStats), the primary first
+    drafters: list[Any] = field(default_factory=list)
 
     @property
     def acceptance_rate(self) -> float:
         return self.accepted_tokens / self.decided_drafts if self.decided_drafts else 0.0
 
-    def as_dict(self) -> dict[str, float | int]:
-        out: dict[str, float | int] = dict(vars(self))
+    def as_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = dict(vars(self))
         out["acceptance_rate"] = self.acceptance_rate
+        out["drafters"] = [{**vars(d), "acceptance_rate": d.acceptance_rate} for d in self.drafters]
         return out
