@@ -34,8 +34,13 @@ yaml = pytest.importorskip("yaml", reason="PyYAML is not installed (pip install 
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "k8s"
-OVERLAYS = ["synthetic", "gpu", "heterogeneous"]
+OVERLAYS = ["synthetic", "gpu", "heterogeneous", "synthetic-secure"]
 GPU_OVERLAYS = ["gpu", "heterogeneous"]
+SYNTHETIC_OVERLAYS = ["synthetic", "synthetic-secure"]
+#: overlays with the tls and auth components (k8s/components)
+SECURE_OVERLAYS = ["synthetic-secure"]
+TLS_DIR = "/etc/dsi/tls"
+TOKEN_FILE = "/etc/dsi/auth/token"
 RENDERED = ["base", *OVERLAYS]
 MODEL_ROLES = ("target", "drafter")
 ROLES = ("coordinator", *MODEL_ROLES)
@@ -212,7 +217,7 @@ def test_renders_and_validates_strictly(name: str) -> None:
     kv = validator()
     objs = render(name)
     kinds = sorted(o["kind"] for o in objs)
-    for kind, count in {"Deployment": 3, "Service": 3, "PodDisruptionBudget": 3, "NetworkPolicy": 1}.items():
+    for kind, count in {"Deployment": 3, "Service": 3, "PodDisruptionBudget": 3, "NetworkPolicy": 2}.items():
         assert kinds.count(kind) == count, kinds
     assert kinds.count("ConfigMap") == 1 and kinds.count("Namespace") == 1, kinds
     versions = sorted({MIN_K8S, kv.utils.major_minor(kv.latest_version())}, key=lambda v: tuple(map(int, v.split("."))))
@@ -220,6 +225,7 @@ def test_renders_and_validates_strictly(name: str) -> None:
         for o in objs:
             kv.validate(o, version, strict=True)  # raises on any error, unknown fields included
     assert all(o["metadata"].get("namespace") == "dsi" for o in objs if o["kind"] != "Namespace")
+    assert "Secret" not in kinds, "keys and tokens are never in the repository: Secrets are created in the cluster"
 
 
 def test_strict_validation_is_not_vacuous() -> None:
@@ -291,15 +297,16 @@ def test_models_come_read_only_from_the_volume(name: str) -> None:
     assert one_flag(args["coordinator"], "tokenizer").startswith("/models/")
 
 
-def test_synthetic_overlay_runs_on_a_cpu_only_cluster() -> None:
-    objs = render("synthetic")
+@pytest.mark.parametrize("name", SYNTHETIC_OVERLAYS)
+def test_synthetic_overlay_runs_on_a_cpu_only_cluster(name: str) -> None:
+    objs = render(name)
     text = yaml.safe_dump_all(objs)
     assert GPU not in text, "no GPU request, affinity or toleration"
     assert not by_kind(objs, "PersistentVolumeClaim") and "persistentVolumeClaim" not in text
     for role in ROLES:
         spec = pod_spec(deployment(objs, role))
         assert "affinity" not in spec and "tolerations" not in spec
-        assert all("emptyDir" in v for v in spec["volumes"]), spec["volumes"]
+        assert all("emptyDir" in v or "secret" in v for v in spec["volumes"]), spec["volumes"]
     for role in MODEL_ROLES:
         args = args_of(objs, role)
         assert one_flag(args, "model").startswith("synthetic:") and one_flag(args, "device") == "cpu"
@@ -347,12 +354,21 @@ def test_coordinator_dials_the_headless_services(name: str) -> None:
 
 @pytest.mark.parametrize("name", RENDERED)
 def test_probes_are_grpc_on_the_serving_port(name: str) -> None:
+    """gRPC probes on the serving port; with TLS (which Kubernetes' gRPC probes
+    do not speak) on the plaintext health-only port (--health-port)."""
     objs = render(name)
     for role in ROLES:
         dep = deployment(objs, role)
         c = container(dep)
         port = serving_port(dep)
-        assert int(one_flag(args_of(objs, role), "port")) == port
+        args = args_of(objs, role)
+        assert int(one_flag(args, "port")) == port
+        if flag(args, "tls-cert"):
+            health = int(one_flag(args, "health-port"))
+            assert health != port and {"name": "health", "containerPort": health, "protocol": "TCP"} in c["ports"]
+            port = health
+        else:
+            assert not flag(args, "health-port"), role
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
             p = c[probe]
             assert set(p) & {"grpc", "httpGet", "tcpSocket", "exec"} == {"grpc"}, (role, probe)
@@ -384,7 +400,7 @@ def test_one_image_for_every_service(name: str) -> None:
     images = {c["image"] for d in by_kind(objs, "Deployment").values() for c in pod_spec(d)["containers"]}
     assert len(images) == 1, images
     (image,) = images
-    assert image.endswith("-cpu" if name == "synthetic" else "-cuda"), image
+    assert image.endswith("-cpu" if name.startswith("synthetic") else "-cuda"), image
     for role in ROLES:
         assert container(deployment(objs, role))["args"][0] == role  # the entrypoint is `dsi`
 
@@ -486,6 +502,67 @@ def test_only_the_coordinator_reaches_targets_and_drafters(name: str) -> None:
         assert serving_port(deps[role]) in allowed, role
 
 
+@pytest.mark.parametrize("name", RENDERED)
+def test_the_coordinator_has_a_network_policy_too(name: str) -> None:
+    """Clients reach the coordinator on its gRPC port only; it connects only to
+    targets and drafters on theirs, and to DNS. Targets and drafters open no
+    connection at all."""
+    objs = render(name)
+    deps = {role: deployment(objs, role) for role in ROLES}
+    policies = list(by_kind(objs, "NetworkPolicy").values())
+    covering = [p for p in policies if selects(p["spec"]["podSelector"], pod_labels(deps["coordinator"]))]
+    assert len(covering) == 1, [p["metadata"]["name"] for p in covering]
+    spec = covering[0]["spec"]
+    assert sorted(spec["policyTypes"]) == ["Egress", "Ingress"]
+    ingress_ports = {pt["port"] for rule in spec["ingress"] for pt in rule["ports"]}
+    assert ingress_ports == {serving_port(deps["coordinator"])}, ingress_ports
+    reached: dict[str, set[int]] = {}
+    for rule in spec["egress"]:
+        ports = {(pt["port"], pt["protocol"]) for pt in rule["ports"]}
+        if "to" not in rule:  # to any address: DNS only
+            assert ports == {(53, "UDP"), (53, "TCP")}, rule
+            continue
+        for peer in rule["to"]:
+            assert set(peer) == {"podSelector"}, peer
+            for role in (r for r, d in deps.items() if selects(peer["podSelector"], pod_labels(d))):
+                reached.setdefault(role, set()).update(p for p, _ in ports)
+    assert reached == {r: {serving_port(deps[r])} for r in MODEL_ROLES}, reached
+    for role in MODEL_ROLES:
+        for p in policies:
+            if selects(p["spec"]["podSelector"], pod_labels(deps[role])):
+                assert "Egress" in p["spec"]["policyTypes"] and not p["spec"].get("egress"), p["metadata"]["name"]
+
+
+@pytest.mark.parametrize("name", SECURE_OVERLAYS)
+def test_the_secure_overlay_mounts_certificates_and_token_from_secrets(name: str) -> None:
+    """Mutual TLS on every hop and a token on every call, from Secrets mounted
+    read-only; the coordinator checks its peers' certificates for the names it
+    dials (dsi-target, dsi-drafter); the Services no longer claim cleartext h2c."""
+    objs = render(name)
+    for role in ROLES:
+        dep = deployment(objs, role)
+        spec, c = pod_spec(dep), container(dep)
+        args = args_of(objs, role)
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
+        tls, auth = mounts[TLS_DIR], mounts[str(Path(TOKEN_FILE).parent)]
+        assert tls["readOnly"] is True and auth["readOnly"] is True
+        assert volumes[tls["name"]]["secret"]["secretName"] == f"dsi-{role}-tls"
+        assert volumes[auth["name"]]["secret"]["secretName"] == "dsi-auth-token"
+        for v in (volumes[tls["name"]], volumes[auth["name"]]):
+            assert v["secret"]["defaultMode"] & 0o007 == 0, "no access for others"
+        assert one_flag(args, "tls-cert") == f"{TLS_DIR}/tls.crt" and one_flag(args, "tls-key") == f"{TLS_DIR}/tls.key"
+        assert one_flag(args, "tls-ca") == f"{TLS_DIR}/ca.crt"  # client certificates required
+        assert one_flag(args, "auth-token-file") == TOKEN_FILE
+    args = args_of(objs, "coordinator")
+    assert one_flag(args, "peer-tls-ca") == f"{TLS_DIR}/ca.crt"
+    assert one_flag(args, "peer-tls-cert") == f"{TLS_DIR}/tls.crt" and one_flag(args, "peer-tls-key")
+    assert one_flag(args, "peer-auth-token-file") == TOKEN_FILE
+    assert not flag(args, "peer-tls-server-name"), "the DNS names dialled are the names checked"
+    for svc in by_kind(objs, "Service").values():
+        assert all("appProtocol" not in p for p in svc["spec"]["ports"]), svc["metadata"]["name"]
+
+
 # --- the rendered commands are valid `dsi` invocations -----------------------------
 
 
@@ -584,23 +661,41 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_synthetic_overlay_commands_serve_a_generation_locally(tmp_path: Path) -> None:
-    """The three rendered command lines of the synthetic overlay, run as the
+@pytest.mark.parametrize("name", SYNTHETIC_OVERLAYS)
+def test_synthetic_overlay_commands_serve_a_generation_locally(tmp_path: Path, name: str) -> None:
+    """The three rendered command lines of a synthetic overlay, run as the
     image runs them (the ``dsi`` entrypoint), with only the listening address
-    moved to loopback, the Service names to 127.0.0.1 and no drain delay:
-    they start, the coordinator finds its peers through ``dns:///``, a
-    generation streams, and SIGTERM stops each one cleanly."""
+    moved to loopback, the Service names to 127.0.0.1, no drain delay, and
+    (secure overlay) the mounted Secrets replaced by throwaway files: they
+    start, the coordinator finds its peers through ``dns:///``, a generation
+    streams (secure: only to a client with a certificate and the token; the
+    probes' health port answers in plaintext), and SIGTERM stops each one
+    cleanly."""
     import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     from dsi.v1 import generation_pb2, generation_pb2_grpc
 
-    objs = render("synthetic")
+    objs = render(name)
     ports = {role: free_port() for role in ROLES}
+    health_ports = {role: free_port() for role in ROLES}
     service_port = {role: serving_port(deployment(objs, role)) for role in ROLES}
     script = Path(sys.executable).parent / "dsi"
     entry = [str(script)] if script.is_file() else [sys.executable, "-m", "dsi"]
     procs: dict[str, subprocess.Popen] = {}
     logs = {role: tmp_path / f"{role}.log" for role in ROLES}
+    secure = name in SECURE_OVERLAYS
+    if secure:  # what the Secrets would hold
+        from tests.certs import authority
+
+        ca = authority(tmp_path / "ca")
+        for role in ROLES:
+            pair = ca.issue(tmp_path / role, role, dns=[f"dsi-{role}"], ips=["127.0.0.1"])
+            pair.cert.rename(tmp_path / role / "tls.crt")
+            pair.key.rename(tmp_path / role / "tls.key")
+            (tmp_path / role / "ca.crt").write_bytes(ca.cert.read_bytes())
+        client = ca.issue(tmp_path / "client", "client")
+        (tmp_path / "token").write_text("k8s-test-token\n")
 
     def local(role: str) -> list[str]:
         out = []
@@ -609,10 +704,13 @@ def test_synthetic_overlay_commands_serve_a_generation_locally(tmp_path: Path) -
                 a = "--host=127.0.0.1"
             elif a.startswith("--port="):
                 a = f"--port={ports[role]}"
+            elif a.startswith("--health-port="):
+                a = f"--health-port={health_ports[role]}"
             elif a.startswith("--drain-delay="):  # keeps serving for the cluster's sake; nothing to wait for here
                 a = "--drain-delay=0"
             for peer in MODEL_ROLES:
                 a = a.replace(f"dns:///dsi-{peer}:{service_port[peer]}", f"dns:///127.0.0.1:{ports[peer]}")
+            a = a.replace(f"{TLS_DIR}/", f"{tmp_path / role}/").replace(TOKEN_FILE, str(tmp_path / "token"))
             out.append(a)
         return [*out, "--announce", str(tmp_path / f"{role}.addr")]
 
@@ -632,9 +730,27 @@ def test_synthetic_overlay_commands_serve_a_generation_locally(tmp_path: Path) -
         for role in ("target", "drafter", "coordinator"):
             wait_up(role)
         req = generation_pb2.GenerateRequest(prompt_token_ids=[1, 2, 3], max_new_tokens=20)
-        with grpc.insecure_channel(f"127.0.0.1:{ports['coordinator']}") as ch:
-            stub = generation_pb2_grpc.GenerationServiceStub(ch)
-            msgs = list(stub.Generate(req, timeout=30))
+        address = f"127.0.0.1:{ports['coordinator']}"
+        if secure:
+            creds = grpc.ssl_channel_credentials(
+                ca.cert.read_bytes(), client.key.read_bytes(), client.cert.read_bytes()
+            )
+            with grpc.secure_channel(address, creds) as ch:
+                stub = generation_pb2_grpc.GenerationServiceStub(ch)
+                with pytest.raises(grpc.RpcError) as err:  # the certificate, but no token
+                    list(stub.Generate(req, timeout=30))
+                assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+                msgs = list(stub.Generate(req, timeout=30, metadata=[("authorization", "Bearer k8s-test-token")]))
+            with grpc.insecure_channel(address) as ch:  # plaintext: refused
+                with pytest.raises(grpc.RpcError):
+                    list(generation_pb2_grpc.GenerationServiceStub(ch).Generate(req, timeout=10))
+            for role in ROLES:  # what the probes see
+                with grpc.insecure_channel(f"127.0.0.1:{health_ports[role]}") as ch:
+                    health = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=10)
+                    assert health.status == health_pb2.HealthCheckResponse.SERVING, role
+        else:
+            with grpc.insecure_channel(address) as ch:
+                msgs = list(generation_pb2_grpc.GenerationServiceStub(ch).Generate(req, timeout=30))
         assert sum(len(m.token_ids) for m in msgs) == 20
         assert msgs[-1].finish_reason == generation_pb2.FINISH_REASON_LENGTH
         for role in ("coordinator", "drafter", "target"):  # the order a full teardown would take
@@ -688,7 +804,9 @@ def test_components_render_and_validate(overlay: str) -> None:
     objs = list(_render_with_components(overlay))
     kinds = sorted(o["kind"] for o in objs)
     assert kinds.count("PodMonitor") == 1 and kinds.count("ServiceMonitor") == 1, kinds
-    assert kinds.count("NetworkPolicy") == 2 and kinds.count("ConfigMap") == 2, kinds
+    base = [o["kind"] for o in render(overlay)]
+    assert kinds.count("NetworkPolicy") == base.count("NetworkPolicy") + 1, "the monitoring component adds one"
+    assert kinds.count("ConfigMap") == base.count("ConfigMap") + 1, "and the dashboard's ConfigMap"
     for o in objs:
         if not o["apiVersion"].startswith("monitoring.coreos.com/"):
             kv.validate(o, MIN_K8S, strict=True)

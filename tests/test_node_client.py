@@ -131,3 +131,42 @@ async def test_node_client_streams_text_and_reports_errors():
         assert code == 0 and json.loads(out)["targets"][0]["model"]["vocab_size"] == 300
         code, _, err = await node("--prompt-ids", "x")
         assert code == 2 and "--prompt-ids" in err
+
+
+async def test_node_client_over_mutual_tls_with_a_token(tmp_path):
+    """The Node client's --tls-ca/--tls-cert/--tls-key/--auth-token-file
+    against a coordinator that requires all of them: the Python client's
+    tokens; without the token UNAUTHENTICATED, without a certificate no
+    connection."""
+    from dsi.serving.gate import Policy
+    from dsi.serving.server import start_server
+    from dsi.wire.security import ClientSecurity, ServerSecurity
+    from services.coordinator.service import register
+    from tests.certs import authority
+
+    ca = authority(tmp_path / "ca")
+    server = ca.issue(tmp_path, "server", dns=["localhost"], ips=["127.0.0.1"])
+    client = ca.issue(tmp_path, "client")
+    token = tmp_path / "token"
+    token.write_text("node-token\n")
+    async with local_cluster([T, T], [D]) as c:
+        security = ServerSecurity.create(server.cert, server.key, ca.cert, token)
+        running = await start_server(register(c.coordinator), "127.0.0.1", 0, Policy(security))
+        try:
+            py_security = ClientSecurity.create(ca=ca.cert, cert=client.cert, key=client.key, token_file=token)
+            async with Client(running.address, py_security) as py:
+                ref = await py.generate(request("", [1, 2, 3], 20, "dsi"))
+            tls = ["--tls-ca", str(ca.cert), "--tls-cert", str(client.cert), "--tls-key", str(client.key)]
+            args = ("--prompt-ids", "1,2,3", "--max-new-tokens", "20", "--strategy", "dsi")
+            got = await node_json(running.address, *tls, "--auth-token-file", str(token), *args)
+            assert got["token_ids"] == ref.token_ids and len(ref.token_ids) == 20
+            code, _, err = await node("--coordinator", running.address, "--json", *tls, *args)
+            assert code == 1 and "UNAUTHENTICATED" in err and "missing bearer token" in err, err
+            code, _, err = await node(
+                "--coordinator", running.address, "--tls-ca", str(ca.cert), "--auth-token-file", str(token), *args
+            )
+            assert code == 1 and "UNAVAILABLE" in err, err
+            code, _, err = await node("--tls-cert", str(client.cert), *args)
+            assert code == 2 and "go together" in err
+        finally:
+            await running.stop(0)

@@ -9,7 +9,9 @@ seconds, and whatever still runs then is cancelled.
 
 * Coordinator: a ``Generate`` stream that ends within the grace completes
   normally, with the same tokens as without the shutdown; one that does not
-  is cut with UNAVAILABLE. Either way the process exits 0.
+  ends when the grace runs out with a last message carrying
+  FINISH_REASON_CANCELLED and its stats (status OK), on the gRPC and on the
+  HTTP API alike. Either way the process exits 0.
 * New calls are refused once the server stops: UNAVAILABLE, or CANCELLED
   for a call that reached it just as it began to stop (gRPC's doing); dsi's
   clients report both as the peer being unavailable.
@@ -52,6 +54,7 @@ START_TIMEOUT = 60.0
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 LENGTH = generation_pb2.FINISH_REASON_LENGTH
+CANCELLED = generation_pb2.FINISH_REASON_CANCELLED
 
 # 20 ms per target forward pass; a 2 ms drafter whose tokens are accepted 70% of the time.
 TARGET = "synthetic:vocab=1000,seed=3,tpot_ms=20"
@@ -194,6 +197,7 @@ class Streamed:
     tokens: list[int] = field(default_factory=list)
     arrivals: list[float] = field(default_factory=list)
     finish_reason: int = 0
+    stats: generation_pb2.GenerationStats | None = None
     code: grpc.StatusCode | None = None
     details: str = ""
     ended: float = 0.0
@@ -216,7 +220,7 @@ def generate(channel: grpc.aio.Channel, req: generation_pb2.GenerateRequest) -> 
                 out.tokens += msg.token_ids
                 out.arrivals.append(time.monotonic())
                 if msg.finish_reason:
-                    out.finish_reason = msg.finish_reason
+                    out.finish_reason, out.stats = msg.finish_reason, msg.stats
             out.code = await call.code()
         except grpc.aio.AioRpcError as exc:
             out.code, out.details = exc.code(), exc.details() or ""
@@ -286,26 +290,96 @@ async def test_coordinator_sigterm_lets_a_running_stream_finish_within_grace(tmp
         assert msgs.index("shutting down") < msgs.index("stopped") == len(msgs) - 1, msgs
 
 
-async def test_coordinator_sigterm_past_grace_ends_the_stream_with_unavailable(tmp_path: Path) -> None:
-    grace = 0.5
+@dataclass
+class HttpStreamed:
+    """An OpenAI API stream: its chunks, and whether it ended with [DONE]."""
+
+    chunks: list[dict] = field(default_factory=list)
+    done: bool = False
+    status: int = 0
+    task: asyncio.Task | None = None
+
+    @property
+    def tokens(self) -> list[int]:
+        return [t for c in self.chunks for ch in c.get("choices", []) for t in ch.get("token_ids", [])]
+
+
+def http_generate(url: str, tokens: int) -> HttpStreamed:
+    import aiohttp
+
+    out = HttpStreamed()
+    body = {"prompt": [1, 2, 3, 4], "max_tokens": tokens, "temperature": 0, "stream": True, "strategy": "dsi"}
+
+    async def run() -> None:
+        async with aiohttp.ClientSession() as session, session.post(f"{url}/v1/completions", json=body) as resp:
+            out.status = resp.status
+            async for line in resp.content:
+                text = line.decode().strip()
+                if text == "data: [DONE]":
+                    out.done = True
+                elif text.startswith("data: "):
+                    out.chunks.append(json.loads(text[6:]))
+
+    out.task = asyncio.ensure_future(run())
+    return out
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind((LOOPBACK, 0))
+        return s.getsockname()[1]
+
+
+async def test_coordinator_sigterm_past_grace_ends_streams_with_a_cancelled_last_message(tmp_path: Path) -> None:
+    """A generation still running when the grace runs out ends with a last
+    message: FINISH_REASON_CANCELLED and its stats (gRPC, status OK), or the
+    OpenAI API's last chunk with ``finish_reason: "cancelled"`` and the
+    ``dsi`` stats, then ``[DONE]``. The tokens sent are a prefix of what the
+    generation would have produced."""
+    grace = 1.0
+    http_port = free_port()
     with ExitStack() as stack:
-        cluster = start_cluster(stack, tmp_path, coordinator=("--grace", str(grace)))
+        cluster = start_cluster(stack, tmp_path, coordinator=("--grace", str(grace), "--http-port", str(http_port)))
         coord = cluster.coordinator
         async with grpc.aio.insecure_channel(coord.address) as ch:
+            reference = generate(ch, request(60))
+            await finished(reference, 30)
+            assert reference.code == grpc.StatusCode.OK and len(reference.tokens) == 60
             watched = await serving(ch)
             stream = generate(ch, request(2000))  # ~20 s: far longer than the grace
+            web = http_generate(f"http://{LOOPBACK}:{http_port}", 2000)
             await until(lambda: len(stream.tokens) >= 10 or stream.task.done(), 20, "the first tokens")
+            await until(lambda: len(web.tokens) >= 10 or web.task.done(), 20, "the first HTTP tokens")
             sent = coord.sigterm()
-            await finished(stream, 10)
+            await finished(stream, 15)
+            await finished(web, 15)
             await finished(watched, 5)
-            assert stream.code == grpc.StatusCode.UNAVAILABLE, (stream.code, stream.details)
-            assert 0 < len(stream.tokens) < 2000 and stream.finish_reason == 0
+
+            assert stream.code == grpc.StatusCode.OK, (stream.code, stream.details)
+            assert stream.finish_reason == CANCELLED and 0 < len(stream.tokens) < 2000
+            assert stream.stats is not None and stream.stats.new_tokens == len(stream.tokens)
+            assert stream.stats.wall_seconds > grace and stream.stats.target_forward_passes > 0
+            n = min(len(stream.tokens), 60)  # (fewer than 60 on a loaded machine)
+            assert stream.tokens[:n] == reference.tokens[:n]  # greedy: a prefix of the same generation
+            assert any(t > sent for t in stream.arrivals), "tokens kept streaming during the grace"
             assert watched.first(NOT_SERVING) < stream.ended
             # Cut when the grace ran out (plus up to 1 s for health watchers to
             # end), not before, and long before the generation would have ended.
             assert grace <= stream.ended - sent < grace + 1.0 + 8.0, stream.ended - sent
-            assert await wait_exit(coord, 10) == 0
-        # On its way out the coordinator released the cut generation's sessions
+
+            assert web.status == 200 and web.done, web
+            last = web.chunks[-1]
+            assert last["choices"][0]["finish_reason"] == "cancelled", last
+            assert last["dsi"]["finish_reason"] == "cancelled"
+            assert last["dsi"]["stats"]["new_tokens"] == len(web.tokens) > 0
+            n = min(len(web.tokens), 60)
+            assert web.tokens[:n] == reference.tokens[:n]
+            assert await wait_exit(coord, 15) == 0
+        msgs = coord.messages()
+        assert "ending 2 generation(s) still running after the grace" in msgs, msgs
+        # On its way out the coordinator released the cut generations' sessions
         # (KV caches) on the targets, rather than leaving them to the idle timeout.
         for t in cluster.targets:
             async with grpc.aio.insecure_channel(t.address) as tch:

@@ -15,6 +15,7 @@
 // printed to stderr), 2 for bad command-line arguments.
 'use strict';
 
+const fs = require('node:fs');
 const path = require('node:path');
 const { parseArgs } = require('node:util');
 
@@ -41,6 +42,12 @@ Streams a generation from a dsi coordinator (dsi.v1.GenerationService/Generate).
   --info                   print GetInfo as JSON and exit
   --proto-dir DIR          root of the .proto files (default: the repository's protos/,
                            or $DSI_PROTO_DIR)
+  --tls                    talk TLS, checking the certificate against the system's roots
+  --tls-ca FILE            talk TLS, checking the certificate against this PEM CA bundle
+  --tls-cert FILE          present this PEM certificate (mutual TLS), with --tls-key FILE
+  --tls-server-name NAME   the name the coordinator's certificate must carry (default: its host)
+  --auth-token-file FILE   send 'authorization: Bearer <token>' with the token in FILE
+                           (default: $DSI_AUTH_TOKEN, if set)
   -h, --help               show this help`;
 
 const STRATEGIES = { '': 'STRATEGY_UNSPECIFIED', nonsi: 'STRATEGY_NONSI', si: 'STRATEGY_SI', dsi: 'STRATEGY_DSI' };
@@ -67,6 +74,12 @@ function parseCommandLine(argv) {
       json: { type: 'boolean', default: false },
       info: { type: 'boolean', default: false },
       'proto-dir': { type: 'string', default: process.env.DSI_PROTO_DIR || path.resolve(__dirname, '..', '..', 'protos') },
+      tls: { type: 'boolean', default: false },
+      'tls-ca': { type: 'string', default: '' },
+      'tls-cert': { type: 'string', default: '' },
+      'tls-key': { type: 'string', default: '' },
+      'tls-server-name': { type: 'string', default: '' },
+      'auth-token-file': { type: 'string', default: '' },
       help: { type: 'boolean', short: 'h', default: false },
     },
   });
@@ -97,6 +110,26 @@ function parseCommandLine(argv) {
     tree = { width: Number(m[1]), depth: m[2] === undefined ? 1 : Number(m[2]) };
   }
   if (values.seed !== '' && !/^\d+$/.test(values.seed)) throw new UsageError('--seed must be an integer >= 0');
+  if (Boolean(values['tls-cert']) !== Boolean(values['tls-key'])) {
+    throw new UsageError('--tls-cert and --tls-key go together: give both, or neither');
+  }
+  const read = (name) => {
+    try {
+      return fs.readFileSync(values[name]);
+    } catch (err) {
+      throw new UsageError(`--${name}: cannot read ${JSON.stringify(values[name])}: ${err.message}`);
+    }
+  };
+  let token = process.env.DSI_AUTH_TOKEN || '';
+  if (values['auth-token-file']) token = read('auth-token-file').toString('utf8').trim();
+  const security = {
+    tls: values.tls || Boolean(values['tls-ca'] || values['tls-cert'] || values['tls-server-name']),
+    ca: values['tls-ca'] ? read('tls-ca') : null,
+    cert: values['tls-cert'] ? read('tls-cert') : null,
+    key: values['tls-key'] ? read('tls-key') : null,
+    serverName: values['tls-server-name'],
+    token,
+  };
   const prompt = positionals[0] || '';
   if (!values.help && !values.info && !prompt && ids.length === 0) throw new UsageError('give a PROMPT or --prompt-ids');
   return {
@@ -105,6 +138,7 @@ function parseCommandLine(argv) {
     json: values.json,
     address: values.coordinator,
     protoDir: values['proto-dir'],
+    security,
     timeout: values.timeout === '' ? null : number('timeout'),
     request: {
       prompt,
@@ -156,14 +190,29 @@ function statusName(code) {
 }
 
 function deadline(timeout) {
-  return timeout === null ? undefined : { deadline: new Date(Date.now() + timeout * 1000) };
+  return timeout === null ? {} : { deadline: new Date(Date.now() + timeout * 1000) };
+}
+
+/** Channel credentials and options: plaintext by default, TLS (mutual with a certificate) on request. */
+function channel(security) {
+  if (!security || !security.tls) return { credentials: grpc.credentials.createInsecure(), options: {} };
+  const options = {};
+  if (security.serverName) options['grpc.ssl_target_name_override'] = security.serverName;
+  return { credentials: grpc.credentials.createSsl(security.ca, security.key, security.cert), options };
+}
+
+/** Call metadata: the bearer token, if any. */
+function metadata(security) {
+  const md = new grpc.Metadata();
+  if (security && security.token) md.set('authorization', `Bearer ${security.token}`);
+  return md;
 }
 
 /** Streams one Generate; resolves with the collected result. */
 function generate(client, request, options, onText) {
   return new Promise((resolve, reject) => {
     const result = { token_ids: [], text: '', finish_reason: 'unspecified', stats: {} };
-    const call = client.Generate(request, deadline(options.timeout));
+    const call = client.Generate(request, metadata(options.security), deadline(options.timeout));
     const stop = () => call.cancel();
     process.once('SIGINT', stop);
     call.on('data', (msg) => {
@@ -188,7 +237,9 @@ function generate(client, request, options, onText) {
 
 function getInfo(client, options) {
   return new Promise((resolve, reject) => {
-    client.GetInfo({}, deadline(options.timeout) || {}, (err, info) => (err ? reject(err) : resolve(info)));
+    client.GetInfo({}, metadata(options.security), deadline(options.timeout), (err, info) =>
+      err ? reject(err) : resolve(info),
+    );
   });
 }
 
@@ -205,7 +256,8 @@ async function main(argv) {
     return 0;
   }
   const Service = loadService(options.protoDir);
-  const client = new Service(options.address, grpc.credentials.createInsecure());
+  const { credentials, options: channelOptions } = channel(options.security);
+  const client = new Service(options.address, credentials, channelOptions);
   try {
     if (options.info) {
       process.stdout.write(`${JSON.stringify(await getInfo(client, options))}\n`);
@@ -229,7 +281,7 @@ async function main(argv) {
   }
 }
 
-module.exports = { loadService, generate, parseCommandLine };
+module.exports = { loadService, generate, parseCommandLine, channel, metadata };
 
 if (require.main === module) {
   main(process.argv.slice(2)).then(

@@ -24,6 +24,10 @@ class ResourceExhausted(DsiError):
     """A bounded resource (sessions, queue) is full; retry later."""
 
 
+class Unauthenticated(DsiError):
+    """The caller did not prove who it is (a missing or wrong bearer token)."""
+
+
 class Unavailable(DsiError):
     """A service this request depends on cannot be reached."""
 

@@ -32,6 +32,7 @@ from prometheus_client.exposition import choose_encoder
 
 from dsi.domain import errors
 from dsi.serving.web import HttpServer, start_http
+from dsi.wire.security import ServerSecurity
 
 if TYPE_CHECKING:
     from dsi.backends.base import Forward, LocalDrafter, LocalTarget
@@ -380,8 +381,10 @@ def metrics_app(registry: CollectorRegistry) -> web.Application:
     return app
 
 
-async def serve_metrics(registry: CollectorRegistry, host: str, port: int, grace: float = 1.0) -> HttpServer:
-    return await start_http(metrics_app(registry), host, port, grace)
+async def serve_metrics(
+    registry: CollectorRegistry, host: str, port: int, grace: float = 1.0, security: ServerSecurity | None = None
+) -> HttpServer:
+    return await start_http(metrics_app(registry), host, port, grace, security)
 
 
 def parse_text(text: str) -> dict[str, Any]:
@@ -397,11 +400,11 @@ def parse_text(text: str) -> dict[str, Any]:
 
 
 async def serve_service_metrics(
-    role: str, backend: LocalTarget | LocalDrafter, host: str, port: int | None
+    role: str, backend: LocalTarget | LocalDrafter, host: str, port: int | None, security: ServerSecurity | None = None
 ) -> HttpServer | None:
     """Metrics of a target or drafter on ``host:port``; None when ``port`` is None (off)."""
     if port is None:
         return None
-    server = await serve_metrics(ServiceMetrics(role, backend).registry, host, port)
+    server = await serve_metrics(ServiceMetrics(role, backend).registry, host, port, security=security)
     logging.getLogger(f"dsi.{role}").info("metrics serving", extra={"url": f"{server.url}/metrics"})
     return server

@@ -1,6 +1,7 @@
 """Server bootstrap shared by the three services: a grpc.aio server with
 standard health checking and reflection, and graceful shutdown on signals
-(health NOT_SERVING first, then ``server.stop(grace)``)."""
+(health NOT_SERVING first, then ``server.stop(grace)``). What a server lets in
+(TLS, tokens, request sizes, concurrency) is its :class:`~dsi.serving.gate.Policy`."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import contextlib
 import logging
 import os
 import signal
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,13 +19,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from dsi.serving import tracing
+from dsi.serving.gate import Policy
 
 log = logging.getLogger(__name__)
 
 SERVER_OPTIONS = [
     ("grpc.so_reuseport", 0),  # a port already in use is an error, not a silent share
-    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
-    ("grpc.max_send_message_length", 64 * 1024 * 1024),
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
 ]
@@ -97,6 +97,12 @@ class HealthServicer(health_pb2_grpc.HealthServicer):
             await asyncio.wait_for(self._no_watches.wait(), timeout)
 
 
+#: Seconds a server's own wind-down (``RunningServer.stop(wind_down=...)``) gets after the grace to
+#: finish what it ended (the coordinator: release sessions, send last messages) before gRPC cancels it;
+#: the engine's session release is bounded by 5 s.
+WIND_DOWN_MARGIN = 5.0
+
+
 @dataclass
 class RunningServer:
     server: grpc.aio.Server
@@ -104,28 +110,59 @@ class RunningServer:
     port: int
     host: str
     service_names: list[str]
+    #: the plaintext health-only server (``--health-port``), if any
+    health_server: grpc.aio.Server | None = None
+    health_port: int | None = None
 
     @property
     def address(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"{host}:{self.port}"
 
-    async def stop(self, grace: float | None = 5.0, drain_delay: float = 0.0) -> None:
+    async def stop(
+        self,
+        grace: float | None = 5.0,
+        drain_delay: float = 0.0,
+        wind_down: Callable[[float], Awaitable[None]] | None = None,
+    ) -> None:
         """Report NOT_SERVING, optionally wait for load balancers to notice,
-        then stop accepting RPCs and give running ones ``grace`` seconds."""
+        then stop accepting RPCs and give running ones ``grace`` seconds.
+
+        ``wind_down(grace)``, if given, runs as the server stops accepting RPCs
+        and must end the running ones within ``grace`` seconds, in its own way
+        (the coordinator sends each stream a last message); gRPC cancels what
+        is left :data:`WIND_DOWN_MARGIN` seconds later."""
         await self.health.enter_graceful_shutdown()
         if drain_delay > 0:
             await asyncio.sleep(drain_delay)
         await self.health.watches_done(timeout=1.0)
-        await self.server.stop(grace)
+        if wind_down is None or grace is None:
+            await self.server.stop(grace)
+        else:
+            stopping = asyncio.ensure_future(self.server.stop(grace + WIND_DOWN_MARGIN))
+            try:
+                await wind_down(grace)
+            finally:
+                await stopping
+        if self.health_server is not None:
+            await self.health_server.stop(0)
+
+
+def _bind(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
 
 
 async def start_server(
-    register: Callable[[grpc.aio.Server], list[str]], host: str = "127.0.0.1", port: int = 0
+    register: Callable[[grpc.aio.Server], list[str]],
+    host: str = "127.0.0.1",
+    port: int = 0,
+    policy: Policy | None = None,
 ) -> RunningServer:
     """Start a server; ``register`` adds the servicers and returns the full
     names of the services it added. Port 0 picks a free port."""
-    server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=tracing.server_interceptors() or None)
+    policy = policy or Policy()
+    interceptors = [*policy.interceptors(), *tracing.server_interceptors()]  # refused calls leave no trace
+    server = grpc.aio.server(options=[*SERVER_OPTIONS, *policy.options()], interceptors=interceptors or None)
     names = register(server)
     health_servicer = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -134,25 +171,48 @@ async def start_server(
     reflection.enable_server_reflection(
         [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME], server
     )
-    bind = f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
+    bind = _bind(host, port)
+    credentials = policy.security.grpc_credentials()
     try:
-        bound = server.add_insecure_port(bind)
+        bound = server.add_secure_port(bind, credentials) if credentials else server.add_insecure_port(bind)
     except RuntimeError as exc:
         raise OSError(f"cannot listen on {bind}: {exc}") from None
+    health_server, health_port = None, None
+    if policy.health_port is not None:
+        # Health alone, plaintext and open: Kubernetes gRPC probes speak neither TLS nor tokens.
+        health_server = grpc.aio.server(options=SERVER_OPTIONS)
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, health_server)
+        try:
+            health_port = health_server.add_insecure_port(_bind(host, policy.health_port))
+        except RuntimeError as exc:
+            raise OSError(f"cannot listen on {_bind(host, policy.health_port)} (health): {exc}") from None
+        await health_server.start()
     await server.start()
-    return RunningServer(server, health_servicer, bound, host.strip("[]"), names)
+    return RunningServer(server, health_servicer, bound, host.strip("[]"), names, health_server, health_port)
 
 
 async def serve_until_signal(
-    running: RunningServer, grace: float = 5.0, drain_delay: float = 0.0, on_stop: Callable[[], object] | None = None
+    running: RunningServer,
+    grace: float = 5.0,
+    drain_delay: float = 0.0,
+    on_stop: Callable[[], object] | None = None,
+    on_signal: Callable[[], None] | None = None,
+    wind_down: Callable[[float], Awaitable[None]] | None = None,
 ) -> None:
     """Serve until SIGTERM/SIGINT (or the server terminates), then shut down
-    gracefully."""
+    gracefully: ``on_signal()`` at once, then :meth:`RunningServer.stop`
+    (with ``wind_down``), then ``on_stop()``."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
+
+    def signalled() -> None:
+        if not stop.is_set() and on_signal is not None:
+            on_signal()
+        stop.set()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
         try:
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, signalled)
         except (NotImplementedError, RuntimeError):  # not the main thread / platform
             pass
     waiter = asyncio.ensure_future(running.server.wait_for_termination())
@@ -161,7 +221,7 @@ async def serve_until_signal(
     stopper.cancel()
     if stop.is_set():
         log.info("shutting down", extra={"grace_seconds": grace, "address": running.address})
-        await running.stop(grace, drain_delay)
+        await running.stop(grace, drain_delay, wind_down)
         if on_stop is not None:
             result = on_stop()
             if asyncio.iscoroutine(result):

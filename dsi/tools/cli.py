@@ -46,6 +46,9 @@ def _server_args(p: argparse.ArgumentParser, role: str, sessions: bool) -> None:
         help="seconds between reporting NOT_SERVING and stopping (default: %(default)s)",
     )
     g.add_argument("--announce", metavar="FILE", help="write the bound address to FILE once serving")
+    from dsi.serving.gate import add_server_arguments
+
+    add_server_arguments(p.add_argument_group("security and limits"))
     g.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     g.add_argument("--log-format", default="json", choices=["json", "text"])
     add_tracing_argument(g)
@@ -147,7 +150,9 @@ async def _generate(args: argparse.Namespace) -> int:
         sys.stdout.write(text)
         sys.stdout.flush()
 
-    async with Client(args.coordinator) as client:
+    from dsi.serving.gate import client_from_args
+
+    async with Client(args.coordinator, client_from_args(args)) as client:
         result = await client.generate(req, None if args.json else show)
     if args.json:
         print(json.dumps(result.as_dict()))
@@ -211,6 +216,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="write the generation's schedule to FILE.json (Chrome trace events: Perfetto, chrome://tracing) and"
         " FILE.png (a .json or .png suffix is taken off first)",
     )
+    from dsi.serving.gate import add_client_arguments
+
+    add_client_arguments(p.add_argument_group("security (default: plaintext, no token)"))
     p.set_defaults(func=_cmd_generate)
 
     from dsi.tools.up import add_arguments as up_arguments

@@ -13,6 +13,7 @@ from dsi.domain.types import TreeShape
 from dsi.v1 import generation_pb2, generation_pb2_grpc
 from dsi.wire import convert
 from dsi.wire.grpc_status import call, to_domain
+from dsi.wire.security import ClientSecurity
 from dsi.wire.transport import open_channel
 
 STRATEGIES = {
@@ -50,9 +51,12 @@ def stats_dict(s: generation_pb2.GenerationStats) -> dict[str, Any]:
 
 
 class Client:
-    def __init__(self, address: str) -> None:
+    """``security``: TLS (mutual with a client certificate) and a bearer token
+    (:class:`~dsi.wire.security.ClientSecurity`; default: plaintext, no token)."""
+
+    def __init__(self, address: str, security: ClientSecurity | None = None) -> None:
         self.address = address
-        self.channel = open_channel(address)
+        self.channel = open_channel(address, security=security)
         self.stub = generation_pb2_grpc.GenerationServiceStub(self.channel)
         self.name = f"coordinator {address}"
 

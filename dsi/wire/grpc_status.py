@@ -23,6 +23,7 @@ _TO_STATUS: list[tuple[type[errors.DsiError], grpc.StatusCode]] = [
     (errors.InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
     (errors.NotFound, grpc.StatusCode.NOT_FOUND),
     (errors.ResourceExhausted, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (errors.Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
     (errors.Unavailable, grpc.StatusCode.UNAVAILABLE),
     (errors.Cancelled, grpc.StatusCode.CANCELLED),
     (errors.Internal, grpc.StatusCode.INTERNAL),
@@ -61,10 +62,11 @@ def guard(method: F) -> F:
     async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
             return await method(self, request, context)
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, grpc.aio.AbortError):
             raise
         except Exception as exc:
-            await _abort(context, exc, method.__qualname__)
+            fail(context, exc, method.__qualname__)
+        return None
 
     return wrapper  # type: ignore[return-value]
 
@@ -77,21 +79,27 @@ def guard_stream(method: Callable[..., AsyncIterator[Any]]) -> Callable[..., Asy
         try:
             async for item in method(self, request, context):
                 yield item
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, grpc.aio.AbortError):
             raise
         except Exception as exc:
-            await _abort(context, exc, method.__qualname__)
+            fail(context, exc, method.__qualname__)
 
     return wrapper
 
 
-async def _abort(context: grpc.aio.ServicerContext, exc: BaseException, where: str) -> None:
-    if isinstance(exc, grpc.aio.AbortError):  # context.abort() was already called
-        raise exc
+def fail(context: grpc.aio.ServicerContext, exc: BaseException, where: str = "") -> None:
+    """Set the status of ``exc`` on the call; the handler then returns, and
+    gRPC ends the call with that status (a non-OK status discards any response).
+
+    Not ``context.abort()``: that raises an exception which keeps the handler's
+    frames, and with them the request, alive in a reference cycle until the
+    garbage collector runs; on a quiet server that is a refused request's
+    memory held for minutes."""
     code, message = status_of(exc)
     if code == grpc.StatusCode.INTERNAL:
-        log.exception("unexpected error in %s", where, exc_info=exc)
-    await context.abort(code, message)
+        log.exception("unexpected error in %s", where or "a call", exc_info=exc)
+    context.set_code(code)
+    context.set_details(message)
 
 
 async def call(peer: str, awaitable: Awaitable[Any]) -> Any:

@@ -17,10 +17,12 @@ from dsi.domain.types import DraftChunk, DraftRequest, ServiceInfo, VerifyReques
 from dsi.v1 import drafter_pb2, drafter_pb2_grpc, target_pb2, target_pb2_grpc
 from dsi.wire import convert
 from dsi.wire.grpc_status import call, to_domain
+from dsi.wire.security import PLAINTEXT, ClientSecurity
 
 CHANNEL_OPTIONS = [
-    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
-    ("grpc.max_send_message_length", 64 * 1024 * 1024),
+    # Responses (verifications, draft chunks, generated text, Info) are small: gRPC's own 4 MiB limit
+    # leaves plenty of room. Requests are bounded by the receiving server (dsi.serving.gate.Policy).
+    ("grpc.max_receive_message_length", 4 * 1024 * 1024),
     ("grpc.keepalive_time_ms", 30_000),
     ("grpc.enable_retries", 0),
 ]
@@ -31,12 +33,17 @@ CHANNEL_OPTIONS = [
 CHANNEL_INTERCEPTORS: list[Callable[[], Sequence[grpc.aio.ClientInterceptor]]] = []
 
 
-def open_channel(address: str, interceptors: Sequence[grpc.aio.ClientInterceptor] | None = None) -> grpc.aio.Channel:
+def open_channel(
+    address: str,
+    interceptors: Sequence[grpc.aio.ClientInterceptor] | None = None,
+    security: ClientSecurity | None = None,
+) -> grpc.aio.Channel:
     """A channel to ``address``; ``interceptors`` wrap every call on it (the
-    benchmarks inject network delay this way, see dsi.tools.experiments.netdelay). Interceptors of
-    :data:`CHANNEL_INTERCEPTORS` come first."""
-    interceptors = [*(i for make in CHANNEL_INTERCEPTORS for i in make()), *(interceptors or [])] or None
-    return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS, interceptors=interceptors)
+    benchmarks inject network delay this way, see dsi.tools.experiments.netdelay; interceptors of
+    :data:`CHANNEL_INTERCEPTORS` come first); ``security``: TLS and a bearer token (default:
+    plaintext, no token)."""
+    interceptors = [*(i for make in CHANNEL_INTERCEPTORS for i in make()), *(interceptors or [])]
+    return (security or PLAINTEXT).channel(address, CHANNEL_OPTIONS, interceptors or None)
 
 
 async def wait_ready(channel: grpc.aio.Channel, name: str, timeout: float) -> None:
@@ -53,11 +60,17 @@ class GrpcTarget(Target):
         channel: grpc.aio.Channel | None = None,
         timeout: float | None = None,
         interceptors: Sequence[grpc.aio.ClientInterceptor] | None = None,
+        security: ClientSecurity | None = None,
+        server_name: str | None = None,
     ) -> None:
+        """``server_name``: the name its TLS certificate carries, when it is
+        dialled by another (a replica found by DNS, dialled by IP address)."""
         self.name = f"target {address}"
         self.address = address
         self._own_channel = channel is None
-        self.channel = channel or open_channel(address, interceptors)
+        if security is not None and server_name:
+            security = security.for_name(server_name)
+        self.channel = channel or open_channel(address, interceptors, security)
         self.stub = target_pb2_grpc.TargetServiceStub(self.channel)
         self.timeout = timeout
 
@@ -86,11 +99,17 @@ class GrpcDrafter(Drafter):
         channel: grpc.aio.Channel | None = None,
         timeout: float | None = None,
         interceptors: Sequence[grpc.aio.ClientInterceptor] | None = None,
+        security: ClientSecurity | None = None,
+        server_name: str | None = None,
     ) -> None:
+        """``server_name``: the name its TLS certificate carries, when it is
+        dialled by another (a replica found by DNS, dialled by IP address)."""
         self.name = f"drafter {address}"
         self.address = address
         self._own_channel = channel is None
-        self.channel = channel or open_channel(address, interceptors)
+        if security is not None and server_name:
+            security = security.for_name(server_name)
+        self.channel = channel or open_channel(address, interceptors, security)
         self.stub = drafter_pb2_grpc.DrafterServiceStub(self.channel)
         self.timeout = timeout
 

@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from dsi.domain.errors import InvalidArgument, Unavailable
+from dsi.domain.errors import InvalidArgument, ResourceExhausted, Unavailable
 from dsi.domain.interfaces import Drafter, Target
 from dsi.domain.timeline import Timeline
 from dsi.domain.types import CHAIN, SamplingParams, ServiceInfo, TreeShape
@@ -37,6 +37,25 @@ class Defaults:
     max_new_tokens: int = 128
     max_sp_degree: int = 0  # 0 = every target replica
     tree: TreeShape = CHAIN  # drafts as a token tree of this shape when a request sets none
+    #: generations at once (gRPC and HTTP together); more are refused RESOURCE_EXHAUSTED.
+    #: 0 = as many as the replicas have sessions for (see :meth:`Coordinator.max_generations`)
+    max_generations: int = 0
+
+
+#: Stop strings per request, and characters per stop string (every API): each is searched for after
+#: every token, and text that may begin one is held back.
+MAX_STOP_STRINGS = 16
+MAX_STOP_LENGTH = 256
+#: The cap on generations when neither --max-generations nor the replicas' session limits say otherwise.
+DEFAULT_MAX_GENERATIONS = 256
+
+
+def check_stops(stops: Sequence[str]) -> None:
+    if len(stops) > MAX_STOP_STRINGS:
+        raise InvalidArgument(f"at most {MAX_STOP_STRINGS} stop strings, got {len(stops)}")
+    for i, s in enumerate(stops):
+        if len(s) > MAX_STOP_LENGTH:
+            raise InvalidArgument(f"stop string {i} has {len(s)} characters; at most {MAX_STOP_LENGTH}")
 
 
 @dataclass(frozen=True)
@@ -170,9 +189,10 @@ async def fetch_info(client: Target | Drafter, timeout: float) -> ServiceInfo:
     while True:
         try:
             return await client.info()
-        except Unavailable:
+        except Unavailable as exc:
             if loop.time() + delay > deadline:
-                raise Unavailable(f"{client.name} is unavailable: no answer within {timeout:g}s") from None
+                # The last error says why (a refused connection, a failed TLS handshake ...).
+                raise Unavailable(f"{client.name} is unavailable: no answer within {timeout:g}s ({exc})") from None
             await asyncio.sleep(delay)
             delay = min(delay * 2, 1.0)
 
@@ -218,10 +238,14 @@ class Coordinator:
         )
         self._peers: dict[str, dict[int, Peer]] = {TARGET: {}, DRAFTER: {}}
         self._closing: set[asyncio.Future] = set()
-        #: Generations running now: close() lets them release their sessions first.
-        self._running: set[object] = set()
+        #: Generations running now, each with the future that cuts it short at shutdown;
+        #: close() lets them release their sessions first.
+        self._running: set[asyncio.Future[None]] = set()
         self._none_running = asyncio.Event()
         self._none_running.set()
+        #: False once shutting down: new generations are refused (UNAVAILABLE)
+        self.accepting = True
+        self._auto_generations = DEFAULT_MAX_GENERATIONS
         self.watchers: list[Any] = []  # discovery watchers, see discovery.py
         #: Wraps every generation's output stream (metrics, see dsi/serving/metrics.py); None = as is.
         self.instrument: Callable[[GenerateInput, AsyncIterator[GenerateOutput]], AsyncIterator[GenerateOutput]] | None
@@ -284,6 +308,26 @@ class Coordinator:
         limits = [p.info.limits.max_draft_tokens or 64 for p in self.targets]
         limits += [p.info.limits.max_lookahead or 64 for p in self.drafters]
         self.engine.max_draft_tokens = min(limits)
+        # A generation may hold a session on every target replica, and on one drafter.
+        target_sessions = [p.info.limits.max_sessions for p in self.targets if p.info.limits.max_sessions]
+        drafter_sessions = [p.info.limits.max_sessions for p in self.drafters]
+        caps = [min(target_sessions)] if target_sessions else [DEFAULT_MAX_GENERATIONS]
+        if drafter_sessions and all(drafter_sessions):
+            caps.append(sum(drafter_sessions))
+        self._auto_generations = min(caps)
+
+    @property
+    def max_generations(self) -> int:
+        """Generations at once: ``Defaults.max_generations``, or by default as
+        many as every target replica (and the drafters together) has sessions
+        for, so that a generation beyond that is refused at once rather than
+        failing half-way when a replica runs out of sessions."""
+        return self.defaults.max_generations or self._auto_generations
+
+    @property
+    def running(self) -> int:
+        """Generations running now."""
+        return len(self._running)
 
     async def add_peer(self, kind: str, address: str, client: Target | Drafter, timeout: float = 10.0) -> int:
         """Check a new instance (Info, vocabulary) and put it to work."""
@@ -307,6 +351,22 @@ class Coordinator:
 
         self.pool(kind).drain(index, close)
         log.info("%s draining", kind, extra={"address": peer.address, "replicas": len(self._peers[kind])})
+
+    async def shut_down(self, grace: float) -> None:
+        """Stop taking generations (new ones get UNAVAILABLE), give running
+        ones ``grace`` seconds to finish, then end the rest: each ends with a
+        last message carrying ``FinishReason.CANCELLED`` and its stats."""
+        self.accepting = False
+        if not self._running:
+            return
+        log.info("waiting for %d generation(s) to finish", len(self._running), extra={"grace_seconds": grace})
+        try:
+            await asyncio.wait_for(self._none_running.wait(), grace)
+        except asyncio.TimeoutError:
+            log.info("ending %d generation(s) still running after the grace", len(self._running))
+            for cut in self._running:
+                if not cut.done():
+                    cut.set_result(None)
 
     async def close(self) -> None:
         # Generations cut at the end of a shutdown's grace are cancelled just
@@ -348,23 +408,71 @@ class Coordinator:
         stream = self._generate(req)
         return stream if self.instrument is None else self.instrument(req, stream)
 
+    def _admit(self) -> asyncio.Future[None]:
+        """Count a new generation in, or refuse it; returns the future that cuts it short."""
+        if not self.accepting:
+            raise Unavailable("the coordinator is shutting down; retry (on another replica of the service)")
+        if len(self._running) >= self.max_generations:
+            raise ResourceExhausted(
+                f"the coordinator is running its limit of {self.max_generations} generations; retry later"
+            )
+        cut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._running.add(cut)
+        self._none_running.clear()
+        return cut
+
+    def _leave(self, cut: asyncio.Future[None]) -> None:
+        self._running.discard(cut)
+        if not self._running:
+            self._none_running.set()
+
+    def _prompt(self, req: GenerateInput) -> list[int]:
+        if req.prompt:
+            return self.codec.encode(req.prompt)
+        n = len(req.prompt_token_ids)  # before copying: a huge prompt is refused without a copy
+        if n > self.engine.max_context:
+            raise InvalidArgument(
+                f"the prompt of {n} tokens leaves no room in the context limit of {self.engine.max_context} tokens"
+            )
+        return list(req.prompt_token_ids)
+
     async def _generate(self, req: GenerateInput) -> AsyncIterator[GenerateOutput]:
-        prompt = self.codec.encode(req.prompt) if req.prompt else list(req.prompt_token_ids)
-        params = self.params(req, prompt)
-        generation = self.engine.generate(prompt, params)
+        check_stops(req.stop)
+        cut = self._admit()
+        try:
+            prompt = self._prompt(req)
+            params = self.params(req, prompt)
+            generation = self.engine.generate(prompt, params)
+        except BaseException:
+            self._leave(cut)
+            raise
         recorder = TimelineRecorder(params.strategy.value, len(prompt)) if req.timeline else None
         observers = [make(generation, req) for make in self.observers]
         generation.observer = combine([*observers, recorder])
         error: BaseException | None = None
         text = TextStream(self.codec.decode, req.stop)
         tokens = generation.tokens()
+        nxt: asyncio.Future[list[int]] | None = None
         sent = 0
         final_ids: list[int] = []
         final_text = ""
-        self._running.add(generation)
-        self._none_running.clear()
         try:
-            async for ids in tokens:
+            while True:
+                # The next tokens, unless the shutdown cuts the generation short first.
+                nxt = asyncio.ensure_future(tokens.__anext__())
+                await asyncio.wait({nxt, cut}, return_when=asyncio.FIRST_COMPLETED)
+                if not nxt.done():
+                    generation.stop(FinishReason.CANCELLED)
+                    final_text = text.flush()
+                    break
+                done, nxt = nxt, None
+                try:
+                    ids = done.result()
+                except StopAsyncIteration:
+                    final_text = text.flush()
+                    break
+                finally:
+                    del done  # an error raised here must not keep its task, and so itself, in a cycle
                 if not text.stops:
                     delta, stopped = text.push(ids)
                 else:  # token by token, to end exactly at the token that completes a stop string
@@ -381,8 +489,6 @@ class Coordinator:
                     break
                 sent += len(ids)
                 yield GenerateOutput(ids, delta)
-            else:
-                final_text = text.flush()
         except Unavailable as exc:
             error = exc
             for watcher in self.watchers:  # a replica may be gone: look again now
@@ -393,11 +499,14 @@ class Coordinator:
             raise
         finally:
             try:
+                if nxt is not None:  # still waiting for tokens: stop that first (it cancels the generation's RPCs)
+                    nxt.cancel()
+                    await asyncio.wait({nxt})
+                    if not nxt.cancelled():
+                        nxt.exception()  # retrieved: the generation ends here anyway
                 await tokens.aclose()  # type: ignore[attr-defined]
             finally:
-                self._running.discard(generation)
-                if not self._running:
-                    self._none_running.set()
+                self._leave(cut)
                 for o in observers:
                     if o is not None and hasattr(o, "finished"):
                         o.finished(generation, error)

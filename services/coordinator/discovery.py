@@ -18,7 +18,7 @@ import socket
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
-from dsi.domain.errors import InvalidArgument, Unavailable
+from dsi.domain.errors import DsiError, InvalidArgument, Unavailable
 from services.coordinator.coordinator import DRAFTER, TARGET, Codec, Coordinator, Defaults
 
 log = logging.getLogger(__name__)
@@ -65,7 +65,7 @@ class Watcher:
         kind: str,
         host: str,
         port: int,
-        make_client: Callable[[str], Any],
+        make_client: Callable[..., Any],
         resolver: Resolver,
         interval: float = 10.0,
         connect_timeout: float = 10.0,
@@ -123,12 +123,12 @@ class Watcher:
             log.warning("resolving %s failed: %s", self.name, exc)
             return
         for address in sorted(found - set(self.members)):
-            client = self.make_client(address)
+            client = self.make_client(address, server_name=self.host)
             try:
                 self.members[address] = await self.coordinator.add_peer(
                     self.kind, address, client, self.connect_timeout
                 )
-            except (Unavailable, InvalidArgument) as exc:
+            except DsiError as exc:  # unreachable, another vocabulary, refused credentials ...
                 log.warning("not adding %s %s: %s", self.kind, address, exc)
                 await client.close()
         for address in sorted(set(self.members) - found):
@@ -158,8 +158,8 @@ async def resolve_initial(resolver: Resolver, host: str, port: int, timeout: flo
 async def build_coordinator(
     target_specs: Sequence[str],
     drafter_specs: Sequence[str],
-    make_target: Callable[[str], Any],
-    make_drafter: Callable[[str], Any],
+    make_target: Callable[..., Any],
+    make_drafter: Callable[..., Any],
     codec: Codec | None = None,
     defaults: Defaults | None = None,
     timeout: float = 60.0,
@@ -167,7 +167,11 @@ async def build_coordinator(
     interval: float = 10.0,
 ) -> Coordinator:
     """A coordinator for plain ``HOST:PORT`` addresses and ``dns:///NAME:PORT``
-    names; names are then watched for changes."""
+    names; names are then watched for changes.
+
+    ``make_target(address)`` / ``make_drafter(address)`` make a client; for
+    the replicas of a name they are called with ``server_name=NAME`` too (the
+    name TLS certificates are checked for)."""
     resolver = resolver or DnsResolver()
     names: list[tuple[str, str, int, list[str]]] = []
     endpoints: dict[str, list[tuple[str, Any]]] = {TARGET: [], DRAFTER: []}
@@ -177,7 +181,8 @@ async def build_coordinator(
             addresses = [spec] if dns is None else await resolve_initial(resolver, *dns, timeout)
             if dns is not None:
                 names.append((kind, *dns, addresses))
-            endpoints[kind] += [(a, make(a)) for a in addresses]
+            # A name's replicas are dialled by IP address; their TLS certificates carry the name.
+            endpoints[kind] += [(a, make(a) if dns is None else make(a, server_name=dns[0])) for a in addresses]
     coordinator = await Coordinator.connect(endpoints[TARGET], endpoints[DRAFTER], codec, defaults, timeout)
     for kind, host, port, addresses in names:
         make = make_target if kind == TARGET else make_drafter

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
+import functools
 import logging
 
 from dsi.backends import non_negative_int
 from dsi.domain.types import CHAIN
 from dsi.serving.args import tree_shape
+from dsi.serving.gate import add_client_arguments, client_from_args, policy_from_args, security_from_args
 from dsi.serving.metrics import CoordinatorMetrics, add_metrics_argument, serve_metrics
-from dsi.serving.server import announce, serve_until_signal, start_server
+from dsi.serving.server import WIND_DOWN_MARGIN, announce, serve_until_signal, start_server
 from dsi.wire.transport import GrpcDrafter, GrpcTarget
 from services.coordinator.coordinator import Codec, Coordinator, Defaults
 from services.coordinator.discovery import build_coordinator
@@ -58,6 +61,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--max-sp-degree", type=int, default=0, help="at most this many target replicas per generation (default: all)"
     )
+    p.add_argument(
+        "--max-generations",
+        type=non_negative_int,
+        default=0,
+        metavar="N",
+        help="generations at once (gRPC and HTTP together); more are refused RESOURCE_EXHAUSTED / HTTP 429"
+        " (default 0: as many as every target replica, and the drafters together, have sessions for)",
+    )
     p.add_argument("--tokenizer", metavar="PATH", help="tokenizer directory (usually the target model directory)")
     p.add_argument(
         "--refresh-interval",
@@ -93,6 +104,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="largest OpenAI API request body; larger ones get 413 (default: %(default)s)",
     )
     add_metrics_argument(g)
+    add_client_arguments(
+        p.add_argument_group("connections to targets and drafters (default: plaintext, no token)"), prefix="peer-"
+    )
 
 
 def load_codec(path: str | None) -> Codec:
@@ -104,13 +118,21 @@ def load_codec(path: str | None) -> Codec:
 
 
 async def build(args: argparse.Namespace) -> Coordinator:
+    peers = client_from_args(args, "peer-")
     codec = load_codec(args.tokenizer)
-    defaults = Defaults(Strategy(args.strategy), args.lookahead, args.max_new_tokens, args.max_sp_degree, args.tree)
+    defaults = Defaults(
+        Strategy(args.strategy),
+        args.lookahead,
+        args.max_new_tokens,
+        args.max_sp_degree,
+        tree=args.tree,
+        max_generations=args.max_generations,
+    )
     coordinator = await build_coordinator(
         args.target,
         args.drafter,
-        GrpcTarget,
-        GrpcDrafter,
+        functools.partial(GrpcTarget, security=peers),
+        functools.partial(GrpcDrafter, security=peers),
         codec,
         defaults,
         args.connect_timeout,
@@ -129,22 +151,29 @@ async def build(args: argparse.Namespace) -> Coordinator:
 
 
 async def run(args: argparse.Namespace) -> None:
+    security = security_from_args(args)  # bad TLS files: an error now, not after connecting
     coordinator = await build(args)
     metrics = CoordinatorMetrics(coordinator) if args.metrics_port is not None else None
     if args.strategy == "dsi" and coordinator.engine.sp_degree < 2:
         log.warning("DSI needs at least 2 target replicas to overlap verifications; with 1 it is about SI's speed")
-    running = await start_server(register(coordinator), args.host, args.port)
-    http = []  # opt-in HTTP servers, stopped in this order
+    policy = policy_from_args(args, coordinator.engine.max_context, security=security)
+    running = await start_server(register(coordinator), args.host, args.port, policy)
+    api_server = metrics_server = None
     api: OpenAIApi | None = None
     if args.http_port is not None:
-        api, server = await start_openai_api(
-            coordinator, args.host, args.http_port, args.served_model_name, args.http_max_request_bytes, args.grace
+        api, api_server = await start_openai_api(
+            coordinator,
+            args.host,
+            args.http_port,
+            args.served_model_name,
+            args.http_max_request_bytes,
+            args.grace + WIND_DOWN_MARGIN,  # the coordinator ends its generations within the grace
+            security,
         )
-        http.append(server)
-        log.info("OpenAI-compatible API serving", extra={"url": server.url, "model": api.settings.model_name})
+        log.info("OpenAI-compatible API serving", extra={"url": api_server.url, "model": api.settings.model_name})
     if metrics is not None:
-        http.append(await serve_metrics(metrics.registry, args.host, args.metrics_port))
-        log.info("metrics serving", extra={"url": f"{http[-1].url}/metrics"})
+        metrics_server = await serve_metrics(metrics.registry, args.host, args.metrics_port, security=security)
+        log.info("metrics serving", extra={"url": f"{metrics_server.url}/metrics"})
     log.info(
         "coordinator serving",
         extra={
@@ -154,15 +183,33 @@ async def run(args: argparse.Namespace) -> None:
             "strategy": args.strategy,
             "lookahead": args.lookahead,
             "tree": str(args.tree),
+            "max_generations": coordinator.max_generations,
+            "security": security.describe(),
+            "max_message_bytes": policy.max_message_bytes,
+            "health_port": running.health_port,
         },
     )
     announce(args.announce, running.address)
 
-    async def stop() -> None:  # after the gRPC server: HTTP requests get their own grace, then the peers close
+    def on_signal() -> None:
         if api is not None:
             api.closing = True  # /health answers 503 from now on
-        for server in http:
-            await server.stop()
+
+    async def wind_down(grace: float) -> None:
+        # As gRPC stops taking calls, so does HTTP; running generations of both
+        # get the grace, then end with FINISH_REASON_CANCELLED (a last message).
+        http = asyncio.ensure_future(api_server.stop()) if api_server is not None else None
+        try:
+            await coordinator.shut_down(grace)
+        finally:
+            if http is not None:
+                await http
+
+    async def stop() -> None:  # after both APIs: the metrics, then the peers
+        if metrics_server is not None:
+            await metrics_server.stop()
         await coordinator.close()
 
-    await serve_until_signal(running, args.grace, args.drain_delay, on_stop=stop)
+    await serve_until_signal(
+        running, args.grace, args.drain_delay, on_stop=stop, on_signal=on_signal, wind_down=wind_down
+    )

@@ -31,13 +31,19 @@ from dsi.domain import errors
 from dsi.domain.errors import InvalidArgument
 from dsi.domain.types import TreeShape
 from dsi.serving.web import HttpServer, start_http
-from services.coordinator.coordinator import Coordinator, GenerateInput, GenerateOutput
+from dsi.wire.security import ServerSecurity
+from services.coordinator.coordinator import (
+    MAX_STOP_LENGTH,
+    MAX_STOP_STRINGS,
+    Coordinator,
+    GenerateInput,
+    GenerateOutput,
+)
 from services.coordinator.engine import FinishReason, GenerationStats, Strategy
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_REQUEST_BYTES = 1 << 20  # 1 MiB: a long prompt as JSON token ids fits easily
-MAX_STOP_STRINGS = 16
 SEED_LIMIT = 1 << 64
 
 #: dsi domain error -> (HTTP status, OpenAI error type, code)
@@ -45,6 +51,7 @@ ERRORS: list[tuple[type[errors.DsiError], int, str, str | None]] = [
     (errors.InvalidArgument, 400, "invalid_request_error", None),
     (errors.NotFound, 404, "not_found_error", None),
     (errors.ResourceExhausted, 429, "rate_limit_error", "resource_exhausted"),
+    (errors.Unauthenticated, 401, "authentication_error", "invalid_api_key"),
     (errors.Unavailable, 503, "service_unavailable_error", "unavailable"),
     (errors.Cancelled, 503, "service_unavailable_error", "cancelled"),
 ]
@@ -89,6 +96,16 @@ def invalid(param: str, message: str) -> ApiError:
 # --- request fields --------------------------------------------------------------------
 
 
+def shown(v: Any, limit: int = 80) -> str:
+    """A field's value for an error message: JSON, cut to ``limit`` characters
+    (a value can be megabytes long, or nested too deeply to print)."""
+    try:
+        text = json.dumps(v)
+    except (RecursionError, ValueError):
+        text = f"<a {type(v).__name__} nested too deeply to show>"
+    return text if len(text) <= limit else f"{text[: limit - 3]}..."
+
+
 def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
@@ -108,7 +125,7 @@ class Fields:
         if v is None:
             return default
         if not _is_int(v):
-            raise invalid(name, f"'{name}' must be an integer, got {json.dumps(v)}")
+            raise invalid(name, f"'{name}' must be an integer, got {shown(v)}")
         if minimum is not None and v < minimum:
             raise invalid(name, f"'{name}' must be >= {minimum}, got {v}")
         return v
@@ -118,7 +135,7 @@ class Fields:
         if v is None:
             return default
         if not _is_number(v):
-            raise invalid(name, f"'{name}' must be a finite number, got {json.dumps(v)}")
+            raise invalid(name, f"'{name}' must be a finite number, got {shown(v)}")
         return float(v)
 
     def boolean(self, name: str, default: bool = False) -> bool:
@@ -126,14 +143,14 @@ class Fields:
         if v is None:
             return default
         if not isinstance(v, bool):
-            raise invalid(name, f"'{name}' must be true or false, got {json.dumps(v)}")
+            raise invalid(name, f"'{name}' must be true or false, got {shown(v)}")
         return v
 
     def unsupported(self, name: str, *allowed: Any) -> None:
         """Refuse a field that is set to anything but ``allowed`` (or null)."""
         v = self.body.get(name)
         if v is not None and v not in allowed:
-            raise invalid(name, f"'{name}' is not supported by dsi (got {json.dumps(v)})")
+            raise invalid(name, f"'{name}' is not supported by dsi (got {shown(v)})")
 
 
 @dataclass
@@ -183,12 +200,12 @@ def parse_common(f: Fields, settings: Settings, prompt_ids: list[int], max_token
     top_k = f.integer("top_k", 0, minimum=-1)  # -1 (as in vLLM) or 0: off
     seed = f.body.get("seed")  # None: the coordinator draws one and reports it in dsi.stats.seed
     if seed is not None and (not _is_int(seed) or not 0 <= seed < SEED_LIMIT):
-        raise invalid("seed", f"'seed' must be an integer in [0, 2**64), got {json.dumps(seed)}")
+        raise invalid("seed", f"'seed' must be an integer in [0, 2**64), got {shown(seed)}")
     strategy = f.body.get("strategy")
     if strategy is not None:
         names = [s.value for s in Strategy]
         if strategy not in names:
-            raise invalid("strategy", f"'strategy' must be one of {', '.join(names)}, got {json.dumps(strategy)}")
+            raise invalid("strategy", f"'strategy' must be one of {', '.join(names)}, got {shown(strategy)}")
         strategy = Strategy(strategy)
     lookahead = f.integer("lookahead", 0, minimum=0)
     tree = f.body.get("tree")
@@ -208,6 +225,8 @@ def parse_common(f: Fields, settings: Settings, prompt_ids: list[int], max_token
         raise invalid("stop", "'stop' must be a string or a list of strings")
     if len(stop) > MAX_STOP_STRINGS:
         raise invalid("stop", f"at most {MAX_STOP_STRINGS} stop strings, got {len(stop)}")
+    if any(len(s) > MAX_STOP_LENGTH for s in stop):
+        raise invalid("stop", f"a stop string has at most {MAX_STOP_LENGTH} characters")
     stream = f.boolean("stream")
     options = f.body.get("stream_options")
     if options is not None and not isinstance(options, dict):
@@ -387,6 +406,8 @@ class OpenAIApi:
             body = json.loads(raw)
         except (ValueError, UnicodeDecodeError) as exc:
             raise ApiError(400, f"the request body is not valid JSON: {exc}", code="invalid_json") from None
+        except RecursionError:  # json's parser recurses once per nesting level
+            raise ApiError(400, "the request body is nested too deeply", code="invalid_json") from None
         if not isinstance(body, dict):
             raise ApiError(400, "the request body must be a JSON object", code="invalid_json")
         return Fields(body)
@@ -534,9 +555,11 @@ async def start_openai_api(
     model_name: str | None = None,
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
     grace: float = 5.0,
+    security: ServerSecurity | None = None,
 ) -> tuple[OpenAIApi, HttpServer]:
     """Serve the OpenAI-compatible API of ``coordinator`` on ``host:port``.
-    The model is named ``model_name``, by default the first target's model id."""
+    The model is named ``model_name``, by default the first target's model id.
+    ``security``: TLS and a bearer token (the gRPC port's; default: none)."""
     name = model_name or coordinator.reference.info.model.model_id
     api = OpenAIApi(coordinator, Settings(name, max_request_bytes))
-    return api, await start_http(api.app, host, port, grace)
+    return api, await start_http(api.app, host, port, grace, security)

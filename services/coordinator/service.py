@@ -34,7 +34,7 @@ def input_from_pb(m: generation_pb2.GenerateRequest) -> GenerateInput:
         raise InvalidArgument(f"unknown strategy {m.strategy}; use STRATEGY_NONSI, STRATEGY_SI or STRATEGY_DSI")
     return GenerateInput(
         prompt=m.prompt,
-        prompt_token_ids=list(m.prompt_token_ids),
+        prompt_token_ids=m.prompt_token_ids,  # not copied: the coordinator checks its length first
         max_new_tokens=m.max_new_tokens,
         temperature=m.temperature,
         top_p=m.top_p,

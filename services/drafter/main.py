@@ -8,9 +8,10 @@ import logging
 
 from dsi.backends import LocalDrafter, add_model_arguments, apply_cpu_threads, load_drafter_model
 from dsi.serving import tracing
+from dsi.serving.gate import add_concurrency_argument, policy_from_args, security_from_args
 from dsi.serving.metrics import add_metrics_argument, serve_service_metrics
 from dsi.serving.server import announce, serve_until_signal, start_server
-from services.drafter.service import register
+from services.drafter.service import SERVICE_NAME, register
 
 log = logging.getLogger("dsi.drafter")
 
@@ -18,17 +19,20 @@ log = logging.getLogger("dsi.drafter")
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p)
     p.add_argument("--max-lookahead", type=int, default=64, help="largest lookahead accepted (default: %(default)s)")
+    add_concurrency_argument(p, "Draft streams")
     add_metrics_argument(p)
 
 
 async def run(args: argparse.Namespace) -> None:
+    security = security_from_args(args)  # bad TLS files: an error now, not after loading the model
     apply_cpu_threads(args.threads)
     model = load_drafter_model(args.model, args.device, args.dtype)
     drafter = LocalDrafter(model, args.max_sessions, args.session_idle_timeout, args.max_lookahead)
     sweeper = asyncio.ensure_future(drafter.sessions.sweep_forever())
-    metrics = await serve_service_metrics("drafter", drafter, args.host, args.metrics_port)
+    policy = policy_from_args(args, model.info.max_context_tokens, [f"/{SERVICE_NAME}/Draft"], security)
+    metrics = await serve_service_metrics("drafter", drafter, args.host, args.metrics_port, policy.security)
     tracing.instrument_backend("drafter", drafter)  # after metrics: chains its hook; nothing when tracing is off
-    running = await start_server(register(drafter), args.host, args.port)
+    running = await start_server(register(drafter), args.host, args.port, policy)
     log.info(
         "drafter serving",
         extra={
@@ -36,6 +40,9 @@ async def run(args: argparse.Namespace) -> None:
             "model": model.info.model_id,
             "device": model.info.device,
             "vocab_size": model.info.vocab_size,
+            "security": policy.security.describe(),
+            "max_message_bytes": policy.max_message_bytes,
+            "health_port": running.health_port,
         },
     )
     announce(args.announce, running.address)

@@ -8,9 +8,10 @@ import logging
 
 from dsi.backends import LocalTarget, add_model_arguments, apply_cpu_threads, load_target_model
 from dsi.serving import tracing
+from dsi.serving.gate import add_concurrency_argument, policy_from_args, security_from_args
 from dsi.serving.metrics import add_metrics_argument, serve_service_metrics
 from dsi.serving.server import announce, serve_until_signal, start_server
-from services.target.service import register
+from services.target.service import SERVICE_NAME, register
 
 log = logging.getLogger("dsi.target")
 
@@ -18,17 +19,20 @@ log = logging.getLogger("dsi.target")
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p)
     p.add_argument("--max-draft-tokens", type=int, default=64, help="draft tokens per Verify (default: %(default)s)")
+    add_concurrency_argument(p, "Verify requests")
     add_metrics_argument(p)
 
 
 async def run(args: argparse.Namespace) -> None:
+    security = security_from_args(args)  # bad TLS files: an error now, not after loading the model
     apply_cpu_threads(args.threads)
     model = load_target_model(args.model, args.device, args.dtype)
     target = LocalTarget(model, args.max_sessions, args.session_idle_timeout, args.max_draft_tokens)
     sweeper = asyncio.ensure_future(target.sessions.sweep_forever())
-    metrics = await serve_service_metrics("target", target, args.host, args.metrics_port)
+    policy = policy_from_args(args, model.info.max_context_tokens, [f"/{SERVICE_NAME}/Verify"], security)
+    metrics = await serve_service_metrics("target", target, args.host, args.metrics_port, policy.security)
     tracing.instrument_backend("target", target)  # after metrics: chains its hook; nothing when tracing is off
-    running = await start_server(register(target), args.host, args.port)
+    running = await start_server(register(target), args.host, args.port, policy)
     log.info(
         "target serving",
         extra={
@@ -36,6 +40,9 @@ async def run(args: argparse.Namespace) -> None:
             "model": model.info.model_id,
             "device": model.info.device,
             "vocab_size": model.info.vocab_size,
+            "security": policy.security.describe(),
+            "max_message_bytes": policy.max_message_bytes,
+            "health_port": running.health_port,
         },
     )
     announce(args.announce, running.address)

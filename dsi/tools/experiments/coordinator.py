@@ -34,6 +34,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 async def run(args: argparse.Namespace) -> None:
+    from dsi.serving.gate import policy_from_args
     from dsi.serving.server import announce, serve_until_signal, start_server
     from dsi.wire.transport import GrpcDrafter, GrpcTarget
     from services.coordinator.coordinator import Coordinator, Defaults
@@ -56,9 +57,12 @@ async def run(args: argparse.Namespace) -> None:
     coordinator = await Coordinator.connect(
         targets, drafters, load_codec(args.tokenizer), defaults, args.connect_timeout
     )
-    running = await start_server(register(coordinator), args.host, args.port)
+    policy = policy_from_args(args, coordinator.engine.max_context)
+    running = await start_server(register(coordinator), args.host, args.port, policy)
     announce(args.announce, running.address)
-    await serve_until_signal(running, args.grace, args.drain_delay, on_stop=coordinator.close)
+    await serve_until_signal(
+        running, args.grace, args.drain_delay, on_stop=coordinator.close, wind_down=coordinator.shut_down
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
