@@ -40,7 +40,7 @@ async def run(engine: Engine, prompt: list[int], params: GenerationParams):
 
 
 def test_a_proposal_joins_the_tree_where_it_leaves_the_main_path():
-    slot = DrafterSlot(1, None, None, DrafterStats("b"))  # type: ignore[arg-type]
+    slot = DrafterSlot(1, "b", None, None, DrafterStats("b"))
     main = [DraftToken(t) for t in (1, 2, 3)]
     context = [9, 9, 9, 9, 9, 9, 9, 9, 9, 9]  # positions 0..9; the verification's base is 10
     agrees = Proposal(slot, 10, [1, 2, 7, 8])  # leaves the main path at position 12

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import pytest
 
 from dsi.domain.errors import Unavailable
+from services.coordinator import pool as pool_module
 from services.coordinator.pool import Pool
 
 
@@ -72,17 +74,44 @@ def test_draining_replicas_get_no_new_work_and_close_when_idle():
         pool.least_loaded()
 
 
-def test_an_unreachable_replica_is_benched_with_backoff_then_retried():
-    pool = Pool(["a", "b"])
-    lease = pool.acquire_on(0)
-    pool.release(lease, unreachable=True)
-    assert not pool.is_active(0) and pool.active() == [1]
-    assert {pool.acquire_idle(lambda: 1).replica} == {1}
-    first = pool.slots[0].down_until
-    pool.slots[0].down_until = 0.0  # the backoff has passed
-    assert pool.is_active(0)
+async def test_a_failed_replica_gets_no_requests_until_its_health_probe_answers(monkeypatch):
+    monkeypatch.setattr(pool_module, "PROBE_FIRST", 0.01)
+    healthy = {"a": False, "b": True}
+    probed: list[str] = []
+
+    async def probe(member: str) -> None:
+        probed.append(member)
+        if not healthy[member]:
+            raise Unavailable(f"{member} is unavailable")
+
+    pool = Pool(["a", "b"], probe=probe)
     pool.release(pool.acquire_on(0), unreachable=True)
-    assert pool.slots[0].down_until - time.monotonic() > first - time.monotonic() + 0.5  # doubled
-    pool.slots[0].down_until = 0.0
-    pool.release(pool.acquire_on(0), completed=True)  # it answered: trusted again
-    assert pool.slots[0].failures == 0 and pool.is_active(0)
+    assert not pool.is_active(0) and pool.active() == [1]
+    for _ in range(500):  # bounded: a few failed probes, with back-off
+        if len(probed) >= 3:
+            break
+        await asyncio.sleep(0.01)
+    assert probed[:3] == ["a", "a", "a"] and not pool.is_active(0)  # still down: no request went to it
+    assert {pool.acquire_idle(lambda: 1).replica} == {1}
+    healthy["a"] = True
+    for _ in range(500):
+        if pool.is_active(0):
+            break
+        await asyncio.sleep(0.01)
+    assert pool.is_active(0) and pool.slots[0].failures == 0
+    await pool.close()
+
+
+async def test_with_every_replica_down_the_error_names_them():
+    async def probe(member: str) -> None:
+        raise Unavailable("down")
+
+    pool = Pool(["a", "b"], "target replica", probe=probe)
+    for i in (0, 1):
+        pool.release(pool.acquire_on(i), unreachable=True)
+    with pytest.raises(
+        Unavailable, match="no target replica is available: target replica 0, target replica 1 not reachable"
+    ):
+        pool.least_loaded()
+    await pool.close()
+    assert all(s.probe is None or s.probe.done() for s in pool.slots)

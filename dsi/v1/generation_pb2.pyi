@@ -240,6 +240,9 @@ class GenerationStats(_message.Message):
     SEED_FIELD_NUMBER: _builtins.int
     ALTERNATIVE_HITS_FIELD_NUMBER: _builtins.int
     DRAFTERS_FIELD_NUMBER: _builtins.int
+    FAILOVERS_FIELD_NUMBER: _builtins.int
+    DRAFTER_FAILURES_FIELD_NUMBER: _builtins.int
+    TOKENS_WITHOUT_DRAFTER_FIELD_NUMBER: _builtins.int
     new_tokens: _builtins.int
     """Tokens generated."""
     wall_seconds: _builtins.float
@@ -277,6 +280,17 @@ class GenerationStats(_message.Message):
     """Committed tokens that were a drafter's alternative (a tree node off its
     main path): what the token tree added.
     """
+    failovers: _builtins.int
+    """Verifications issued again on another target replica after theirs failed
+    (unreachable, saturated, or no answer within its deadline). Failover
+    changes no token.
+    """
+    drafter_failures: _builtins.int
+    """Drafter streams that failed; the generation went on with target-only
+    steps until an instance of that drafter's model answered again.
+    """
+    tokens_without_drafter: _builtins.int
+    """Tokens committed while no drafter was in service."""
     @_builtins.property
     def drafters(self) -> _containers.RepeatedCompositeFieldContainer[Global___DrafterStats]:
         """Each drafter's part, the primary (whose guesses are the main path) first."""
@@ -298,10 +312,13 @@ class GenerationStats(_message.Message):
         seed: _builtins.int = ...,
         alternative_hits: _builtins.int = ...,
         drafters: _abc.Iterable[Global___DrafterStats] | None = ...,
+        failovers: _builtins.int = ...,
+        drafter_failures: _builtins.int = ...,
+        tokens_without_drafter: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["acceptance_rate", b"acceptance_rate", "accepted_tokens", b"accepted_tokens", "alternative_hits", b"alternative_hits", "draft_streams", b"draft_streams", "drafted_tokens", b"drafted_tokens", "drafters", b"drafters", "new_tokens", b"new_tokens", "preemptions", b"preemptions", "seed", b"seed", "target_forward_passes", b"target_forward_passes", "time_to_first_token_seconds", b"time_to_first_token_seconds", "verifications_cancelled", b"verifications_cancelled", "verifications_started", b"verifications_started", "wall_seconds", b"wall_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["acceptance_rate", b"acceptance_rate", "accepted_tokens", b"accepted_tokens", "alternative_hits", b"alternative_hits", "draft_streams", b"draft_streams", "drafted_tokens", b"drafted_tokens", "drafter_failures", b"drafter_failures", "drafters", b"drafters", "failovers", b"failovers", "new_tokens", b"new_tokens", "preemptions", b"preemptions", "seed", b"seed", "target_forward_passes", b"target_forward_passes", "time_to_first_token_seconds", b"time_to_first_token_seconds", "tokens_without_drafter", b"tokens_without_drafter", "verifications_cancelled", b"verifications_cancelled", "verifications_started", b"verifications_started", "wall_seconds", b"wall_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -670,10 +687,15 @@ class ReplicaInfo(_message.Message):
     ADDRESS_FIELD_NUMBER: _builtins.int
     MODEL_FIELD_NUMBER: _builtins.int
     IN_FLIGHT_FIELD_NUMBER: _builtins.int
+    AVAILABLE_FIELD_NUMBER: _builtins.int
     address: _builtins.str
     """Address as given on the command line or resolved from a name."""
     in_flight: _builtins.int
     """Requests currently in flight to it from this coordinator."""
+    available: _builtins.bool
+    """False while it is out of service: a call to it failed (unreachable, or no
+    answer within its deadline) and its health check has not answered since.
+    """
     @_builtins.property
     def model(self) -> _common_pb2.ModelInfo:
         """The model it serves."""
@@ -684,10 +706,11 @@ class ReplicaInfo(_message.Message):
         address: _builtins.str = ...,
         model: _common_pb2.ModelInfo | None = ...,
         in_flight: _builtins.int = ...,
+        available: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "in_flight", b"in_flight", "model", b"model"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "available", b"available", "in_flight", b"in_flight", "model", b"model"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -40,6 +40,11 @@ class Defaults:
     #: generations at once (gRPC and HTTP together); more are refused RESOURCE_EXHAUSTED.
     #: 0 = as many as the replicas have sessions for (see :meth:`Coordinator.max_generations`)
     max_generations: int = 0
+    #: seconds a verification may take at most (and before its replica's latency is measured; after,
+    #: its deadline follows that latency): a replica that takes longer is down, the work goes elsewhere
+    verify_timeout: float = 60.0
+    #: seconds a drafter may take for its next chunk before the generation goes on without it
+    draft_timeout: float = 10.0
 
 
 #: Stop strings per request, and characters per stop string (every API): each is searched for after
@@ -75,6 +80,8 @@ class GenerateInput:
     tree: TreeShape | None = None
     #: also return the generation's schedule (GenerateOutput.timeline, on the last output)
     timeline: bool = False
+    #: seconds the client waits for the whole answer (its gRPC deadline); no call to a peer outlives it
+    timeout: float | None = None
 
 
 @dataclass
@@ -235,6 +242,8 @@ class Coordinator:
             max_context=ref.max_context_tokens,
             vocab_size=ref.vocab_size,
             max_sp_degree=self.defaults.max_sp_degree,
+            verify_timeout=self.defaults.verify_timeout,
+            draft_timeout=self.defaults.draft_timeout,
         )
         self._peers: dict[str, dict[int, Peer]] = {TARGET: {}, DRAFTER: {}}
         self._closing: set[asyncio.Future] = set()
@@ -379,6 +388,7 @@ class Coordinator:
             log.warning("closing with %d generation(s) still releasing sessions", len(self._running))
         for w in self.watchers:
             await w.stop()
+        await self.engine.close()
         clients = [s.member for pool in (self.engine.targets, self.engine.drafters) for s in pool.slots]
         await asyncio.gather(*(c.close() for c in clients), *self._closing, return_exceptions=True)
 
@@ -443,6 +453,8 @@ class Coordinator:
             prompt = self._prompt(req)
             params = self.params(req, prompt)
             generation = self.engine.generate(prompt, params)
+            if req.timeout is not None:
+                generation.deadline = asyncio.get_running_loop().time() + req.timeout
         except BaseException:
             self._leave(cut)
             raise

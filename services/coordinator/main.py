@@ -69,6 +69,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="generations at once (gRPC and HTTP together); more are refused RESOURCE_EXHAUSTED / HTTP 429"
         " (default 0: as many as every target replica, and the drafters together, have sessions for)",
     )
+    p.add_argument(
+        "--verify-timeout",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="longest a verification may take; once a replica's latency is measured its deadline is 10x that"
+        " (scaled by the tokens it must prefill, at least 2 s). A replica past its deadline is taken out of"
+        " service until its health check answers, and the verification is issued again on another replica"
+        " (default: %(default)s)",
+    )
+    p.add_argument(
+        "--draft-timeout",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="longest wait for a drafter's next chunk; past it the drafter is out of service until its health"
+        " check answers, and generations go on with target-only steps meanwhile (default: %(default)s)",
+    )
     p.add_argument("--tokenizer", metavar="PATH", help="tokenizer directory (usually the target model directory)")
     p.add_argument(
         "--refresh-interval",
@@ -127,6 +145,8 @@ async def build(args: argparse.Namespace) -> Coordinator:
         args.max_sp_degree,
         tree=args.tree,
         max_generations=args.max_generations,
+        verify_timeout=args.verify_timeout,
+        draft_timeout=args.draft_timeout,
     )
     coordinator = await build_coordinator(
         args.target,

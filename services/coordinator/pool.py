@@ -14,13 +14,21 @@ Membership can change while requests run (replica discovery): a new member
 is used at once; a removed member is *drained*: it gets no new requests, its
 running ones finish, and ``on_drained`` runs when the last one is released.
 Member indices are never reused, so a lease always names its member.
+
+A member whose call failed (unreachable, no answer in time) is *down*: it gets
+no requests until a health probe (its ``info()``, the Info RPC, over the same
+channel and credentials) answers, tried with back-off (0.25 s doubling to 5 s).
+A client's request is never the probe.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import itertools
+import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
@@ -28,10 +36,13 @@ from dsi.domain.errors import Unavailable
 
 T = TypeVar("T")
 
+log = logging.getLogger(__name__)
+
 
 SAME_SPEED = 1.2  # replicas within 20% of the fastest count as equally fast
 EWMA = 0.2  # weight of a new latency sample
-BACKOFF_FIRST, BACKOFF_MAX = 1.0, 30.0  # seconds an unreachable replica is left out
+PROBE_FIRST, PROBE_MAX = 0.25, 5.0  # seconds between health probes of a member that is down (doubling)
+PROBE_TIMEOUT = 2.0  # seconds a probe may take
 
 
 def _frontier() -> int:
@@ -60,13 +71,22 @@ class _Slot(Generic[T]):
     draining: bool = False
     on_drained: Callable[[], object] | None = None
     latency: float = 0.0  # smoothed seconds per completed request
-    down_until: float = 0.0  # a failed call benches the replica until then (monotonic seconds)
-    failures: int = 0  # consecutive failed calls
+    down: bool = False  # a call failed; no requests until a probe answers
+    failures: int = 0  # calls that failed since it was last known good
+    probe: asyncio.Task | None = None
+
+
+def _info(member: object) -> Awaitable[object]:
+    return member.info()  # type: ignore[attr-defined]
 
 
 class Pool(Generic[T]):
-    def __init__(self, members: list[T], kind: str = "replica") -> None:
+    def __init__(
+        self, members: list[T], kind: str = "replica", probe: Callable[[T], Awaitable[object]] = _info
+    ) -> None:
         self.kind = kind
+        #: The health check of a member that is down (default: its ``info()``).
+        self.probe = probe
         self.slots: list[_Slot[T]] = []
         self._tie = itertools.count()
         self._order: list[int] = []
@@ -96,12 +116,59 @@ class Pool(Generic[T]):
             callback()
 
     def active(self) -> list[int]:
-        now = time.monotonic()
-        return [i for i, s in enumerate(self.slots) if not s.draining and s.down_until <= now]
+        return [i for i, s in enumerate(self.slots) if not s.draining and not s.down]
 
     def is_active(self, i: int) -> bool:
         slot = self.slots[i]
-        return not slot.draining and slot.down_until <= time.monotonic()
+        return not slot.draining and not slot.down
+
+    def name(self, i: int) -> str:
+        return getattr(self.slots[i].member, "name", f"{self.kind} {i}")
+
+    def _none_available(self) -> Unavailable:
+        down = [self.name(i) for i, s in enumerate(self.slots) if s.down and not s.draining]
+        why = f": {', '.join(down)} not reachable (health checks continue)" if down else ""
+        return Unavailable(f"no {self.kind} is available{why}")
+
+    # --- health -----------------------------------------------------------------
+
+    def mark_down(self, i: int) -> None:
+        """Take ``i`` out of service until a health probe answers."""
+        slot = self.slots[i]
+        slot.failures += 1
+        if slot.down or slot.draining:
+            return
+        slot.down = True
+        log.warning("%s is down; probing it before it gets requests again", self.name(i))
+        try:
+            slot.probe = asyncio.get_running_loop().create_task(self._recover(i))
+        except RuntimeError:  # no event loop (a synchronous caller): it stays down
+            slot.probe = None
+
+    async def _recover(self, i: int) -> None:
+        slot, delay = self.slots[i], PROBE_FIRST
+        while slot.down and not slot.draining:
+            await asyncio.sleep(delay)
+            try:
+                await asyncio.wait_for(self.probe(slot.member), PROBE_TIMEOUT)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # still down
+                log.debug("%s: health probe failed: %s", self.name(i), exc)
+                delay = min(PROBE_MAX, delay * 2)
+                continue
+            slot.down, slot.failures = False, 0
+            log.info("%s answers its health probe again: back in service", self.name(i))
+        slot.probe = None
+
+    async def close(self) -> None:
+        """Stop the health probes."""
+        probes = [s.probe for s in self.slots if s.probe is not None]
+        for t in probes:
+            t.cancel()
+        for t in probes:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
 
     def __len__(self) -> int:
         return len(self.active())
@@ -142,7 +209,7 @@ class Pool(Generic[T]):
     def least_loaded(self) -> int:
         active = self.active()
         if not active:
-            raise Unavailable(f"no {self.kind} is available")
+            raise self._none_available()
         return self._least_loaded(active)
 
     def acquire_idle(
@@ -181,18 +248,16 @@ class Pool(Generic[T]):
 
     def release(self, lease: Lease, completed: bool = False, unreachable: bool = False) -> None:
         """End a lease; ``completed`` requests update the replica's latency;
-        an ``unreachable`` replica gets no new work for a while (1 s, doubling
-        with each further failure up to 30 s; then it is tried again)."""
+        an ``unreachable`` replica is down until a health probe answers
+        (:meth:`mark_down`)."""
         if lease.released:
             return
         lease.released = True
         slot = self.slots[lease.replica]
         if unreachable:
-            slot.failures += 1
-            slot.down_until = time.monotonic() + min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** (slot.failures - 1))
+            self.mark_down(lease.replica)
         elif completed:
             slot.failures = 0
-            slot.down_until = 0.0
         if completed:
             seconds = time.perf_counter() - lease.started
             slot.latency = seconds if slot.latency == 0.0 else slot.latency + EWMA * (seconds - slot.latency)

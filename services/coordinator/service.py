@@ -10,6 +10,7 @@ from dsi.wire import convert
 from dsi.wire.grpc_status import guard
 from services.coordinator.coordinator import DRAFTER, TARGET, Coordinator, GenerateInput, GenerateOutput, Peer
 from services.coordinator.engine import FinishReason, GenerationStats, Strategy
+from services.coordinator.pool import Pool
 
 SERVICE_NAME = generation_pb2.DESCRIPTOR.services_by_name["GenerationService"].full_name
 
@@ -29,7 +30,8 @@ FINISH_TO_PB = {
 }
 
 
-def input_from_pb(m: generation_pb2.GenerateRequest) -> GenerateInput:
+def input_from_pb(m: generation_pb2.GenerateRequest, timeout: float | None = None) -> GenerateInput:
+    """``timeout``: the seconds the client's deadline leaves (None: no deadline)."""
     if m.strategy not in STRATEGY_FROM_PB:
         raise InvalidArgument(f"unknown strategy {m.strategy}; use STRATEGY_NONSI, STRATEGY_SI or STRATEGY_DSI")
     return GenerateInput(
@@ -45,6 +47,7 @@ def input_from_pb(m: generation_pb2.GenerateRequest) -> GenerateInput:
         stop=list(m.stop),
         tree=convert.tree_from_pb(m.tree) if m.HasField("tree") else None,
         timeline=m.timeline,
+        timeout=timeout,
     )
 
 
@@ -63,6 +66,9 @@ def stats_to_pb(s: GenerationStats) -> generation_pb2.GenerationStats:
         draft_streams=s.draft_streams,
         seed=s.seed,
         alternative_hits=s.alternative_hits,
+        failovers=s.failovers,
+        drafter_failures=s.drafter_failures,
+        tokens_without_drafter=s.tokens_without_drafter,
         drafters=[
             generation_pb2.DrafterStats(
                 drafter=d.drafter, decided=d.decided, accepted=d.accepted, unique_accepted=d.unique, dropped=d.dropped
@@ -83,9 +89,12 @@ def output_to_pb(o: GenerateOutput) -> generation_pb2.GenerateResponse:
     return msg
 
 
-def _replica(peer: Peer, in_flight: int) -> generation_pb2.ReplicaInfo:
+def _replica(peer: Peer, pool: Pool, i: int) -> generation_pb2.ReplicaInfo:
     return generation_pb2.ReplicaInfo(
-        address=peer.address, model=convert.model_info_to_pb(peer.info.model), in_flight=in_flight
+        address=peer.address,
+        model=convert.model_info_to_pb(peer.info.model),
+        in_flight=pool.in_flight(i),
+        available=not pool.slots[i].down,
     )
 
 
@@ -95,7 +104,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
 
     @guard
     async def Generate(self, request: generation_pb2.GenerateRequest, context: grpc.aio.ServicerContext) -> None:
-        stream = self.coordinator.generate(input_from_pb(request))
+        stream = self.coordinator.generate(input_from_pb(request, context.time_remaining()))
         try:
             async for out in stream:
                 await context.write(output_to_pb(out))
@@ -108,8 +117,8 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         eng = c.engine
         d = c.defaults
         return generation_pb2.GetInfoResponse(
-            targets=[_replica(p, eng.targets.in_flight(i)) for i, p in c.peers(TARGET).items()],
-            drafters=[_replica(p, eng.drafters.in_flight(i)) for i, p in c.peers(DRAFTER).items()],
+            targets=[_replica(p, eng.targets, i) for i, p in c.peers(TARGET).items()],
+            drafters=[_replica(p, eng.drafters, i) for i, p in c.peers(DRAFTER).items()],
             defaults=generation_pb2.GenerationDefaults(
                 strategy=STRATEGY_TO_PB[d.strategy],
                 lookahead=d.lookahead,

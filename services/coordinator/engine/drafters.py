@@ -46,16 +46,23 @@ class DrafterStats:
 
 @dataclass(eq=False)
 class DrafterSlot:
-    """A drafter instance leased by a generation."""
+    """A drafter model's place in a generation, and the instance of it leased
+    now (none while it is *lost*: its instance failed and no other is in
+    service; the generation goes on without it)."""
 
     index: int  # 0 = the primary
-    client: Drafter
-    lease: Lease
+    model: str
+    client: Drafter | None
+    lease: Lease | None
     stats: DrafterStats
 
     @property
     def primary(self) -> bool:
         return self.index == 0
+
+    @property
+    def lost(self) -> bool:
+        return self.client is None
 
 
 @dataclass(eq=False)

@@ -14,6 +14,7 @@ import contextlib
 import time
 from collections.abc import AsyncIterator
 
+from dsi.domain.errors import Unavailable
 from dsi.domain.types import DraftChunk, DraftToken
 from services.coordinator.engine.drafters import DrafterSlot, Proposal
 from services.coordinator.engine.generation import Generation
@@ -42,6 +43,8 @@ class DraftFeed:
         self._idle_at: tuple[int, int] | None = None
         #: The pending read of the next chunk: what the DSI loop waits on.
         self.reader: asyncio.Task[DraftChunk] | None = None
+        #: Loop time by which the reader must have its chunk (see :meth:`check_deadline`).
+        self.read_by = 0.0
 
     @property
     def max_lead(self) -> int:
@@ -57,21 +60,43 @@ class DraftFeed:
             return
         if self._idle_at == (len(gen.committed), len(gen.pending)):
             return  # it had nothing more to propose for this text
+        if not gen.reattach(self.slot):
+            return  # its drafter failed and none of its model is in service yet
         room = self.max_lead - len(gen.pending)
         if room < gen.params.lookahead:
             return  # far enough ahead; resume when verifications catch up
         end = len(gen.committed) + len(gen.pending)
         self._asked, self._got, self._idle_at = min(room, gen.last_pos + 1 - end), 0, None
         request = gen.draft_request(gen.context(end), self._asked, primary=self.slot.primary)
-        self._stream = self.slot.client.draft(request)
+        client = self.slot.client
+        assert client is not None
+        self._stream = client.draft(request)
         self._tree = StreamTree(end)
         if not self.slot.primary:
             self._proposal = gen.proposals[self.slot.index] = Proposal(self.slot, end)
-        self.reader = asyncio.ensure_future(self._stream.__anext__())
+        self._read()
         gen.stats.draft_streams += 1
         self._stream_id = gen.next_stream_id()
         if gen.observer is not None:
-            gen.observer.draft_stream_started(self._stream_id, self.slot.client.name, end, time.perf_counter())
+            gen.observer.draft_stream_started(self._stream_id, client.name, end, time.perf_counter())
+
+    def _read(self) -> None:
+        assert self._stream is not None
+        self.reader = asyncio.ensure_future(self._stream.__anext__())
+        self.read_by = asyncio.get_running_loop().time() + self.gen.draft_timeout()
+
+    def check_deadline(self) -> None:
+        """A drafter that sends no chunk in time (stopped, partitioned) has
+        failed: the generation goes on without it."""
+        if self.reader is None or self.reader.done() or asyncio.get_running_loop().time() < self.read_by:
+            return
+        assert self.slot.client is not None
+        why = f"no draft chunk within {self.gen.draft_timeout():.3g}s"
+        self._fail(Unavailable(f"{self.slot.client.name} is unavailable: {why}"))
+
+    def _fail(self, exc: BaseException) -> None:
+        self.stop()
+        self.gen.drafter_failed(self.slot, exc)
 
     def _ended(self, cancelled: bool) -> None:
         if self.gen.observer is not None:
@@ -116,7 +141,8 @@ class DraftFeed:
                 self._idle_at = (len(gen.committed), len(gen.pending))
             return
         if exc is not None:
-            raise exc
+            self._fail(exc)
+            return
         chunk = reader.result()
         gen.stats.drafted_tokens += len(chunk.tokens)
         if gen.observer is not None:
@@ -124,8 +150,7 @@ class DraftFeed:
             gen.observer.draft_chunk(info)
         read = self._extend_main(chunk) if self.slot.primary else self._extend_proposal(chunk)
         if read:
-            assert self._stream is not None
-            self.reader = asyncio.ensure_future(self._stream.__anext__())
+            self._read()
 
     def _extend_main(self, chunk: DraftChunk) -> bool:
         """Append what extends the pending drafts; a chunk built on a prefix

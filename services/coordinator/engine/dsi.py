@@ -24,6 +24,9 @@ that differs from the pending draft cancels all of them.
 * **Preemption** removes only the preempted chunk; its drafts are the first
   ones no verification carries, so a later chunk, or a frontier step when the
   frontier reaches them, covers them again.
+* **Failover** is the same: a verification whose replica failed is removed,
+  and its span is covered again, on another replica, with the same drafts.
+  Whether it failed never depends on what it would have decided.
 """
 
 from __future__ import annotations
@@ -100,12 +103,17 @@ class DsiRun:
         waits.update(feed.reader for feed in self.feeds if feed.reader is not None)
         if not waits:
             raise Internal("DSI has nothing in flight (bug)")
-        done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        loop = asyncio.get_running_loop()
+        read_by = min((feed.read_by for feed in self.feeds if feed.reader is not None), default=None)
+        timeout = None if read_by is None else max(0.0, read_by - loop.time())
+        done, _ = await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
         for v in sorted((v for v in self.verifs if v.task in done), key=lambda v: v.seq):
             self._completed(v)
         for feed in self.feeds:
             if feed.reader is not None and feed.reader in done:
                 feed.on_chunk()
+            else:
+                feed.check_deadline()
         self.resolve()
         for feed in self.feeds:
             feed.stop_if_stale()
@@ -221,7 +229,10 @@ class DsiRun:
         if exc is not None:
             self._ended(v, Outcome.FAILED)
             v.info = None  # told once
-            raise exc
+            if not self.gen.retry_after(exc):
+                raise exc
+            self.verifs.remove(v)  # its span is uncovered: dispatch() issues it again elsewhere
+            return
         v.result = v.task.result()
         v.done_order = next(self._done)
         self.gen.stats.target_forward_passes += 1

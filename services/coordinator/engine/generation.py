@@ -9,6 +9,12 @@ Losslessness (docs/architecture.md): the token at every position is a
 function of (seed, position, the target's distribution there)
 (:mod:`dsi.domain.sampling`), so any verification whose assumed prefix equals
 the committed prefix decides it the same way; each position is committed once.
+
+Failover follows from the same rule: a verification whose replica fails (its
+call ends UNAVAILABLE or RESOURCE_EXHAUSTED, or no answer comes within its
+deadline) is simply issued again, with the same drafts, on another replica,
+and decides the same tokens there. A drafter that fails leaves the generation
+to target-only steps until an instance of its model answers again.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 
-from dsi.domain.errors import InvalidArgument, Unavailable
+from dsi.domain.errors import InvalidArgument, ResourceExhausted, Unavailable
 from dsi.domain.interfaces import Drafter, Target
 from dsi.domain.types import CHAIN, DraftRequest, DraftToken, SamplingParams, VerifyRequest, VerifyResult
 from services.coordinator.engine.drafters import DROP_AFTER, DrafterSlot, DrafterStats, Proposal
@@ -30,6 +36,13 @@ from services.coordinator.engine.types import FinishReason, GenerationParams, Ge
 from services.coordinator.pool import Lease, Pool
 
 log = logging.getLogger("services.coordinator.engine")
+
+#: A verification's deadline: this many times its replica's measured latency, scaled up by the
+#: tokens it must compute beyond what the replica caches (one more latency per PREFILL_BLOCK),
+#: at least DEADLINE_FLOOR seconds and at most the engine's ``verify_timeout``.
+DEADLINE_FACTOR, DEADLINE_FLOOR, PREFILL_BLOCK = 10.0, 2.0, 64
+#: Errors after which a call is tried elsewhere: the peer is gone, or saturated.
+RETRYABLE = (Unavailable, ResourceExhausted)
 
 
 class Engine:
@@ -47,6 +60,8 @@ class Engine:
         max_draft_tokens: int = 64,
         lead_chunks: int = 2,
         release_timeout: float = 5.0,
+        verify_timeout: float = 60.0,
+        draft_timeout: float = 10.0,
     ) -> None:
         self.targets: Pool[Target] = Pool(list(targets), "target replica")
         self.drafters: Pool[Drafter] = Pool(list(drafters), "drafter")
@@ -58,18 +73,35 @@ class Engine:
         self.max_draft_tokens = max_draft_tokens
         self.lead_chunks = lead_chunks
         self.release_timeout = release_timeout
+        #: Seconds a verification may take on a replica whose latency is not measured yet, and at most.
+        self.verify_timeout = verify_timeout
+        #: Seconds a drafter may take to send its next chunk before it counts as failed.
+        self.draft_timeout = draft_timeout
         #: Drafter pool index -> the model it serves: instances of one model are replicas (a
         #: generation uses one of them), different models all work on every generation.
         #: Unset: the member's name.
         self.drafter_models: dict[int, str] = {}
 
+    def drafter_model(self, i: int) -> str:
+        """The model drafter instance ``i`` serves (its group)."""
+        return self.drafter_models.get(i) or getattr(self.drafters.member(i), "name", str(i))
+
     def drafter_groups(self) -> list[list[int]]:
         """Active drafter instances by model, in the order the models were added."""
         groups: dict[str, list[int]] = {}
         for i in self.drafters.active():
-            key = self.drafter_models.get(i) or getattr(self.drafters.member(i), "name", str(i))
-            groups.setdefault(key, []).append(i)
+            groups.setdefault(self.drafter_model(i), []).append(i)
         return list(groups.values())
+
+    def drafter_model_names(self) -> list[str]:
+        """Every drafter model with an instance in service or down (not drained), in order."""
+        names = (self.drafter_model(i) for i, s in enumerate(self.drafters.slots) if not s.draining)
+        return list(dict.fromkeys(names))
+
+    async def close(self) -> None:
+        """Stop the pools' health probes."""
+        await self.targets.close()
+        await self.drafters.close()
 
     def check(self, prompt: Sequence[int], params: GenerationParams) -> None:
         if not prompt:
@@ -141,6 +173,10 @@ class Generation:
         #: per target replica: how much of the assumed sequence its cache holds
         self._cached: dict[int, int] = {}
         self._slots: list[DrafterSlot] | None = None
+        self._used_drafters: set[int] = set()  # every drafter instance it used (sessions to release)
+        #: loop time by which the client wants its answer (its gRPC deadline); None = no deadline
+        self.deadline: float | None = None
+        self._failures = 0  # failed calls since the last verification that completed
 
     # --- public -------------------------------------------------------------
 
@@ -234,6 +270,8 @@ class Generation:
         self.committed.append(token)
         self._out.append(token)
         self.stats.new_tokens += 1
+        if self._slots is not None and all(slot.lost or slot.stats.dropped for slot in self._slots):
+            self.stats.tokens_without_drafter += 1
         if self.stats.new_tokens == 1:
             self.stats.time_to_first_token_seconds = time.perf_counter() - self._start
         if token in self.engine.eos:
@@ -252,20 +290,55 @@ class Generation:
 
     async def verify(self, lease: Lease, base: int, drafts: list[DraftToken]) -> VerifyResult:
         """One Verify on the leased replica: the assumed context up to ``base``
-        and ``drafts`` after it. Releases the lease however it ends."""
+        and ``drafts`` after it, within the replica's deadline. Releases the
+        lease however it ends; a replica that failed is down until its health
+        probe answers (see :meth:`retry_after`)."""
+        pool = self.engine.targets
+        timeout = self._verify_timeout(lease.replica, base + len(drafts))
         self._used_targets.add(lease.replica)
         self._cached[lease.replica] = base + len(drafts)
         request = VerifyRequest(self.session_id, self.context(base), drafts, self.sampling, self.params.seed)
         completed = unreachable = False
         try:
-            result = await self.engine.targets.member(lease.replica).verify(request)
-            completed = True
-            return result
+            result = await asyncio.wait_for(pool.member(lease.replica).verify(request), timeout)
+        except asyncio.TimeoutError:
+            unreachable = True
+            raise Unavailable(f"{pool.name(lease.replica)} is unavailable: no answer within {timeout:.3g}s") from None
         except Unavailable:
-            unreachable = True  # later generations avoid it for a while; this one fails, naming it
+            unreachable = True
             raise
+        else:
+            completed = True
+            self._failures = 0
+            return result
         finally:
-            self.engine.targets.release(lease, completed, unreachable)
+            pool.release(lease, completed, unreachable)
+
+    def _verify_timeout(self, replica: int, length: int) -> float:
+        """Seconds a verification of ``length`` tokens may take on ``replica``."""
+        engine = self.engine
+        limit = engine.verify_timeout
+        latency = engine.targets.latency(replica)
+        if latency:
+            uncached = length - min(self._cached.get(replica, 0), length)
+            limit = min(limit, max(DEADLINE_FLOOR, DEADLINE_FACTOR * latency * (1 + uncached / PREFILL_BLOCK)))
+        if self.deadline is not None:
+            limit = min(limit, max(0.001, self.deadline - asyncio.get_running_loop().time()))
+        return limit
+
+    def retry_after(self, exc: BaseException) -> bool:
+        """Whether a verification that failed with ``exc`` is to be issued
+        again on another replica: yes for an unreachable or saturated replica,
+        a bounded number of times in a row (every replica failing twice ends
+        the generation with the last error)."""
+        if not isinstance(exc, RETRYABLE):
+            return False
+        self._failures += 1
+        if self._failures > 2 * len(self.engine.targets.slots):
+            return False
+        self.stats.failovers += 1
+        log.warning("generation %s: %s; issuing it again on another replica", self.session_id, exc)
+        return True
 
     def verification_info(self, lease: Lease, base: int, drafts: int, frontier: bool) -> VerificationInfo | None:
         """What an observer is told about a verification (None without one)."""
@@ -287,24 +360,52 @@ class Generation:
 
     def drafter_slots(self) -> list[DrafterSlot]:
         """The drafters this generation uses (leased on first use): one
-        instance of every drafter model, the primary first."""
+        instance of every drafter model, the primary first. A model with no
+        instance in service now gets a lost slot (see :meth:`reattach`)."""
         if self._slots is None:
-            pool = self.engine.drafters
-            groups = self.engine.drafter_groups()
-            if not groups:
-                raise Unavailable("no drafter is available")
             self._slots = []
-            for index, group in enumerate(groups):
-                lease = pool.acquire_on(min(group, key=pool.in_flight))
-                client = pool.member(lease.replica)
-                name = getattr(client, "name", str(lease.replica))
-                self._slots.append(DrafterSlot(index, client, lease, DrafterStats(name)))
+            for index, model in enumerate(self.engine.drafter_model_names()):
+                slot = DrafterSlot(index, model, None, None, DrafterStats(model))
+                self._slots.append(slot)
+                if self.reattach(slot):
+                    slot.stats.drafter = getattr(slot.client, "name", model)
             self.stats.drafters = [s.stats for s in self._slots]
         return self._slots
 
-    def drafter(self) -> Drafter:
-        """The primary drafter."""
-        return self.drafter_slots()[0].client
+    def reattach(self, slot: DrafterSlot) -> bool:
+        """Give a lost slot an instance of its model that is in service; True
+        if it has one now."""
+        if not slot.lost:
+            return True
+        pool = self.engine.drafters
+        group = [i for i in pool.active() if self.engine.drafter_model(i) == slot.model]
+        if not group:
+            return False
+        slot.lease = pool.acquire_on(min(group, key=pool.in_flight))
+        slot.client = pool.member(slot.lease.replica)
+        self._used_drafters.add(slot.lease.replica)
+        return True
+
+    def drafter_failed(self, slot: DrafterSlot, exc: BaseException) -> None:
+        """A drafter's stream failed: the generation goes on without it (and
+        reattaches it, or another instance of its model, once one is in
+        service). Errors other than an unreachable or saturated drafter are
+        raised."""
+        if not isinstance(exc, RETRYABLE):
+            raise exc
+        lease = slot.lease
+        slot.client = slot.lease = None
+        self.stats.drafter_failures += 1
+        if lease is not None:
+            self.engine.drafters.release(lease, unreachable=isinstance(exc, Unavailable))
+        log.warning("generation %s: %s; going on without it", self.session_id, exc)
+
+    def draft_timeout(self) -> float:
+        """Seconds a drafter may take for its next chunk."""
+        limit = self.engine.draft_timeout
+        if self.deadline is not None:
+            limit = min(limit, max(0.001, self.deadline - asyncio.get_running_loop().time()))
+        return limit
 
     def _drop_idle_drafters(self) -> None:
         for slot in self._slots or ():
@@ -338,10 +439,16 @@ class Generation:
     async def _cleanup(self) -> None:
         if self.cancelled:
             await asyncio.gather(*self.cancelled, return_exceptions=True)
-        releases = [self.engine.targets.member(i).release_session(self.session_id) for i in self._used_targets]
         for slot in self._slots or ():
-            self.engine.drafters.release(slot.lease)
-            releases.append(slot.client.release_session(self.session_id))
+            if slot.lease is not None:
+                self.engine.drafters.release(slot.lease)
+        # Not on peers that are down: they lost the session, or will drop it when idle.
+        releases = [
+            pool.member(i).release_session(self.session_id)
+            for pool, used in ((self.engine.targets, self._used_targets), (self.engine.drafters, self._used_drafters))
+            for i in used
+            if not pool.slots[i].down
+        ]
         if releases:
             try:
                 results = await asyncio.wait_for(

@@ -12,7 +12,8 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 
-from dsi.domain.types import DraftToken
+from dsi.domain.errors import Unavailable
+from dsi.domain.types import DraftToken, VerifyResult
 from services.coordinator.engine.drafters import DrafterSlot, Proposal
 from services.coordinator.engine.generation import Generation
 from services.coordinator.engine.observe import DraftChunkInfo, Outcome
@@ -20,44 +21,53 @@ from services.coordinator.engine.trees import StreamTree, verification_tree
 
 
 def _replica(gen: Generation, current: int | None) -> int:
-    """Stay on one replica (its cache) unless it is drained."""
+    """Stay on one replica (its cache) unless it is drained or down."""
     pool = gen.engine.targets
     return current if current is not None and pool.is_active(current) else pool.least_loaded()
 
 
-async def _verify(gen: Generation, replica: int, drafts: list[DraftToken]):
-    lease = gen.engine.targets.acquire_on(replica)
-    info = gen.verification_info(lease, len(gen.committed), len(drafts), frontier=True)
-    gen.stats.verifications_started += 1
-    outcome = Outcome.ABANDONED
-    try:
-        result = await gen.verify(lease, len(gen.committed), drafts)
-        outcome = Outcome.DECIDED
-    except Exception:
-        outcome = Outcome.FAILED
-        raise
-    finally:
-        if info is not None and gen.observer is not None:
-            now = time.perf_counter()
-            if outcome is Outcome.DECIDED:
-                gen.observer.verification_completed(info, now, result.num_accepted)
-            gen.observer.verification_ended(info, outcome, now)
-    gen.stats.target_forward_passes += 1
-    return result
+async def _verify(gen: Generation, replica: int | None, drafts: list[DraftToken]) -> tuple[VerifyResult, int]:
+    """Verify ``drafts`` at the frontier on ``replica`` (or, when it fails,
+    on another one: :meth:`Generation.retry_after`); returns the result and
+    the replica that gave it."""
+    while True:
+        replica = _replica(gen, replica)
+        lease = gen.engine.targets.acquire_on(replica)
+        info = gen.verification_info(lease, len(gen.committed), len(drafts), frontier=True)
+        gen.stats.verifications_started += 1
+        outcome = Outcome.ABANDONED
+        try:
+            result = await gen.verify(lease, len(gen.committed), drafts)
+            outcome = Outcome.DECIDED
+        except Exception as exc:
+            outcome = Outcome.FAILED
+            if not gen.retry_after(exc):
+                raise
+            continue
+        finally:
+            if info is not None and gen.observer is not None:
+                now = time.perf_counter()
+                if outcome is Outcome.DECIDED:
+                    gen.observer.verification_completed(info, now, result.num_accepted)
+                gen.observer.verification_ended(info, outcome, now)
+        gen.stats.target_forward_passes += 1
+        return result, replica
 
 
 async def run_nonsi(gen: Generation) -> AsyncIterator[None]:
     replica = None
     while not gen.finished:
-        replica = _replica(gen, replica)
-        result = await _verify(gen, replica, [])
+        result, replica = await _verify(gen, replica, [])
         gen.commit(result.next_token)
         yield None
 
 
 async def _draft(gen: Generation, slot: DrafterSlot, k: int) -> list[DraftToken]:
+    """Up to ``k`` main-path drafts (and alternatives) from ``slot``'s
+    drafter; what came before it failed, if it does."""
     gen.stats.draft_streams += 1
     drafter = slot.client
+    assert drafter is not None
     stream = drafter.draft(gen.draft_request(list(gen.committed), k, primary=slot.primary))
     sid, obs = gen.next_stream_id(), gen.observer
     if obs is not None:
@@ -65,11 +75,20 @@ async def _draft(gen: Generation, slot: DrafterSlot, k: int) -> list[DraftToken]
     drafts: list[DraftToken] = []
     finished = False
     try:
-        async for chunk in stream:
+        while True:
+            timeout = gen.draft_timeout()
+            try:
+                chunk = await asyncio.wait_for(stream.__anext__(), timeout)
+            except StopAsyncIteration:
+                break
+            except asyncio.TimeoutError:
+                raise Unavailable(f"{drafter.name} is unavailable: no draft chunk within {timeout:.3g}s") from None
             drafts.extend(chunk.tokens)
             if obs is not None:
                 obs.draft_chunk(DraftChunkInfo(sid, chunk.start_position, len(chunk.tokens), time.perf_counter()))
         finished = True
+    except Exception as exc:
+        gen.drafter_failed(slot, exc)  # raises what is not a drafter's failure
     finally:
         await stream.aclose()  # type: ignore[attr-defined]
         if obs is not None:
@@ -81,10 +100,9 @@ async def _draft(gen: Generation, slot: DrafterSlot, k: int) -> list[DraftToken]
 async def run_si(gen: Generation) -> AsyncIterator[None]:
     replica = None
     while not gen.finished:
-        replica = _replica(gen, replica)
         c = len(gen.committed)
         k = min(gen.params.lookahead, gen.last_pos - c)
-        slots = [s for s in gen.drafter_slots() if not s.stats.dropped]
+        slots = [s for s in gen.drafter_slots() if not s.stats.dropped and gen.reattach(s)]
         streams = await asyncio.gather(*(_draft(gen, s, k) for s in slots)) if k > 0 else [[] for _ in slots]
         main: list[DraftToken] = []
         for slot, nodes in zip(slots, streams, strict=True):
@@ -100,7 +118,7 @@ async def run_si(gen: Generation) -> AsyncIterator[None]:
         tree, _ = verification_tree(
             main, gen.alternatives, c, gen.engine.max_draft_tokens, list(gen.proposals.values()), gen.committed
         )
-        result = await _verify(gen, replica, tree)
+        result, replica = await _verify(gen, replica, tree)
         gen.pending = main
         for token in [*(tree[i].token_id for i in result.path), result.next_token]:
             if gen.finished:

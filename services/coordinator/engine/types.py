@@ -53,6 +53,12 @@ class GenerationStats:
     seed: int = 0
     #: committed tokens that were a drafter's alternative (a tree node off its main path)
     alternative_hits: int = 0
+    #: verifications issued again on another replica after theirs failed (failover)
+    failovers: int = 0
+    #: drafter streams that failed (the generation went on without that drafter for a while)
+    drafter_failures: int = 0
+    #: tokens committed while no drafter was in service (target-only steps)
+    tokens_without_drafter: int = 0
     #: each drafter's part (services.coordinator.engine.drafters.DrafterStats), the primary first
     drafters: list[Any] = field(default_factory=list)
 
