@@ -32,6 +32,10 @@ class Unavailable(DsiError):
     """A service this request depends on cannot be reached."""
 
 
+class DeadlineExceeded(DsiError):
+    """The client's deadline passed before the work was done."""
+
+
 class Cancelled(DsiError):
     """The work was cancelled (by its client or by shutdown)."""
 

@@ -25,10 +25,13 @@ _TO_STATUS: list[tuple[type[errors.DsiError], grpc.StatusCode]] = [
     (errors.ResourceExhausted, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (errors.Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
     (errors.Unavailable, grpc.StatusCode.UNAVAILABLE),
+    (errors.DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED),
     (errors.Cancelled, grpc.StatusCode.CANCELLED),
     (errors.Internal, grpc.StatusCode.INTERNAL),
 ]
 _FROM_STATUS: dict[grpc.StatusCode, type[errors.DsiError]] = {code: cls for cls, code in _TO_STATUS}
+# A peer that does not answer within a deadline is as good as unreachable (to the coordinator, which
+# then tries another one).
 _FROM_STATUS[grpc.StatusCode.DEADLINE_EXCEEDED] = errors.Unavailable
 # A client never gets CANCELLED for a call it cancelled itself (grpc.aio raises
 # asyncio.CancelledError then), and no dsi server sends it: it means the peer

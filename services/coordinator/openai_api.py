@@ -53,6 +53,7 @@ ERRORS: list[tuple[type[errors.DsiError], int, str, str | None]] = [
     (errors.ResourceExhausted, 429, "rate_limit_error", "resource_exhausted"),
     (errors.Unauthenticated, 401, "authentication_error", "invalid_api_key"),
     (errors.Unavailable, 503, "service_unavailable_error", "unavailable"),
+    (errors.DeadlineExceeded, 504, "timeout_error", "deadline_exceeded"),
     (errors.Cancelled, 503, "service_unavailable_error", "cancelled"),
 ]
 

@@ -26,7 +26,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 
-from dsi.domain.errors import InvalidArgument, ResourceExhausted, Unavailable
+from dsi.domain.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, Unavailable
 from dsi.domain.interfaces import Drafter, Target
 from dsi.domain.types import CHAIN, DraftRequest, DraftToken, SamplingParams, VerifyRequest, VerifyResult
 from services.coordinator.engine.drafters import DROP_AFTER, DrafterSlot, DrafterStats, Proposal
@@ -302,6 +302,8 @@ class Generation:
         try:
             result = await asyncio.wait_for(pool.member(lease.replica).verify(request), timeout)
         except asyncio.TimeoutError:
+            if self._past_deadline():  # the client's time is up, not the replica's fault
+                raise DeadlineExceeded("the request's deadline passed") from None
             unreachable = True
             raise Unavailable(f"{pool.name(lease.replica)} is unavailable: no answer within {timeout:.3g}s") from None
         except Unavailable:
@@ -325,6 +327,9 @@ class Generation:
         if self.deadline is not None:
             limit = min(limit, max(0.001, self.deadline - asyncio.get_running_loop().time()))
         return limit
+
+    def _past_deadline(self) -> bool:
+        return self.deadline is not None and asyncio.get_running_loop().time() >= self.deadline
 
     def retry_after(self, exc: BaseException) -> bool:
         """Whether a verification that failed with ``exc`` is to be issued
@@ -393,6 +398,8 @@ class Generation:
         raised."""
         if not isinstance(exc, RETRYABLE):
             raise exc
+        if self._past_deadline():  # the client's time is up, not the drafter's fault
+            raise DeadlineExceeded("the request's deadline passed") from exc
         lease = slot.lease
         slot.client = slot.lease = None
         self.stats.drafter_failures += 1

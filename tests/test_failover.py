@@ -1,0 +1,204 @@
+"""Failover in the engine, in-process: target replicas and drafters that
+fail, hang or refuse work mid-generation. The output is the one without
+faults, token for token, greedy and seeded sampling alike (a position's token
+depends only on the seed, the position and the target's distribution there),
+for every strategy. The real processes are killed in tests/test_faults.py."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+
+from dsi.backends import LocalDrafter, LocalTarget, load_drafter_model, load_target_model
+from dsi.domain.errors import DeadlineExceeded, ResourceExhausted, Unavailable
+from dsi.domain.interfaces import Drafter, Target
+from dsi.domain.types import DraftChunk, DraftRequest, SamplingParams, ServiceInfo, VerifyRequest, VerifyResult
+from services.coordinator import pool as pool_module
+from services.coordinator.engine import Engine, GenerationParams, Strategy
+from services.coordinator.engine import generation as generation_module
+
+T = "synthetic:vocab=300,seed=5,tpot_ms=1"
+D = "synthetic:vocab=300,seed=5,tpot_ms=0,acceptance=0.7"
+PROMPT = [1, 2, 3]
+GREEDY = SamplingParams.create(0.0, 0.0, 0)
+SAMPLED = SamplingParams.create(1.0, 0.0, 0)
+
+
+class Faulty(Target):
+    """A target replica that fails calls ``fail_from`` .. (all after, unless
+    ``recovers_after`` calls have failed) in the way ``mode`` says."""
+
+    def __init__(self, inner: LocalTarget, mode: str = "down", fail_from: int = 10**9) -> None:
+        self.inner, self.mode, self.fail_from = inner, mode, fail_from
+        self.name = f"faulty {mode}"
+        self.calls = self.info_calls = 0
+        self.healthy_info = True
+
+    async def info(self) -> ServiceInfo:
+        self.info_calls += 1
+        if not self.healthy_info:
+            raise Unavailable(f"{self.name} is unavailable: probe refused")
+        return await self.inner.info()
+
+    async def verify(self, request: VerifyRequest) -> VerifyResult:
+        self.calls += 1
+        if self.calls >= self.fail_from:
+            if self.mode == "down":
+                raise Unavailable(f"{self.name} is unavailable: connection refused")
+            if self.mode == "full":
+                raise ResourceExhausted(f"{self.name}: too many sessions")
+            await asyncio.sleep(3600)  # "hang": alive, silent
+        return await self.inner.verify(request)
+
+    async def release_session(self, session_id: str) -> bool:
+        return await self.inner.release_session(session_id)
+
+
+class FaultyDrafter(Drafter):
+    """A drafter whose streams fail (or go silent) from the ``fail_from``-th on."""
+
+    def __init__(self, inner: LocalDrafter, mode: str = "down", fail_from: int = 10**9) -> None:
+        self.inner, self.mode, self.fail_from = inner, mode, fail_from
+        self.name = f"faulty drafter {mode}"
+        self.streams = 0
+
+    async def info(self) -> ServiceInfo:
+        raise Unavailable(f"{self.name} is unavailable")  # stays down once it failed
+
+    async def draft(self, request: DraftRequest) -> AsyncIterator[DraftChunk]:
+        self.streams += 1
+        failing = self.streams >= self.fail_from
+        async for chunk in self.inner.draft(request):
+            if failing:
+                if self.mode == "down":
+                    raise Unavailable(f"{self.name} is unavailable: stream broken")
+                await asyncio.sleep(3600)
+            yield chunk
+
+    async def release_session(self, session_id: str) -> bool:
+        return await self.inner.release_session(session_id)
+
+
+def engine(targets: list[Target], drafters: list[Drafter] | None = None, **kw) -> Engine:
+    info = load_target_model(T).info
+    if drafters is None:
+        drafters = [LocalDrafter(load_drafter_model(D))]
+    return Engine(targets, drafters, max_context=info.max_context_tokens, vocab_size=info.vocab_size, **kw)
+
+
+def local(spec: str = T) -> LocalTarget:
+    return LocalTarget(load_target_model(spec))
+
+
+async def generate(eng: Engine, strategy: Strategy, sampling: SamplingParams, tokens: int = 60):
+    params = GenerationParams(max_new_tokens=tokens, sampling=sampling, seed=1234, strategy=strategy, lookahead=3)
+    gen = eng.generate(PROMPT, params)
+    out: list[int] = []
+    async for toks in gen.tokens():
+        out.extend(toks)
+    return out, gen.stats
+
+
+@pytest.fixture(autouse=True)
+def fast_probes_and_deadlines(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(pool_module, "PROBE_FIRST", 0.01)
+    monkeypatch.setattr(generation_module, "DEADLINE_FLOOR", 0.2)
+
+
+@pytest.mark.parametrize("mode", ["down", "hang"])
+@pytest.mark.parametrize("strategy", list(Strategy))
+@pytest.mark.parametrize("sampling", [GREEDY, SAMPLED], ids=["greedy", "sampled"])
+async def test_a_failing_replica_changes_no_token(mode: str, strategy: Strategy, sampling: SamplingParams) -> None:
+    ref, _ = await generate(engine([local()]), strategy, sampling)
+    faulty = Faulty(local(), mode, fail_from=4)
+    faulty.healthy_info = False  # it stays down
+    eng = engine([faulty, local(), local()])
+    if strategy is not Strategy.DSI:  # sequential strategies stay on one replica: make it the faulty one
+        eng.targets.slots[1].leases.add(pool_module.Lease(1, lambda: 0))
+        eng.targets.slots[2].leases.add(pool_module.Lease(2, lambda: 0))
+    out, stats = await generate(eng, strategy, sampling)
+    assert out == ref
+    assert stats.failovers >= 1 and faulty.calls >= 4
+    assert not eng.targets.is_active(0)
+    for slot in eng.targets.slots:
+        slot.leases.clear()
+    calls = faulty.calls
+    out, stats = await generate(eng, Strategy.DSI, sampling)  # a replica that is down gets no request
+    assert out == ref and stats.failovers == 0 and faulty.calls == calls
+    await eng.close()
+
+
+async def test_a_replica_back_after_its_probe_answers_gets_work_again() -> None:
+    faulty = Faulty(local(), "down", fail_from=3)
+    faulty.healthy_info = False
+    eng = engine([faulty, local()])
+    ref, _ = await generate(engine([local()]), Strategy.DSI, GREEDY)
+    out, _ = await generate(eng, Strategy.DSI, GREEDY)
+    assert out == ref and not eng.targets.is_active(0)
+    probes = faulty.info_calls
+    await asyncio.sleep(0.1)
+    assert faulty.info_calls > probes  # probed (with back-off) while down
+    faulty.fail_from, faulty.healthy_info = 10**9, True
+    for _ in range(300):
+        if eng.targets.is_active(0):
+            break
+        await asyncio.sleep(0.01)
+    assert eng.targets.is_active(0)
+    calls = faulty.calls
+    out, _ = await generate(eng, Strategy.DSI, GREEDY)
+    assert out == ref and faulty.calls > calls
+    await eng.close()
+
+
+async def test_saturated_replicas_are_retried_a_bounded_number_of_times_then_the_error_is_raised() -> None:
+    replicas = [Faulty(local(), "full", fail_from=1) for _ in range(2)]
+    eng = engine(list(replicas))
+    with pytest.raises(ResourceExhausted, match="too many sessions"):
+        await generate(eng, Strategy.DSI, GREEDY)
+    assert sum(r.calls for r in replicas) == 2 * len(replicas) + 1
+    assert all(eng.targets.is_active(i) for i in range(2))  # saturated is not down
+    await eng.close()
+
+
+async def test_the_clients_deadline_bounds_every_call() -> None:
+    eng = engine([Faulty(local(), "hang", fail_from=1)], verify_timeout=60.0)
+    gen = eng.generate(PROMPT, GenerationParams(max_new_tokens=5, strategy=Strategy.NONSI))
+    gen.deadline = asyncio.get_running_loop().time() + 0.3
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    with pytest.raises(DeadlineExceeded):
+        async for _ in gen.tokens():
+            pass
+    assert loop.time() - started < 5.0  # not the 60 s verify timeout
+    assert eng.targets.is_active(0)  # the client's deadline is not the replica's fault
+
+
+@pytest.mark.parametrize("mode", ["down", "hang"])
+@pytest.mark.parametrize("strategy", [Strategy.SI, Strategy.DSI])
+@pytest.mark.parametrize("sampling", [GREEDY, SAMPLED], ids=["greedy", "sampled"])
+async def test_a_failing_drafter_leaves_target_only_steps(mode: str, strategy: Strategy, sampling: SamplingParams):
+    ref, _ = await generate(engine([local()]), Strategy.NONSI, sampling)
+    drafter = FaultyDrafter(LocalDrafter(load_drafter_model(D)), mode, fail_from=3)
+    slow = T.replace("tpot_ms=1", "tpot_ms=5")  # the same model, slower: the drafter's silence is noticed
+    eng = engine([local(slow), local(slow)], [drafter], draft_timeout=0.1)
+    out, stats = await generate(eng, strategy, sampling)
+    assert out == ref
+    assert stats.drafter_failures == 1 and 0 < stats.tokens_without_drafter < 60 and stats.accepted_tokens > 0
+    assert not eng.drafters.is_active(0)
+    await eng.close()
+
+
+async def test_drafter_instances_of_one_model_fail_over_to_each_other() -> None:
+    broken = FaultyDrafter(LocalDrafter(load_drafter_model(D)), "down", fail_from=2)
+    spare = LocalDrafter(load_drafter_model(D))
+    eng = engine([local(), local()], [broken, spare])
+    eng.drafter_models = {0: "d", 1: "d"}  # the same model: replicas of each other
+    eng.drafters.slots[1].leases.add(pool_module.Lease(1, lambda: 0))  # the generation takes the broken one first
+    ref, _ = await generate(engine([local()]), Strategy.NONSI, GREEDY)
+    out, stats = await generate(eng, Strategy.SI, GREEDY)
+    assert out == ref and stats.drafter_failures == 1
+    assert stats.tokens_without_drafter <= 1  # the next step drafts on the spare
+    assert stats.drafters[0].accepted > 0
+    await eng.close()
