@@ -188,17 +188,24 @@ class _PoolCollector:
             labels=["kind", "address"],
         )
         replicas = GaugeMetricFamily("dsi_replicas", "Active replicas, by kind.", labels=["kind"])
+        available = GaugeMetricFamily(
+            "dsi_replica_available",
+            "1 while a replica is in service; 0 after a call to it failed, until its health check answers.",
+            labels=["kind", "address"],
+        )
         total = 0
         for kind, pool in ((TARGET, c.engine.targets), (DRAFTER, c.engine.drafters)):
             peers = c.peers(kind)
             for i, peer in peers.items():
                 n = pool.in_flight(i)
                 load.add_metric([kind, peer.address], n)
+                available.add_metric([kind, peer.address], 0.0 if pool.slots[i].down else 1.0)
                 if kind == TARGET:
                     total += n
             replicas.add_metric([kind], len(peers))
         yield load
         yield replicas
+        yield available
         # Draining replicas may still run verifications: count every slot.
         in_flight = sum(c.engine.targets.in_flight(i) for i in range(len(c.engine.targets.slots)))
         yield GaugeMetricFamily(
@@ -278,6 +285,21 @@ class CoordinatorMetrics:
         self.alternative_hits = Counter(
             "dsi_alternative_hits", "Committed tokens that were a token tree's alternative.", s, registry=r
         )
+        self.failovers = Counter(
+            "dsi_failovers",
+            "Verify requests issued again on another target replica after theirs failed (no token changes).",
+            s,
+            registry=r,
+        )
+        self.drafter_failures = Counter(
+            "dsi_drafter_failures",
+            "Draft streams that failed; the generation went on without that drafter.",
+            s,
+            registry=r,
+        )
+        self.tokens_without_drafter = Counter(
+            "dsi_tokens_without_drafter", "Tokens generated while no drafter was in service.", s, registry=r
+        )
         d = ["strategy", "drafter"]
         self.drafter_decided = Counter(
             "dsi_drafter_decided_tokens", "Per drafter: its guesses whose position was decided.", d, registry=r
@@ -355,6 +377,9 @@ class CoordinatorMetrics:
             (self.preemptions, st.preemptions),
             (self.draft_streams, st.draft_streams),
             (self.alternative_hits, st.alternative_hits),
+            (self.failovers, st.failovers),
+            (self.drafter_failures, st.drafter_failures),
+            (self.tokens_without_drafter, st.tokens_without_drafter),
         ):
             metric.labels(strategy).inc(value)
         for ds in st.drafters:

@@ -21,9 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -37,6 +35,7 @@ from pathlib import Path
 import grpc
 
 from dsi.serving.gate import default_message_limit
+from dsi.tools.experiments.procs import Service, free_port, rss_kib, spawn
 from dsi.v1 import drafter_pb2, generation_pb2, target_pb2
 
 TARGET = "synthetic:vocab=1000,seed=3,tpot_ms=1"
@@ -45,36 +44,8 @@ KIB = 1024
 MIB = 1024 * KIB
 
 
-def _rss_kib(pid: int) -> tuple[int, int]:
-    """(VmRSS, VmHWM) of a process, in KiB."""
-    fields = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        key, _, value = line.partition(":")
-        if key in ("VmRSS", "VmHWM"):
-            fields[key] = int(value.split()[0])
-    return fields["VmRSS"], fields["VmHWM"]
-
-
 def _reset_peak(pid: int) -> None:
     Path(f"/proc/{pid}/clear_refs").write_text("5")  # resets VmHWM to the current RSS
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@dataclass
-class Service:
-    name: str
-    popen: subprocess.Popen
-    log: Path
-    address: str = ""
-
-    @property
-    def pid(self) -> int:
-        return self.popen.pid
 
 
 @dataclass
@@ -105,30 +76,14 @@ class Cluster:
         #: another checkout of dsi to run the services from (a before/after comparison)
         self.services_from = services_from
         self.services: dict[str, Service] = {}
-        self.http_port = _free_port()
+        self.http_port = free_port()
         #: RSS (KiB) of each service once warmed up, before any odd request
         self.idle: dict[str, int] = {}
 
     def _spawn(self, name: str, *argv: str) -> Service:
-        log = self.workdir / f"{name}.log"
-        announce = self.workdir / f"{name}.addr"
-        cmd = [sys.executable, "-m", "dsi", *argv, *self.extra.get(name, [])]
-        cmd += ["--host", "127.0.0.1", "--port", "0", "--announce", str(announce), "--log-level", "warning"]
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        if self.services_from is not None:
-            env["PYTHONPATH"] = str(self.services_from)
-        with open(log, "wb") as fh:
-            popen = subprocess.Popen(
-                cmd, stdin=subprocess.DEVNULL, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=self.services_from
-            )
-        svc = Service(name, popen, log)
+        extra = [*self.extra.get(name, []), "--log-level", "warning"]
+        svc = spawn(self.workdir, name, [*argv, *extra], source=self.services_from)
         self.services[name] = svc
-        deadline = time.monotonic() + 60
-        while not announce.exists():
-            if popen.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"{name} did not start:\n{log.read_text(errors='replace')[-2000:]}")
-            time.sleep(0.05)
-        svc.address = announce.read_text().strip()
         return svc
 
     def start(self) -> None:
@@ -344,7 +299,7 @@ def measure(
     if warm:
         warm_up(cluster)
         time.sleep(settle)
-        cluster.idle = {name: _rss_kib(s.pid)[0] for name, s in cluster.services.items()}
+        cluster.idle = {name: rss_kib(s.pid)[0] for name, s in cluster.services.items()}
     idle = cluster.idle
     out = []
     for i, case in enumerate(cases(big_bytes)):
@@ -354,7 +309,7 @@ def measure(
         before = {}
         for sname, s in cluster.services.items():
             _reset_peak(s.pid)
-            before[sname] = _rss_kib(s.pid)[0]
+            before[sname] = rss_kib(s.pid)[0]
         answer = case.send(cluster, payload)
         size = len(payload) * getattr(case.send, "copies", 1)  # what was sent in all
         del payload
@@ -363,7 +318,7 @@ def measure(
             if s.popen.poll() is not None:
                 answer += f" ({sname} died)"
                 continue
-            rss, hwm = _rss_kib(s.pid)
+            rss, hwm = rss_kib(s.pid)
             if sname != service and hwm < 1.2 * before[sname]:
                 continue  # the addressed service, and any other the request made grow
             bound = 2 * idle[sname] + size / KIB
