@@ -5,7 +5,8 @@ Spec grammar (every key optional)::
 
     synthetic:vocab=32000,seed=0,ttft_ms=0,tpot_ms=0,acceptance=0.8,
               verify_token_ms=0,prefill_token_ms=0,max_context=8192,
-              support=8,eos=-1,jitter_ms=0,sibling_acceptance=0.4,coin_seed=-1
+              support=8,eos=-1,jitter_ms=0,sibling_acceptance=0.4,coin_seed=-1,
+              hard_acceptance=-1,block=64
 
 The target's next-token distribution ``p`` after a context depends only on
 ``(seed, len(context), context[-4:])``: ``support`` tokens with random weights.
@@ -20,7 +21,11 @@ second with probability ``sibling_acceptance`` when its first guess is wrong,
 third with that probability when the first two are wrong, and so on; the other
 guesses are tokens the target never chooses. The coins are keyed by
 ``coin_seed`` (default: ``seed``): drafters of one pair with different coin
-seeds are right at different positions, independently.
+seeds are right at different positions, independently. With
+``hard_acceptance`` >= 0 the text alternates between easy and hard blocks of
+``block`` positions: ``acceptance`` in even blocks (positions 0 .. block - 1,
+2 block .., ...), ``hard_acceptance`` in odd ones (a drafter whose acceptance
+changes along the sequence, for the automatic lookahead).
 
 Latency is an ``asyncio.sleep``: the first forward pass of a session sleeps
 ``ttft_ms``, later ones ``tpot_ms``; a target adds ``verify_token_ms`` per draft
@@ -68,6 +73,14 @@ class SyntheticSpec:
     jitter_ms: float = 0.0
     sibling_acceptance: float = 0.4
     coin_seed: int = -1  # -1 = seed
+    hard_acceptance: float = -1.0  # >= 0: the acceptance in odd blocks of ``block`` positions
+    block: int = 64
+
+    def acceptance_at(self, position: int) -> float:
+        """The drafter's acceptance at sequence ``position``."""
+        if self.hard_acceptance >= 0 and (position // self.block) % 2 == 1:
+            return self.hard_acceptance
+        return self.acceptance
 
     @classmethod
     def parse(cls, spec: str) -> SyntheticSpec:
@@ -95,6 +108,8 @@ class SyntheticSpec:
             raise InvalidArgument("synthetic spec: need support >= 1 and vocab >= 2 * support")
         if not 0.0 <= self.acceptance <= 1.0 or not 0.0 <= self.sibling_acceptance <= 1.0:
             raise InvalidArgument("synthetic spec: acceptance and sibling_acceptance must lie in [0, 1]")
+        if self.hard_acceptance > 1.0 or self.block < 1:
+            raise InvalidArgument("synthetic spec: hard_acceptance must be at most 1 and block at least 1")
         latencies = (self.ttft_ms, self.tpot_ms, self.verify_token_ms, self.prefill_token_ms, self.jitter_ms)
         if not all(math.isfinite(v) and v >= 0 for v in latencies):
             raise InvalidArgument("synthetic spec: latencies must be finite numbers >= 0")
@@ -250,7 +265,7 @@ class SyntheticDrafter(DrafterModel):
         _, _, r_ids, r, _ = self.lm.draw(tokens)
         coin = self.coins.draw(tokens)[4]
         guesses = [int(t) for t in r_ids[np.argsort(-r, kind="stable")]][:k]  # tokens the target never picks
-        rank = 0 if coin < self.spec.acceptance else None
+        rank = 0 if coin < self.spec.acceptance_at(len(tokens)) else None
         for i in range(1, k):
             if rank is None and self.coins.rank_coin(tokens, i) < self.spec.sibling_acceptance:
                 rank = i

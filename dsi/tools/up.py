@@ -22,6 +22,7 @@ from pathlib import Path
 
 from dsi.domain.errors import InvalidArgument, NotFound, Unavailable
 from dsi.domain.types import CHAIN
+from dsi.serving.args import lookahead as lookahead_arg
 from dsi.serving.args import tree_shape
 from dsi.serving.tracing import add_tracing_argument
 
@@ -108,7 +109,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1", help="coordinator address (default: %(default)s)")
     p.add_argument("--port", type=int, default=50050, help="coordinator port (default: %(default)s)")
     p.add_argument("--strategy", choices=["nonsi", "si", "dsi"], default="dsi")
-    p.add_argument("--lookahead", type=int, default=5)
+    p.add_argument("--lookahead", type=lookahead_arg, default=5, metavar="N|auto")
     p.add_argument(
         "--tree",
         type=tree_shape,

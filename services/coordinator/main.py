@@ -9,7 +9,7 @@ import logging
 
 from dsi.backends import non_negative_int
 from dsi.domain.types import CHAIN
-from dsi.serving.args import tree_shape
+from dsi.serving.args import lookahead, tree_shape
 from dsi.serving.gate import add_client_arguments, client_from_args, policy_from_args, security_from_args
 from dsi.serving.metrics import CoordinatorMetrics, add_metrics_argument, serve_metrics
 from dsi.serving.server import WIND_DOWN_MARGIN, announce, serve_until_signal, start_server
@@ -42,7 +42,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--strategy", choices=[s.value for s in Strategy], default="dsi", help="default strategy (default: %(default)s)"
     )
-    p.add_argument("--lookahead", type=int, default=5, help="default draft tokens per chunk (default: %(default)s)")
+    p.add_argument(
+        "--lookahead",
+        type=lookahead,
+        default=5,
+        metavar="N|auto",
+        help="default draft tokens per chunk; 'auto' (or 0): chosen per generation from the acceptance, drafter"
+        " speed and target latency it measures, and changed as they change (default: %(default)s)",
+    )
     p.add_argument(
         "--tree",
         type=tree_shape,
@@ -201,7 +208,7 @@ async def run(args: argparse.Namespace) -> None:
             "targets": args.target,
             "drafters": args.drafter,
             "strategy": args.strategy,
-            "lookahead": args.lookahead,
+            "lookahead": args.lookahead or "auto",
             "tree": str(args.tree),
             "max_generations": coordinator.max_generations,
             "security": security.describe(),

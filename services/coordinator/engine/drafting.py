@@ -45,12 +45,13 @@ class DraftFeed:
         self.reader: asyncio.Task[DraftChunk] | None = None
         #: Loop time by which the reader must have its chunk (see :meth:`check_deadline`).
         self.read_by = 0.0
+        self._chunk_at = 0.0  # when the stream's previous chunk came (0: none yet)
 
     @property
     def max_lead(self) -> int:
         """How far ahead of the committed sequence drafting may run."""
         gen = self.gen
-        return gen.params.lookahead * (gen.engine.sp_degree + gen.engine.lead_chunks)
+        return gen.lookahead * (gen.sp_degree + gen.engine.lead_chunks)
 
     def ensure(self) -> None:
         """Start a stream if none runs, more drafts can come, and drafting is
@@ -63,10 +64,11 @@ class DraftFeed:
         if not gen.reattach(self.slot):
             return  # its drafter failed and none of its model is in service yet
         room = self.max_lead - len(gen.pending)
-        if room < gen.params.lookahead:
+        if room < gen.lookahead:
             return  # far enough ahead; resume when verifications catch up
         end = len(gen.committed) + len(gen.pending)
         self._asked, self._got, self._idle_at = min(room, gen.last_pos + 1 - end), 0, None
+        self._chunk_at = 0.0
         request = gen.draft_request(gen.context(end), self._asked, primary=self.slot.primary)
         client = self.slot.client
         assert client is not None
@@ -145,6 +147,10 @@ class DraftFeed:
             return
         chunk = reader.result()
         gen.stats.drafted_tokens += len(chunk.tokens)
+        now = time.perf_counter()
+        if self.slot.primary and gen.planner is not None and self._chunk_at:  # the first chunk includes a prefill
+            gen.planner.drafted(len(chunk.tokens), now - self._chunk_at)
+        self._chunk_at = now
         if gen.observer is not None:
             info = DraftChunkInfo(self._stream_id, chunk.start_position, len(chunk.tokens), time.perf_counter())
             gen.observer.draft_chunk(info)

@@ -157,14 +157,14 @@ class DsiRun:
         if not self._covered(c):  # nothing covers the frontier: a frontier step, now
             lease, _ = pool.acquire_frontier(gen.affinity(c))
             self._issue(c, self._drafts_for(c)[0], lease, frontier=True)
-        while len(self.verifs) < self.engine.sp_degree:
+        while len(self.verifs) < gen.sp_degree:
             start = self._first_undrafted(c)
             if start > gen.last_pos or start - c > len(gen.pending):
                 return  # everything is covered, or the drafts it would assume are not there yet
             if start > c and gen.pending[start - c - 1].token_id in self.engine.eos:
                 return  # nothing follows a drafted end-of-sequence
             drafts, complete = self._drafts_for(start)
-            if not drafts or (len(drafts) < gen.params.lookahead and not complete):
+            if not drafts or (len(drafts) < gen.lookahead and not complete):
                 return
             holder: list[Verification] = []
             lease = pool.acquire_idle(

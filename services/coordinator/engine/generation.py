@@ -30,6 +30,7 @@ from dsi.domain.errors import DeadlineExceeded, InvalidArgument, ResourceExhaust
 from dsi.domain.interfaces import Drafter, Target
 from dsi.domain.types import CHAIN, DraftRequest, DraftToken, SamplingParams, VerifyRequest, VerifyResult
 from services.coordinator.engine.drafters import DROP_AFTER, DrafterSlot, DrafterStats, Proposal
+from services.coordinator.engine.lookahead import LARGEST, LookaheadPlanner
 from services.coordinator.engine.observe import Observer, VerificationInfo
 from services.coordinator.engine.trees import Alternatives
 from services.coordinator.engine.types import FinishReason, GenerationParams, GenerationStats, Strategy
@@ -116,8 +117,10 @@ class Engine:
                 f"prompt of {len(prompt)} tokens plus max_new_tokens={params.max_new_tokens} exceeds the"
                 f" context limit of {self.max_context} tokens"
             )
-        if not 1 <= params.lookahead <= self.max_draft_tokens:
-            raise InvalidArgument(f"lookahead must lie in 1..{self.max_draft_tokens}, got {params.lookahead}")
+        if not 0 <= params.lookahead <= self.max_draft_tokens:
+            raise InvalidArgument(
+                f"lookahead must lie in 1..{self.max_draft_tokens} (or 0: automatic), got {params.lookahead}"
+            )
         if params.strategy is not Strategy.NONSI and not self.drafters.slots:
             raise InvalidArgument(f"strategy {params.strategy.value} needs a drafter and none is configured")
 
@@ -176,6 +179,11 @@ class Generation:
         self._used_drafters: set[int] = set()  # every drafter instance it used (sessions to release)
         #: loop time by which the client wants its answer (its gRPC deadline); None = no deadline
         self.deadline: float | None = None
+        #: Chooses the lookahead as the generation runs (``params.lookahead == 0``); None = fixed.
+        self.planner: LookaheadPlanner | None = None
+        if params.lookahead == 0:
+            largest = min(LARGEST, engine.max_draft_tokens)
+            self.planner = LookaheadPlanner(dsi=params.strategy is Strategy.DSI, largest=largest)
         self._failures = 0  # failed calls since the last verification that completed
 
     # --- public -------------------------------------------------------------
@@ -219,6 +227,23 @@ class Generation:
     def sampling(self) -> SamplingParams:
         return self.params.sampling
 
+    @property
+    def lookahead(self) -> int:
+        """Drafts per chunk now: the request's, or the planner's current choice."""
+        return self.params.lookahead or (self.planner.lookahead if self.planner else 1)
+
+    @property
+    def sp_degree(self) -> int:
+        """Target replicas this generation keeps busy at most."""
+        n = self.engine.sp_degree
+        return min(n, self.planner.replicas) if self.planner and self.planner.replicas else n
+
+    def _measured_target(self) -> tuple[float, int]:
+        """Mean seconds per verification of the replicas in service (0 = none measured), and how many."""
+        pool = self.engine.targets
+        latencies = [pool.latency(i) for i in pool.active() if pool.latency(i)]
+        return (sum(latencies) / len(latencies) if latencies else 0.0), self.engine.sp_degree
+
     def context(self, upto: int) -> list[int]:
         """The assumed sequence (committed, then pending drafts) up to ``upto``."""
         c = len(self.committed)
@@ -256,6 +281,8 @@ class Generation:
             primary = self._slots[0].stats if self._slots else None
             if primary is not None:
                 primary.decided += 1
+            if self.planner is not None:
+                self.planner.decided(draft == token)
             if draft == token:
                 self.stats.accepted_tokens += 1
                 if primary is not None:
@@ -274,6 +301,8 @@ class Generation:
             self.stats.tokens_without_drafter += 1
         if self.stats.new_tokens == 1:
             self.stats.time_to_first_token_seconds = time.perf_counter() - self._start
+        if self.planner is not None:
+            self.planner.committed(self._measured_target)
         if token in self.engine.eos:
             self.stop(FinishReason.EOS)
         elif len(self.committed) > self.last_pos:
@@ -426,7 +455,7 @@ class Generation:
         return DraftRequest(
             self.session_id,
             context,
-            self.params.lookahead,
+            self.lookahead,
             max_tokens,
             self.sampling,
             self.params.seed,

@@ -74,6 +74,7 @@ async def _draft(gen: Generation, slot: DrafterSlot, k: int) -> list[DraftToken]
         obs.draft_stream_started(sid, drafter.name, len(gen.committed), time.perf_counter())
     drafts: list[DraftToken] = []
     finished = False
+    started = time.perf_counter()
     try:
         while True:
             timeout = gen.draft_timeout()
@@ -94,6 +95,8 @@ async def _draft(gen: Generation, slot: DrafterSlot, k: int) -> list[DraftToken]
         if obs is not None:
             obs.draft_stream_ended(sid, time.perf_counter(), cancelled=not finished)
     gen.stats.drafted_tokens += len(drafts)
+    if finished and slot.primary and gen.planner is not None:
+        gen.planner.drafted(len(drafts), time.perf_counter() - started)
     return drafts
 
 
@@ -101,7 +104,7 @@ async def run_si(gen: Generation) -> AsyncIterator[None]:
     replica = None
     while not gen.finished:
         c = len(gen.committed)
-        k = min(gen.params.lookahead, gen.last_pos - c)
+        k = min(gen.lookahead, gen.last_pos - c)
         slots = [s for s in gen.drafter_slots() if not s.stats.dropped and gen.reattach(s)]
         streams = await asyncio.gather(*(_draft(gen, s, k) for s in slots)) if k > 0 else [[] for _ in slots]
         main: list[DraftToken] = []

@@ -1,0 +1,107 @@
+"""Automatic lookahead (services/coordinator/engine/lookahead.py): its model
+against the event-by-event simulator of ``dsi simulate``, and in the engine:
+lossless, and following a drafter whose acceptance changes along the text."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from dsi.backends import LocalDrafter, LocalTarget, load_drafter_model, load_target_model
+from dsi.domain.types import SamplingParams
+from dsi.tools.experiments.simulate import Node, SimConfig, expected_tokens_per_si_round, simulate_one
+from services.coordinator.engine import Engine, GenerationParams, Strategy
+from services.coordinator.engine.lookahead import (
+    LookaheadPlanner,
+    best_lookahead,
+    dsi_seconds_per_token,
+    si_seconds_per_token,
+)
+
+
+def test_si_cost_is_the_simulators_round_arithmetic():
+    for a in (0.1, 0.5, 0.9):
+        for k in (1, 3, 8):
+            tokens = expected_tokens_per_si_round(a, k)
+            assert si_seconds_per_token(a, 0.002, 0.03, k) == pytest.approx((k * 0.002 + 0.03) / tokens)
+
+
+def test_choices_follow_acceptance_and_speeds():
+    # SI: a better drafter earns longer chunks; a useless one the shortest.
+    assert best_lookahead(False, 0.95, 0.001, 0.03, 1) > best_lookahead(False, 0.6, 0.001, 0.03, 1) > 1
+    assert best_lookahead(False, 0.05, 0.001, 0.03, 1) == 1
+    # DSI: chunks long enough that the replicas are not all busy before the next chunk is drafted.
+    assert best_lookahead(True, 0.8, 0.002, 0.03, 2) > best_lookahead(True, 0.8, 0.002, 0.03, 8)
+    # Never slower than non-SI by the model.
+    assert dsi_seconds_per_token(0.0, 0.01, 0.03, 4, 2) <= 0.03
+
+
+def _simulated_ms(cfg: SimConfig, strategy: str, coins: list[np.ndarray]) -> float:
+    return float(np.mean([simulate_one(cfg, c, [strategy])[strategy].latency_ms for c in coins]))
+
+
+@pytest.mark.parametrize("strategy", ["si", "dsi"])
+@pytest.mark.parametrize(
+    ("acceptance", "drafter_ms", "replicas"),
+    [(0.9, 1.0, 4), (0.7, 3.0, 4), (0.5, 1.0, 2), (0.8, 6.0, 8), (0.3, 2.0, 4)],
+)
+def test_the_choice_is_near_the_best_fixed_lookahead_in_the_simulator(strategy, acceptance, drafter_ms, replicas):
+    target = Node(ttft_ms=30.0, tpot_ms=30.0)
+    base = SimConfig(tuple([target] * replicas), Node(drafter_ms, drafter_ms), acceptance, 1, tokens=300)
+    rng = np.random.default_rng(0)
+    coins = [rng.random(base.tokens + 64) < acceptance for _ in range(6)]
+    fixed = {k: _simulated_ms(replace(base, lookahead=k), strategy, coins) for k in range(1, 13)}
+    chosen = best_lookahead(strategy == "dsi", acceptance, drafter_ms / 1000, 0.030, replicas, 12)
+    assert fixed[chosen] <= min(fixed.values()) * 1.05, (chosen, fixed)
+
+
+def test_the_planner_tracks_what_it_measures():
+    p = LookaheadPlanner(dsi=False)
+    for _ in range(200):
+        p.decided(True)
+    p.drafted(10, 0.010)
+    for _ in range(16):
+        p.committed(lambda: (0.030, 1))
+    high = p.lookahead
+    for _ in range(200):
+        p.decided(False)
+    for _ in range(16):
+        p.committed(lambda: (0.030, 1))
+    assert high > p.lookahead == 1
+
+
+T = "synthetic:vocab=300,seed=9,tpot_ms=6"
+#: Easy and hard text in turns of 48 positions.
+D_CHANGING = "synthetic:vocab=300,seed=9,tpot_ms=1,acceptance=0.95,hard_acceptance=0.1,block=48"
+
+
+def _engine(drafter: str, replicas: int) -> Engine:
+    targets = [LocalTarget(load_target_model(T)) for _ in range(replicas)]
+    info = targets[0].model.info
+    return Engine(
+        targets,
+        [LocalDrafter(load_drafter_model(drafter))],
+        max_context=info.max_context_tokens,
+        vocab_size=info.vocab_size,
+    )
+
+
+@pytest.mark.parametrize("strategy", [Strategy.SI, Strategy.DSI])
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+async def test_auto_lookahead_is_lossless_and_follows_the_text(strategy: Strategy, temperature: float):
+    sampling = SamplingParams.create(temperature, 0.0, 0)
+    ref_gen = _engine(D_CHANGING, 1).generate([1, 2], GenerationParams(200, sampling, 77, Strategy.NONSI))
+    ref = [t async for chunk in ref_gen.tokens() for t in chunk]
+    eng = _engine(D_CHANGING, 3)
+    gen = eng.generate([1, 2], GenerationParams(200, sampling, 77, strategy, lookahead=0))
+    assert gen.planner is not None
+    chosen: list[int] = []
+    out: list[int] = []
+    async for chunk in gen.tokens():
+        out += chunk
+        chosen.append(gen.lookahead)
+    assert out == ref
+    # Easy blocks earn longer chunks than hard ones.
+    assert max(chosen) >= 3 and min(chosen) <= 2, chosen
