@@ -226,3 +226,24 @@ def test_greedy_under_batching_with_joins_leaves_and_cancellations(strategy: Str
 
     passes, batched = run_virtual(go())
     assert batched > 0 and passes > 0
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the first loop dies mid-pass
+def test_a_queue_survives_its_event_loop() -> None:
+    """A target used from one event loop after another (tests do that) still runs."""
+    target = LocalTarget(SyntheticTarget(SPEC), batch=BatchLimits(max_batch=4))
+    reqs = _requests(3)
+
+    left: list[asyncio.Future] = []
+
+    async def stuck() -> None:  # leaves a pass running when its loop ends
+        left.append(asyncio.ensure_future(target.verify(reqs[0])))
+        await asyncio.sleep(0.001)
+
+    run_virtual(stuck())
+
+    async def go() -> int:
+        results = await asyncio.gather(*(target.verify(r) for r in reqs[1:]))
+        return len(results)
+
+    assert run_virtual(go()) == 2

@@ -105,8 +105,10 @@ class DeviceQueue(Generic[Item, R]):
 
     async def _submit(self, job: _Job) -> tuple[Any, float]:
         self._queue.append(job)
-        if self._pump is None or self._pump.done():
-            self._pump = asyncio.ensure_future(self._run())
+        loop = asyncio.get_running_loop()
+        if self._pump is None or self._pump.done() or self._pump.get_loop() is not loop:  # (a test's new loop)
+            self._queue = deque(j for j in self._queue if j.future.get_loop() is loop)
+            self._pump = loop.create_task(self._run())
         try:
             result = await job.future
         except asyncio.CancelledError:
