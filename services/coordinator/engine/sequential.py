@@ -83,7 +83,9 @@ async def run_si(gen: Generation) -> AsyncIterator[None]:
     while not gen.finished:
         replica = _replica(gen, replica)
         c = len(gen.committed)
-        k = min(gen.params.lookahead, gen.last_pos - c)
+        # Under load (a batching replica's batch filling up) the lookahead shrinks, down to one draft.
+        lookahead = max(1, round(gen.params.lookahead * gen.engine.targets.headroom(replica)))
+        k = min(lookahead, gen.last_pos - c)
         slots = [s for s in gen.drafter_slots() if not s.stats.dropped]
         streams = await asyncio.gather(*(_draft(gen, s, k) for s in slots)) if k > 0 else [[] for _ in slots]
         main: list[DraftToken] = []
