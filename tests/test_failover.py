@@ -104,17 +104,21 @@ async def generate(eng: Engine, strategy: Strategy, sampling: SamplingParams, to
 @pytest.fixture(autouse=True)
 def fast_probes_and_deadlines(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(pool_module, "PROBE_FIRST", 0.01)
-    monkeypatch.setattr(generation_module, "DEADLINE_FLOOR", 0.2)
+    monkeypatch.setattr(generation_module, "DEADLINE_FLOOR", 1.0)  # loose enough for a loaded machine
 
 
-@pytest.mark.parametrize("mode", ["down", "hang"])
+@pytest.mark.parametrize(
+    ("mode", "sampling"),
+    [("down", GREEDY), ("down", SAMPLED), ("hang", SAMPLED)],
+    ids=["down-greedy", "down-sampled", "hang-sampled"],
+)
 @pytest.mark.parametrize("strategy", list(Strategy))
-@pytest.mark.parametrize("sampling", [GREEDY, SAMPLED], ids=["greedy", "sampled"])
 async def test_a_failing_replica_changes_no_token(mode: str, strategy: Strategy, sampling: SamplingParams) -> None:
     ref, _ = await generate(engine([local()]), strategy, sampling)
     faulty = Faulty(local(), mode, fail_from=4)
     faulty.healthy_info = False  # it stays down
-    eng = engine([faulty, local(), local()])
+    # A hung call is given up after its deadline: 10x the replica's latency, at least DEADLINE_FLOOR, at most this.
+    eng = engine([faulty, local(), local()], verify_timeout=2.0)
     if strategy is not Strategy.DSI:  # sequential strategies stay on one replica: make it the faulty one
         eng.targets.slots[1].leases.add(pool_module.Lease(1, lambda: 0))
         eng.targets.slots[2].leases.add(pool_module.Lease(2, lambda: 0))
@@ -181,8 +185,8 @@ async def test_the_clients_deadline_bounds_every_call() -> None:
 async def test_a_failing_drafter_leaves_target_only_steps(mode: str, strategy: Strategy, sampling: SamplingParams):
     ref, _ = await generate(engine([local()]), Strategy.NONSI, sampling)
     drafter = FaultyDrafter(LocalDrafter(load_drafter_model(D)), mode, fail_from=3)
-    slow = T.replace("tpot_ms=1", "tpot_ms=5")  # the same model, slower: the drafter's silence is noticed
-    eng = engine([local(slow), local(slow)], [drafter], draft_timeout=0.1)
+    slow = T.replace("tpot_ms=1", "tpot_ms=10")  # the same model, slower: the drafter's silence is noticed
+    eng = engine([local(slow), local(slow)], [drafter], draft_timeout=0.3)
     out, stats = await generate(eng, strategy, sampling)
     assert out == ref
     assert stats.drafter_failures == 1 and 0 < stats.tokens_without_drafter < 60 and stats.accepted_tokens > 0

@@ -9,7 +9,7 @@ import pytest
 
 from dsi.domain.errors import Unavailable
 from services.coordinator import pool as pool_module
-from services.coordinator.pool import Pool
+from services.coordinator.pool import SPECULATION_SHARE, Pool
 
 
 def record(pool: Pool, replica: int, seconds: float) -> None:
@@ -115,3 +115,43 @@ async def test_with_every_replica_down_the_error_names_them():
         pool.least_loaded()
     await pool.close()
     assert all(s.probe is None or s.probe.done() for s in pool.slots)
+
+
+# --- batching replicas (issue 17) ---------------------------------------------------
+
+
+def test_a_batching_replica_takes_frontier_steps_up_to_its_capacity_without_preempting() -> None:
+    pool: Pool[str] = Pool(["a"])
+    pool.set_capacity(0, 4)
+    preempted: list[int] = []
+    spec = pool.acquire_idle(depth=lambda: 3, preempt=lambda: preempted.append(1))
+    assert spec is not None  # idle: speculation may go
+    fronts = [pool.acquire_frontier()[0] for _ in range(3)]
+    assert not preempted and pool.in_flight(0) == 4  # joined the batch
+    assert pool.headroom(0) == 0.0
+    lease, took = pool.acquire_frontier()  # full: now the speculative one is preempted
+    assert took and preempted == [1]
+    for x in [*fronts, lease]:
+        pool.release(x)
+    assert pool.headroom(0) == 1.0
+
+
+def test_speculation_uses_only_the_spare_share_of_a_batch() -> None:
+    pool: Pool[str] = Pool(["a", "b"])
+    for i in (0, 1):
+        pool.set_capacity(i, 8)
+    share = int(8 * SPECULATION_SHARE)
+    fronts = [pool.acquire_frontier()[0] for _ in range(2 * share - 2)]  # leaves one spare slot per replica
+    specs = [pool.acquire_idle(depth=lambda: 1) for _ in range(3)]
+    assert specs[0] is not None and specs[1] is not None and specs[2] is None
+    assert pool.in_flight(0) == pool.in_flight(1) == share
+    for x in fronts:
+        pool.release(x)
+    assert pool.acquire_idle(depth=lambda: 1) is not None
+
+
+def test_without_batching_speculation_needs_an_idle_replica() -> None:
+    pool: Pool[str] = Pool(["a"])
+    pool.acquire_frontier()
+    assert pool.acquire_idle(depth=lambda: 1) is None
+    assert pool.headroom(0) == 1.0  # a queue, not a batch: SI keeps its lookahead

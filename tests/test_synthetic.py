@@ -36,7 +36,8 @@ def test_parse_defaults() -> None:
 def test_parse_every_key() -> None:
     spec = (
         "synthetic:vocab=500,seed=7,ttft_ms=12.5,tpot_ms=3,acceptance=0.25,verify_token_ms=0.5,"
-        "prefill_token_ms=0.125,max_context=1024,support=4,eos=2,jitter_ms=1.5,sibling_acceptance=0.75,coin_seed=9"
+        "prefill_token_ms=0.125,max_context=1024,support=4,eos=2,jitter_ms=1.5,sibling_acceptance=0.75,coin_seed=9,"
+        "batch_slope=0.05"
     )
     got = SyntheticSpec.parse(spec)
     want = SyntheticSpec(
@@ -53,6 +54,7 @@ def test_parse_every_key() -> None:
         jitter_ms=1.5,
         sibling_acceptance=0.75,
         coin_seed=9,
+        batch_slope=0.05,
     )
     assert got == want
     keys = {item.partition("=")[0] for item in spec.partition(":")[2].split(",")}

@@ -9,12 +9,16 @@ from __future__ import annotations
 import argparse
 
 from dsi.backends.base import DrafterModel, LocalDrafter, LocalTarget, TargetModel
+from dsi.backends.batching import DEFAULT_MAX_BATCH, DEFAULT_MAX_BATCH_TOKENS, BatchLimits
 
 __all__ = [
+    "BatchLimits",
     "LocalDrafter",
     "LocalTarget",
+    "add_batch_arguments",
     "add_model_arguments",
     "apply_cpu_threads",
+    "batch_limits_from_args",
     "is_synthetic",
     "load_drafter_model",
     "load_target_model",
@@ -59,6 +63,36 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
         help="CPU threads for the model's operators (0 = torch's default: one per core). Set it when several"
         " model servers share a machine's cores, or to the container's CPU limit",
     )
+
+
+def add_batch_arguments(p: argparse.ArgumentParser, what: str) -> None:
+    """``--max-batch`` / ``--max-batch-tokens`` (continuous batching, :mod:`dsi.backends.batching`)."""
+    p.add_argument(
+        "--max-batch",
+        type=positive_int,
+        default=DEFAULT_MAX_BATCH,
+        metavar="N",
+        help=f"{what} of different sessions that may share one forward pass (1 = no batching; default: %(default)s)",
+    )
+    p.add_argument(
+        "--max-batch-tokens",
+        type=positive_int,
+        default=DEFAULT_MAX_BATCH_TOKENS,
+        metavar="N",
+        help="tokens one forward pass may compute (a larger request runs alone; default: %(default)s)",
+    )
+
+
+def batch_limits_from_args(args: argparse.Namespace) -> BatchLimits:
+    return BatchLimits(args.max_batch, args.max_batch_tokens)
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1."""
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, got {n}")
+    return n
 
 
 def non_negative_int(text: str) -> int:

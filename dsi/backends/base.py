@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from dsi.backends.batching import BatchItem, BatchLimits, DeviceQueue
 from dsi.domain import sampling, validation
 from dsi.domain.interfaces import Drafter, Target
 from dsi.domain.sessions import SessionStore
@@ -88,6 +89,28 @@ class TargetModel(abc.ABC):
     def drop_state(self, state: Any) -> None:  # noqa: B027 - optional hook
         """Free what ``state`` holds (called when a session is dropped)."""
 
+    async def forward_batch(self, items: list[BatchItem]) -> list[Forward]:
+        """:meth:`forward` for several sessions in one pass (continuous
+        batching, :mod:`dsi.backends.batching`); the results must equal the
+        unbatched ones. This default runs them one after the other."""
+        return [await self.forward(i.state, i.tokens, i.num_rows) for i in items]
+
+    def tokens_to_compute(self, state: Any, tokens: Sequence[int], num_rows: int) -> int:
+        """How many tokens :meth:`forward` would compute (its share of a
+        batch's token budget); the default assumes a warm cache."""
+        return num_rows
+
+
+@dataclass(frozen=True)
+class DraftItem:
+    """One drafter step of a batched pass: the ``k`` best guesses after ``tokens``."""
+
+    state: Any
+    tokens: Sequence[int]
+    params: SamplingParams
+    seed: int
+    k: int
+
 
 class DrafterModel(abc.ABC):
     """Model work of a drafter: the next-token distribution."""
@@ -114,15 +137,13 @@ class DrafterModel(abc.ABC):
         scores, fwd = await self.next_scores(state, tokens, params, seed)
         return sampling.top_candidates(scores, params, seed, len(tokens), k), fwd
 
+    async def next_candidates_batch(self, items: list[DraftItem]) -> list[tuple[list[int], Forward]]:
+        """:meth:`next_candidates` for the steps of several streams in one
+        pass; the default runs them one after the other."""
+        return [await self.next_candidates(i.state, i.tokens, i.params, i.seed, i.k) for i in items]
+
     def drop_state(self, state: Any) -> None:  # noqa: B027 - optional hook
         ...
-
-
-class _Device:
-    """One device: forward passes run one at a time, in arrival order."""
-
-    def __init__(self) -> None:
-        self.lock = asyncio.Lock()
 
 
 class LocalTarget(Target):
@@ -132,13 +153,17 @@ class LocalTarget(Target):
         max_sessions: int = 256,
         session_idle_timeout: float = 600.0,
         max_draft_tokens: int = 64,
+        batch: BatchLimits | None = None,
     ) -> None:
         self.model = model
         self.name = f"local-target:{model.info.model_id}"
+        batch = batch or BatchLimits(max_batch=1)  # in-process default: one request per pass
         self.limits = ServiceLimits(
             max_draft_tokens=max_draft_tokens,
             max_sessions=max_sessions,
             session_idle_timeout_seconds=session_idle_timeout,
+            max_batch=batch.max_batch,
+            max_batch_tokens=batch.max_batch_tokens,
         )
         self.sessions: SessionStore[Any] = SessionStore(
             model.new_state, max_sessions, session_idle_timeout, on_drop=model.drop_state
@@ -146,12 +171,15 @@ class LocalTarget(Target):
         self.counters = ServiceCounters()
         #: Called with every forward pass (metrics, see dsi/serving/metrics.py); None = nothing to call.
         self.on_forward: Callable[[Forward], None] | None = None
-        self._device = _Device()
+        #: The device: waiting chain verifications of different sessions share a pass.
+        self.device: DeviceQueue[BatchItem, Forward] = DeviceQueue(model.forward_batch, batch)
 
     async def info(self) -> ServiceInfo:
         self.counters.sessions = len(self.sessions)
         self.counters.busy_sessions = self.sessions.busy
         self.counters.evicted_sessions = self.sessions.evicted
+        self.counters.device_passes = self.device.stats.passes
+        self.counters.batched_requests = self.device.stats.batched_requests
         return ServiceInfo(self.model.info, self.limits, ServiceCounters(**vars(self.counters)))
 
     def check(self, request: VerifyRequest) -> None:
@@ -170,14 +198,22 @@ class LocalTarget(Target):
         queued = time.perf_counter()
         try:
             async with self.sessions.use(request.session_id) as state:
-                async with self._device.lock:
-                    waited = time.perf_counter() - queued
-                    if chain:
-                        fwd = await self.model.forward(state, [*request.context, *ids], len(ids) + 1)
-                    else:  # the session must keep the accepted path only: decide before releasing the device
-                        fwd = await self.model.forward_tree(state, request.context, ids, tree_parents(request.drafts))
-                        decided = self._decide(request, fwd)
-                        await self.model.keep_path(state, request.context, [ids[i] for i in decided[1]], decided[1])
+                # --- batching (issue 17): chains share passes; a tree runs alone ---
+                if chain:
+                    tokens = [*request.context, *ids]
+                    cost = self.model.tokens_to_compute(state, tokens, len(ids) + 1)
+                    fwd, started = await self.device.batched(BatchItem(state, tokens, len(ids) + 1), cost)
+                else:  # the session must keep the accepted path only: decide before releasing the device
+
+                    async def tree() -> tuple[Forward, tuple[list[Decision], list[int], int]]:
+                        out = await self.model.forward_tree(state, request.context, ids, tree_parents(request.drafts))
+                        kept = self._decide(request, out)
+                        await self.model.keep_path(state, request.context, [ids[i] for i in kept[1]], kept[1])
+                        return out, kept
+
+                    (fwd, decided), started = await self.device.exclusive(tree)
+                waited = started - queued
+                # --- end batching ---
             if chain:
                 decided = self._decide(request, fwd)
         except asyncio.CancelledError:
@@ -208,13 +244,17 @@ class LocalDrafter(Drafter):
         max_sessions: int = 256,
         session_idle_timeout: float = 600.0,
         max_lookahead: int = 64,
+        batch: BatchLimits | None = None,
     ) -> None:
         self.model = model
         self.name = f"local-drafter:{model.info.model_id}"
+        batch = batch or BatchLimits(max_batch=1)  # in-process default: one step per pass
         self.limits = ServiceLimits(
             max_lookahead=max_lookahead,
             max_sessions=max_sessions,
             session_idle_timeout_seconds=session_idle_timeout,
+            max_batch=batch.max_batch,
+            max_batch_tokens=batch.max_batch_tokens,
         )
         self.sessions: SessionStore[Any] = SessionStore(
             model.new_state, max_sessions, session_idle_timeout, on_drop=model.drop_state
@@ -223,12 +263,15 @@ class LocalDrafter(Drafter):
         #: Called with every forward pass (metrics, see dsi/serving/metrics.py); None = nothing to call.
         self.on_forward: Callable[[Forward], None] | None = None
         self.active_streams = 0
-        self._device = _Device()
+        #: The device: the next-token steps of concurrent streams share a pass.
+        self.device: DeviceQueue[DraftItem, tuple[list[int], Forward]] = DeviceQueue(model.next_candidates_batch, batch)
 
     async def info(self) -> ServiceInfo:
         self.counters.sessions = len(self.sessions)
         self.counters.busy_sessions = self.sessions.busy
         self.counters.evicted_sessions = self.sessions.evicted
+        self.counters.device_passes = self.device.stats.passes
+        self.counters.batched_requests = self.device.stats.batched_requests
         return ServiceInfo(self.model.info, self.limits, ServiceCounters(**vars(self.counters)))
 
     def check(self, request: DraftRequest) -> None:
@@ -244,9 +287,9 @@ class LocalDrafter(Drafter):
     ) -> tuple[list[int], ForwardStats]:
         """The ``k`` best guesses after ``tokens`` (one forward pass)."""
         queued = time.perf_counter()
-        async with self._device.lock:
-            waited = time.perf_counter() - queued
-            guesses, fwd = await self.model.next_candidates(state, tokens, request.sampling, request.seed, k)
+        item = DraftItem(state, list(tokens), request.sampling, request.seed, k)
+        (guesses, fwd), started = await self.device.batched(item, 1)
+        waited = started - queued
         self.counters.forward_passes += 1
         self.counters.computed_tokens += fwd.computed_tokens
         self.counters.cached_tokens += fwd.cached_tokens

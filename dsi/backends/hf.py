@@ -23,7 +23,9 @@ from typing import Any
 
 import numpy as np
 
-from dsi.backends.base import DrafterModel, Forward, TargetModel
+from dsi.backends.base import DrafterModel, DraftItem, Forward, TargetModel
+from dsi.backends.batching import BatchItem
+from dsi.domain import sampling
 from dsi.domain.errors import InvalidArgument, NotFound
 from dsi.domain.types import ROOT, ModelInfo, SamplingParams
 
@@ -232,6 +234,98 @@ class HFCore:
                 layer.values = layer.values.index_select(-2, index)
         state.tokens = [*context, *path_tokens]
 
+    # --- batching (issue 17): several sessions in one pass ---------------------------
+
+    def tokens_to_compute(self, state: _Session, tokens: Sequence[int], num_rows: int) -> int:
+        return len(tokens) - min(_lcp(state.tokens, tokens), len(tokens) - num_rows)
+
+    def _batchable(self, state: _Session) -> bool:
+        """Whether the session's cache can be stacked with others' (plain
+        ``DynamicLayer`` layers only: sliding-window and other layouts run alone)."""
+        from transformers.cache_utils import DynamicLayer
+
+        layers = getattr(state.cache, "layers", None)
+        return bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
+
+    def forward_batch_sync(self, items: Sequence[BatchItem]) -> list[Forward]:
+        """:meth:`forward_sync` for several sessions in one forward pass.
+
+        Layout: each session's cached keys/values (``L_i`` tokens) are
+        left-padded to the longest (``L``) and stacked into one batch cache;
+        its new tokens (``n_i``) are right-padded to the longest (``n``). A 2D
+        attention mask hides the padding (ones on ``[L - L_i, L + n_i)``), and
+        position ids continue each session's own sequence (``L_i + j``), so
+        every real position computes what it would alone. Afterwards each
+        session's slice ``[L - L_i, L + n_i)`` of the batch cache becomes its
+        own cache again. Sessions whose caches are not plain dynamic layers
+        fall back to one pass each."""
+        if len(items) == 1:
+            return [self.forward_sync(items[0].state, items[0].tokens, items[0].num_rows)]
+        torch = self.torch
+        start = time.perf_counter()
+        keeps = [self._reuse(i.state, i.tokens, len(i.tokens) - i.num_rows) for i in items]
+        if not all(self._batchable(i.state) for i in items):
+            return [self.forward_sync(i.state, i.tokens, i.num_rows) for i in items]
+        from transformers import DynamicCache
+
+        news = [list(i.tokens[k:]) for i, k in zip(items, keeps, strict=True)]
+        b, past, width = len(items), max(keeps), max(len(n) for n in news)
+        layers = len(items[0].state.cache.layers)
+        batch_cache = DynamicCache(config=self.model.config)
+        if past:
+            donor = next(i.state.cache.layers for i, k in zip(items, keeps, strict=True) if k)
+            for li in range(layers):
+                shape = (b, donor[li].keys.shape[1], past, donor[li].keys.shape[3])
+                keys = donor[li].keys.new_zeros(shape)
+                values = donor[li].values.new_zeros((*shape[:3], donor[li].values.shape[3]))
+                for row, (item, k) in enumerate(zip(items, keeps, strict=True)):
+                    if k:
+                        layer = item.state.cache.layers[li]
+                        keys[row, :, past - k :] = layer.keys[0]
+                        values[row, :, past - k :] = layer.values[0]
+                batch_cache.layers[li].update(keys, values)
+        ids = torch.zeros((b, width), dtype=torch.long)
+        mask = torch.zeros((b, past + width), dtype=torch.long)
+        positions = torch.zeros((b, width), dtype=torch.long)
+        for row, (new, k) in enumerate(zip(news, keeps, strict=True)):
+            ids[row, : len(new)] = torch.tensor(new, dtype=torch.long)
+            mask[row, past - k : past + len(new)] = 1
+            positions[row] = torch.arange(k, k + width)
+        try:
+            with torch.inference_mode():
+                out = self.model(
+                    input_ids=ids.to(self.device),
+                    attention_mask=mask.to(self.device),
+                    position_ids=positions.to(self.device),
+                    use_cache=True,
+                    logits_to_keep=width,
+                    **{self._cache_arg: batch_cache},
+                )
+            cache = getattr(out, self._cache_arg)
+            logits = out.logits[:, -width:].float().cpu().numpy()
+            results = []
+            for row, (item, new, k) in enumerate(zip(items, news, keeps, strict=True)):
+                own = DynamicCache(config=self.model.config)
+                for li in range(layers):
+                    src = cache.layers[li]
+                    own.layers[li].update(
+                        src.keys[row : row + 1, :, past - k : past + len(new)].clone(),
+                        src.values[row : row + 1, :, past - k : past + len(new)].clone(),
+                    )
+                item.state.cache = own
+                item.state.tokens = list(item.tokens)
+                rows = logits[row, len(new) - item.num_rows : len(new)]
+                results.append(Forward(rows, k, len(new), 0.0))
+        except BaseException:
+            for item in items:
+                self._reset(item.state)  # a half-updated cache must never be reused
+            raise
+        seconds = time.perf_counter() - start
+        return [Forward(r.rows, r.cached_tokens, r.computed_tokens, seconds) for r in results]
+
+    async def forward_batch(self, items: Sequence[BatchItem]) -> list[Forward]:
+        return await self.run_in_executor(self.forward_batch_sync, list(items))
+
     async def run_in_executor(self, fn: Any, *args: Any) -> Any:
         """Model work runs in this model's one worker thread, off the event loop."""
         loop = asyncio.get_running_loop()
@@ -268,6 +362,12 @@ class HFTarget(TargetModel):
         core = self.core
         await core.run_in_executor(core.keep_path_sync, state, list(context), list(path_tokens), list(path))
 
+    async def forward_batch(self, items: list[BatchItem]) -> list[Forward]:
+        return await self.core.forward_batch(items)
+
+    def tokens_to_compute(self, state: _Session, tokens: Sequence[int], num_rows: int) -> int:
+        return self.core.tokens_to_compute(state, tokens, num_rows)
+
 
 class HFDrafter(DrafterModel):
     def __init__(self, path: str, device: str = "cpu", dtype: str = "auto") -> None:
@@ -285,3 +385,11 @@ class HFDrafter(DrafterModel):
     ) -> tuple[np.ndarray, Forward]:
         fwd = await self.core.forward(state, tokens, 1)
         return fwd.rows[0], fwd
+
+    async def next_candidates_batch(self, items: list[DraftItem]) -> list[tuple[list[int], Forward]]:
+        """The next-token steps of several streams in one forward pass."""
+        fwds = await self.core.forward_batch([BatchItem(i.state, list(i.tokens), 1) for i in items])
+        return [
+            (sampling.top_candidates(f.rows[0], i.params, i.seed, len(i.tokens), i.k), f)
+            for i, f in zip(items, fwds, strict=True)
+        ]

@@ -6,7 +6,7 @@ Spec grammar (every key optional)::
     synthetic:vocab=32000,seed=0,ttft_ms=0,tpot_ms=0,acceptance=0.8,
               verify_token_ms=0,prefill_token_ms=0,max_context=8192,
               support=8,eos=-1,jitter_ms=0,sibling_acceptance=0.4,coin_seed=-1,
-              hard_acceptance=-1,block=64
+              hard_acceptance=-1,block=64,batch_slope=1
 
 The target's next-token distribution ``p`` after a context depends only on
 ``(seed, len(context), context[-4:])``: ``support`` tokens with random weights.
@@ -33,6 +33,15 @@ token and ``prefill_token_ms`` per context token it had not seen in that
 session (apart from the last one, which every forward pass computes).
 ``jitter_ms`` adds a uniform random delay (for tests of races). A tree
 verification costs ``verify_token_ms`` per node, like a chain.
+
+**Batching** (:mod:`dsi.backends.batching`). A pass over ``B`` requests of
+different sessions sleeps ``base * (1 + batch_slope * (B - 1))`` plus the sum
+of the requests' per-token costs, where ``base`` is the largest of their
+``ttft_ms`` / ``tpot_ms`` (a session's first pass pays TTFT). A GPU decoding a
+small model is memory-bound, so another sequence in the pass costs little:
+``batch_slope`` about 0.02-0.05. The default, 1, makes a batch cost what its
+requests cost one after the other (no gain), so a target configured without
+it behaves as before. The drafter's steps batch the same way.
 """
 
 from __future__ import annotations
@@ -49,7 +58,8 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 
-from dsi.backends.base import DrafterModel, Forward, TargetModel
+from dsi.backends.base import DrafterModel, DraftItem, Forward, TargetModel
+from dsi.backends.batching import BatchItem
 from dsi.domain.errors import InvalidArgument
 from dsi.domain.sampling import choose
 from dsi.domain.types import ROOT, ModelInfo, SamplingParams
@@ -73,6 +83,7 @@ class SyntheticSpec:
     jitter_ms: float = 0.0
     sibling_acceptance: float = 0.4
     coin_seed: int = -1  # -1 = seed
+    batch_slope: float = 1.0  # a pass over B requests costs base * (1 + batch_slope * (B - 1))
     hard_acceptance: float = -1.0  # >= 0: the acceptance in odd blocks of ``block`` positions
     block: int = 64
 
@@ -110,9 +121,16 @@ class SyntheticSpec:
             raise InvalidArgument("synthetic spec: acceptance and sibling_acceptance must lie in [0, 1]")
         if self.hard_acceptance > 1.0 or self.block < 1:
             raise InvalidArgument("synthetic spec: hard_acceptance must be at most 1 and block at least 1")
-        latencies = (self.ttft_ms, self.tpot_ms, self.verify_token_ms, self.prefill_token_ms, self.jitter_ms)
+        latencies = (
+            self.ttft_ms,
+            self.tpot_ms,
+            self.verify_token_ms,
+            self.prefill_token_ms,
+            self.jitter_ms,
+            self.batch_slope,
+        )
         if not all(math.isfinite(v) and v >= 0 for v in latencies):
-            raise InvalidArgument("synthetic spec: latencies must be finite numbers >= 0")
+            raise InvalidArgument("synthetic spec: latencies must be finite numbers >= 0 (batch_slope too)")
         if self.max_context < 2:
             raise InvalidArgument("synthetic spec: max_context must be >= 2")
         if self.eos >= self.vocab:
@@ -186,10 +204,19 @@ class _Latency:
         self._rand = random.Random()
 
     async def sleep(self, state: _State, extra_ms: float) -> float:
-        ms = (self.spec.ttft_ms if state.first else self.spec.tpot_ms) + extra_ms
+        return await self.sleep_batch([state], [extra_ms])
+
+    def pass_ms(self, states: Sequence[_State], extra_ms: Sequence[float]) -> float:
+        """The cost model of one pass over ``len(states)`` requests."""
+        base = max(self.spec.ttft_ms if s.first else self.spec.tpot_ms for s in states)
+        return base * (1.0 + self.spec.batch_slope * (len(states) - 1)) + sum(extra_ms)
+
+    async def sleep_batch(self, states: Sequence[_State], extra_ms: Sequence[float]) -> float:
+        ms = self.pass_ms(states, extra_ms)
         if self.spec.jitter_ms:
             ms += self._rand.uniform(0.0, self.spec.jitter_ms)
-        state.first = False
+        for s in states:
+            s.first = False
         start = time.perf_counter()
         await asyncio.sleep(ms / 1000.0)
         return time.perf_counter() - start
@@ -205,16 +232,35 @@ class SyntheticTarget(TargetModel):
     def new_state(self) -> _State:
         return _State()
 
-    async def forward(self, state: _State, tokens: Sequence[int], num_rows: int) -> Forward:
+    def _plan(self, state: _State, tokens: Sequence[int], num_rows: int) -> tuple[int, int, float]:
+        """(cached, computed, per-token cost in ms) of a forward pass."""
         cached = min(_lcp(state.seen, tokens), len(tokens) - num_rows)
         computed = len(tokens) - cached
         catch_up = computed - num_rows  # context tokens this session had not seen here
-        extra = self.spec.verify_token_ms * (num_rows - 1) + self.spec.prefill_token_ms * catch_up
-        seconds = await self._latency.sleep(state, extra)
+        return cached, computed, self.spec.verify_token_ms * (num_rows - 1) + self.spec.prefill_token_ms * catch_up
+
+    def _rows(self, state: _State, tokens: Sequence[int], num_rows: int) -> np.ndarray:
         n = len(tokens)
-        rows = np.stack([self.lm.logits(tokens[: n - num_rows + 1 + i]) for i in range(num_rows)])
         state.seen = list(tokens)
-        return Forward(rows, cached, computed, seconds)
+        return np.stack([self.lm.logits(tokens[: n - num_rows + 1 + i]) for i in range(num_rows)])
+
+    async def forward(self, state: _State, tokens: Sequence[int], num_rows: int) -> Forward:
+        cached, computed, extra = self._plan(state, tokens, num_rows)
+        seconds = await self._latency.sleep(state, extra)
+        return Forward(self._rows(state, tokens, num_rows), cached, computed, seconds)
+
+    def tokens_to_compute(self, state: _State, tokens: Sequence[int], num_rows: int) -> int:
+        return self._plan(state, tokens, num_rows)[1]
+
+    async def forward_batch(self, items: list[BatchItem]) -> list[Forward]:
+        """One sleep for the whole batch (the cost model above); each
+        request's rows are what :meth:`forward` gives it alone."""
+        plans = [self._plan(i.state, i.tokens, i.num_rows) for i in items]
+        seconds = await self._latency.sleep_batch([i.state for i in items], [p[2] for p in plans])
+        return [
+            Forward(self._rows(i.state, i.tokens, i.num_rows), cached, computed, seconds)
+            for i, (cached, computed, _) in zip(items, plans, strict=True)
+        ]
 
     async def forward_tree(
         self, state: _State, context: Sequence[int], tokens: Sequence[int], parents: Sequence[int]
@@ -259,8 +305,17 @@ class SyntheticDrafter(DrafterModel):
     async def next_candidates(
         self, state: _State, tokens: Sequence[int], params: SamplingParams, seed: int, k: int
     ) -> tuple[list[int], Forward]:
-        cached = min(_lcp(state.seen, tokens), len(tokens) - 1)
         seconds = await self._latency.sleep(state, 0.0)
+        return self._guesses(state, tokens, params, seed, k, seconds)
+
+    async def next_candidates_batch(self, items: list[DraftItem]) -> list[tuple[list[int], Forward]]:
+        seconds = await self._latency.sleep_batch([i.state for i in items], [0.0] * len(items))
+        return [self._guesses(i.state, i.tokens, i.params, i.seed, i.k, seconds) for i in items]
+
+    def _guesses(
+        self, state: _State, tokens: Sequence[int], params: SamplingParams, seed: int, k: int, seconds: float
+    ) -> tuple[list[int], Forward]:
+        cached = min(_lcp(state.seen, tokens), len(tokens) - 1)
         state.seen = list(tokens)
         _, _, r_ids, r, _ = self.lm.draw(tokens)
         coin = self.coins.draw(tokens)[4]

@@ -201,6 +201,8 @@ class ServiceLimits:
     max_lookahead: int = 0
     max_sessions: int = 0
     session_idle_timeout_seconds: float = 0.0
+    max_batch: int = 0  # requests one device pass may take (0 = not reported: one)
+    max_batch_tokens: int = 0  # tokens one device pass may compute
 
 
 @dataclass
@@ -214,6 +216,8 @@ class ServiceCounters:
     cancelled_requests: int = 0
     drafted_tokens: int = 0
     evicted_sessions: int = 0
+    device_passes: int = 0  # passes the device ran (several requests may share one)
+    batched_requests: int = 0  # requests that shared their pass with others
 
 
 @dataclass(frozen=True)

@@ -254,6 +254,8 @@ class ServiceLimits(_message.Message):
     MAX_LOOKAHEAD_FIELD_NUMBER: _builtins.int
     MAX_SESSIONS_FIELD_NUMBER: _builtins.int
     SESSION_IDLE_TIMEOUT_SECONDS_FIELD_NUMBER: _builtins.int
+    MAX_BATCH_FIELD_NUMBER: _builtins.int
+    MAX_BATCH_TOKENS_FIELD_NUMBER: _builtins.int
     max_draft_tokens: _builtins.int
     """Maximum number of draft tokens in one Verify request (target only)."""
     max_lookahead: _builtins.int
@@ -265,6 +267,12 @@ class ServiceLimits(_message.Message):
     """
     session_idle_timeout_seconds: _builtins.float
     """Seconds after which an idle session is dropped."""
+    max_batch: _builtins.int
+    """Requests one device pass may take at most (continuous batching: waiting
+    requests of different sessions share a pass). 0 = not reported (one).
+    """
+    max_batch_tokens: _builtins.int
+    """Tokens one device pass may compute at most (a larger request runs alone)."""
     def __init__(
         self,
         *,
@@ -272,10 +280,12 @@ class ServiceLimits(_message.Message):
         max_lookahead: _builtins.int = ...,
         max_sessions: _builtins.int = ...,
         session_idle_timeout_seconds: _builtins.float = ...,
+        max_batch: _builtins.int = ...,
+        max_batch_tokens: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_draft_tokens", b"max_draft_tokens", "max_lookahead", b"max_lookahead", "max_sessions", b"max_sessions", "session_idle_timeout_seconds", b"session_idle_timeout_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_batch", b"max_batch", "max_batch_tokens", b"max_batch_tokens", "max_draft_tokens", b"max_draft_tokens", "max_lookahead", b"max_lookahead", "max_sessions", b"max_sessions", "session_idle_timeout_seconds", b"session_idle_timeout_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -296,6 +306,8 @@ class ServiceCounters(_message.Message):
     CANCELLED_REQUESTS_FIELD_NUMBER: _builtins.int
     DRAFTED_TOKENS_FIELD_NUMBER: _builtins.int
     EVICTED_SESSIONS_FIELD_NUMBER: _builtins.int
+    DEVICE_PASSES_FIELD_NUMBER: _builtins.int
+    BATCHED_REQUESTS_FIELD_NUMBER: _builtins.int
     sessions: _builtins.int
     """Sessions held now."""
     busy_sessions: _builtins.int
@@ -316,6 +328,12 @@ class ServiceCounters(_message.Message):
     """Tokens drafted (drafter only)."""
     evicted_sessions: _builtins.int
     """Sessions dropped for idleness or to make room."""
+    device_passes: _builtins.int
+    """Device passes run; with batching several requests share one, so this
+    can be lower than forward_passes (which counts requests).
+    """
+    batched_requests: _builtins.int
+    """Requests that shared their device pass with other requests."""
     def __init__(
         self,
         *,
@@ -328,10 +346,12 @@ class ServiceCounters(_message.Message):
         cancelled_requests: _builtins.int = ...,
         drafted_tokens: _builtins.int = ...,
         evicted_sessions: _builtins.int = ...,
+        device_passes: _builtins.int = ...,
+        batched_requests: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["busy_sessions", b"busy_sessions", "cached_tokens", b"cached_tokens", "cancelled_requests", b"cancelled_requests", "computed_tokens", b"computed_tokens", "drafted_tokens", b"drafted_tokens", "evicted_sessions", b"evicted_sessions", "forward_passes", b"forward_passes", "requests", b"requests", "sessions", b"sessions"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batched_requests", b"batched_requests", "busy_sessions", b"busy_sessions", "cached_tokens", b"cached_tokens", "cancelled_requests", b"cancelled_requests", "computed_tokens", b"computed_tokens", "device_passes", b"device_passes", "drafted_tokens", b"drafted_tokens", "evicted_sessions", b"evicted_sessions", "forward_passes", b"forward_passes", "requests", b"requests", "sessions", b"sessions"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -113,6 +113,8 @@ def service_info_parts(info: ServiceInfo) -> dict:
             max_lookahead=lim.max_lookahead,
             max_sessions=lim.max_sessions,
             session_idle_timeout_seconds=lim.session_idle_timeout_seconds,
+            max_batch=lim.max_batch,
+            max_batch_tokens=lim.max_batch_tokens,
         ),
         counters=common_pb2.ServiceCounters(**vars(cnt)),
     )
@@ -125,7 +127,12 @@ def service_info_from_pb(
     return ServiceInfo(
         model=model_info_from_pb(m.model),
         limits=ServiceLimits(
-            lim.max_draft_tokens, lim.max_lookahead, lim.max_sessions, lim.session_idle_timeout_seconds
+            lim.max_draft_tokens,
+            lim.max_lookahead,
+            lim.max_sessions,
+            lim.session_idle_timeout_seconds,
+            lim.max_batch,
+            lim.max_batch_tokens,
         ),
         counters=ServiceCounters(**{f: getattr(cnt, f) for f in vars(ServiceCounters())}),
     )

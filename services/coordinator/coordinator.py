@@ -305,7 +305,7 @@ class Coordinator:
         return list(self._peers[DRAFTER].values())
 
     def _attach(self, kind: str, peer: Peer) -> int:
-        index = self.pool(kind).add(peer.client)
+        index = self.pool(kind).add(peer.client, capacity=peer.info.limits.max_batch or 1)
         self._peers[kind][index] = peer
         if kind == DRAFTER:  # instances of one model are replicas; different models all draft every generation
             self.engine.drafter_models[index] = f"{peer.info.model.backend}:{peer.info.model.model_id}"

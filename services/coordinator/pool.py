@@ -19,6 +19,17 @@ A member whose call failed (unreachable, no answer in time) is *down*: it gets
 no requests until a health probe (its ``info()``, the Info RPC, over the same
 channel and credentials) answers, tried with back-off (0.25 s doubling to 5 s).
 A client's request is never the probe.
+
+**Batching replicas** (issue 17). A member that runs up to ``capacity``
+requests in one forward pass (its ``--max-batch``) is not full when it is
+busy: another request costs it only a small part of a pass. Frontier steps
+may fill it up to its capacity before anyone is preempted; speculative
+verifications only use the *spare* part, below ``SPECULATION_SHARE`` of it.
+So speculation never delays frontier steps by more than that many extra
+requests per pass, and as load grows it shrinks by itself: once frontier
+steps fill that share, a generation speculates no more than non-SI does.
+With capacity 1 (no batching) this is the old rule: speculation on idle
+replicas only.
 """
 
 from __future__ import annotations
@@ -43,6 +54,7 @@ SAME_SPEED = 1.2  # replicas within 20% of the fastest count as equally fast
 EWMA = 0.2  # weight of a new latency sample
 PROBE_FIRST, PROBE_MAX = 0.25, 5.0  # seconds between health probes of a member that is down (doubling)
 PROBE_TIMEOUT = 2.0  # seconds a probe may take
+SPECULATION_SHARE = 0.5  # of a batching replica's capacity, what speculative verifications may use
 
 
 def _frontier() -> int:
@@ -74,6 +86,17 @@ class _Slot(Generic[T]):
     down: bool = False  # a call failed; no requests until a probe answers
     failures: int = 0  # calls that failed since it was last known good
     probe: asyncio.Task | None = None
+    capacity: int = 1  # requests it runs in one forward pass (batching)
+
+    @property
+    def spare(self) -> bool:
+        """Room for a speculative verification (idle, for a non-batching member)."""
+        return len(self.leases) < max(1, int(self.capacity * SPECULATION_SHARE))
+
+    @property
+    def has_room(self) -> bool:
+        """Room in its next pass: a frontier step joins it at a small cost."""
+        return len(self.leases) < self.capacity
 
 
 def _info(member: object) -> Awaitable[object]:
@@ -95,8 +118,8 @@ class Pool(Generic[T]):
 
     # --- membership -------------------------------------------------------------
 
-    def add(self, member: T) -> int:
-        self.slots.append(_Slot(member))
+    def add(self, member: T, capacity: int = 1) -> int:
+        self.slots.append(_Slot(member, capacity=max(1, capacity)))
         self._order.append(-1)
         return len(self.slots) - 1
 
@@ -179,6 +202,16 @@ class Pool(Generic[T]):
     def in_flight(self, i: int) -> int:
         return len(self.slots[i].leases)
 
+    def set_capacity(self, i: int, capacity: int) -> None:
+        """Requests member ``i`` runs in one forward pass (its batch limit)."""
+        self.slots[i].capacity = max(1, capacity)
+
+    def headroom(self, i: int) -> float:
+        """The free fraction of a batching member's batch, 0..1 (1 = idle; a
+        member without batching always 1: its requests queue, they do not share)."""
+        slot = self.slots[i]
+        return 1.0 if slot.capacity == 1 else max(0.0, 1.0 - len(slot.leases) / slot.capacity)
+
     # --- leases -----------------------------------------------------------------
 
     def latency(self, i: int) -> float:
@@ -218,15 +251,19 @@ class Pool(Generic[T]):
         preempt: Callable[[], None] | None = None,
         affinity: Callable[[int], int] | None = None,
     ) -> Lease | None:
-        """A lease on an idle replica, or None when every replica is busy."""
-        idle = self.idle()
-        return self._take(self._least_loaded(idle, affinity), depth, preempt) if idle else None
+        """A lease for a speculative verification on a replica with spare
+        capacity (an idle one, without batching), or None when there is none."""
+        spare = [i for i in self.active() if self.slots[i].spare]
+        return self._take(self._least_loaded(spare, affinity), depth, preempt) if spare else None
 
     def acquire_frontier(self, affinity: Callable[[int], int] | None = None) -> tuple[Lease, bool]:
         """A replica for a frontier step; returns (lease, preempted_someone)."""
         idle = self.idle()
         if idle:
             return self._take(self._least_loaded(idle, affinity), _frontier, None), False
+        room = [i for i in self.active() if self.slots[i].has_room]  # batching: join a pass, preempt nobody
+        if room:
+            return self._take(self._least_loaded(room, affinity), _frontier, None), False
         victims = [
             lease
             for i in self.active()

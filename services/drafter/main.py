@@ -6,7 +6,14 @@ import argparse
 import asyncio
 import logging
 
-from dsi.backends import LocalDrafter, add_model_arguments, apply_cpu_threads, load_drafter_model
+from dsi.backends import (
+    LocalDrafter,
+    add_batch_arguments,
+    add_model_arguments,
+    apply_cpu_threads,
+    batch_limits_from_args,
+    load_drafter_model,
+)
 from dsi.serving import tracing
 from dsi.serving.gate import add_concurrency_argument, policy_from_args, security_from_args
 from dsi.serving.metrics import add_metrics_argument, serve_service_metrics
@@ -19,6 +26,7 @@ log = logging.getLogger("dsi.drafter")
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p)
     p.add_argument("--max-lookahead", type=int, default=64, help="largest lookahead accepted (default: %(default)s)")
+    add_batch_arguments(p, "Draft streams' token steps")
     add_concurrency_argument(p, "Draft streams")
     add_metrics_argument(p)
 
@@ -27,7 +35,9 @@ async def run(args: argparse.Namespace) -> None:
     security = security_from_args(args)  # bad TLS files: an error now, not after loading the model
     apply_cpu_threads(args.threads)
     model = load_drafter_model(args.model, args.device, args.dtype)
-    drafter = LocalDrafter(model, args.max_sessions, args.session_idle_timeout, args.max_lookahead)
+    drafter = LocalDrafter(
+        model, args.max_sessions, args.session_idle_timeout, args.max_lookahead, batch_limits_from_args(args)
+    )
     sweeper = asyncio.ensure_future(drafter.sessions.sweep_forever())
     policy = policy_from_args(args, model.info.max_context_tokens, [f"/{SERVICE_NAME}/Draft"], security)
     metrics = await serve_service_metrics("drafter", drafter, args.host, args.metrics_port, policy.security)

@@ -6,7 +6,14 @@ import argparse
 import asyncio
 import logging
 
-from dsi.backends import LocalTarget, add_model_arguments, apply_cpu_threads, load_target_model
+from dsi.backends import (
+    LocalTarget,
+    add_batch_arguments,
+    add_model_arguments,
+    apply_cpu_threads,
+    batch_limits_from_args,
+    load_target_model,
+)
 from dsi.serving import tracing
 from dsi.serving.gate import add_concurrency_argument, policy_from_args, security_from_args
 from dsi.serving.metrics import add_metrics_argument, serve_service_metrics
@@ -19,6 +26,7 @@ log = logging.getLogger("dsi.target")
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p)
     p.add_argument("--max-draft-tokens", type=int, default=64, help="draft tokens per Verify (default: %(default)s)")
+    add_batch_arguments(p, "Verify requests")
     add_concurrency_argument(p, "Verify requests")
     add_metrics_argument(p)
 
@@ -27,7 +35,9 @@ async def run(args: argparse.Namespace) -> None:
     security = security_from_args(args)  # bad TLS files: an error now, not after loading the model
     apply_cpu_threads(args.threads)
     model = load_target_model(args.model, args.device, args.dtype)
-    target = LocalTarget(model, args.max_sessions, args.session_idle_timeout, args.max_draft_tokens)
+    target = LocalTarget(
+        model, args.max_sessions, args.session_idle_timeout, args.max_draft_tokens, batch_limits_from_args(args)
+    )
     sweeper = asyncio.ensure_future(target.sessions.sweep_forever())
     policy = policy_from_args(args, model.info.max_context_tokens, [f"/{SERVICE_NAME}/Verify"], security)
     metrics = await serve_service_metrics("target", target, args.host, args.metrics_port, policy.security)

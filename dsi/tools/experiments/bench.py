@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from dsi.tools.experiments import config as xconfig
+from dsi.tools.experiments import load
 from dsi.tools.experiments.simulate import STRATEGIES, simulate_config, write_csv
 
 DEFAULT_RUN = {
@@ -481,6 +482,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="also record the schedule of that run (default 0,0: the first prompt of the first repeat) of every"
         " strategy and point, as OUT/timelines/POINT-STRATEGY-rREPEAT-pPROMPT.json (Chrome trace events) and .png",
     )
+    load.add_arguments(p)
     p.add_argument("--out", help="output folder (default: results/bench/NAME)")
     p.add_argument("--replot", metavar="DIR", help="only redraw the plots of an earlier run's folder")
     p.add_argument("--no-progress", action="store_true")
@@ -770,6 +772,8 @@ def main(args: argparse.Namespace) -> int:
 
     if args.replot:
         return replot(args)
+    if args.load:
+        return load.main(args)
     args._argv = sys.argv[2:] if sys.argv[1:2] == ["bench"] else []
     try:
         return asyncio.run(amain(args))

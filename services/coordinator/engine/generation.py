@@ -66,6 +66,8 @@ class Engine:
     ) -> None:
         self.targets: Pool[Target] = Pool(list(targets), "target replica")
         self.drafters: Pool[Drafter] = Pool(list(drafters), "drafter")
+        for i, t in enumerate(targets):  # in-process targets say how many requests share a pass
+            self.targets.set_capacity(i, getattr(getattr(t, "limits", None), "max_batch", 1) or 1)
         self.eos = frozenset(eos_token_ids)
         self.max_context = max_context
         self.vocab_size = vocab_size

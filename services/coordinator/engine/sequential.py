@@ -104,7 +104,9 @@ async def run_si(gen: Generation) -> AsyncIterator[None]:
     replica = None
     while not gen.finished:
         c = len(gen.committed)
-        k = min(gen.lookahead, gen.last_pos - c)
+        # Under load (a batching replica's batch filling up) the lookahead shrinks, down to one draft.
+        headroom = gen.engine.targets.headroom(replica) if replica is not None else 1.0
+        k = min(max(1, round(gen.lookahead * headroom)), gen.last_pos - c)
         slots = [s for s in gen.drafter_slots() if not s.stats.dropped and gen.reattach(s)]
         streams = await asyncio.gather(*(_draft(gen, s, k) for s in slots)) if k > 0 else [[] for _ in slots]
         main: list[DraftToken] = []
