@@ -36,9 +36,10 @@ class DraftFeed:
         self._stream_id = -1
         self._tree = StreamTree(0)
         self._proposal: Proposal | None = None
-        self._asked = self._got = 0  # main-path tokens asked of the stream, and received
-        #: (committed, pending) lengths when a stream ended early: a drafter with nothing to
-        #: propose (prompt lookup, say) is asked again only once they change.
+        #: (committed, pending) lengths when a stream ended by itself: it said all it had to say
+        #: about that text (prompt lookup may have nothing at all), so the drafter is asked again
+        #: only once they change. (A secondary's stream does not lengthen the pending drafts: asked
+        #: again at once, it would repeat itself, without end for a drafter that takes no time.)
         self._idle_at: tuple[int, int] | None = None
         #: The pending read of the next chunk: what the DSI loop waits on.
         self.reader: asyncio.Task[DraftChunk] | None = None
@@ -61,8 +62,8 @@ class DraftFeed:
         if room < gen.params.lookahead:
             return  # far enough ahead; resume when verifications catch up
         end = len(gen.committed) + len(gen.pending)
-        self._asked, self._got, self._idle_at = min(room, gen.last_pos + 1 - end), 0, None
-        request = gen.draft_request(gen.context(end), self._asked, primary=self.slot.primary)
+        self._idle_at = None
+        request = gen.draft_request(gen.context(end), min(room, gen.last_pos + 1 - end), primary=self.slot.primary)
         self._stream = self.slot.client.draft(request)
         self._tree = StreamTree(end)
         if not self.slot.primary:
@@ -112,8 +113,7 @@ class DraftFeed:
         if isinstance(exc, StopAsyncIteration):
             self._stream = self.reader = None
             self._ended(cancelled=False)
-            if self._got < self._asked:
-                self._idle_at = (len(gen.committed), len(gen.pending))
+            self._idle_at = (len(gen.committed), len(gen.pending))
             return
         if exc is not None:
             raise exc
@@ -137,7 +137,6 @@ class DraftFeed:
                 if len(branch) == 1 and c <= pos < c + len(gen.pending):
                     gen.alternatives.add(pos, branch)
                 continue
-            self._got += 1
             end = c + len(gen.pending)
             if pos < end:  # the frontier overtook the drafter: compare with what is known
                 known = gen.committed[pos] if pos < c else gen.pending[pos - c].token_id
@@ -152,10 +151,8 @@ class DraftFeed:
         p = self._proposal
         assert p is not None
         for pos, token, branch in self._tree.read(chunk.tokens):
-            if branch is None:
-                self._got += 1
-                if pos == p.start + len(p.tokens):
-                    p.tokens.append(token)
+            if branch is None and pos == p.start + len(p.tokens):
+                p.tokens.append(token)
         if p.dead or self.gen.proposals.get(self.slot.index) is not p:
             self.stop()
             return False
