@@ -5,6 +5,7 @@ the target's own: greedy token for token, sampled in distribution."""
 
 from __future__ import annotations
 
+import asyncio
 from collections import Counter
 from pathlib import Path
 
@@ -305,3 +306,77 @@ def test_sampled_output_with_a_model_and_an_ngram_drafter_follows_the_target_dis
     lm = PseudoLM(vocab, seed, support)
     exact = exact_continuations(lambda seq: sampling.warp(lm.logits(seq), params), prompt, 3, eos={eos})
     assert_fits(counts, exact, f"{strategy.value} with a model drafter and prompt lookup")
+
+
+# --- the demo pair: on a prompt that repeats itself, both drafters beat either alone ---------
+
+REPEATING_PROMPT = """def count_words(lines):
+    counts = {}
+    for line in lines:
+        for word in line.split():
+            word = word.lower()
+            if word in counts:
+                counts[word] += 1
+            else:
+                counts[word] = 1
+    return counts
+
+
+# the same function, with the loop rewritten:
+def count_words(lines):
+    counts = {}
+    for line in lines:
+"""
+
+
+def test_on_a_repeating_prompt_model_and_ngram_settle_more_per_pass_than_either_alone():
+    """SI on the demo pair of models/ (greedy: deterministic). Prompt lookup is
+    right where the small drafter is not (the output repeats itself), the
+    model drafter where there is nothing to copy."""
+    from transformers import AutoTokenizer
+
+    from dsi.tools.up import DEMO_DRAFTER, DEMO_TARGET, demo_models_dir
+
+    target, drafter = str(demo_models_dir() / DEMO_TARGET), str(demo_models_dir() / DEMO_DRAFTER)
+    prompt = list(AutoTokenizer.from_pretrained(target, local_files_only=True).encode(REPEATING_PROMPT))
+    engine_target = LocalTarget(load_target_model(target))
+
+    async def tokens_per_pass(specs: list[str]) -> tuple[float, list[int]]:
+        drafters = [load_drafter(s) for s in specs]
+        engine = Engine([engine_target], drafters, max_context=2048, vocab_size=4096)
+        engine.drafter_models.update({i: d.name for i, d in enumerate(drafters)})
+        gen = engine.generate(prompt, GenerationParams(64, strategy=Strategy.SI, lookahead=5))
+        out = [t async for toks in gen.tokens() for t in toks]
+        return gen.stats.new_tokens / gen.stats.target_forward_passes, out
+
+    model, out_model = asyncio.run(tokens_per_pass([drafter]))
+    ngram, out_ngram = asyncio.run(tokens_per_pass(["ngram:n=3,min_n=2,k=8"]))
+    both, out_both = asyncio.run(tokens_per_pass([drafter, "ngram:n=3,min_n=2,k=8"]))
+    assert out_model == out_ngram == out_both
+    assert both > 1.1 * max(model, ngram), (model, ngram, both)
+
+
+def test_dsi_up_adds_an_in_process_ngram_drafter(tmp_path: Path) -> None:
+    from tests.test_cli import json_log_lines, run_dsi
+
+    r = run_dsi(
+        "up",
+        "--synthetic",
+        "--demo",
+        "--targets",
+        "2",
+        "--max-new-tokens",
+        "20",
+        "--ngram-drafter",
+        "ngram:k=4",
+        "--port",
+        "0",
+        "--log-dir",
+        str(tmp_path),
+        timeout=120,
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "identical output for every strategy (lossless): yes" in r.stdout
+    serving = [rec for rec in json_log_lines((tmp_path / "coordinator.log").read_text()) if "drafters" in rec]
+    assert serving and serving[0]["drafters"][1] == "ngram:k=4", serving
+    assert not (tmp_path / "drafter-1.log").exists(), "no process for prompt lookup"

@@ -65,7 +65,12 @@ def load_drafter(spec: str, device: str = "cpu", dtype: str = "auto", **kw: Any)
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
     """The model options of ``dsi target`` and ``dsi drafter``."""
-    p.add_argument("--model", default="synthetic", help="model directory or synthetic spec (default: %(default)s)")
+    p.add_argument(
+        "--model",
+        default="synthetic",
+        help="model directory or synthetic spec; for a drafter also ngram[:n=3,min_n=2,k=8] (prompt lookup, no model)"
+        " (default: %(default)s)",
+    )
     p.add_argument("--device", default="cpu", help="cpu, cuda:N or mps (default: %(default)s)")
     p.add_argument("--dtype", default="auto", help="auto, float32, float16, bfloat16, float64 (default: %(default)s)")
     p.add_argument(

@@ -35,7 +35,6 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, fields
 
 import numpy as np
-from numpy.lib.stride_tricks import sliding_window_view
 
 from dsi.backends.base import Forward
 from dsi.domain import validation
@@ -110,12 +109,15 @@ def propose(tokens: Sequence[int], n: int, min_n: int, k: int) -> list[int]:
     output when it reaches the end of ``tokens``."""
     seq = np.asarray(tokens, dtype=np.int64)
     length = len(seq)
+    # Where the last token occurred before (each such place is followed by a token): the ends of
+    # the candidate occurrences, narrowed by one earlier token at a time.
+    ends = np.flatnonzero(seq[: length - 1] == seq[-1])
     for m in range(min(n, length - 1), min_n - 1, -1):
-        # Windows that start at 0 .. length - 1 - m: each is followed by a token, and none is the suffix itself.
-        windows = sliding_window_view(seq[: length - 1], m)
-        hits = np.flatnonzero((windows == seq[length - m :]).all(axis=1))
+        hits = ends[ends >= m - 1]
+        for back in range(1, m):
+            hits = hits[seq[hits - back] == seq[length - 1 - back]]
         if hits.size:
-            source = int(hits[-1]) + m
+            source = int(hits[-1]) + 1
             out = list(tokens)
             for i in range(k):
                 out.append(out[source + i])

@@ -12,6 +12,7 @@ parser, standard since 3.11, no YAML type surprises). Example::
     repeats = 5               # rounds over the prompts, strategies interleaved
     prompts = 2               # distinct random prompts
     prompt_len = 16
+    prompt_texts = ["..."]    # or these text prompts (the target's tokenizer), e.g. per profile
     lookahead = 5
     strategies = ["nonsi", "si", "dsi"]
 
@@ -64,6 +65,7 @@ RUN_KEYS = {
     "launch": str,
     "sim_repeats": int,
     "hf_peers": bool,
+    "prompt_texts": list,
 }
 SWEEP_KEYS = ("lookahead", "tokens", "sp")
 
