@@ -9,7 +9,7 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dsi.backends import LocalDrafter, LocalTarget, load_drafter_model, load_target_model
+from dsi.backends import LocalDrafter, LocalTarget, NgramDrafter, load_drafter, load_drafter_model, load_target_model
 from dsi.domain.interfaces import Drafter, Target
 from dsi.serving.server import RunningServer, start_server
 from dsi.wire.transport import GrpcDrafter, GrpcTarget
@@ -148,7 +148,7 @@ class LocalCluster:
     backends themselves with ``transport="inproc"``)."""
 
     local_targets: list[LocalTarget]
-    local_drafters: list[LocalDrafter]
+    local_drafters: list[LocalDrafter | NgramDrafter]
     targets: list[Target]
     drafters: list[Drafter]
     coordinator: Coordinator
@@ -169,7 +169,7 @@ async def local_cluster(
 ) -> AsyncIterator[LocalCluster]:
     async with AsyncExitStack() as stack:
         local_t = [LocalTarget(load_target_model(s), max_sessions=max_sessions) for s in target_specs]
-        local_d = [LocalDrafter(load_drafter_model(s), max_sessions=max_sessions) for s in drafter_specs]
+        local_d = [load_drafter(s, max_sessions=max_sessions) for s in drafter_specs]
         servers: list[RunningServer] = []
         if transport == "grpc":
             t_clients: list[Target] = []

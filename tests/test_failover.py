@@ -123,8 +123,13 @@ async def test_a_failing_replica_changes_no_token(mode: str, strategy: Strategy,
         eng.targets.slots[1].leases.add(pool_module.Lease(1, lambda: 0))
         eng.targets.slots[2].leases.add(pool_module.Lease(2, lambda: 0))
     out, stats = await generate(eng, strategy, sampling)
-    assert out == ref
-    assert stats.failovers >= 1 and faulty.calls >= 4
+    assert out == ref and faulty.calls >= 4
+    if strategy is Strategy.DSI and mode == "hang":
+        # DSI need not wait for it: the other replicas may decide its span first (then it is cancelled).
+        assert stats.failovers >= 1 or eng.targets.is_active(0)
+        await eng.close()
+        return
+    assert stats.failovers >= 1
     assert not eng.targets.is_active(0)
     for slot in eng.targets.slots:
         slot.leases.clear()

@@ -1,25 +1,31 @@
 """Model backends and the factory that picks one from a model spec.
 
 A spec is either ``synthetic:...`` (see :mod:`dsi.backends.synthetic`) or the
-path of a local Hugging Face model directory.
+path of a local Hugging Face model directory. A drafter may also be
+``ngram:...``: prompt lookup, no model (see :mod:`dsi.backends.ngram`).
 """
 
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 from dsi.backends.base import DrafterModel, LocalDrafter, LocalTarget, TargetModel
 from dsi.backends.batching import DEFAULT_MAX_BATCH, DEFAULT_MAX_BATCH_TOKENS, BatchLimits
+from dsi.backends.ngram import NgramDrafter, is_ngram
 
 __all__ = [
     "BatchLimits",
     "LocalDrafter",
     "LocalTarget",
+    "NgramDrafter",
     "add_batch_arguments",
     "add_model_arguments",
     "apply_cpu_threads",
     "batch_limits_from_args",
+    "is_ngram",
     "is_synthetic",
+    "load_drafter",
     "load_drafter_model",
     "load_target_model",
     "non_negative_int",
@@ -41,6 +47,8 @@ def load_target_model(spec: str, device: str = "cpu", dtype: str = "auto") -> Ta
 
 
 def load_drafter_model(spec: str, device: str = "cpu", dtype: str = "auto") -> DrafterModel:
+    if is_ngram(spec):
+        raise ValueError(f"{spec!r} is a drafter without a model: make it with NgramDrafter")
     if is_synthetic(spec):
         from dsi.backends.synthetic import SyntheticDrafter
 
@@ -50,9 +58,23 @@ def load_drafter_model(spec: str, device: str = "cpu", dtype: str = "auto") -> D
     return HFDrafter(spec, device, dtype)
 
 
+def load_drafter(spec: str, device: str = "cpu", dtype: str = "auto", **kw: Any) -> LocalDrafter | NgramDrafter:
+    """An in-process drafter for any drafter spec: prompt lookup for
+    ``ngram:...``, else a :class:`LocalDrafter` over the model (``kw``: its
+    limits)."""
+    if is_ngram(spec):
+        return NgramDrafter(spec, kw.get("max_lookahead", 64))
+    return LocalDrafter(load_drafter_model(spec, device, dtype), **kw)
+
+
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
     """The model options of ``dsi target`` and ``dsi drafter``."""
-    p.add_argument("--model", default="synthetic", help="model directory or synthetic spec (default: %(default)s)")
+    p.add_argument(
+        "--model",
+        default="synthetic",
+        help="model directory or synthetic spec; for a drafter also ngram[:n=3,min_n=2,k=8] (prompt lookup, no model)"
+        " (default: %(default)s)",
+    )
     p.add_argument("--device", default="cpu", help="cpu, cuda:N or mps (default: %(default)s)")
     p.add_argument("--dtype", default="auto", help="auto, float32, float16, bfloat16, float64 (default: %(default)s)")
     p.add_argument(

@@ -83,6 +83,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help=f"drafter model directory or synthetic spec (default: the shipped {DEMO_DRAFTER}, distilled from it)",
     )
     p.add_argument(
+        "--ngram-drafter",
+        nargs="?",
+        const="ngram",
+        default=None,
+        metavar="SPEC",
+        help="also draft by prompt lookup, inside the coordinator (no model, no process): an ngram[:n=3,min_n=2,k=8]"
+        " spec (default when given without one: ngram). The model drafter stays the primary",
+    )
+    p.add_argument(
         "--synthetic",
         action="store_true",
         help="default to the synthetic pair instead: a 13B-like target (30 ms per forward pass) and a 68M-like"
@@ -270,6 +279,7 @@ async def start(args: argparse.Namespace, cluster: Cluster) -> str:
         str(args.max_new_tokens),
         "--drafter",
         drafter_addr,
+        *(["--drafter", args.ngram_drafter] if args.ngram_drafter else []),
         *(["--otlp-endpoint", args.otlp_endpoint] if args.otlp_endpoint else []),
     ]
     for a in target_addrs:

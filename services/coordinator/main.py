@@ -6,13 +6,16 @@ import argparse
 import asyncio
 import functools
 import logging
+from typing import Any
 
-from dsi.backends import non_negative_int
+from dsi.backends import NgramDrafter, is_ngram, non_negative_int
+from dsi.domain.interfaces import Drafter
 from dsi.domain.types import CHAIN
 from dsi.serving.args import lookahead, tree_shape
 from dsi.serving.gate import add_client_arguments, client_from_args, policy_from_args, security_from_args
 from dsi.serving.metrics import CoordinatorMetrics, add_metrics_argument, serve_metrics
 from dsi.serving.server import WIND_DOWN_MARGIN, announce, serve_until_signal, start_server
+from dsi.wire.security import ClientSecurity
 from dsi.wire.transport import GrpcDrafter, GrpcTarget
 from services.coordinator.coordinator import Codec, Coordinator, Defaults
 from services.coordinator.discovery import build_coordinator
@@ -37,7 +40,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="ADDRESS",
-        help="a drafter HOST:PORT or dns:///NAME:PORT (repeat to spread generations over several)",
+        help="a drafter HOST:PORT or dns:///NAME:PORT, or ngram[:n=3,min_n=2,k=8] for prompt lookup run inside the"
+        " coordinator (no network hop, no model). Repeat: instances of one model spread generations, different"
+        " models (the first is the primary) all draft every generation",
     )
     p.add_argument(
         "--strategy", choices=[s.value for s in Strategy], default="dsi", help="default strategy (default: %(default)s)"
@@ -142,6 +147,14 @@ def load_codec(path: str | None) -> Codec:
     return Codec(AutoTokenizer.from_pretrained(path, local_files_only=True))
 
 
+def make_drafter(spec: str, security: ClientSecurity | None = None, **kw: Any) -> Drafter:
+    """An in-process prompt-lookup drafter for an ``ngram:...`` spec, else a
+    gRPC client of the drafter at that address."""
+    if is_ngram(spec):
+        return NgramDrafter(spec)
+    return GrpcDrafter(spec, security=security, **kw)
+
+
 async def build(args: argparse.Namespace) -> Coordinator:
     peers = client_from_args(args, "peer-")
     codec = load_codec(args.tokenizer)
@@ -159,7 +172,7 @@ async def build(args: argparse.Namespace) -> Coordinator:
         args.target,
         args.drafter,
         functools.partial(GrpcTarget, security=peers),
-        functools.partial(GrpcDrafter, security=peers),
+        functools.partial(make_drafter, security=peers),
         codec,
         defaults,
         args.connect_timeout,

@@ -8,10 +8,12 @@ import logging
 
 from dsi.backends import (
     LocalDrafter,
+    NgramDrafter,
     add_batch_arguments,
     add_model_arguments,
     apply_cpu_threads,
     batch_limits_from_args,
+    is_ngram,
     load_drafter_model,
 )
 from dsi.serving import tracing
@@ -34,12 +36,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 async def run(args: argparse.Namespace) -> None:
     security = security_from_args(args)  # bad TLS files: an error now, not after loading the model
     apply_cpu_threads(args.threads)
-    model = load_drafter_model(args.model, args.device, args.dtype)
-    drafter = LocalDrafter(
-        model, args.max_sessions, args.session_idle_timeout, args.max_lookahead, batch_limits_from_args(args)
-    )
-    sweeper = asyncio.ensure_future(drafter.sessions.sweep_forever())
-    policy = policy_from_args(args, model.info.max_context_tokens, [f"/{SERVICE_NAME}/Draft"], security)
+    drafter: LocalDrafter | NgramDrafter
+    if is_ngram(args.model):  # prompt lookup: no model, no sessions
+        drafter = NgramDrafter(args.model, args.max_lookahead)
+        sweeper = None
+    else:
+        model = load_drafter_model(args.model, args.device, args.dtype)
+        drafter = LocalDrafter(
+            model, args.max_sessions, args.session_idle_timeout, args.max_lookahead, batch_limits_from_args(args)
+        )
+        sweeper = asyncio.ensure_future(drafter.sessions.sweep_forever())
+    model_info = drafter.model.info
+    policy = policy_from_args(args, model_info.max_context_tokens, [f"/{SERVICE_NAME}/Draft"], security)
     metrics = await serve_service_metrics("drafter", drafter, args.host, args.metrics_port, policy.security)
     tracing.instrument_backend("drafter", drafter)  # after metrics: chains its hook; nothing when tracing is off
     running = await start_server(register(drafter), args.host, args.port, policy)
@@ -47,9 +55,9 @@ async def run(args: argparse.Namespace) -> None:
         "drafter serving",
         extra={
             "address": running.address,
-            "model": model.info.model_id,
-            "device": model.info.device,
-            "vocab_size": model.info.vocab_size,
+            "model": model_info.model_id,
+            "device": model_info.device,
+            "vocab_size": model_info.vocab_size,
             "security": policy.security.describe(),
             "max_message_bytes": policy.max_message_bytes,
             "health_port": running.health_port,
@@ -58,7 +66,8 @@ async def run(args: argparse.Namespace) -> None:
     announce(args.announce, running.address)
 
     async def stop() -> None:
-        sweeper.cancel()
+        if sweeper is not None:
+            sweeper.cancel()
         if metrics is not None:
             await metrics.stop()
 

@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from dsi.backends.ngram import is_ngram
 from dsi.tools.experiments import config as xconfig
 from dsi.tools.experiments import load
 from dsi.tools.experiments.simulate import STRATEGIES, simulate_config, write_csv
@@ -112,6 +113,7 @@ def _row(point: xconfig.Point, strategy: str, lookahead: int, rep: int, p_idx: i
         "tokens": n,
         "latency_ms": res["latency_ms"],
         "ms_per_token": res["latency_ms"] / n if n else math.nan,
+        "tokens_per_pass": n / s["target_forward_passes"] if s.get("target_forward_passes") else math.nan,
         "total_ms": res["total_ms"],
         "ttft_ms": res["ttft_ms"],
         "server_wall_ms": 1000 * s.get("wall_seconds", math.nan),
@@ -174,6 +176,14 @@ class HFPeers:
 
 
 # --- a point: all strategies, repeats and prompts -------------------------------------------------
+
+
+def text_prompts(model_dir: str, texts: Sequence[str]) -> list[list[int]]:
+    """Text prompts (``run.prompt_texts``) in the target's tokens, by its tokenizer."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    return [list(tokenizer.encode(t)) for t in texts]
 
 
 def make_prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
@@ -292,6 +302,7 @@ def summarize(rows: list[dict], sims: dict[str, dict]) -> tuple[list[dict], list
                     "simulated_latency_ms": simulated,
                     "overhead": means[s] / simulated if simulated else math.nan,
                     "acceptance_rate": _mean(rs, "acceptance_rate"),
+                    "tokens_per_pass": _mean(rs, "tokens_per_pass"),
                     "verifications_started": _mean(rs, "verifications_started"),
                     "verifications_cancelled": _mean(rs, "verifications_cancelled"),
                     "draft_streams": _mean(rs, "draft_streams"),
@@ -346,15 +357,16 @@ def report_md(meta: dict, summary: list[dict], speedups: list[dict]) -> str:
     lines += [
         "",
         "| point | strategy | k | ms/token median [p10, p90] | simulated ms/token | measured/simulated |"
-        " acceptance | cancelled verifs | same tokens |",
-        "|---|---|---|---|---|---|---|---|---|",
+        " acceptance | tokens/target pass | cancelled verifs | same tokens |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in summary:
         sim_mpt = s["simulated_latency_ms"] / s["tokens"] if s["tokens"] else math.nan
         lines.append(
             f"| {s['point']} | {s['strategy']} | {s['lookahead']} | {s['ms_per_token_median']:.2f}"
             f" [{s['ms_per_token_p10']:.2f}, {s['ms_per_token_p90']:.2f}] | {_f(sim_mpt, 2)} | {_f(s['overhead'])} |"
-            f" {_f(s['acceptance_rate'], 2)} | {_f(s['verifications_cancelled'], 1)} |"
+            f" {_f(s['acceptance_rate'], 2)} | {_f(s.get('tokens_per_pass', math.nan), 2)} |"
+            f" {_f(s['verifications_cancelled'], 1)} |"
             f" {'yes' if s['all_match'] else 'NO'} |"
         )
     return "\n".join(lines) + "\n"
@@ -636,8 +648,10 @@ async def amain(args: argparse.Namespace) -> int:
                     current = point.cluster
                 address = running.address
             peers = None
+            point_run = {**run, **point.profile.run}
             if run["hf_peers"] and not point.cluster.synthetic and not args.coordinator:
-                key = (point.cluster.targets[0], point.cluster.drafters[0] if point.cluster.drafters else None)
+                models = [d for d in point.cluster.drafters if not is_ngram(d.model)]  # assisted: a model drafter
+                key = (point.cluster.targets[0], models[0] if models else None)
                 if key not in peers_cache:
                     peers_cache[key] = await asyncio.to_thread(HFPeers, *key)
                 peers = peers_cache[key]
@@ -645,10 +659,13 @@ async def amain(args: argparse.Namespace) -> int:
             async with Client(address) as client:
                 info = await client.info()
                 vocab = info.targets[0].model.vocab_size if info.targets else 32000
-                prompts = make_prompts(int(run["prompts"]), int(run["prompt_len"]), vocab, int(run["seed"]))
+                if point_run.get("prompt_texts"):
+                    prompts = text_prompts(point.cluster.targets[0].model, point_run["prompt_texts"])
+                else:
+                    prompts = make_prompts(int(run["prompts"]), int(run["prompt_len"]), vocab, int(run["seed"]))
                 chosen = tuple(args.timeline) if args.timeline else None
                 point_rows = await run_point(
-                    client, point, run, prompts, bar, ks, peers, skip, chosen, out / "timelines"
+                    client, point, point_run, prompts, bar, ks, peers, skip, chosen, out / "timelines"
                 )
             if skip and "nonsi" in skip and rows:  # the grid's single non-SI measurement
                 base_rows = [

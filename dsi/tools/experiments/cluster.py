@@ -8,6 +8,8 @@ Two ways, the same services and the same gRPC hops either way:
   (:mod:`dsi.tools.experiments.coordinator`: the stock coordinator whose client
   channels carry the injected link delays). Each service has its own event
   loop and Python interpreter, so their overheads do not add up in one loop.
+  A prompt-lookup drafter (``ngram:...``) runs inside the coordinator
+  (``--drafter ngram:...``), its cheap deployment.
 * ``inproc``: every server in the benchmark's own event loop (fast start-up:
   tests and quick checks). All RPC handling then shares one interpreter, so the
   measured overhead is larger than a deployment's.
@@ -27,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dsi.backends.ngram import is_ngram
 from dsi.domain.errors import Unavailable
 from dsi.tools.experiments import netdelay
 from dsi.tools.experiments.config import Cluster
@@ -132,13 +135,17 @@ async def start(
             argv = ["target", "--model", t.model, "--device", t.device, "--dtype", t.dtype, *common]
             children.append(await _spawn(log_dir, f"target-{i}", "dsi", argv))
         for i, d in enumerate(cluster.drafters):
+            if is_ngram(d.model):
+                continue  # prompt lookup runs inside the coordinator
             argv = ["drafter", "--model", d.model, "--device", d.device, "--dtype", d.dtype, *common]
             children.append(await _spawn(log_dir, f"drafter-{i}", "dsi", argv))
         addrs = [await _address(c, startup_timeout) for c in children]
         argv = [*common, "--max-sp-degree", str(cluster.max_sp_degree)]
         for inst, addr in zip(cluster.targets, addrs, strict=False):
             argv += ["--target", addr, "--target-delay-ms", f"{inst.delay_ms:g}"]
-        for inst, addr in zip(cluster.drafters, addrs[len(cluster.targets) :], strict=True):
+        served = iter(addrs[len(cluster.targets) :])
+        for inst in cluster.drafters:
+            addr = inst.model if is_ngram(inst.model) else next(served)
             argv += ["--drafter", addr, "--drafter-delay-ms", f"{inst.delay_ms:g}"]
         coordinator = await _spawn(log_dir, "coordinator", "dsi.tools.experiments.coordinator", argv)
         children.append(coordinator)
@@ -150,7 +157,7 @@ async def start(
 
 
 async def _start_inproc(cluster: Cluster) -> Running:
-    from dsi.backends import LocalDrafter, LocalTarget, load_drafter_model, load_target_model
+    from dsi.backends import LocalTarget, load_drafter, load_target_model
     from dsi.serving.server import start_server
     from dsi.wire.transport import GrpcDrafter, GrpcTarget
     from services.coordinator.coordinator import Codec, Coordinator, Defaults
@@ -161,7 +168,7 @@ async def _start_inproc(cluster: Cluster) -> Running:
     stack = AsyncExitStack()
     try:
         local_t = [LocalTarget(load_target_model(t.model, t.device, t.dtype)) for t in cluster.targets]
-        local_d = [LocalDrafter(load_drafter_model(d.model, d.device, d.dtype)) for d in cluster.drafters]
+        local_d = [load_drafter(d.model, d.device, d.dtype) for d in cluster.drafters]
         t_clients, d_clients = [], []
         for inst, lt in zip(cluster.targets, local_t, strict=True):
             srv = await start_server(register_target(lt))

@@ -12,6 +12,7 @@ parser, standard since 3.11, no YAML type surprises). Example::
     repeats = 5               # rounds over the prompts, strategies interleaved
     prompts = 2               # distinct random prompts
     prompt_len = 16
+    prompt_texts = ["..."]    # or these text prompts (the target's tokenizer), e.g. per profile
     lookahead = 5
     strategies = ["nonsi", "si", "dsi"]
 
@@ -42,7 +43,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from dsi.backends import is_synthetic
+from dsi.backends import is_ngram, is_synthetic
 from dsi.tools.experiments.simulate import Node, SimConfig
 
 if sys.version_info >= (3, 11):
@@ -64,6 +65,7 @@ RUN_KEYS = {
     "launch": str,
     "sim_repeats": int,
     "hf_peers": bool,
+    "prompt_texts": list,
 }
 SWEEP_KEYS = ("lookahead", "tokens", "sp")
 
@@ -234,7 +236,7 @@ def _instances(items: Any, where: str, base: Path | None) -> tuple[Instance, ...
         if unknown:
             raise ConfigError(f"{where}[{n}]: unknown key(s) {', '.join(sorted(unknown))}")
         model = str(item["model"])
-        if not is_synthetic(model) and base is not None and not Path(model).is_absolute():
+        if not is_synthetic(model) and not is_ngram(model) and base is not None and not Path(model).is_absolute():
             model = str((base / model).resolve())
         inst = Instance(
             model, str(item.get("device", "cpu")), str(item.get("dtype", "auto")), float(item.get("delay_ms", 0))

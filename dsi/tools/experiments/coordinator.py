@@ -34,6 +34,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 async def run(args: argparse.Namespace) -> None:
+    from dsi.backends import NgramDrafter, is_ngram
     from dsi.serving.gate import policy_from_args
     from dsi.serving.server import announce, serve_until_signal, start_server
     from dsi.wire.transport import GrpcDrafter, GrpcTarget
@@ -50,7 +51,12 @@ async def run(args: argparse.Namespace) -> None:
         for i, a in enumerate(args.target)
     ]
     drafters = [
-        (a, GrpcDrafter(a, interceptors=netdelay.interceptors(delay(args.drafter_delay_ms, i))))
+        (
+            a,
+            NgramDrafter(a)
+            if is_ngram(a)
+            else GrpcDrafter(a, interceptors=netdelay.interceptors(delay(args.drafter_delay_ms, i))),
+        )
         for i, a in enumerate(args.drafter)
     ]
     defaults = Defaults(Strategy(args.strategy), args.lookahead, args.max_new_tokens, args.max_sp_degree)

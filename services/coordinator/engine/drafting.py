@@ -37,9 +37,10 @@ class DraftFeed:
         self._stream_id = -1
         self._tree = StreamTree(0)
         self._proposal: Proposal | None = None
-        self._asked = self._got = 0  # main-path tokens asked of the stream, and received
-        #: (committed, pending) lengths when a stream ended early: a drafter with nothing to
-        #: propose (prompt lookup, say) is asked again only once they change.
+        #: (committed, pending) lengths when a stream ended by itself: it said all it had to say
+        #: about that text (prompt lookup may have nothing at all), so the drafter is asked again
+        #: only once they change. (A secondary's stream does not lengthen the pending drafts: asked
+        #: again at once, it would repeat itself, without end for a drafter that takes no time.)
         self._idle_at: tuple[int, int] | None = None
         #: The pending read of the next chunk: what the DSI loop waits on.
         self.reader: asyncio.Task[DraftChunk] | None = None
@@ -67,9 +68,9 @@ class DraftFeed:
         if room < gen.lookahead:
             return  # far enough ahead; resume when verifications catch up
         end = len(gen.committed) + len(gen.pending)
-        self._asked, self._got, self._idle_at = min(room, gen.last_pos + 1 - end), 0, None
+        self._idle_at = None
         self._chunk_at = 0.0
-        request = gen.draft_request(gen.context(end), self._asked, primary=self.slot.primary)
+        request = gen.draft_request(gen.context(end), min(room, gen.last_pos + 1 - end), primary=self.slot.primary)
         client = self.slot.client
         assert client is not None
         self._stream = client.draft(request)
@@ -139,8 +140,7 @@ class DraftFeed:
         if isinstance(exc, StopAsyncIteration):
             self._stream = self.reader = None
             self._ended(cancelled=False)
-            if self._got < self._asked:
-                self._idle_at = (len(gen.committed), len(gen.pending))
+            self._idle_at = (len(gen.committed), len(gen.pending))
             return
         if exc is not None:
             self._fail(exc)
@@ -168,7 +168,6 @@ class DraftFeed:
                 if len(branch) == 1 and c <= pos < c + len(gen.pending):
                     gen.alternatives.add(pos, branch)
                 continue
-            self._got += 1
             end = c + len(gen.pending)
             if pos < end:  # the frontier overtook the drafter: compare with what is known
                 known = gen.committed[pos] if pos < c else gen.pending[pos - c].token_id
@@ -183,10 +182,8 @@ class DraftFeed:
         p = self._proposal
         assert p is not None
         for pos, token, branch in self._tree.read(chunk.tokens):
-            if branch is None:
-                self._got += 1
-                if pos == p.start + len(p.tokens):
-                    p.tokens.append(token)
+            if branch is None and pos == p.start + len(p.tokens):
+                p.tokens.append(token)
         if p.dead or self.gen.proposals.get(self.slot.index) is not p:
             self.stop()
             return False
