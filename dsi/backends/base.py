@@ -46,10 +46,19 @@ log = logging.getLogger(__name__)
 class Forward:
     """What one forward pass produced."""
 
-    rows: np.ndarray  # (n, vocab) scores for the last n positions
+    #: (n, vocab) scores for the last n positions: a numpy array, or a tensor on the
+    #: model's device (Hugging Face), decided there by :meth:`TargetModel.decide`
+    scores: Any
     cached_tokens: int
     computed_tokens: int
     seconds: float
+
+    @property
+    def rows(self) -> np.ndarray:
+        """The scores as a numpy array on the host (a device tensor is copied whole)."""
+        if isinstance(self.scores, np.ndarray):
+            return self.scores
+        return self.scores.float().cpu().numpy()
 
 
 class TargetModel(abc.ABC):
@@ -87,6 +96,16 @@ class TargetModel(abc.ABC):
 
     def drop_state(self, state: Any) -> None:  # noqa: B027 - optional hook
         """Free what ``state`` holds (called when a session is dropped)."""
+
+    #: True when :meth:`decide` works on the model's device: the decision is then made
+    #: before the next forward pass may start (it uses the device, and the scores on it).
+    decides_on_device: bool = False
+
+    async def decide(self, request: VerifyRequest, fwd: Forward) -> tuple[list[Decision], list[int], int]:
+        """Decisions, accepted path and next token from a forward pass's
+        scores (:func:`dsi.domain.sampling.verify_rows` on the host; a backend
+        whose scores live on a device may decide there)."""
+        return sampling.verify_rows(fwd.rows, request.drafts, request.sampling, request.seed, len(request.context))
 
 
 class DrafterModel(abc.ABC):
@@ -168,18 +187,21 @@ class LocalTarget(Target):
         ids = [d.token_id for d in request.drafts]
         chain = is_chain(request.drafts)
         queued = time.perf_counter()
+        decided: tuple[list[Decision], list[int], int] | None = None
         try:
             async with self.sessions.use(request.session_id) as state:
                 async with self._device.lock:
                     waited = time.perf_counter() - queued
                     if chain:
                         fwd = await self.model.forward(state, [*request.context, *ids], len(ids) + 1)
+                        if self.model.decides_on_device:
+                            decided = await self.model.decide(request, fwd)
                     else:  # the session must keep the accepted path only: decide before releasing the device
                         fwd = await self.model.forward_tree(state, request.context, ids, tree_parents(request.drafts))
-                        decided = self._decide(request, fwd)
+                        decided = await self.model.decide(request, fwd)
                         await self.model.keep_path(state, request.context, [ids[i] for i in decided[1]], decided[1])
-            if chain:
-                decided = self._decide(request, fwd)
+            if decided is None:
+                decided = await self.model.decide(request, fwd)
         except asyncio.CancelledError:
             self.counters.cancelled_requests += 1
             raise
@@ -192,10 +214,6 @@ class LocalTarget(Target):
         decisions, path, nxt = decided
         stats = ForwardStats(fwd.cached_tokens, fwd.computed_tokens, waited, fwd.seconds)
         return VerifyResult(decisions, len(path), nxt, stats, path)
-
-    @staticmethod
-    def _decide(request: VerifyRequest, fwd: Forward) -> tuple[list[Decision], list[int], int]:
-        return sampling.verify_rows(fwd.rows, request.drafts, request.sampling, request.seed, len(request.context))
 
     async def release_session(self, session_id: str) -> bool:
         return self.sessions.release(session_id)

@@ -437,7 +437,7 @@ def instrument_backend(role: str, backend: LocalTarget | LocalDrafter) -> None:
             attributes={
                 "dsi.computed_tokens": fwd.computed_tokens,
                 "dsi.cached_tokens": fwd.cached_tokens,
-                "dsi.rows": len(fwd.rows),
+                "dsi.rows": len(fwd.scores),
             },
         )
         span.end(end_time=end)
