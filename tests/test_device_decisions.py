@@ -114,6 +114,7 @@ async def test_hf_target_decides_on_device_and_moves_only_ids(tiny_models: dict[
     on = HFTarget(str(tiny_models["llama"]), decide_on_device=True)
     off = HFTarget(str(tiny_models["llama"]), decide_on_device=False)
     assert on.decides_on_device and not off.decides_on_device
+    assert not HFTarget(str(tiny_models["llama"])).decides_on_device, "on the CPU the host decides by default"
     vocab = on.info.vocab_size
     rng = np.random.default_rng(0)
     cases = [

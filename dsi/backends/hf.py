@@ -256,7 +256,9 @@ class DeviceDecisions:
         from dsi.backends import torch_sampling
 
         self.core = core
-        self.on_device = torch_sampling.supported(core.device) if on_device is None else on_device
+        if on_device is None:  # on the CPU the rows already are on the host, and numpy decides them faster
+            on_device = core.device.type != "cpu" and torch_sampling.supported(core.device)
+        self.on_device = on_device
         if self.on_device and not torch_sampling.supported(core.device):
             raise InvalidArgument(f"decisions cannot run on {core.device} (no float64): decide on the host")
         self.host_bytes = 0
@@ -293,7 +295,8 @@ class HFTarget(TargetModel):
     def __init__(
         self, path: str, device: str = "cpu", dtype: str = "auto", decide_on_device: bool | None = None
     ) -> None:
-        """``decide_on_device``: None = wherever the device can (not MPS)."""
+        """``decide_on_device``: None = on accelerators that can (CUDA, not
+        MPS); on the CPU the host's numpy decides."""
         self.core = HFCore(path, device, dtype)
         self.info = self.core.info
         self.decisions = DeviceDecisions(self.core, decide_on_device)
