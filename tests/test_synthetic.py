@@ -309,3 +309,33 @@ async def test_drafter_latency_ttft_then_tpot() -> None:
     assert [len(c.tokens) for c in chunks] == [2, 2]
     for c in chunks:
         assert c.stats.compute_seconds >= 2 * 0.020 - SLACK, "tpot per drafted token"
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(),
+        SamplingParams(temperature=1.0),
+        SamplingParams(temperature=0.6, top_k=3),
+        SamplingParams(temperature=1.4, top_k=100),
+        SamplingParams(temperature=0.8, top_p=0.7),
+    ],
+    ids=str,
+)
+async def test_sparse_decisions_equal_dense_ones(params: SamplingParams) -> None:
+    """The synthetic target decides on its rows' support only; the tokens are
+    those of the dense rows' rule (dsi.domain.sampling.verify_rows)."""
+    from dsi.backends.synthetic import SparseRows
+    from dsi.domain import sampling
+    from dsi.domain.types import DraftToken, VerifyRequest
+
+    t = SyntheticTarget("synthetic:vocab=500,seed=3,support=6")
+    rng = np.random.default_rng(1)
+    for trial in range(40):
+        ctx = rng.integers(0, 500, size=4 + trial % 5).tolist()
+        drafts = [DraftToken(int(x)) for x in rng.integers(0, 500, size=trial % 6)]
+        fwd = await t.forward(t.new_state(), [*ctx, *(d.token_id for d in drafts)], len(drafts) + 1)
+        assert isinstance(fwd.scores, SparseRows) and fwd.rows.shape == (len(drafts) + 1, 500)
+        request = VerifyRequest("s", ctx, drafts, params, seed=trial)
+        got = await t.decide(request, fwd)
+        assert got == sampling.verify_rows(fwd.rows, drafts, params, trial, len(ctx)), f"trial {trial}"

@@ -58,7 +58,9 @@ class Forward:
         """The scores as a numpy array on the host (a device tensor is copied whole)."""
         if isinstance(self.scores, np.ndarray):
             return self.scores
-        return self.scores.float().cpu().numpy()
+        if hasattr(self.scores, "cpu"):  # a torch tensor
+            return self.scores.float().cpu().numpy()
+        return np.asarray(self.scores)  # e.g. the synthetic backend's sparse rows
 
 
 class TargetModel(abc.ABC):

@@ -132,6 +132,25 @@ def choose(logits: np.ndarray, params: SamplingParams, seed: int, position: int)
     return greedy_token(log_probs(logits, params) + gumbel_noise(seed, position, len(logits)))
 
 
+def choose_sparse(
+    ids: np.ndarray, logits: np.ndarray, vocab_size: int, params: SamplingParams, seed: int, position: int
+) -> int | None:
+    """:func:`choose` for logits that are ``-inf`` outside ``ids`` (ascending,
+    distinct), from those ids alone: the same token, with noise for the
+    support only. None for top-p (its normalisation over the whole row may
+    round differently; decide the dense row then)."""
+    if params.greedy:
+        return int(ids[np.argmax(logits)])  # ids ascending: ties go to the lowest id
+    if params.top_p < 1.0:
+        return None
+    x = np.asarray(logits, dtype=np.float64) / params.temperature
+    if 0 < params.top_k < vocab_size and params.top_k <= x.size:  # else the dense k-th value is -inf: no cut
+        kth = np.partition(x, -params.top_k)[-params.top_k]
+        x = np.where(x < kth, -np.inf, x)
+    noise = -np.log(-np.log(keyed_uniforms(seed, position, ids)))
+    return int(ids[np.argmax(x + noise)])
+
+
 def top_candidates(logits: np.ndarray, params: SamplingParams, seed: int, position: int, k: int) -> list[int]:
     """The ``k`` best guesses of the token at ``position``: the rule's choice
     first, then the runners-up of the same noisy scores (Gumbel top-k). A
