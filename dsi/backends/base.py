@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -18,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from dsi.domain import sampling, validation
+from dsi.domain import prefix, sampling, validation
 from dsi.domain.interfaces import Drafter, Target
 from dsi.domain.sessions import SessionStore
 from dsi.domain.types import (
@@ -146,6 +147,17 @@ class _Device:
         self.lock = asyncio.Lock()
 
 
+class _TargetSession:
+    """A target session: the model's state and the last sequence received
+    (what a request's context prefix refers to, see dsi.domain.prefix)."""
+
+    __slots__ = ("model", "received")
+
+    def __init__(self, model_state: Any) -> None:
+        self.model = model_state
+        self.received: list[int] = []
+
+
 class LocalTarget(Target):
     def __init__(
         self,
@@ -160,9 +172,13 @@ class LocalTarget(Target):
             max_draft_tokens=max_draft_tokens,
             max_sessions=max_sessions,
             session_idle_timeout_seconds=session_idle_timeout,
+            accepts_context_prefix=True,
         )
-        self.sessions: SessionStore[Any] = SessionStore(
-            model.new_state, max_sessions, session_idle_timeout, on_drop=model.drop_state
+        self.sessions: SessionStore[_TargetSession] = SessionStore(
+            lambda: _TargetSession(model.new_state()),
+            max_sessions,
+            session_idle_timeout,
+            on_drop=lambda s: model.drop_state(s.model),
         )
         self.counters = ServiceCounters()
         #: Called with every forward pass (metrics, see dsi/serving/metrics.py); None = nothing to call.
@@ -184,14 +200,27 @@ class LocalTarget(Target):
     async def verify(self, request: VerifyRequest) -> VerifyResult:
         """One forward pass over the context and the drafts (a chain or a
         tree), then the decisions. After a tree, the session keeps only the
-        context and the accepted path."""
-        self.check(request)
+        context and the accepted path. A context given as a prefix of what the
+        session received (dsi.domain.prefix) is completed from the session
+        first."""
+        info = self.model.info
+        if request.prefix_length:  # the prefix's ids were checked when they came; its size is checked below
+            validation.check_session_id(request.session_id)
+            validation.check_token_ids(request.context, info.vocab_size, "context_token_ids")
+            validation.check_drafts(request.drafts, info.vocab_size, self.limits.max_draft_tokens)
+        else:
+            self.check(request)
         ids = [d.token_id for d in request.drafts]
         chain = is_chain(request.drafts)
         queued = time.perf_counter()
         decided: tuple[list[Decision], list[int], int] | None = None
         try:
-            async with self.sessions.use(request.session_id) as state:
+            async with self.sessions.use(request.session_id) as session:
+                if request.prefix_length:
+                    full = prefix.resolve(session.received, request.prefix_length, request.prefix_hash, request.context)
+                    request = dataclasses.replace(request, context=full, prefix_length=0, prefix_hash=0)
+                    validation.check_context_size(len(full), info.max_context_tokens, len(request.drafts))
+                state = session.model
                 async with self._device.lock:
                     waited = time.perf_counter() - queued
                     if chain:
@@ -202,6 +231,7 @@ class LocalTarget(Target):
                         fwd = await self.model.forward_tree(state, request.context, ids, tree_parents(request.drafts))
                         decided = await self.model.decide(request, fwd)
                         await self.model.keep_path(state, request.context, [ids[i] for i in decided[1]], decided[1])
+                session.received = [*request.context, *ids] if chain else list(request.context)
             if decided is None:
                 decided = await self.model.decide(request, fwd)
         except asyncio.CancelledError:

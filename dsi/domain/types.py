@@ -141,10 +141,15 @@ class ForwardStats:
 @dataclass(frozen=True)
 class VerifyRequest:
     session_id: str
+    #: the tokens before the first draft; with ``prefix_length``, only those after the prefix
     context: Sequence[int]
     drafts: Sequence[DraftToken] = ()
     sampling: SamplingParams = GREEDY
     seed: int = 0
+    #: > 0: ``context`` follows the first ``prefix_length`` tokens of the last sequence the
+    #: session received (see dsi.domain.prefix), whose hash is ``prefix_hash``
+    prefix_length: int = 0
+    prefix_hash: int = 0
 
 
 @dataclass(frozen=True)
@@ -201,6 +206,7 @@ class ServiceLimits:
     max_lookahead: int = 0
     max_sessions: int = 0
     session_idle_timeout_seconds: float = 0.0
+    accepts_context_prefix: bool = False
 
 
 @dataclass

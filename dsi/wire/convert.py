@@ -113,6 +113,7 @@ def service_info_parts(info: ServiceInfo) -> dict:
             max_lookahead=lim.max_lookahead,
             max_sessions=lim.max_sessions,
             session_idle_timeout_seconds=lim.session_idle_timeout_seconds,
+            accepts_context_prefix=lim.accepts_context_prefix,
         ),
         counters=common_pb2.ServiceCounters(**vars(cnt)),
     )
@@ -125,7 +126,11 @@ def service_info_from_pb(
     return ServiceInfo(
         model=model_info_from_pb(m.model),
         limits=ServiceLimits(
-            lim.max_draft_tokens, lim.max_lookahead, lim.max_sessions, lim.session_idle_timeout_seconds
+            lim.max_draft_tokens,
+            lim.max_lookahead,
+            lim.max_sessions,
+            lim.session_idle_timeout_seconds,
+            lim.accepts_context_prefix,
         ),
         counters=ServiceCounters(**{f: getattr(cnt, f) for f in vars(ServiceCounters())}),
     )
@@ -141,6 +146,8 @@ def verify_request_from_pb(m: target_pb2.VerifyRequest) -> VerifyRequest:
         drafts=draft_tokens_from_pb(m.draft_tokens),
         sampling=sampling_from_pb(m.sampling),
         seed=m.seed,
+        prefix_length=m.context_prefix_length,
+        prefix_hash=m.context_prefix_hash,
     )
 
 
@@ -151,6 +158,8 @@ def verify_request_to_pb(r: VerifyRequest) -> target_pb2.VerifyRequest:
         draft_tokens=draft_tokens_to_pb(r.drafts),
         sampling=sampling_to_pb(r.sampling),
         seed=r.seed,
+        context_prefix_length=r.prefix_length,
+        context_prefix_hash=r.prefix_hash,
     )
 
 
