@@ -178,7 +178,8 @@ class _Latency:
             ms += self._rand.uniform(0.0, self.spec.jitter_ms)
         state.first = False
         start = time.perf_counter()
-        await asyncio.sleep(ms / 1000.0)
+        if ms > 0:  # a zero-latency model costs no event-loop wake-up
+            await asyncio.sleep(ms / 1000.0)
         return time.perf_counter() - start
 
 
