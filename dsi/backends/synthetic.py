@@ -48,6 +48,7 @@ import numpy as np
 from dsi.backends.base import DrafterModel, Forward, TargetModel
 from dsi.domain import sampling
 from dsi.domain.errors import InvalidArgument
+from dsi.domain.prefix import common_prefix
 from dsi.domain.sampling import choose
 from dsi.domain.types import ROOT, Decision, ModelInfo, SamplingParams, VerifyRequest
 
@@ -153,12 +154,7 @@ class PseudoLM:
         return out
 
 
-def _lcp(a: Sequence[int], b: Sequence[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
+_lcp = common_prefix
 
 
 class _State:

@@ -24,6 +24,8 @@ def check_session_id(session_id: str) -> None:
 def check_token_ids(ids: Sequence[int], vocab_size: int, what: str) -> None:
     if len(ids) == 0:
         return
+    if isinstance(ids, list) and 0 <= min(ids) and max(ids) < vocab_size:  # the common case, without an array
+        return
     arr = np.asarray(ids, dtype=np.int64)
     bad = np.flatnonzero((arr < 0) | (arr >= vocab_size))
     if bad.size:
