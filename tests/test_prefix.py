@@ -151,3 +151,17 @@ async def test_no_prefix_to_a_target_that_does_not_accept_them() -> None:
         assert client.sent is None
         await _decode(client, "s", list(range(1, 50)), 5)
         assert client.prefix_requests == 0
+
+
+def test_hashed_sequence_hashes_every_prefix_like_the_whole() -> None:
+    from dsi.domain.prefix import HashedSequence
+
+    rng = np.random.default_rng(2)
+    held = HashedSequence()
+    held.BLOCK = 4  # many boundaries in short sequences
+    for _ in range(60):
+        keep = int(rng.integers(0, len(held.tokens) + 1))
+        tokens = held.tokens[:keep] + rng.integers(0, 2**32, size=int(rng.integers(0, 20))).tolist()
+        held.replace(tokens, keep)
+        for n in range(len(tokens) + 1):
+            assert held.prefix_hash(n) == prefix_hash(tokens[:n]), (len(tokens), n)

@@ -155,7 +155,7 @@ class _TargetSession:
 
     def __init__(self, model_state: Any) -> None:
         self.model = model_state
-        self.received: list[int] = []
+        self.received = prefix.HashedSequence()
 
 
 class LocalTarget(Target):
@@ -216,8 +216,9 @@ class LocalTarget(Target):
         decided: tuple[list[Decision], list[int], int] | None = None
         try:
             async with self.sessions.use(request.session_id) as session:
-                if request.prefix_length:
-                    full = prefix.resolve(session.received, request.prefix_length, request.prefix_hash, request.context)
+                prefix_length = request.prefix_length
+                if prefix_length:
+                    full = prefix.resolve(session.received, prefix_length, request.prefix_hash, request.context)
                     request = dataclasses.replace(request, context=full, prefix_length=0, prefix_hash=0)
                     validation.check_context_size(len(full), info.max_context_tokens, len(request.drafts))
                 state = session.model
@@ -231,7 +232,10 @@ class LocalTarget(Target):
                         fwd = await self.model.forward_tree(state, request.context, ids, tree_parents(request.drafts))
                         decided = await self.model.decide(request, fwd)
                         await self.model.keep_path(state, request.context, [ids[i] for i in decided[1]], decided[1])
-                session.received = [*request.context, *ids] if chain else list(request.context)
+                sequence = [*request.context, *ids] if chain else list(request.context)  # what a prefix names
+                session.received.replace(
+                    sequence, prefix_length or prefix.common_prefix(session.received.tokens, sequence)
+                )
             if decided is None:
                 decided = await self.model.decide(request, fwd)
         except asyncio.CancelledError:

@@ -7,9 +7,11 @@ after it; the target checks the hash and answers FAILED_PRECONDITION when it
 does not hold that prefix (evicted session, restarted replica, a request the
 client never saw the answer to), and the client then resends everything.
 
-The hash is the first 8 bytes (little endian) of BLAKE2b over the tokens as
-little-endian uint32s: C speed on both sides, so the check costs about a
-microsecond per thousand tokens.
+The hash is the first 8 bytes (little endian) of BLAKE2b-64 over the tokens
+as little-endian uint32s. Both sides keep the hash state at every 256-token
+boundary of the sequence they hold (:class:`HashedSequence`; BLAKE2b fed in
+pieces equals BLAKE2b of the whole), so naming or checking a prefix costs
+at most 256 tokens of hashing, whatever the context's length.
 """
 
 from __future__ import annotations
@@ -23,12 +25,46 @@ from collections.abc import Sequence
 from dsi.domain.errors import FailedPrecondition
 
 
-def prefix_hash(tokens: Sequence[int]) -> int:
-    """The hash a VerifyRequest names a context prefix by."""
+def _bytes(tokens: Sequence[int]) -> bytes:
     data = array("I", tokens)
     if sys.byteorder != "little":
         data.byteswap()
-    return int.from_bytes(hashlib.blake2b(data.tobytes(), digest_size=8).digest(), "little")
+    return data.tobytes()
+
+
+def prefix_hash(tokens: Sequence[int]) -> int:
+    """The hash a VerifyRequest names a context prefix by."""
+    return int.from_bytes(hashlib.blake2b(_bytes(tokens), digest_size=8).digest(), "little")
+
+
+class HashedSequence:
+    """A token sequence with the hash state at every ``BLOCK``-token boundary,
+    so that :meth:`prefix_hash` of any prefix hashes fewer than ``BLOCK`` tokens."""
+
+    BLOCK = 256
+
+    def __init__(self) -> None:
+        self.tokens: list[int] = []
+        self._states = [hashlib.blake2b(digest_size=8)]  # [k]: after the first k * BLOCK tokens
+
+    def replace(self, tokens: list[int], common: int) -> None:
+        """Hold ``tokens`` instead, whose first ``common`` tokens are the
+        same as the ones held (hashing only what follows the last boundary
+        before them)."""
+        b = self.BLOCK
+        del self._states[min(common, len(self.tokens)) // b + 1 :]
+        h = self._states[-1].copy()
+        for k in range(len(self._states) - 1, len(tokens) // b):
+            h.update(_bytes(tokens[k * b : (k + 1) * b]))
+            self._states.append(h.copy())
+        self.tokens = tokens
+
+    def prefix_hash(self, n: int) -> int:
+        """:func:`prefix_hash` of the first ``n`` tokens held."""
+        k = n // self.BLOCK
+        h = self._states[k].copy()
+        h.update(_bytes(self.tokens[k * self.BLOCK : n]))
+        return int.from_bytes(h.digest(), "little")
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -46,14 +82,14 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return lo
 
 
-def resolve(received: list[int], length: int, digest: int, suffix: Sequence[int]) -> list[int]:
-    """The full context a request names: ``received[:length]`` + ``suffix``,
-    after checking the prefix's hash."""
-    if length > len(received) or prefix_hash(received[:length]) != digest:
+def resolve(received: HashedSequence, length: int, digest: int, suffix: Sequence[int]) -> list[int]:
+    """The full context a request names: the first ``length`` tokens
+    received + ``suffix``, after checking the prefix's hash."""
+    if length > len(received.tokens) or received.prefix_hash(length) != digest:
         raise FailedPrecondition(
             f"this session does not hold the context prefix the request names ({length} tokens): send the full context"
         )
-    return [*received[:length], *suffix]
+    return [*received.tokens[:length], *suffix]
 
 
 class SentSequences:
@@ -65,7 +101,7 @@ class SentSequences:
 
     def __init__(self, capacity: int = 4096) -> None:
         self.capacity = capacity
-        self._sent: OrderedDict[str, list[int]] = OrderedDict()
+        self._sent: OrderedDict[str, HashedSequence] = OrderedDict()
 
     def split(self, session_id: str, context: Sequence[int]) -> tuple[int, int, Sequence[int]]:
         """(prefix length, prefix hash, tokens after it) to send for ``context``;
@@ -73,14 +109,17 @@ class SentSequences:
         sent = self._sent.get(session_id)
         if sent is None:
             return 0, 0, context
-        n = common_prefix(sent, context)
+        n = common_prefix(sent.tokens, context)
         if n < self.MIN_PREFIX:
             return 0, 0, context
-        return n, prefix_hash(context[:n]), context[n:]
+        return n, sent.prefix_hash(n), context[n:]
 
     def record(self, session_id: str, sequence: list[int]) -> None:
         """What the session received with a request that succeeded."""
-        self._sent[session_id] = sequence
+        held = self._sent.get(session_id)
+        if held is None:
+            held = self._sent[session_id] = HashedSequence()
+        held.replace(sequence, common_prefix(held.tokens, sequence))
         self._sent.move_to_end(session_id)
         while len(self._sent) > self.capacity:
             self._sent.popitem(last=False)

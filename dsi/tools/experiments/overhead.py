@@ -5,7 +5,9 @@ millisecond is the system's own. Each service runs as its own process (as
 ``dsi bench`` and a deployment run them) on loopback:
 
 - ``target_rpc``: client -> target Verify, one call per token, no drafts (the
-  coordinator -> target hop alone, as non-SI makes it);
+  coordinator -> target hop alone, as non-SI makes it), sending only the
+  tokens past the session's prefix as the coordinator does;
+  ``target_rpc_full_context``: the same, sending the full context every time;
 - ``draft_stream``: a Draft stream, per drafted token (lookahead chunks);
 - ``nonsi`` / ``si`` / ``dsi``: client -> coordinator -> target (-> drafter),
   per token of a generation;
@@ -18,8 +20,8 @@ millisecond is the system's own. Each service runs as its own process (as
 process (``inproc``) under cProfile and prints where the time goes, by
 self time, grouped by package.
 
-    python -m dsi.tools.experiments.overhead                 # ~1 minute
-    dsi bench --overhead                                      # the same
+    python -m dsi.tools.experiments.overhead --profile prof.out   # ~2 minutes
+    dsi bench --overhead [--tokens N --repeats R --prompt-len P]   # the same, without the profile
 """
 
 from __future__ import annotations
@@ -93,15 +95,20 @@ async def measure(tokens: int, prompt_len: int, lookahead: int, rounds: int, log
     out: dict[str, Any] = {"tokens": tokens, "prompt_len": prompt_len, "lookahead": lookahead, "rounds": rounds}
     try:
         target = GrpcTarget(running.addresses["target-0"])
+        await target.info()  # as the coordinator does: the target accepts context prefixes
+        full = GrpcTarget(running.addresses["target-0"])  # a client that always sends the full context
         drafter = GrpcDrafter(running.addresses["drafter-0"])
         session = iter(range(1 << 30))
 
-        async def target_run() -> None:  # what non-SI asks of the target: one Verify per token
-            sid, ctx = f"ov-{next(session)}", list(prompt)
-            for _ in range(tokens):
-                r = await target.verify(VerifyRequest(sid, list(ctx), [], GREEDY, 1))
-                ctx.append(r.next_token)
-            await target.release_session(sid)
+        def target_run(client: GrpcTarget) -> Callable[[], Any]:
+            async def go() -> None:  # what non-SI asks of the target: one Verify per token
+                sid, ctx = f"ov-{next(session)}", list(prompt)
+                for _ in range(tokens):
+                    r = await client.verify(VerifyRequest(sid, list(ctx), [], GREEDY, 1))
+                    ctx.append(r.next_token)
+                await client.release_session(sid)
+
+            return go
 
         async def draft_run() -> None:
             req = DraftRequest(f"ov-{next(session)}", prompt, lookahead, max_tokens=tokens, sampling=GREEDY, seed=1)
@@ -119,7 +126,8 @@ async def measure(tokens: int, prompt_len: int, lookahead: int, rounds: int, log
                 return go
 
             parts: dict[str, Callable[[], Any]] = {
-                "target_rpc": target_run,
+                "target_rpc_full_context": target_run(full),
+                "target_rpc": target_run(target),
                 "draft_stream": draft_run,
                 "nonsi": generation("nonsi"),
                 "si": generation("si"),
@@ -134,6 +142,7 @@ async def measure(tokens: int, prompt_len: int, lookahead: int, rounds: int, log
                     "cpu_ms_per_token": {k: round(1e3 * v / tokens, 4) for k, v in cpu.items()},
                 }
         await target.close()
+        await full.close()
         await drafter.close()
     finally:
         await running.close()
@@ -162,7 +171,9 @@ def group_of(filename: str) -> str:
     return "other" if filename != "~" else "builtins (C, unattributed)"
 
 
-async def _profile_run(tokens: int, prompt_len: int, rounds: int) -> None:
+async def profile(tokens: int, prompt_len: int, rounds: int, out: Path, top: int = 25) -> dict[str, Any]:
+    """Non-SI with every service in this process, under cProfile: self time by
+    package and the top functions, per generated token."""
     from dsi.tools.experiments import cluster as xcluster
     from dsi.tools.experiments import config as xconfig
     from dsi.tools.experiments.bench import generate_once
@@ -170,27 +181,17 @@ async def _profile_run(tokens: int, prompt_len: int, rounds: int) -> None:
 
     zero = xconfig.Cluster((xconfig.Instance(ZERO_TARGET),), (xconfig.Instance(ZERO_DRAFTER),))
     running = await xcluster.start(zero, "inproc")
+    prompt = list(range(1, prompt_len + 1))
     try:
         async with Client(running.address) as client:
-            await generate_once(client, list(range(1, prompt_len + 1)), 16, "nonsi", 1)
+            await generate_once(client, prompt, 16, "nonsi", 1)
             prof = cProfile.Profile()
             prof.enable()
             for _ in range(rounds):
-                await generate_once(client, list(range(1, prompt_len + 1)), tokens, "nonsi", 1)
+                await generate_once(client, prompt, tokens, "nonsi", 1)
             prof.disable()
-            _PROFILE.append(prof)
     finally:
         await running.close()
-
-
-_PROFILE: list[cProfile.Profile] = []
-
-
-def profile(tokens: int, prompt_len: int, rounds: int, out: Path, top: int = 25) -> dict[str, Any]:
-    """Non-SI with every service in this process, under cProfile: self time by
-    package and the top functions, per generated token."""
-    asyncio.run(_profile_run(tokens, prompt_len, rounds))
-    prof = _PROFILE.pop()
     prof.dump_stats(str(out))
     st = pstats.Stats(prof)
     n = tokens * rounds
@@ -220,7 +221,7 @@ def _short(filename: str) -> str:
 
 def report(res: dict[str, Any]) -> str:
     lines = [f"overhead per token, zero-latency synthetic models, {res['tokens']} tokens, median of {res['rounds']}:"]
-    for name in ("target_rpc", "draft_stream", "client_coordinator", "nonsi", "si", "dsi"):
+    for name in ("target_rpc_full_context", "target_rpc", "draft_stream", "client_coordinator", "nonsi", "si", "dsi"):
         part = res[name]
         cpu = part.get("cpu_ms_per_token", {})
         cpu_txt = ", ".join(f"{k} {v:.3f}" for k, v in cpu.items())
@@ -248,21 +249,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", metavar="FILE", help="write the numbers here")
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    res = asyncio.run(measure(args.tokens, args.prompt_len, args.lookahead, args.rounds, None))
+async def arun(args: argparse.Namespace) -> dict[str, Any]:
+    res = await measure(args.tokens, args.prompt_len, args.lookahead, args.rounds, None)
     print(report(res), flush=True)
     if args.profile:
-        res["profile"] = profile(args.tokens, args.prompt_len, args.rounds, Path(args.profile))
+        res["profile"] = await profile(args.tokens, args.prompt_len, args.rounds, Path(args.profile))
         print(profile_report(res["profile"]), flush=True)
     if args.json:
-        Path(args.json).write_text(json.dumps(res, indent=2))
+        Path(args.json).write_text(json.dumps(res, indent=2))  # noqa: ASYNC240 - once, at the end
     return res
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m dsi.tools.experiments.overhead", description=__doc__)
     add_arguments(p)
-    run(p.parse_args(argv))
+    asyncio.run(arun(p.parse_args(argv)))
     return 0
 
 
