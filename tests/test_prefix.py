@@ -165,3 +165,25 @@ def test_hashed_sequence_hashes_every_prefix_like_the_whole() -> None:
         held.replace(tokens, keep)
         for n in range(len(tokens) + 1):
             assert held.prefix_hash(n) == prefix_hash(tokens[:n]), (len(tokens), n)
+
+
+async def test_concurrent_requests_of_a_session_name_a_prefix_all_of_them_share() -> None:
+    """Two verifications of one session in flight at once (DSI does this):
+    the second names a prefix that holds whichever the target takes first,
+    so neither is refused."""
+    import asyncio
+
+    local = LocalTarget(load_target_model("synthetic:vocab=1000,seed=4,tpot_ms=20"))
+    base = list(range(1, 61))
+    async with served(local) as client:
+        await client.verify(VerifyRequest("s", base, [], GREEDY, 1))
+        first = VerifyRequest("s", [*base[:40], *([9] * 25)], [DraftToken(3)], GREEDY, 1)  # diverges at 40
+        second = VerifyRequest("s", [*base, 7], [], GREEDY, 1)
+        one = asyncio.ensure_future(client.verify(first))
+        await asyncio.sleep(0.005)  # the first reaches the target first
+        got = await asyncio.gather(one, client.verify(second))
+        assert client.prefix_misses == 0 and client.prefix_requests == 2
+        reference = LocalTarget(load_target_model("synthetic:vocab=1000,seed=4"))
+        for request, result in zip((first, second), got, strict=True):
+            want = await reference.verify(request)
+            assert (result.decisions, result.next_token) == (want.decisions, want.next_token)

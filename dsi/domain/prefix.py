@@ -102,17 +102,38 @@ class SentSequences:
     def __init__(self, capacity: int = 4096) -> None:
         self.capacity = capacity
         self._sent: OrderedDict[str, HashedSequence] = OrderedDict()
+        self._in_flight: dict[str, list[list[int]]] = {}
 
     def split(self, session_id: str, context: Sequence[int]) -> tuple[int, int, Sequence[int]]:
         """(prefix length, prefix hash, tokens after it) to send for ``context``;
-        (0, 0, context) when no long enough prefix is known."""
+        (0, 0, context) when no long enough prefix is known. The prefix is
+        also shared by every request of the session still in flight, so it
+        holds whichever of them the target takes first."""
         sent = self._sent.get(session_id)
         if sent is None:
             return 0, 0, context
         n = common_prefix(sent.tokens, context)
+        for other in self._in_flight.get(session_id, ()):
+            n = min(n, common_prefix(other, context))
         if n < self.MIN_PREFIX:
             return 0, 0, context
         return n, sent.prefix_hash(n), context[n:]
+
+    def sending(self, session_id: str, sequence: list[int]) -> None:
+        """A request whose sequence (context, then chain drafts) is on its way."""
+        self._in_flight.setdefault(session_id, []).append(sequence)
+
+    def done(self, session_id: str, sequence: list[int], succeeded: bool) -> None:
+        """The request of :meth:`sending` ended; a success is what the session holds now."""
+        flying = self._in_flight.get(session_id, [])
+        for i, other in enumerate(flying):
+            if other is sequence:
+                del flying[i]
+                break
+        if not flying:
+            self._in_flight.pop(session_id, None)
+        if succeeded:
+            self.record(session_id, sequence)
 
     def record(self, session_id: str, sequence: list[int]) -> None:
         """What the session received with a request that succeeded."""

@@ -100,20 +100,27 @@ class GrpcTarget(Target):
         sent = self.sent
         if sent is None or request.prefix_length:
             return await self._verify(request)
-        length, digest, rest = sent.split(request.session_id, request.context)
-        if not length:
-            result = await self._verify(request)
-        else:
-            self.prefix_requests += 1
-            try:
-                result = await self._verify(
-                    dataclasses.replace(request, context=rest, prefix_length=length, prefix_hash=digest)
-                )
-            except FailedPrecondition:
-                self.prefix_misses += 1
-                result = await self._verify(request)
+        sid = request.session_id
         drafts = [d.token_id for d in request.drafts] if is_chain(request.drafts) else []
-        sent.record(request.session_id, [*request.context, *drafts])
+        sequence = [*request.context, *drafts]  # what the session holds once the target took this request
+        length, digest, rest = sent.split(sid, request.context)
+        sent.sending(sid, sequence)
+        ok = False
+        try:
+            if not length:
+                result = await self._verify(request)
+            else:
+                self.prefix_requests += 1
+                try:
+                    result = await self._verify(
+                        dataclasses.replace(request, context=rest, prefix_length=length, prefix_hash=digest)
+                    )
+                except FailedPrecondition:
+                    self.prefix_misses += 1
+                    result = await self._verify(request)
+            ok = True
+        finally:
+            sent.done(sid, sequence, ok)
         return result
 
     async def release_session(self, session_id: str) -> bool:
