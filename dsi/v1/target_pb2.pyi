@@ -93,14 +93,15 @@ class VerifyRequest(_message.Message):
     When > 0, the context is the first context_prefix_length tokens of the
     last sequence this session received on this instance (that request's
     context followed by its drafts when they were a chain), followed by
-    context_token_ids (which may then be empty). context_prefix_hash must
-    equal the prefix hash of those tokens (the first 8 bytes, little endian,
-    of BLAKE2b-64 over them as little-endian uint32s). When the session does
-    not hold them (evicted, replica restarted, another sequence since) the
-    target answers FAILED_PRECONDITION and the client resends the full
+    context_token_ids (which may then be empty). When the session does not
+    hold those tokens (evicted, replica restarted, another sequence since)
+    the target answers FAILED_PRECONDITION and the client resends the full
     context.
     """
     context_prefix_hash: _builtins.int
+    """With a prefix: the first 8 bytes, little endian, of BLAKE2b-64 over the
+    prefix's tokens as little-endian uint32s; the target checks it.
+    """
     @_builtins.property
     def context_token_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """The tokens before the first draft token (prompt plus committed tokens).
