@@ -270,3 +270,29 @@ async def test_delay_interceptors_add_the_delay_both_ways() -> None:
 def test_no_delay_means_no_interceptors() -> None:
     assert netdelay.interceptors(0) is None
     assert len(netdelay.interceptors(1.5) or []) == 2
+
+
+def test_bench_overhead_budget(tmp_path: Path) -> None:
+    """`dsi bench --overhead`: every part of the budget, through service processes."""
+    out = tmp_path / "o"
+    argv = ["bench", "--overhead", "--tokens", "24", "--repeats", "1", "--prompt-len", "40", "--out", str(out)]
+    assert _cli(argv) == 0
+    res = json.loads((out / "overhead.json").read_text())
+    for part in ("target_rpc", "draft_stream", "nonsi", "si", "dsi"):
+        assert res[part]["ms_per_token"] > 0, part
+        assert set(res[part]["cpu_ms_per_token"]) == {"target-0", "drafter-0", "coordinator", "client"}
+    assert math.isclose(
+        res["client_coordinator"]["ms_per_token"], res["nonsi"]["ms_per_token"] - res["target_rpc"]["ms_per_token"]
+    )
+    assert res["draft_stream"]["cpu_ms_per_token"]["target-0"] == 0, "the draft stream leaves the target idle"
+
+
+async def test_overhead_profile_groups_the_time(tmp_path: Path) -> None:
+    from dsi.tools.experiments import overhead
+
+    prof = await overhead.profile(24, 40, 1, tmp_path / "p.out")
+    assert (tmp_path / "p.out").stat().st_size > 0
+    groups = prof["groups_ms_per_token"]
+    assert {"grpc", "asyncio event loop", "coordinator engine", "target backend and decision"} <= set(groups)
+    assert math.isclose(sum(groups.values()), prof["total_ms_per_token"], rel_tol=1e-3)
+    assert len(prof["top_self"]) == 25

@@ -37,7 +37,7 @@ def test_parse_every_key() -> None:
     spec = (
         "synthetic:vocab=500,seed=7,ttft_ms=12.5,tpot_ms=3,acceptance=0.25,verify_token_ms=0.5,"
         "prefill_token_ms=0.125,max_context=1024,support=4,eos=2,jitter_ms=1.5,sibling_acceptance=0.75,coin_seed=9,"
-        "batch_slope=0.05"
+        "batch_slope=0.05,hard_acceptance=0.5,block=32"
     )
     got = SyntheticSpec.parse(spec)
     want = SyntheticSpec(
@@ -55,8 +55,11 @@ def test_parse_every_key() -> None:
         sibling_acceptance=0.75,
         coin_seed=9,
         batch_slope=0.05,
+        hard_acceptance=0.5,
+        block=32,
     )
     assert got == want
+    assert (got.acceptance_at(31), got.acceptance_at(32), got.acceptance_at(64)) == (0.25, 0.5, 0.25)
     keys = {item.partition("=")[0] for item in spec.partition(":")[2].split(",")}
     assert keys == {f.name for f in dataclasses.fields(SyntheticSpec)}, "the spec above must name every key"
     for f in dataclasses.fields(SyntheticSpec):
@@ -311,3 +314,33 @@ async def test_drafter_latency_ttft_then_tpot() -> None:
     assert [len(c.tokens) for c in chunks] == [2, 2]
     for c in chunks:
         assert c.stats.compute_seconds >= 2 * 0.020 - SLACK, "tpot per drafted token"
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(),
+        SamplingParams(temperature=1.0),
+        SamplingParams(temperature=0.6, top_k=3),
+        SamplingParams(temperature=1.4, top_k=100),
+        SamplingParams(temperature=0.8, top_p=0.7),
+    ],
+    ids=str,
+)
+async def test_sparse_decisions_equal_dense_ones(params: SamplingParams) -> None:
+    """The synthetic target decides on its rows' support only; the tokens are
+    those of the dense rows' rule (dsi.domain.sampling.verify_rows)."""
+    from dsi.backends.synthetic import SparseRows
+    from dsi.domain import sampling
+    from dsi.domain.types import DraftToken, VerifyRequest
+
+    t = SyntheticTarget("synthetic:vocab=500,seed=3,support=6")
+    rng = np.random.default_rng(1)
+    for trial in range(40):
+        ctx = rng.integers(0, 500, size=4 + trial % 5).tolist()
+        drafts = [DraftToken(int(x)) for x in rng.integers(0, 500, size=trial % 6)]
+        fwd = await t.forward(t.new_state(), [*ctx, *(d.token_id for d in drafts)], len(drafts) + 1)
+        assert isinstance(fwd.scores, SparseRows) and fwd.rows.shape == (len(drafts) + 1, 500)
+        request = VerifyRequest("s", ctx, drafts, params, seed=trial)
+        got = await t.decide(request, fwd)
+        assert got == sampling.verify_rows(fwd.rows, drafts, params, trial, len(ctx)), f"trial {trial}"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -19,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from dsi.backends.batching import BatchItem, BatchLimits, DeviceQueue
-from dsi.domain import sampling, validation
+from dsi.domain import prefix, sampling, validation
 from dsi.domain.interfaces import Drafter, Target
 from dsi.domain.sessions import SessionStore
 from dsi.domain.types import (
@@ -47,10 +48,21 @@ log = logging.getLogger(__name__)
 class Forward:
     """What one forward pass produced."""
 
-    rows: np.ndarray  # (n, vocab) scores for the last n positions
+    #: (n, vocab) scores for the last n positions: a numpy array, or a tensor on the
+    #: model's device (Hugging Face), decided there by :meth:`TargetModel.decide`
+    scores: Any
     cached_tokens: int
     computed_tokens: int
     seconds: float
+
+    @property
+    def rows(self) -> np.ndarray:
+        """The scores as a numpy array on the host (a device tensor is copied whole)."""
+        if isinstance(self.scores, np.ndarray):
+            return self.scores
+        if hasattr(self.scores, "cpu"):  # a torch tensor
+            return self.scores.float().cpu().numpy()
+        return np.asarray(self.scores)  # e.g. the synthetic backend's sparse rows
 
 
 class TargetModel(abc.ABC):
@@ -88,6 +100,16 @@ class TargetModel(abc.ABC):
 
     def drop_state(self, state: Any) -> None:  # noqa: B027 - optional hook
         """Free what ``state`` holds (called when a session is dropped)."""
+
+    #: True when :meth:`decide` works on the model's device: the decision is then made
+    #: before the next forward pass may start (it uses the device, and the scores on it).
+    decides_on_device: bool = False
+
+    async def decide(self, request: VerifyRequest, fwd: Forward) -> tuple[list[Decision], list[int], int]:
+        """Decisions, accepted path and next token from a forward pass's
+        scores (:func:`dsi.domain.sampling.verify_rows` on the host; a backend
+        whose scores live on a device may decide there)."""
+        return sampling.verify_rows(fwd.rows, request.drafts, request.sampling, request.seed, len(request.context))
 
     async def forward_batch(self, items: list[BatchItem]) -> list[Forward]:
         """:meth:`forward` for several sessions in one pass (continuous
@@ -146,6 +168,17 @@ class DrafterModel(abc.ABC):
         ...
 
 
+class _TargetSession:
+    """A target session: the model's state and the last sequence received
+    (what a request's context prefix refers to, see dsi.domain.prefix)."""
+
+    __slots__ = ("model", "received")
+
+    def __init__(self, model_state: Any) -> None:
+        self.model = model_state
+        self.received = prefix.HashedSequence()
+
+
 class LocalTarget(Target):
     def __init__(
         self,
@@ -164,9 +197,13 @@ class LocalTarget(Target):
             session_idle_timeout_seconds=session_idle_timeout,
             max_batch=batch.max_batch,
             max_batch_tokens=batch.max_batch_tokens,
+            accepts_context_prefix=True,
         )
-        self.sessions: SessionStore[Any] = SessionStore(
-            model.new_state, max_sessions, session_idle_timeout, on_drop=model.drop_state
+        self.sessions: SessionStore[_TargetSession] = SessionStore(
+            lambda: _TargetSession(model.new_state()),
+            max_sessions,
+            session_idle_timeout,
+            on_drop=lambda s: model.drop_state(s.model),
         )
         self.counters = ServiceCounters()
         #: Called with every forward pass (metrics, see dsi/serving/metrics.py); None = nothing to call.
@@ -191,31 +228,52 @@ class LocalTarget(Target):
     async def verify(self, request: VerifyRequest) -> VerifyResult:
         """One forward pass over the context and the drafts (a chain or a
         tree), then the decisions. After a tree, the session keeps only the
-        context and the accepted path."""
-        self.check(request)
+        context and the accepted path. A context given as a prefix of what the
+        session received (dsi.domain.prefix) is completed from the session
+        first."""
+        info = self.model.info
+        if request.prefix_length:  # the prefix's ids were checked when they came; its size is checked below
+            validation.check_session_id(request.session_id)
+            validation.check_token_ids(request.context, info.vocab_size, "context_token_ids")
+            validation.check_drafts(request.drafts, info.vocab_size, self.limits.max_draft_tokens)
+        else:
+            self.check(request)
         ids = [d.token_id for d in request.drafts]
         chain = is_chain(request.drafts)
         queued = time.perf_counter()
+        decided: tuple[list[Decision], list[int], int] | None = None
         try:
-            async with self.sessions.use(request.session_id) as state:
+            async with self.sessions.use(request.session_id) as session:
+                prefix_length = request.prefix_length
+                if prefix_length:
+                    full = prefix.resolve(session.received, prefix_length, request.prefix_hash, request.context)
+                    request = dataclasses.replace(request, context=full, prefix_length=0, prefix_hash=0)
+                    validation.check_context_size(len(full), info.max_context_tokens, len(request.drafts))
+                state = session.model
                 # --- batching (issue 17): chains share passes; a tree runs alone ---
                 if chain:
                     tokens = [*request.context, *ids]
                     cost = self.model.tokens_to_compute(state, tokens, len(ids) + 1)
                     fwd, started = await self.device.batched(BatchItem(state, tokens, len(ids) + 1), cost)
                 else:  # the session must keep the accepted path only: decide before releasing the device
+                    tree_request = request
 
                     async def tree() -> tuple[Forward, tuple[list[Decision], list[int], int]]:
-                        out = await self.model.forward_tree(state, request.context, ids, tree_parents(request.drafts))
-                        kept = self._decide(request, out)
-                        await self.model.keep_path(state, request.context, [ids[i] for i in kept[1]], kept[1])
+                        r = tree_request
+                        out = await self.model.forward_tree(state, r.context, ids, tree_parents(r.drafts))
+                        kept = await self.model.decide(r, out)
+                        await self.model.keep_path(state, r.context, [ids[i] for i in kept[1]], kept[1])
                         return out, kept
 
                     (fwd, decided), started = await self.device.exclusive(tree)
                 waited = started - queued
                 # --- end batching ---
-            if chain:
-                decided = self._decide(request, fwd)
+                sequence = [*request.context, *ids] if chain else list(request.context)  # what a prefix names
+                session.received.replace(
+                    sequence, prefix_length or prefix.common_prefix(session.received.tokens, sequence)
+                )
+            if decided is None:  # a chain: decide once its pass is done (on the device, for a model that can)
+                decided = await self.model.decide(request, fwd)
         except asyncio.CancelledError:
             self.counters.cancelled_requests += 1
             raise
@@ -228,10 +286,6 @@ class LocalTarget(Target):
         decisions, path, nxt = decided
         stats = ForwardStats(fwd.cached_tokens, fwd.computed_tokens, waited, fwd.seconds)
         return VerifyResult(decisions, len(path), nxt, stats, path)
-
-    @staticmethod
-    def _decide(request: VerifyRequest, fwd: Forward) -> tuple[list[Decision], list[int], int]:
-        return sampling.verify_rows(fwd.rows, request.drafts, request.sampling, request.seed, len(request.context))
 
     async def release_session(self, session_id: str) -> bool:
         return self.sessions.release(session_id)

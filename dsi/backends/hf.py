@@ -27,7 +27,7 @@ from dsi.backends.base import DrafterModel, DraftItem, Forward, TargetModel
 from dsi.backends.batching import BatchItem
 from dsi.domain import sampling
 from dsi.domain.errors import InvalidArgument, NotFound
-from dsi.domain.types import ROOT, ModelInfo, SamplingParams
+from dsi.domain.types import ROOT, Decision, ModelInfo, SamplingParams, VerifyRequest
 
 log = logging.getLogger(__name__)
 
@@ -157,8 +157,9 @@ class HFCore:
         state.tokens = list(tokens[:keep])  # what the cache holds now, even if the forward fails
         return keep
 
-    def _run(self, state: _Session, new: list[int], rows: int, **kwargs: Any) -> np.ndarray:
-        """The model over ``new`` after the cache; the last ``rows`` rows of logits."""
+    def _run(self, state: _Session, new: list[int], rows: int, **kwargs: Any) -> Any:
+        """The model over ``new`` after the cache; the last ``rows`` rows of
+        logits, a tensor left on the device (decisions are made there)."""
         torch = self.torch
         ids = torch.tensor([new], dtype=torch.long, device=self.device)
         try:
@@ -170,7 +171,9 @@ class HFCore:
             self._reset(state)  # a half-updated cache must never be reused
             raise
         state.cache = getattr(out, self._cache_arg)
-        return out.logits[0, -rows:].float().cpu().numpy()
+        if self.device.type == "cuda":  # the pass's time is measured: wait for its kernels
+            torch.cuda.synchronize(self.device)
+        return out.logits[0, -rows:]
 
     def forward_sync(self, state: _Session, tokens: Sequence[int], num_rows: int) -> Forward:
         """Scores for the last ``num_rows`` positions of ``tokens``; the
@@ -302,7 +305,7 @@ class HFCore:
                     **{self._cache_arg: batch_cache},
                 )
             cache = getattr(out, self._cache_arg)
-            logits = out.logits[:, -width:].float().cpu().numpy()
+            logits = out.logits[:, -width:]  # left on the device, like forward_sync's (decided there)
             results = []
             for row, (item, new, k) in enumerate(zip(items, news, keeps, strict=True)):
                 own = DynamicCache(config=self.model.config)
@@ -320,8 +323,10 @@ class HFCore:
             for item in items:
                 self._reset(item.state)  # a half-updated cache must never be reused
             raise
+        if self.device.type == "cuda":  # the pass's time is measured: wait for its kernels
+            torch.cuda.synchronize(self.device)
         seconds = time.perf_counter() - start
-        return [Forward(r.rows, r.cached_tokens, r.computed_tokens, seconds) for r in results]
+        return [Forward(r.scores, r.cached_tokens, r.computed_tokens, seconds) for r in results]
 
     async def forward_batch(self, items: Sequence[BatchItem]) -> list[Forward]:
         return await self.run_in_executor(self.forward_batch_sync, list(items))
@@ -335,10 +340,65 @@ class HFCore:
         return await self.run_in_executor(self.forward_sync, state, list(tokens), num_rows)
 
 
+class DeviceDecisions:
+    """Decisions made with torch on the model's device
+    (:mod:`dsi.backends.torch_sampling`), in the model's worker thread: only
+    token ids reach the host. ``host_bytes`` counts what the decisions
+    read on the host: ids, or whole float32 rows when deciding there (on a
+    GPU, a copy; on the CPU, a view of the same memory)."""
+
+    def __init__(self, core: HFCore, on_device: bool | None) -> None:
+        from dsi.backends import torch_sampling
+
+        self.core = core
+        if on_device is None:  # on the CPU the rows already are on the host, and numpy decides them faster
+            on_device = core.device.type != "cpu" and torch_sampling.supported(core.device)
+        self.on_device = on_device
+        if self.on_device and not torch_sampling.supported(core.device):
+            raise InvalidArgument(f"decisions cannot run on {core.device} (no float64): decide on the host")
+        self.host_bytes = 0
+
+    def verify_sync(self, request: VerifyRequest, fwd: Forward) -> tuple[list[Decision], list[int], int]:
+        from dsi.backends import torch_sampling
+
+        if not self.on_device or isinstance(fwd.scores, np.ndarray):
+            rows = fwd.rows
+            self.host_bytes += rows.nbytes
+            return sampling.verify_rows(rows, request.drafts, request.sampling, request.seed, len(request.context))
+        moved: list[int] = []
+        with self.core.torch.inference_mode():
+            out = torch_sampling.verify_scores(
+                fwd.scores, request.drafts, request.sampling, request.seed, len(request.context), moved
+            )
+        self.host_bytes += sum(moved)
+        return out
+
+    def candidates_sync(self, scores: Any, params: SamplingParams, seed: int, position: int, k: int) -> list[int]:
+        from dsi.backends import torch_sampling
+
+        if not self.on_device or isinstance(scores, np.ndarray):
+            row = scores if isinstance(scores, np.ndarray) else scores.float().cpu().numpy()
+            self.host_bytes += row.nbytes
+            return sampling.top_candidates(row, params, seed, position, k)
+        with self.core.torch.inference_mode():
+            out = torch_sampling.top_candidates(scores, params, seed, position, k)
+        self.host_bytes += 8 * len(out)
+        return out
+
+
 class HFTarget(TargetModel):
-    def __init__(self, path: str, device: str = "cpu", dtype: str = "auto") -> None:
+    def __init__(
+        self, path: str, device: str = "cpu", dtype: str = "auto", decide_on_device: bool | None = None
+    ) -> None:
+        """``decide_on_device``: None = on accelerators that can (CUDA, not
+        MPS); on the CPU the host's numpy decides."""
         self.core = HFCore(path, device, dtype)
         self.info = self.core.info
+        self.decisions = DeviceDecisions(self.core, decide_on_device)
+        self.decides_on_device = self.decisions.on_device
+
+    async def decide(self, request: VerifyRequest, fwd: Forward) -> tuple[list[Decision], list[int], int]:
+        return await self.core.run_in_executor(self.decisions.verify_sync, request, fwd)
 
     def new_state(self) -> _Session:
         return self.core.new_state()
@@ -370,9 +430,12 @@ class HFTarget(TargetModel):
 
 
 class HFDrafter(DrafterModel):
-    def __init__(self, path: str, device: str = "cpu", dtype: str = "auto") -> None:
+    def __init__(
+        self, path: str, device: str = "cpu", dtype: str = "auto", decide_on_device: bool | None = None
+    ) -> None:
         self.core = HFCore(path, device, dtype)
         self.info = self.core.info
+        self.decisions = DeviceDecisions(self.core, decide_on_device)
 
     def new_state(self) -> _Session:
         return self.core.new_state()
@@ -385,6 +448,19 @@ class HFDrafter(DrafterModel):
     ) -> tuple[np.ndarray, Forward]:
         fwd = await self.core.forward(state, tokens, 1)
         return fwd.rows[0], fwd
+
+    def _candidates_sync(
+        self, state: _Session, tokens: list[int], params: SamplingParams, seed: int, k: int
+    ) -> tuple[list[int], Forward]:
+        fwd = self.core.forward_sync(state, tokens, 1)
+        return self.decisions.candidates_sync(fwd.scores[0], params, seed, len(tokens), k), fwd
+
+    async def next_candidates(
+        self, state: _Session, tokens: Sequence[int], params: SamplingParams, seed: int, k: int
+    ) -> tuple[list[int], Forward]:
+        """The forward pass and the guesses in one trip to the worker thread;
+        only the ``k`` ids leave the device."""
+        return await self.core.run_in_executor(self._candidates_sync, state, list(tokens), params, seed, k)
 
     async def next_candidates_batch(self, items: list[DraftItem]) -> list[tuple[list[int], Forward]]:
         """The next-token steps of several streams in one forward pass."""

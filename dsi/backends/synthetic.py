@@ -55,14 +55,17 @@ import struct
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
+from typing import Any
 
 import numpy as np
 
 from dsi.backends.base import DrafterModel, DraftItem, Forward, TargetModel
 from dsi.backends.batching import BatchItem
+from dsi.domain import sampling
 from dsi.domain.errors import InvalidArgument
+from dsi.domain.prefix import common_prefix
 from dsi.domain.sampling import choose
-from dsi.domain.types import ROOT, ModelInfo, SamplingParams
+from dsi.domain.types import ROOT, Decision, ModelInfo, SamplingParams, VerifyRequest
 
 PREFIX = "synthetic"
 CONTEXT_WINDOW = 4  # tokens of context the pseudo model looks at
@@ -184,12 +187,7 @@ class PseudoLM:
         return out
 
 
-def _lcp(a: Sequence[int], b: Sequence[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
+_lcp = common_prefix
 
 
 class _State:
@@ -218,8 +216,42 @@ class _Latency:
         for s in states:
             s.first = False
         start = time.perf_counter()
-        await asyncio.sleep(ms / 1000.0)
+        if ms > 0:  # a zero-latency model costs no event-loop wake-up
+            await asyncio.sleep(ms / 1000.0)
         return time.perf_counter() - start
+
+
+class SparseRows:
+    """Rows of logits that are ``-inf`` outside a small support: (ids
+    ascending, logits there) per row. Decided without building dense rows
+    (:func:`dsi.domain.sampling.choose_sparse`); ``np.asarray`` gives the
+    dense rows."""
+
+    def __init__(self, vocab: int, rows: list[tuple[np.ndarray, np.ndarray]]) -> None:
+        self.vocab = vocab
+        self.rows = rows
+
+    @classmethod
+    def of(cls, lm: PseudoLM, prefixes: Sequence[Sequence[int]]) -> SparseRows:
+        rows = []
+        for prefix in prefixes:
+            ids, p = lm.draw(prefix)[:2]
+            order = np.argsort(ids)
+            rows.append((ids[order], np.log(p[order])))
+        return cls(lm.vocab, rows)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return len(self.rows), self.vocab
+
+    def __array__(self, dtype: Any = None, copy: bool | None = None) -> np.ndarray:
+        out = np.full((len(self.rows), self.vocab), -np.inf, dtype=dtype or np.float64)
+        for i, (ids, logits) in enumerate(self.rows):
+            out[i, ids] = logits
+        return out
 
 
 class SyntheticTarget(TargetModel):
@@ -239,10 +271,11 @@ class SyntheticTarget(TargetModel):
         catch_up = computed - num_rows  # context tokens this session had not seen here
         return cached, computed, self.spec.verify_token_ms * (num_rows - 1) + self.spec.prefill_token_ms * catch_up
 
-    def _rows(self, state: _State, tokens: Sequence[int], num_rows: int) -> np.ndarray:
+    def _rows(self, state: _State, tokens: Sequence[int], num_rows: int) -> SparseRows:
         n = len(tokens)
+        rows = SparseRows.of(self.lm, [tokens[: n - num_rows + 1 + i] for i in range(num_rows)])
         state.seen = list(tokens)
-        return np.stack([self.lm.logits(tokens[: n - num_rows + 1 + i]) for i in range(num_rows)])
+        return rows
 
     async def forward(self, state: _State, tokens: Sequence[int], num_rows: int) -> Forward:
         cached, computed, extra = self._plan(state, tokens, num_rows)
@@ -272,7 +305,7 @@ class SyntheticTarget(TargetModel):
         paths: list[list[int]] = []
         for tok, parent in zip(tokens, parents, strict=True):
             paths.append([*(paths[parent] if parent != ROOT else []), tok])
-        rows = np.stack([self.lm.logits(context), *(self.lm.logits([*context, *p]) for p in paths)])
+        rows = SparseRows.of(self.lm, [context, *([*context, *p] for p in paths)])
         state.seen = [*context, *([-1] * len(tokens))]  # the tree is not a sequence: only the context is reusable
         return Forward(rows, cached, len(context) - cached + len(tokens), seconds)
 
@@ -280,6 +313,26 @@ class SyntheticTarget(TargetModel):
         self, state: _State, context: Sequence[int], path_tokens: Sequence[int], path: Sequence[int]
     ) -> None:
         state.seen = [*context, *path_tokens]
+
+    async def decide(self, request: VerifyRequest, fwd: Forward) -> tuple[list[Decision], list[int], int]:
+        """The rule on the sparse rows (the support only); top-p on dense rows."""
+        rows = fwd.scores
+        if not isinstance(rows, SparseRows) or request.sampling.top_p < 1.0:
+            return await super().decide(request, fwd)
+        params, seed, start = request.sampling, request.seed, len(request.context)
+        parents, depth = sampling.tree_depths(request.drafts)
+        chosen: dict[int, int] = {}
+
+        def token_after(node: int) -> int:
+            if node not in chosen:
+                ids, logits = rows.rows[node + 1]
+                position = start + (0 if node == ROOT else depth[node])
+                token = sampling.choose_sparse(ids, logits, rows.vocab, params, seed, position)
+                assert token is not None
+                chosen[node] = token
+            return chosen[node]
+
+        return sampling.walk_tree(request.drafts, parents, token_after)
 
 
 class SyntheticDrafter(DrafterModel):

@@ -24,6 +24,11 @@ class ResourceExhausted(DsiError):
     """A bounded resource (sessions, queue) is full; retry later."""
 
 
+class FailedPrecondition(DsiError):
+    """The request assumes state the service does not hold (a context prefix
+    its session lost); resend it without the assumption."""
+
+
 class Unauthenticated(DsiError):
     """The caller did not prove who it is (a missing or wrong bearer token)."""
 

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import hashlib
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -132,6 +132,25 @@ def choose(logits: np.ndarray, params: SamplingParams, seed: int, position: int)
     return greedy_token(log_probs(logits, params) + gumbel_noise(seed, position, len(logits)))
 
 
+def choose_sparse(
+    ids: np.ndarray, logits: np.ndarray, vocab_size: int, params: SamplingParams, seed: int, position: int
+) -> int | None:
+    """:func:`choose` for logits that are ``-inf`` outside ``ids`` (ascending,
+    distinct), from those ids alone: the same token, with noise for the
+    support only. None for top-p (its normalisation over the whole row may
+    round differently; decide the dense row then)."""
+    if params.greedy:
+        return int(ids[np.argmax(logits)])  # ids ascending: ties go to the lowest id
+    if params.top_p < 1.0:
+        return None
+    x = np.asarray(logits, dtype=np.float64) / params.temperature
+    if 0 < params.top_k < vocab_size and params.top_k <= x.size:  # else the dense k-th value is -inf: no cut
+        kth = np.partition(x, -params.top_k)[-params.top_k]
+        x = np.where(x < kth, -np.inf, x)
+    noise = -np.log(-np.log(keyed_uniforms(seed, position, ids)))
+    return int(ids[np.argmax(x + noise)])
+
+
 def top_candidates(logits: np.ndarray, params: SamplingParams, seed: int, position: int, k: int) -> list[int]:
     """The ``k`` best guesses of the token at ``position``: the rule's choice
     first, then the runners-up of the same noisy scores (Gumbel top-k). A
@@ -140,8 +159,43 @@ def top_candidates(logits: np.ndarray, params: SamplingParams, seed: int, positi
     if not params.greedy:
         scores = scores + gumbel_noise(seed, position, len(logits))
     k = min(k, int(np.isfinite(scores).sum()))
-    top = np.argpartition(-scores, k - 1)[:k] if k < len(scores) else np.arange(len(scores))
+    if k < len(scores):  # every id at or above the k-th best value: ties at the boundary go to the lowest id
+        kth = -np.partition(-scores, k - 1)[k - 1]
+        top = np.flatnonzero(scores >= kth)
+    else:
+        top = np.arange(len(scores))
     return [int(t) for t in sorted(top, key=lambda t: (-scores[t], t))][:k]
+
+
+def tree_depths(drafts: Sequence[DraftToken]) -> tuple[list[int], list[int]]:
+    """Each draft's parent index and depth (1 = follows the context); raises
+    ValueError on a parent that is not an earlier draft or the root."""
+    parents = tree_parents(drafts)
+    depth = [0] * len(drafts)
+    for i, p in enumerate(parents):
+        if not ROOT <= p < i:
+            raise ValueError(f"draft {i}: parent {p} is not an earlier draft or the root")
+        depth[i] = 1 if p == ROOT else depth[p] + 1
+    return parents, depth
+
+
+def walk_tree(
+    drafts: Sequence[DraftToken], parents: Sequence[int], token_after: Callable[[int], int]
+) -> tuple[list[Decision], list[int], int]:
+    """Decisions, accepted path and next token of a tree, given the target's
+    token after each node (``token_after(ROOT)``: after the context)."""
+    decisions = []
+    for d, p in zip(drafts, parents, strict=True):
+        t = token_after(p)
+        decisions.append(Decision(t == d.token_id, t))
+    path: list[int] = []
+    node = ROOT
+    while True:
+        child = next((i for i, p in enumerate(parents) if p == node and decisions[i].accepted), None)
+        if child is None:
+            return decisions, path, token_after(node)
+        path.append(child)
+        node = child
 
 
 def verify_rows(
@@ -160,14 +214,11 @@ def verify_rows(
     the root: at each step the child equal to the target's token), and the
     target's token after the path (the correction, or the bonus token).
     A chain is the tree where each draft follows the previous one.
+    (dsi.backends.torch_sampling.verify_scores decides the same on a torch
+    device, every row at once.)
     """
-    parents = tree_parents(drafts)
+    parents, depth = tree_depths(drafts)
     assert rows.shape[0] == len(drafts) + 1
-    depth = [0] * len(drafts)
-    for i, p in enumerate(parents):
-        if not ROOT <= p < i:
-            raise ValueError(f"draft {i}: parent {p} is not an earlier draft or the root")
-        depth[i] = 1 if p == ROOT else depth[p] + 1
     cache: dict[int, int] = {}
 
     def token_after(node: int) -> int:  # the target's token after ``node`` (ROOT: after the context)
@@ -176,15 +227,4 @@ def verify_rows(
             cache[node] = choose(rows[node + 1], params, seed, position)
         return cache[node]
 
-    decisions = []
-    for d, p in zip(drafts, parents, strict=True):
-        t = token_after(p)
-        decisions.append(Decision(t == d.token_id, t))
-    path: list[int] = []
-    node = ROOT
-    while True:
-        child = next((i for i, p in enumerate(parents) if p == node and decisions[i].accepted), None)
-        if child is None:
-            return decisions, path, token_after(node)
-        path.append(child)
-        node = child
+    return walk_tree(drafts, parents, token_after)

@@ -141,10 +141,15 @@ class ForwardStats:
 @dataclass(frozen=True)
 class VerifyRequest:
     session_id: str
+    #: the tokens before the first draft; with ``prefix_length``, only those after the prefix
     context: Sequence[int]
     drafts: Sequence[DraftToken] = ()
     sampling: SamplingParams = GREEDY
     seed: int = 0
+    #: > 0: ``context`` follows the first ``prefix_length`` tokens of the last sequence the
+    #: session received (see dsi.domain.prefix), whose hash is ``prefix_hash``
+    prefix_length: int = 0
+    prefix_hash: int = 0
 
 
 @dataclass(frozen=True)
@@ -203,6 +208,7 @@ class ServiceLimits:
     session_idle_timeout_seconds: float = 0.0
     max_batch: int = 0  # requests one device pass may take (0 = not reported: one)
     max_batch_tokens: int = 0  # tokens one device pass may compute
+    accepts_context_prefix: bool = False
 
 
 @dataclass

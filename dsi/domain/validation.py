@@ -24,6 +24,8 @@ def check_session_id(session_id: str) -> None:
 def check_token_ids(ids: Sequence[int], vocab_size: int, what: str) -> None:
     if len(ids) == 0:
         return
+    if isinstance(ids, list) and 0 <= min(ids) and max(ids) < vocab_size:  # the common case, without an array
+        return
     arr = np.asarray(ids, dtype=np.int64)
     bad = np.flatnonzero((arr < 0) | (arr >= vocab_size))
     if bad.size:
@@ -37,12 +39,17 @@ def check_context(
     context: Sequence[int], vocab_size: int, max_context: int, extra: int = 0, extra_what: str = "draft tokens"
 ) -> None:
     """A non-empty context of valid ids that leaves room for ``extra`` tokens."""
-    if len(context) == 0:
-        raise InvalidArgument("context_token_ids must not be empty")
     check_token_ids(context, vocab_size, "context_token_ids")
-    if len(context) + extra > max_context:
+    check_context_size(len(context), max_context, extra, extra_what)
+
+
+def check_context_size(n: int, max_context: int, extra: int = 0, extra_what: str = "draft tokens") -> None:
+    """A non-empty context of ``n`` tokens that leaves room for ``extra`` tokens."""
+    if n == 0:
+        raise InvalidArgument("context_token_ids must not be empty")
+    if n + extra > max_context:
         raise InvalidArgument(
-            f"context of {len(context)} tokens"
+            f"context of {n} tokens"
             + (f" plus {extra} {extra_what}" if extra else "")
             + f" exceeds the model's limit of {max_context} tokens"
         )

@@ -197,9 +197,14 @@ def draft_key(session_id: str, start: int) -> tuple:
     return (DRAFT, session_id, start)
 
 
+def _context_length(request: Any) -> int:
+    """Tokens of a request's context, a prefix the session holds included."""
+    return getattr(request, "context_prefix_length", 0) + len(request.context_token_ids)
+
+
 def _call_key(method: str, request: Any) -> tuple | None:
     if method == VERIFY:
-        return verify_key(request.session_id, len(request.context_token_ids), len(request.draft_tokens))
+        return verify_key(request.session_id, _context_length(request), len(request.draft_tokens))
     if method == DRAFT:
         return draft_key(request.session_id, len(request.context_token_ids))
     return None
@@ -295,9 +300,10 @@ def _request_attributes(method: str, request: Any) -> dict[str, Any]:
     if hasattr(request, "session_id"):
         attrs["dsi.session_id"] = request.session_id
     if hasattr(request, "context_token_ids"):
-        attrs["dsi.context_tokens"] = len(request.context_token_ids)
+        attrs["dsi.context_tokens"] = _context_length(request)
     if method == VERIFY:
-        attrs["dsi.base"] = len(request.context_token_ids)
+        attrs["dsi.base"] = _context_length(request)
+        attrs["dsi.context_prefix_tokens"] = request.context_prefix_length
         attrs["dsi.drafts"] = len(request.draft_tokens)
     elif method == DRAFT:
         attrs["dsi.start"] = len(request.context_token_ids)
@@ -437,7 +443,7 @@ def instrument_backend(role: str, backend: LocalTarget | LocalDrafter) -> None:
             attributes={
                 "dsi.computed_tokens": fwd.computed_tokens,
                 "dsi.cached_tokens": fwd.cached_tokens,
-                "dsi.rows": len(fwd.rows),
+                "dsi.rows": len(fwd.scores),
             },
         )
         span.end(end_time=end)

@@ -77,6 +77,8 @@ class VerifyRequest(_message.Message):
     DRAFT_TOKENS_FIELD_NUMBER: _builtins.int
     SAMPLING_FIELD_NUMBER: _builtins.int
     SEED_FIELD_NUMBER: _builtins.int
+    CONTEXT_PREFIX_LENGTH_FIELD_NUMBER: _builtins.int
+    CONTEXT_PREFIX_HASH_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     """Opaque id (1..128 characters) that names the cache to reuse. One
     generation uses one session id on every instance it talks to.
@@ -85,6 +87,20 @@ class VerifyRequest(_message.Message):
     """Seed of the decision rule. The token chosen at sequence position i
     depends only on (seed, i) and the target's distribution there, so it does
     not depend on which instance decides, nor on the drafts.
+    """
+    context_prefix_length: _builtins.int
+    """Prefix reuse (targets whose ServiceLimits.accepts_context_prefix is set).
+    When > 0, the context is the first context_prefix_length tokens of the
+    last sequence this session received on this instance (that request's
+    context followed by its drafts when they were a chain), followed by
+    context_token_ids (which may then be empty). When the session does not
+    hold those tokens (evicted, replica restarted, another sequence since)
+    the target answers FAILED_PRECONDITION and the client resends the full
+    context.
+    """
+    context_prefix_hash: _builtins.int
+    """With a prefix: the first 8 bytes, little endian, of BLAKE2b-64 over the
+    prefix's tokens as little-endian uint32s; the target checks it.
     """
     @_builtins.property
     def context_token_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
@@ -111,10 +127,12 @@ class VerifyRequest(_message.Message):
         draft_tokens: _abc.Iterable[_common_pb2.DraftToken] | None = ...,
         sampling: _common_pb2.SamplingParams | None = ...,
         seed: _builtins.int = ...,
+        context_prefix_length: _builtins.int = ...,
+        context_prefix_hash: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["sampling", b"sampling"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["context_token_ids", b"context_token_ids", "draft_tokens", b"draft_tokens", "sampling", b"sampling", "seed", b"seed", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["context_prefix_hash", b"context_prefix_hash", "context_prefix_length", b"context_prefix_length", "context_token_ids", b"context_token_ids", "draft_tokens", b"draft_tokens", "sampling", b"sampling", "seed", b"seed", "session_id", b"session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

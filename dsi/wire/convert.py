@@ -115,6 +115,7 @@ def service_info_parts(info: ServiceInfo) -> dict:
             session_idle_timeout_seconds=lim.session_idle_timeout_seconds,
             max_batch=lim.max_batch,
             max_batch_tokens=lim.max_batch_tokens,
+            accepts_context_prefix=lim.accepts_context_prefix,
         ),
         counters=common_pb2.ServiceCounters(**vars(cnt)),
     )
@@ -133,6 +134,7 @@ def service_info_from_pb(
             lim.session_idle_timeout_seconds,
             lim.max_batch,
             lim.max_batch_tokens,
+            lim.accepts_context_prefix,
         ),
         counters=ServiceCounters(**{f: getattr(cnt, f) for f in vars(ServiceCounters())}),
     )
@@ -148,6 +150,8 @@ def verify_request_from_pb(m: target_pb2.VerifyRequest) -> VerifyRequest:
         drafts=draft_tokens_from_pb(m.draft_tokens),
         sampling=sampling_from_pb(m.sampling),
         seed=m.seed,
+        prefix_length=m.context_prefix_length,
+        prefix_hash=m.context_prefix_hash,
     )
 
 
@@ -158,6 +162,8 @@ def verify_request_to_pb(r: VerifyRequest) -> target_pb2.VerifyRequest:
         draft_tokens=draft_tokens_to_pb(r.drafts),
         sampling=sampling_to_pb(r.sampling),
         seed=r.seed,
+        context_prefix_length=r.prefix_length,
+        context_prefix_hash=r.prefix_hash,
     )
 
 

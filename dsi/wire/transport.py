@@ -7,13 +7,15 @@ the iterator of :meth:`GrpcDrafter.draft`, cancels the RPC on the server.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import AsyncIterator, Callable, Sequence
 
 import grpc
 
-from dsi.domain.errors import Unavailable
+from dsi.domain.errors import FailedPrecondition, Unavailable
 from dsi.domain.interfaces import Drafter, Target
-from dsi.domain.types import DraftChunk, DraftRequest, ServiceInfo, VerifyRequest, VerifyResult
+from dsi.domain.prefix import SentSequences
+from dsi.domain.types import DraftChunk, DraftRequest, ServiceInfo, VerifyRequest, VerifyResult, is_chain
 from dsi.v1 import drafter_pb2, drafter_pb2_grpc, target_pb2, target_pb2_grpc
 from dsi.wire import convert
 from dsi.wire.grpc_status import call, to_domain
@@ -73,16 +75,57 @@ class GrpcTarget(Target):
         self.channel = channel or open_channel(address, interceptors, security)
         self.stub = target_pb2_grpc.TargetServiceStub(self.channel)
         self.timeout = timeout
+        #: what each session was last sent, once the target said it accepts context prefixes (Info)
+        self.sent: SentSequences | None = None
+        self.prefix_requests = 0  # Verify calls that sent a prefix instead of the full context
+        self.prefix_misses = 0  # ... that the target refused (it did not hold the prefix): resent in full
 
     async def info(self) -> ServiceInfo:
         resp = await call(self.name, self.stub.Info(target_pb2.TargetServiceInfoRequest(), timeout=self.timeout))
-        return convert.service_info_from_pb(resp)
+        info = convert.service_info_from_pb(resp)
+        if info.limits.accepts_context_prefix and self.sent is None:
+            self.sent = SentSequences()
+        elif not info.limits.accepts_context_prefix:
+            self.sent = None  # e.g. replaced by an older build behind the same address
+        return info
 
-    async def verify(self, request: VerifyRequest) -> VerifyResult:
+    async def _verify(self, request: VerifyRequest) -> VerifyResult:
         resp = await call(self.name, self.stub.Verify(convert.verify_request_to_pb(request), timeout=self.timeout))
         return convert.verify_result_from_pb(resp)
 
+    async def verify(self, request: VerifyRequest) -> VerifyResult:
+        """Sends only the context past what the session was last sent (when
+        the target accepts prefixes), and the full context again when the
+        target no longer holds it."""
+        sent = self.sent
+        if sent is None or request.prefix_length:
+            return await self._verify(request)
+        sid = request.session_id
+        drafts = [d.token_id for d in request.drafts] if is_chain(request.drafts) else []
+        sequence = [*request.context, *drafts]  # what the session holds once the target took this request
+        length, digest, rest = sent.split(sid, request.context)
+        sent.sending(sid, sequence)
+        ok = False
+        try:
+            if not length:
+                result = await self._verify(request)
+            else:
+                self.prefix_requests += 1
+                try:
+                    result = await self._verify(
+                        dataclasses.replace(request, context=rest, prefix_length=length, prefix_hash=digest)
+                    )
+                except FailedPrecondition:
+                    self.prefix_misses += 1
+                    result = await self._verify(request)
+            ok = True
+        finally:
+            sent.done(sid, sequence, ok)
+        return result
+
     async def release_session(self, session_id: str) -> bool:
+        if self.sent is not None:
+            self.sent.forget(session_id)
         req = target_pb2.TargetServiceReleaseSessionRequest(session_id=session_id)
         resp = await call(self.name, self.stub.ReleaseSession(req, timeout=self.timeout))
         return resp.released

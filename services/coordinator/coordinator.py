@@ -116,7 +116,7 @@ class Codec:
 
     def decode(self, ids: Sequence[int]) -> str:
         if self.tokenizer is None:
-            return " ".join(str(i) for i in ids)
+            return " ".join(map(str, ids))
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
 
 

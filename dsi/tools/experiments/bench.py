@@ -472,6 +472,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--sim-repeats", type=int, help="simulator draws per point (default: 200)")
     g.add_argument("--no-hf-peers", action="store_true", help="skip Hugging Face generate() peers")
     g.add_argument("--no-calibrate", action="store_true", help="skip the timer/RPC overhead calibration")
+    g.add_argument(
+        "--overhead",
+        action="store_true",
+        help="only the overhead budget per token, part by part, zero-latency models (see docs/benchmarks.md)",
+    )
     g = p.add_argument_group("grid (the simulator's heatmap, measured)")
     g.add_argument("--grid", action="store_true", help="sweep drafter latency fraction x acceptance (synthetic)")
     g.add_argument("--grid-size", type=_ints, default=(5, 5), metavar="NF,NA", help="(default: 5,5)")
@@ -579,6 +584,21 @@ async def amain(args: argparse.Namespace) -> int:
 
     if args.timeline is not None and len(args.timeline) != 2:
         raise SystemExit("dsi bench: --timeline takes REPEAT,PROMPT (two numbers, e.g. 0,0)")
+    if args.overhead:
+        from dsi.tools.experiments import overhead
+
+        budget = argparse.Namespace(
+            tokens=args.tokens or 256,
+            prompt_len=args.prompt_len or 16,
+            lookahead=args.lookahead or 5,
+            rounds=args.repeats or 5,
+            profile=None,
+            json=str(Path(args.out) / "overhead.json") if args.out else None,
+        )
+        if args.out:
+            Path(args.out).mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 - start-up
+        await overhead.arun(budget)
+        return 0
     exp = _experiment(args)
     run = _run_params(args, exp)
     out = Path(args.out or f"results/bench/{exp.name}{'-grid' if args.grid else ''}")

@@ -46,6 +46,9 @@ class Running:
     log_dir: Path | None = None
     local_targets: list[Any] = field(default_factory=list)  # inproc: the backends (their counters)
     local_drafters: list[Any] = field(default_factory=list)
+    #: subprocess: each service's process id and address, by name (target-0, drafter-0, coordinator)
+    pids: dict[str, int] = field(default_factory=dict)
+    addresses: dict[str, str] = field(default_factory=dict)
 
     async def close(self) -> None:
         await self.stack.aclose()
@@ -153,7 +156,9 @@ async def start(
     except BaseException:
         await stack.aclose()
         raise
-    return Running(address, cluster, "subprocess", stack, log_dir)
+    named = {c.name: a for c, a in zip(children, [*addrs, address], strict=True)}
+    pids = {c.name: c.proc.pid for c in children}
+    return Running(address, cluster, "subprocess", stack, log_dir, pids=pids, addresses=named)
 
 
 async def _start_inproc(cluster: Cluster) -> Running:

@@ -46,6 +46,8 @@ REPLAN_EVERY = 16
 ACCEPTANCE_WEIGHT = 1 / 32
 #: Weight of a new sample in the drafter's seconds-per-token estimate.
 SPEED_WEIGHT = 0.2
+#: Lookaheads whose expected time per token is within this fraction of the best count as equally good.
+NEAR = 0.01
 
 
 def si_seconds_per_token(a: float, d: float, t: float, k: int) -> float:
@@ -54,24 +56,30 @@ def si_seconds_per_token(a: float, d: float, t: float, k: int) -> float:
     return (k * d + t) / tokens
 
 
-def dsi_seconds_per_token(a: float, d: float, t: float, k: int, n: int) -> float:
-    """Expected seconds per committed token of DSI with lookahead ``k`` on ``n`` replicas."""
+def dsi_seconds_per_token(a: float, d: float, t: float, k: int, n: int, floor: bool = True) -> float:
+    """Expected seconds per committed token of DSI with lookahead ``k`` on
+    ``n`` replicas; ``floor``: at most ``t`` (what the frontier steps alone give)."""
     later = max(float(k), t / (max(n - 1, 1) * max(d, 1e-9)))  # drafts per chunk after the first
     if a >= 1.0:
-        return min(t, d)  # drafting-bound
-    return min(t, (1 - a) * (k * d + a**k * later * d / (1 - a**later) + t))
+        cost = d
+    else:
+        cost = (1 - a) * (k * d + a**k * later * d / (1 - a**later) + t)
+    return min(t, cost) if floor else cost
 
 
 def best_lookahead(dsi: bool, a: float, d: float, t: float, n: int, largest: int = LARGEST) -> int:
-    """The lookahead in 1..``largest`` with the least expected time per token
-    (the smallest of equally good ones)."""
+    """The lookahead in 1..``largest`` with the least expected time per token.
+    Among those within ``NEAR`` of the least, the largest: fewer, longer
+    chunks cost fewer RPCs, which the model leaves out. DSI's choice ignores
+    its floor (the frontier steps), which would make every lookahead equal
+    when the drafter does not pay."""
     a = min(max(a, 0.0), 0.999)
     if dsi:
-        cost = [dsi_seconds_per_token(a, d, t, k, n) for k in range(1, largest + 1)]
+        cost = [dsi_seconds_per_token(a, d, t, k, n, floor=False) for k in range(1, largest + 1)]
     else:
         cost = [si_seconds_per_token(a, d, t, k) for k in range(1, largest + 1)]
     best = min(cost)
-    return next(k for k, c in enumerate(cost, start=1) if c <= best * (1 + 1e-9))
+    return max(k for k, c in enumerate(cost, start=1) if c <= best * (1 + NEAR))
 
 
 def replicas_needed(d: float, t: float, k: int) -> int:

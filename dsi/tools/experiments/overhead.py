@@ -1,0 +1,271 @@
+"""The per-token overhead budget, part by part, through the real services.
+
+With zero-latency synthetic models (a forward pass costs no time), every
+millisecond is the system's own. Each service runs as its own process (as
+``dsi bench`` and a deployment run them) on loopback:
+
+- ``target_rpc``: client -> target Verify, one call per token, no drafts (the
+  coordinator -> target hop alone, as non-SI makes it), sending only the
+  tokens past the session's prefix as the coordinator does;
+  ``target_rpc_full_context``: the same, sending the full context every time;
+- ``draft_stream``: a Draft stream, per drafted token (lookahead chunks);
+- ``nonsi`` / ``si`` / ``dsi``: client -> coordinator -> target (-> drafter),
+  per token of a generation;
+- ``client_coordinator``: ``nonsi - target_rpc``, the client -> coordinator
+  hop plus the coordinator's own work per token;
+- CPU per token of every process (``/proc/PID/stat``; the client is this
+  process), so a service's own CPU is its share of the time.
+
+``--profile FILE`` runs the non-SI path once more with every service in this
+process (``inproc``) under cProfile and prints where the time goes, by
+self time, grouped by package.
+
+    python -m dsi.tools.experiments.overhead --profile prof.out   # ~2 minutes
+    dsi bench --overhead [--tokens N --repeats R --prompt-len P]   # the same, without the profile
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import cProfile
+import json
+import os
+import pstats
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+ZERO_TARGET = "synthetic:vocab=32000,seed=1"
+ZERO_DRAFTER = "synthetic:vocab=32000,seed=1,acceptance=0.7"
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / _TICK
+
+
+class CpuMeter:
+    """CPU seconds spent by named processes between start() and stop()."""
+
+    def __init__(self, pids: dict[str, int]) -> None:
+        self.pids = pids
+        self._start: dict[str, float] = {}
+        self.spent: dict[str, float] = {}
+
+    def start(self) -> None:
+        self._start = {name: cpu_seconds(pid) for name, pid in self.pids.items()}
+
+    def stop(self) -> dict[str, float]:
+        self.spent = {name: cpu_seconds(pid) - self._start[name] for name, pid in self.pids.items()}
+        return self.spent
+
+
+async def _timed(fn: Callable[[], Any], meter: CpuMeter, rounds: int) -> tuple[float, dict[str, float]]:
+    """Median wall seconds of ``rounds`` awaits of ``fn()`` and the CPU of each
+    process over all rounds, divided by the rounds."""
+    walls = []
+    meter.start()
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        await fn()
+        walls.append(time.perf_counter() - t0)
+    cpu = meter.stop()
+    return statistics.median(walls), {k: v / rounds for k, v in cpu.items()}
+
+
+async def measure(tokens: int, prompt_len: int, lookahead: int, rounds: int, log_dir: Path | None) -> dict[str, Any]:
+    from dsi.domain.types import GREEDY, DraftRequest, VerifyRequest
+    from dsi.tools.experiments import cluster as xcluster
+    from dsi.tools.experiments import config as xconfig
+    from dsi.tools.experiments.bench import generate_once
+    from dsi.wire.client import Client
+    from dsi.wire.transport import GrpcDrafter, GrpcTarget
+
+    zero = xconfig.Cluster((xconfig.Instance(ZERO_TARGET),), (xconfig.Instance(ZERO_DRAFTER),))
+    running = await xcluster.start(zero, "subprocess", log_dir)
+    pids = {**running.pids, "client": os.getpid()}
+    meter = CpuMeter(pids)
+    prompt = list(range(1, prompt_len + 1))
+    out: dict[str, Any] = {"tokens": tokens, "prompt_len": prompt_len, "lookahead": lookahead, "rounds": rounds}
+    try:
+        target = GrpcTarget(running.addresses["target-0"])
+        await target.info()  # as the coordinator does: the target accepts context prefixes
+        full = GrpcTarget(running.addresses["target-0"])  # a client that always sends the full context
+        drafter = GrpcDrafter(running.addresses["drafter-0"])
+        session = iter(range(1 << 30))
+
+        def target_run(client: GrpcTarget) -> Callable[[], Any]:
+            async def go() -> None:  # what non-SI asks of the target: one Verify per token
+                sid, ctx = f"ov-{next(session)}", list(prompt)
+                for _ in range(tokens):
+                    r = await client.verify(VerifyRequest(sid, list(ctx), [], GREEDY, 1))
+                    ctx.append(r.next_token)
+                await client.release_session(sid)
+
+            return go
+
+        async def draft_run() -> None:
+            req = DraftRequest(f"ov-{next(session)}", prompt, lookahead, max_tokens=tokens, sampling=GREEDY, seed=1)
+            n = sum([len(c.tokens) async for c in drafter.draft(req)])
+            assert n == tokens, n
+            await drafter.release_session(req.session_id)
+
+        async with Client(running.address) as client:
+
+            def generation(strategy: str) -> Callable[[], Any]:
+                async def go() -> None:
+                    r = await generate_once(client, prompt, tokens, strategy, lookahead)
+                    assert len(r["token_ids"]) == tokens, r
+
+                return go
+
+            parts: dict[str, Callable[[], Any]] = {
+                "target_rpc_full_context": target_run(full),
+                "target_rpc": target_run(target),
+                "draft_stream": draft_run,
+                "nonsi": generation("nonsi"),
+                "si": generation("si"),
+                "dsi": generation("dsi"),
+            }
+            for fn in parts.values():  # warm-up
+                await fn()
+            for name, fn in parts.items():
+                wall, cpu = await _timed(fn, meter, rounds)
+                out[name] = {
+                    "ms_per_token": 1e3 * wall / tokens,
+                    "cpu_ms_per_token": {k: round(1e3 * v / tokens, 4) for k, v in cpu.items()},
+                }
+        await target.close()
+        await full.close()
+        await drafter.close()
+    finally:
+        await running.close()
+    out["client_coordinator"] = {"ms_per_token": out["nonsi"]["ms_per_token"] - out["target_rpc"]["ms_per_token"]}
+    return out
+
+
+# --- profile ----------------------------------------------------------------------------------------
+
+GROUPS = (
+    ("grpc", ("grpc/", "grpc_status", "_cython/")),
+    ("protobuf and conversion", ("google/protobuf", "dsi/wire/convert", "_pb2")),
+    ("asyncio event loop", ("asyncio/",)),
+    ("coordinator engine", ("services/coordinator/",)),
+    ("target backend and decision", ("dsi/backends/", "dsi/domain/")),
+    ("numpy", ("numpy/",)),
+    ("serving (gate, metrics, servers)", ("dsi/serving/", "services/target/", "services/drafter/")),
+    ("client and benchmark", ("dsi/wire/client", "dsi/tools/")),
+)
+
+
+def group_of(filename: str) -> str:
+    for name, needles in GROUPS:
+        if any(n in filename for n in needles):
+            return name
+    return "other" if filename != "~" else "builtins (C, unattributed)"
+
+
+async def profile(tokens: int, prompt_len: int, rounds: int, out: Path, top: int = 25) -> dict[str, Any]:
+    """Non-SI with every service in this process, under cProfile: self time by
+    package and the top functions, per generated token."""
+    from dsi.tools.experiments import cluster as xcluster
+    from dsi.tools.experiments import config as xconfig
+    from dsi.tools.experiments.bench import generate_once
+    from dsi.wire.client import Client
+
+    zero = xconfig.Cluster((xconfig.Instance(ZERO_TARGET),), (xconfig.Instance(ZERO_DRAFTER),))
+    running = await xcluster.start(zero, "inproc")
+    prompt = list(range(1, prompt_len + 1))
+    try:
+        async with Client(running.address) as client:
+            await generate_once(client, prompt, 16, "nonsi", 1)
+            prof = cProfile.Profile()
+            prof.enable()
+            for _ in range(rounds):
+                await generate_once(client, prompt, tokens, "nonsi", 1)
+            prof.disable()
+    finally:
+        await running.close()
+    prof.dump_stats(str(out))
+    st = pstats.Stats(prof)
+    n = tokens * rounds
+    groups: dict[str, float] = {}
+    rows = []
+    for (filename, line, func), (_cc, nc, tt, ct, _callers) in st.stats.items():  # type: ignore[attr-defined]
+        groups[group_of(filename)] = groups.get(group_of(filename), 0.0) + tt
+        rows.append((tt, ct, nc, f"{_short(filename)}:{line}({func})"))
+    total = sum(groups.values())
+    rows.sort(reverse=True)
+    return {
+        "total_ms_per_token": 1e3 * total / n,
+        "groups_ms_per_token": {k: round(1e3 * v / n, 4) for k, v in sorted(groups.items(), key=lambda kv: -kv[1])},
+        "top_self": [
+            {"self_us_per_token": round(1e6 * tt / n, 2), "calls_per_token": round(nc / n, 2), "function": name}
+            for tt, _ct, nc, name in rows[:top]
+        ],
+    }
+
+
+def _short(filename: str) -> str:
+    for marker in ("site-packages/", "/dsi/", "/services/", "/lib/python3"):
+        if marker in filename:
+            return filename.split(marker, 1)[1] if marker != "/lib/python3" else filename.split(marker, 1)[1][3:]
+    return filename
+
+
+def report(res: dict[str, Any]) -> str:
+    lines = [f"overhead per token, zero-latency synthetic models, {res['tokens']} tokens, median of {res['rounds']}:"]
+    for name in ("target_rpc_full_context", "target_rpc", "draft_stream", "client_coordinator", "nonsi", "si", "dsi"):
+        part = res[name]
+        cpu = part.get("cpu_ms_per_token", {})
+        cpu_txt = ", ".join(f"{k} {v:.3f}" for k, v in cpu.items())
+        tail = f"   CPU ms/token: {cpu_txt}" if cpu else ""
+        lines.append(f"  {name:<19} {part['ms_per_token']:7.3f} ms/token{tail}")
+    return "\n".join(lines)
+
+
+def profile_report(p: dict[str, Any]) -> str:
+    lines = [f"cProfile, non-SI, all services in one process: {p['total_ms_per_token']:.3f} ms of CPU per token"]
+    for k, v in p["groups_ms_per_token"].items():
+        lines.append(f"  {k:<34} {v:7.3f} ms/token")
+    lines.append("  top functions by self time (us/token, calls/token):")
+    for r in p["top_self"]:
+        lines.append(f"    {r['self_us_per_token']:8.2f} {r['calls_per_token']:6.2f}  {r['function']}")
+    return "\n".join(lines)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tokens", type=int, default=256, help="tokens per generation (default: %(default)s)")
+    p.add_argument("--prompt-len", type=int, default=16)
+    p.add_argument("--lookahead", type=int, default=5)
+    p.add_argument("--rounds", type=int, default=5, help="repeats of each part (default: %(default)s)")
+    p.add_argument("--profile", metavar="FILE", help="also profile non-SI in one process with cProfile")
+    p.add_argument("--json", metavar="FILE", help="write the numbers here")
+
+
+async def arun(args: argparse.Namespace) -> dict[str, Any]:
+    res = await measure(args.tokens, args.prompt_len, args.lookahead, args.rounds, None)
+    print(report(res), flush=True)
+    if args.profile:
+        res["profile"] = await profile(args.tokens, args.prompt_len, args.rounds, Path(args.profile))
+        print(profile_report(res["profile"]), flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=2))  # noqa: ASYNC240 - once, at the end
+    return res
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m dsi.tools.experiments.overhead", description=__doc__)
+    add_arguments(p)
+    asyncio.run(arun(p.parse_args(argv)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
