@@ -150,8 +150,11 @@ async def test_a_replica_back_after_its_probe_answers_gets_work_again() -> None:
     out, _ = await generate(eng, Strategy.DSI, GREEDY)
     assert out == ref and not eng.targets.is_active(0)
     probes = faulty.info_calls
-    await asyncio.sleep(0.1)
-    assert faulty.info_calls > probes  # probed (with back-off) while down
+    for _ in range(500):  # bounded: the back-off doubles from PROBE_FIRST
+        if faulty.info_calls > probes:
+            break
+        await asyncio.sleep(0.01)
+    assert faulty.info_calls > probes and not eng.targets.is_active(0)  # probed while down, still down
     faulty.fail_from, faulty.healthy_info = 10**9, True
     for _ in range(300):
         if eng.targets.is_active(0):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 
 import pytest
 
@@ -15,7 +14,7 @@ from services.coordinator.pool import SPECULATION_SHARE, Pool
 def record(pool: Pool, replica: int, seconds: float) -> None:
     """One completed request of ``seconds`` on ``replica``."""
     lease = pool.acquire_on(replica)
-    lease.started = time.perf_counter() - seconds
+    lease.started = pool_module.clock() - seconds
     pool.release(lease, completed=True)
 
 
@@ -34,7 +33,7 @@ def test_idle_replicas_are_chosen_fastest_first():
 def test_cancelled_requests_do_not_count_as_latency_samples():
     pool = Pool(["a"])
     lease = pool.acquire_on(0)
-    lease.started = time.perf_counter() - 5.0
+    lease.started = pool_module.clock() - 5.0
     pool.release(lease)  # not completed (cancelled)
     assert pool.latency(0) == 0.0
 

@@ -1,6 +1,7 @@
-"""Automatic lookahead against every fixed one, through the engine with
-synthetic services (in-process; latencies are ``asyncio.sleep``, so the
-machine's load matters little).
+"""Automatic lookahead against every fixed one, through dsi's engine with
+synthetic services, in-process on a virtual clock
+(:mod:`dsi.tools.experiments.virtual_time`: latencies are ``asyncio.sleep``
+calls that take no real time, so the numbers do not depend on the machine).
 
 For each drafter profile and strategy it runs the same prompts with lookahead
 1, 2, 3, 4, 6, 8, 12 and ``auto`` (0), and prints the mean milliseconds per
@@ -17,9 +18,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import statistics
-import time
 
 from dsi.backends import LocalDrafter, LocalTarget, load_drafter_model, load_target_model
+from dsi.tools.experiments.virtual_time import run_virtual
 from services.coordinator.engine import Engine, GenerationParams, Strategy
 
 FIXED = (1, 2, 3, 4, 6, 8, 12)
@@ -40,10 +41,11 @@ async def ms_per_token(target: str, drafter: str, replicas: int, strategy: Strat
             vocab_size=targets[0].model.info.vocab_size,
         )
         gen = engine.generate([r + 1, 2, 3], GenerationParams(args.tokens, strategy=strategy, lookahead=k))
-        start = time.perf_counter()
+        loop = asyncio.get_running_loop()
+        start = loop.time()
         async for _ in gen.tokens():
             pass
-        times.append((time.perf_counter() - start) * 1000 / args.tokens)
+        times.append((loop.time() - start) * 1000 / args.tokens)
     return statistics.mean(times)
 
 
@@ -71,4 +73,4 @@ if __name__ == "__main__":
     p.add_argument("--replicas", type=int, default=3)
     p.add_argument("--target-ms", type=float, default=30.0)
     p.add_argument("--drafter-ms", type=float, default=3.0)
-    asyncio.run(main(p.parse_args()))
+    run_virtual(main(p.parse_args()))

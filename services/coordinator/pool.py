@@ -57,6 +57,16 @@ PROBE_TIMEOUT = 2.0  # seconds a probe may take
 SPECULATION_SHARE = 0.5  # of a batching replica's capacity, what speculative verifications may use
 
 
+def clock() -> float:
+    """Seconds on the running event loop's clock (virtual in ``dsi simulate
+    --engine``), or monotonic seconds outside a loop: what latencies are
+    measured with."""
+    try:
+        return asyncio.get_running_loop().time()
+    except RuntimeError:
+        return time.monotonic()
+
+
 def _frontier() -> int:
     return 0
 
@@ -230,7 +240,7 @@ class Pool(Generic[T]):
         return min(candidates, key=lambda i: (-(affinity(i) if affinity else 0), self._order[i]))
 
     def _take(self, i: int, depth: Callable[[], int], preempt: Callable[[], None] | None) -> Lease:
-        lease = Lease(i, depth, preempt, started=time.perf_counter())
+        lease = Lease(i, depth, preempt, started=clock())
         self.slots[i].leases.add(lease)
         self.slots[i].served += 1
         self._order[i] = next(self._tie)
@@ -296,7 +306,7 @@ class Pool(Generic[T]):
         elif completed:
             slot.failures = 0
         if completed:
-            seconds = time.perf_counter() - lease.started
+            seconds = clock() - lease.started
             slot.latency = seconds if slot.latency == 0.0 else slot.latency + EWMA * (seconds - slot.latency)
         slot.leases.discard(lease)
         if slot.draining and not slot.leases:

@@ -20,6 +20,7 @@ from services.coordinator.engine.drafters import DrafterSlot, Proposal
 from services.coordinator.engine.generation import Generation
 from services.coordinator.engine.observe import DraftChunkInfo
 from services.coordinator.engine.trees import StreamTree
+from services.coordinator.pool import clock
 
 
 def more_drafts_coming(gen: Generation) -> bool:
@@ -147,7 +148,7 @@ class DraftFeed:
             return
         chunk = reader.result()
         gen.stats.drafted_tokens += len(chunk.tokens)
-        now = time.perf_counter()
+        now = clock()
         if self.slot.primary and gen.planner is not None and self._chunk_at:  # the first chunk includes a prefill
             gen.planner.drafted(len(chunk.tokens), now - self._chunk_at)
         self._chunk_at = now

@@ -41,9 +41,9 @@ from dataclasses import dataclass
 #: Lookahead used until the first measurements (and the largest considered by default).
 START, LARGEST = 4, 16
 #: Committed tokens between two choices.
-REPLAN_EVERY = 16
+REPLAN_EVERY = 4
 #: Weight of each newly decided draft in the acceptance estimate (about the last 30 drafts count).
-ACCEPTANCE_WEIGHT = 1 / 32
+ACCEPTANCE_WEIGHT = 1 / 8
 #: Weight of a new sample in the drafter's seconds-per-token estimate.
 SPEED_WEIGHT = 0.2
 #: Lookaheads whose expected time per token is within this fraction of the best count as equally good.

@@ -18,6 +18,7 @@ from services.coordinator.engine.drafters import DrafterSlot, Proposal
 from services.coordinator.engine.generation import Generation
 from services.coordinator.engine.observe import DraftChunkInfo, Outcome
 from services.coordinator.engine.trees import StreamTree, verification_tree
+from services.coordinator.pool import clock
 
 
 def _replica(gen: Generation, current: int | None) -> int:
@@ -74,7 +75,7 @@ async def _draft(gen: Generation, slot: DrafterSlot, k: int) -> list[DraftToken]
         obs.draft_stream_started(sid, drafter.name, len(gen.committed), time.perf_counter())
     drafts: list[DraftToken] = []
     finished = False
-    started = time.perf_counter()
+    started = clock()
     try:
         while True:
             timeout = gen.draft_timeout()
@@ -96,7 +97,7 @@ async def _draft(gen: Generation, slot: DrafterSlot, k: int) -> list[DraftToken]
             obs.draft_stream_ended(sid, time.perf_counter(), cancelled=not finished)
     gen.stats.drafted_tokens += len(drafts)
     if finished and slot.primary and gen.planner is not None:
-        gen.planner.drafted(len(drafts), time.perf_counter() - started)
+        gen.planner.drafted(len(drafts), clock() - started)
     return drafts
 
 
