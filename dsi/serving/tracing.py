@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextvars
 import inspect
 import logging
 import os
@@ -257,12 +258,23 @@ def _claim(key: Hashable) -> Span | None:
 # --- gRPC client side ------------------------------------------------------------------------
 
 
+#: The span the last call of this task claimed, by call key: a call sent again in the same task
+#: (a Verify whose context prefix was refused goes out again with the whole context) is its child too.
+_claimed: contextvars.ContextVar[tuple[Hashable, Span] | None] = contextvars.ContextVar("dsi_claimed", default=None)
+
+
 def _outgoing(details: grpc.aio.ClientCallDetails, request: Any) -> grpc.aio.ClientCallDetails:
     from opentelemetry import propagate, trace
 
     method = details.method.decode() if isinstance(details.method, bytes) else details.method
     key = _call_key(method, request)
     span = _claim(key) if key is not None else None
+    if key is not None:
+        if span is not None:
+            _claimed.set((key, span))
+        else:
+            last = _claimed.get()
+            span = last[1] if last is not None and last[0] == key else None
     if span is None and _state is not None and _state.sessions:
         span = _state.sessions.get(getattr(request, "session_id", None))  # type: ignore[arg-type]
     ctx = trace.set_span_in_context(span) if span is not None else None

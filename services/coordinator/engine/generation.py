@@ -22,9 +22,11 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import TypeVar
 
 from dsi.domain.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, Unavailable
 from dsi.domain.interfaces import Drafter, Target
@@ -37,11 +39,25 @@ from services.coordinator.engine.types import FinishReason, GenerationParams, Ge
 from services.coordinator.pool import Lease, Pool
 
 log = logging.getLogger("services.coordinator.engine")
+T = TypeVar("T")
 
 #: A verification's deadline: this many times its replica's measured latency, scaled up by the
 #: tokens it must compute beyond what the replica caches (one more latency per PREFILL_BLOCK),
 #: at least DEADLINE_FLOOR seconds and at most the engine's ``verify_timeout``.
 DEADLINE_FACTOR, DEADLINE_FLOOR, PREFILL_BLOCK = 10.0, 2.0, 64
+
+
+async def within(seconds: float, awaitable: Awaitable[T]) -> T:
+    """``awaitable``, or ``asyncio.TimeoutError`` after ``seconds``; in the
+    calling task (``asyncio.timeout``, Python 3.11+: no task of its own, so
+    cancelling the caller cancels the call at once, with nothing scheduled
+    in between)."""
+    if sys.version_info >= (3, 11):
+        async with asyncio.timeout(seconds):
+            return await awaitable
+    return await asyncio.wait_for(awaitable, seconds)
+
+
 #: Errors after which a call is tried elsewhere: the peer is gone, or saturated.
 RETRYABLE = (Unavailable, ResourceExhausted)
 
@@ -331,7 +347,7 @@ class Generation:
         request = VerifyRequest(self.session_id, self.context(base), drafts, self.sampling, self.params.seed)
         completed = unreachable = False
         try:
-            result = await asyncio.wait_for(pool.member(lease.replica).verify(request), timeout)
+            result = await within(timeout, pool.member(lease.replica).verify(request))
         except asyncio.TimeoutError:
             if self._past_deadline():  # the client's time is up, not the replica's fault
                 raise DeadlineExceeded("the request's deadline passed") from None

@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator
 from dsi.domain.errors import Unavailable
 from dsi.domain.types import DraftToken, VerifyResult
 from services.coordinator.engine.drafters import DrafterSlot, Proposal
-from services.coordinator.engine.generation import Generation
+from services.coordinator.engine.generation import Generation, within
 from services.coordinator.engine.observe import DraftChunkInfo, Outcome
 from services.coordinator.engine.trees import StreamTree, verification_tree
 from services.coordinator.pool import clock
@@ -80,7 +80,7 @@ async def _draft(gen: Generation, slot: DrafterSlot, k: int) -> list[DraftToken]
         while True:
             timeout = gen.draft_timeout()
             try:
-                chunk = await asyncio.wait_for(stream.__anext__(), timeout)
+                chunk = await within(timeout, stream.__anext__())
             except StopAsyncIteration:
                 break
             except asyncio.TimeoutError:
