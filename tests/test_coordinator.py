@@ -328,6 +328,32 @@ def test_text_stream_holds_back_a_possible_stop_string_prefix():
     assert stopped and emitted + delta == "hello "
 
 
+def test_text_stream_decodes_a_window_and_gives_the_whole_decoding():
+    """With a byte-level BPE tokenizer (multi-byte characters split across
+    tokens): the pieces add up to decoding every token at once, and each push
+    decodes a short window, not the whole output."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    text = "def f(x):\n    return x * 2  # ünïcödé ✓ 漢字 🙂\n"
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(
+        [text], trainers.BpeTrainer(vocab_size=280, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    )
+    ids = tok.encode(text * 10).ids
+    windows: list[int] = []
+
+    def decode(window):
+        windows.append(len(window))
+        return tok.decode(window)
+
+    ts = TextStream(decode, [])
+    out = "".join(ts.push([t])[0] for t in ids) + ts.flush()
+    assert out == tok.decode(ids) == text * 10
+    assert max(windows) <= 8 < len(ids)
+
+
 def test_text_stream_holds_back_incomplete_utf8():
     chunks = {1: "caf", 2: "\ufffd", 3: "é!"}
 

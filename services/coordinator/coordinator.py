@@ -126,6 +126,11 @@ class TextStream:
     Text is emitted only once it is final: an incomplete UTF-8 sequence at the
     end (decoded as U+FFFD) and any tail that could begin a stop string are held
     back until the next tokens decide them.
+
+    Each push decodes a short window, not the whole output (O(1) per token, not
+    O(n)): the tokens since the one before the last final text, whose decoded
+    text minus that of its settled part is the new text (a token's text can
+    depend on the one before it, e.g. a leading space).
     """
 
     def __init__(self, decode: Callable[[Sequence[int]], str], stops: Sequence[str], separator: str = "") -> None:
@@ -134,24 +139,33 @@ class TextStream:
         self.hold = max((len(s) for s in self.stops), default=1) - 1
         self.ids: list[int] = []
         self.emitted = 0
-        self.text = ""
+        self.text = ""  # final text so far
+        self._prefix = self._read = 0  # window: ids[_prefix:]; ids[_prefix:_read] is settled
+        self._stopped = False
+
+    def _advance(self, final: bool) -> None:
+        if self._stopped:  # the text ends at the stop string
+            return
+        settled = self.decode(self.ids[self._prefix : self._read])
+        window = self.decode(self.ids[self._prefix :])
+        if len(window) > len(settled) and (final or not window.endswith("\ufffd")):
+            self.text += window[len(settled) :]
+            self._prefix, self._read = self._read, len(self.ids)
 
     def push(self, ids: Sequence[int]) -> tuple[str, bool]:
         """Add tokens; returns (text that is final now, whether a stop string
         was found, in which case the text ends right before it)."""
         self.ids.extend(ids)
-        self.text = self.decode(self.ids)
+        self._advance(final=False)
         for s in self.stops:
             at = self.text.find(s, max(0, self.emitted - len(s) + 1))
             if at >= 0:
-                self.text = self.text[:at]
+                self.text, self._stopped = self.text[:at], True
                 return self._take(len(self.text)), True
-        safe = len(self.text) - self.hold
-        while safe > self.emitted and self.text[safe - 1] == "\ufffd":
-            safe -= 1
-        return self._take(safe), False
+        return self._take(len(self.text) - self.hold), False
 
     def flush(self) -> str:
+        self._advance(final=True)
         return self._take(len(self.text))
 
     def _take(self, upto: int) -> str:
