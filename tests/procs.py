@@ -7,6 +7,7 @@ when its ExitStack closes."""
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import os
 import signal
@@ -126,8 +127,9 @@ async def wait_exit(p: Proc, timeout: float) -> int:
 
 
 async def until(predicate: Callable[[], object], timeout: float, what: str) -> None:
+    """Until ``predicate()`` (or, for a coroutine function, its awaited result) is true; bounded."""
     deadline = time.monotonic() + timeout
-    while not predicate():
+    while not ((await value) if inspect.isawaitable(value := predicate()) else value):
         if time.monotonic() > deadline:
             raise AssertionError(f"{what}: not within {timeout}s")
         await asyncio.sleep(0.01)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -61,16 +60,6 @@ async def run(
 
 async def info(ch: grpc.aio.Channel) -> generation_pb2.GetInfoResponse:
     return await generation_pb2_grpc.GenerationServiceStub(ch).GetInfo(generation_pb2.GetInfoRequest(), timeout=5)
-
-
-async def until_async(check: Callable[[], object], timeout: float, what: str) -> None:
-    """Until the coroutine function ``check`` returns something true (bounded)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not await check():  # type: ignore[misc]
-        if loop.time() > deadline:
-            raise AssertionError(f"{what}: not within {timeout}s")
-        await asyncio.sleep(0.05)
 
 
 def restart(stack: ExitStack, tmp: Path, p: Proc, *args: str) -> Proc:
@@ -124,7 +113,7 @@ async def test_sigkill_of_a_target_replica_mid_generation_loses_nothing(tmp_path
             async def back() -> bool:
                 return (await info(ch)).targets[index].available
 
-            await until_async(back, 20, "the restarted replica back in service")
+            await until(back, 20, "the restarted replica back in service")
             for _ in range(3):
                 ids, stats = await run(ch, req("dsi"))
                 assert ids == ref and stats.failovers == 0
@@ -153,7 +142,7 @@ async def test_a_stopped_target_replica_is_passed_over_and_taken_back_when_it_an
             async def back() -> bool:
                 return (await info(ch)).targets[index].available
 
-            await until_async(back, 20, "the resumed replica back in service")
+            await until(back, 20, "the resumed replica back in service")
             ids, stats = await run(ch, req("dsi", 300))
             assert ids == ref and stats.failovers == 0
 
@@ -188,7 +177,7 @@ async def test_a_failed_drafter_degrades_to_target_only_steps_then_speculation_r
             async def back() -> bool:
                 return (await info(ch)).drafters[0].available
 
-            await until_async(back, 20, "the drafter back in service")
+            await until(back, 20, "the drafter back in service")
             ids, st = await run(ch, req(strategy, 100))
             assert ids == ref[:100] and st.tokens_without_drafter == 0 and st.accepted_tokens > 0
 
