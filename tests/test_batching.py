@@ -116,6 +116,50 @@ def test_a_request_cancelled_while_waiting_never_runs() -> None:
     run_virtual(go())
 
 
+class _GuardedTarget(SyntheticTarget):
+    """A synthetic target that fails a pass if a state it is using was
+    dropped (released, evicted) before the pass ended: what an HF cache
+    freed under a running forward would do."""
+
+    def drop_state(self, state) -> None:  # type: ignore[no-untyped-def]
+        state.dropped = True
+
+    async def forward_batch(self, items):  # type: ignore[no-untyped-def]
+        out = await super().forward_batch(items)
+        if any(getattr(i.state, "dropped", False) for i in items):
+            raise RuntimeError("a session's state was dropped while its pass ran")
+        return out
+
+
+def test_a_request_cancelled_mid_pass_keeps_its_session_until_the_pass_ends() -> None:
+    """Cancel one request of a running batched pass and release its session
+    at once: the pass ends well for the others, and the session is freed
+    only after the pass (issue 17's CI failure: an HF cache set to None under
+    a running batch failed every request of that batch)."""
+
+    async def go() -> None:
+        target = LocalTarget(_GuardedTarget(SPEC), batch=BatchLimits(max_batch=8))
+        reqs = _requests(3)
+        tasks = [asyncio.ensure_future(target.verify(r)) for r in reqs]
+        await asyncio.sleep(0.001)  # the three share a pass that is running now
+        assert target.device.stats.passes == 1 and target.device.waiting == 0
+        loop = asyncio.get_running_loop()
+        cancelled_at = loop.time()
+        tasks[1].cancel()
+        await asyncio.sleep(0)
+        assert target.sessions.is_busy(reqs[1].session_id)  # still held: the pass uses its state
+        assert await target.release_session(reqs[1].session_id)
+        assert reqs[1].session_id in target.sessions  # released when the pass ends, not now
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        assert isinstance(results[1], asyncio.CancelledError)
+        assert isinstance(results[0], VerifyResult) and isinstance(results[2], VerifyResult)
+        assert loop.time() > cancelled_at  # the cancelled request waited for its pass
+        assert reqs[1].session_id not in target.sessions
+        assert target.counters.cancelled_requests == 1
+
+    run_virtual(go())
+
+
 def test_a_failing_pass_fails_its_requests_only() -> None:
     calls: list[int] = []
 

@@ -11,9 +11,11 @@ share a pass (a token tree, which must also prune its session's cache before
 the device moves on) runs alone (``exclusive``), in arrival order.
 
 A request cancelled while it waits is removed from the queue and never runs.
-A request cancelled while its pass runs returns at once; the pass finishes
-for the others (its session's state is still updated by the pass, and since
-passes never overlap, a later request of that session sees it complete).
+A request cancelled while its pass runs still waits for that pass to end
+(the pass finishes for the others, and the device writes the request's
+session state until then), then raises ``CancelledError``: so the session it
+holds is never released, evicted or handed to its next request while the
+device uses it.
 
 ``max_batch = 1`` is the old behaviour: one request per pass, in arrival order.
 """
@@ -110,12 +112,25 @@ class DeviceQueue(Generic[Item, R]):
             self._queue = deque(j for j in self._queue if j.future.get_loop() is loop)
             self._pump = loop.create_task(self._run())
         try:
-            result = await job.future
+            result = await asyncio.shield(job.future)  # a cancellation reaches this wait, not the job
         except asyncio.CancelledError:
             if not job.started:  # never ran: make sure no pass takes it
                 job.future.cancel()
+            elif not job.future.done():
+                await self._outlive(job)
             raise
         return result, job.started
+
+    @staticmethod
+    async def _outlive(job: _Job) -> None:
+        """A request cancelled while its pass runs waits for that pass to end
+        (one pass at most) before it gives up its session: the device is
+        still reading and writing the session's state, and whoever holds the
+        session next (a later request, or a release that frees the state)
+        must find it whole. A second cancellation stops the wait."""
+        await asyncio.wait([job.future])
+        if not job.future.cancelled():
+            job.future.exception()  # retrieved: the caller is gone, its pass's error goes nowhere
 
     def _next(self) -> list[_Job]:
         """The jobs of the next pass: the first exclusive job if it heads the
