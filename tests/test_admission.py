@@ -175,11 +175,14 @@ async def test_a_target_refuses_verifications_beyond_its_cap_but_answers_info_an
             health = await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=5)
             assert health.status == health_pb2.HealthCheckResponse.SERVING
             await asyncio.gather(*busy)
-            # Slots are given back when calls end, cancelled ones included.
+            # Slots are given back when calls end, cancelled ones included (a call cancelled during
+            # its forward pass ends on the server when that pass does: the device still writes its
+            # session until then).
             cancelled = asyncio.ensure_future(verify(3))
             await eventually(lambda: target.sessions.busy == 1)
             cancelled.cancel()
             await asyncio.gather(cancelled, return_exceptions=True)
+            await eventually(lambda: target.sessions.busy == 0 and target.counters.cancelled_requests == 1)
             await asyncio.gather(verify(4), verify(5))
     finally:
         await running.stop(0)
