@@ -98,8 +98,8 @@ class _Stream:
             self.send(_CLOSE)
             try:
                 await asyncio.wait_for(asyncio.shield(self.reader), timeout)
-            except (asyncio.TimeoutError, Exception):
-                pass
+            except asyncio.TimeoutError:
+                pass  # cancelled below
         self.broken = self.broken or Unavailable(f"{self.peer} is unavailable: the verify stream was closed")
         self.call.cancel()
         for task in (self.writer, self.reader):
