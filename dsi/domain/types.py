@@ -209,6 +209,7 @@ class ServiceLimits:
     max_batch: int = 0  # requests one device pass may take (0 = not reported: one)
     max_batch_tokens: int = 0  # tokens one device pass may compute
     accepts_context_prefix: bool = False
+    accepts_verify_stream: bool = False  # serves TargetService.VerifyStream (target)
 
 
 @dataclass

@@ -7,7 +7,10 @@ interceptor (:class:`Gate`) that
   balancers send no token; they learn nothing but SERVING / NOT_SERVING);
 * caps the calls that do model work (a target's Verify, a drafter's Draft) in
   flight at once, queued ones included (``--max-concurrent-requests``): one
-  more ends RESOURCE_EXHAUSTED at once, instead of queueing without bound;
+  more ends RESOURCE_EXHAUSTED at once, instead of queueing without bound.
+  A capped method whose requests are a stream of calls (a target's
+  VerifyStream) is not counted itself: its servicer counts each call it
+  carries against the same cap (:func:`stream_admission`);
 * turns request bytes that do not parse into INVALID_ARGUMENT with a message
   (gRPC itself would answer UNKNOWN and log an ERROR with a traceback).
 
@@ -19,6 +22,7 @@ errors become statuses. The HTTP servers' counterpart of the token check is in
 from __future__ import annotations
 
 import argparse
+import contextvars
 import inspect
 import os
 from collections.abc import AsyncIterator, Callable, Collection
@@ -37,6 +41,29 @@ from dsi.wire.security import AUTHORIZATION, TOKEN_ENV, ClientSecurity, ServerSe
 OPEN_PREFIXES = ("/grpc.health.v1.Health/",)
 
 DEFAULT_MAX_CONCURRENT_REQUESTS = 1024
+
+
+class Admission:
+    """What a servicer of a stream of calls asks before it starts one call."""
+
+    def admit(self) -> DsiError | None:
+        """Why the call is refused, or None: it is admitted, and counted until :meth:`release`."""
+        return None
+
+    def release(self) -> None:
+        """An admitted call ended."""
+
+
+#: No cap.
+UNCAPPED = Admission()
+_STREAM_ADMISSION: contextvars.ContextVar[Admission] = contextvars.ContextVar("dsi_stream_admission", default=UNCAPPED)
+
+
+def stream_admission() -> Admission:
+    """The cap a stream that carries many calls (a target's VerifyStream)
+    applies to each call, inside its servicer: the gate's, when it caps the
+    stream's method; :data:`UNCAPPED` otherwise."""
+    return _STREAM_ADMISSION.get()
 
 
 class Malformed:
@@ -71,7 +98,7 @@ _MAKERS = {
 }
 
 
-class Gate(grpc.aio.ServerInterceptor):
+class Gate(grpc.aio.ServerInterceptor, Admission):
     def __init__(
         self,
         token: str | None = None,
@@ -106,6 +133,23 @@ class Gate(grpc.aio.ServerInterceptor):
             wrapped = self._wrapped[method] = self._wrap(handler, self.max_concurrent > 0 and method in self.limited)
         return wrapped
 
+    # --- the cap (Admission) ---------------------------------------------------------------
+
+    def admit(self) -> DsiError | None:
+        if self.max_concurrent <= 0:
+            return None
+        if self.in_flight >= self.max_concurrent:
+            return ResourceExhausted(
+                f"this server is handling its limit of {self.max_concurrent} concurrent requests"
+                " (--max-concurrent-requests); retry later"
+            )
+        self.in_flight += 1
+        return None
+
+    def release(self) -> None:
+        if self.max_concurrent > 0:
+            self.in_flight -= 1
+
     # --- handlers -------------------------------------------------------------------------
 
     def _refuse(self, handler: grpc.RpcMethodHandler, error: DsiError) -> grpc.RpcMethodHandler:
@@ -125,22 +169,19 @@ class Gate(grpc.aio.ServerInterceptor):
         if not (inspect.iscoroutinefunction(behavior) or inspect.isasyncgenfunction(behavior)):
             return handler  # a synchronous handler (none in dsi): left as it is
 
+        # A capped stream of calls is not counted itself: its servicer counts each call (stream_admission).
+        per_call = capped and streaming_request
+        capped = capped and not streaming_request
+
         def refusal(request: Any) -> DsiError | None:
             """Why the call is refused, or None: it is admitted (and counted)."""
             if isinstance(request, Malformed):
                 return _malformed(request)
-            if capped:
-                if self.in_flight >= self.max_concurrent:
-                    return ResourceExhausted(
-                        f"this server is handling its limit of {self.max_concurrent} concurrent requests"
-                        " (--max-concurrent-requests); retry later"
-                    )
-                self.in_flight += 1
-            return None
+            return self.admit() if capped else None
 
         def leave() -> None:
             if capped:
-                self.in_flight -= 1
+                self.release()
 
         # A refusal sets the status and returns (see dsi.wire.grpc_status.fail: no exception keeps the
         # request alive), and the request is dropped at once.
@@ -152,6 +193,7 @@ class Gate(grpc.aio.ServerInterceptor):
                     del request
                     fail(context, error)
                     return
+                lent = _STREAM_ADMISSION.set(self) if per_call else None
                 try:
                     messages = _checked(request, context) if streaming_request else request
                     del request
@@ -159,6 +201,8 @@ class Gate(grpc.aio.ServerInterceptor):
                         yield item
                 finally:
                     leave()
+                    if lent is not None:
+                        _STREAM_ADMISSION.reset(lent)
 
             wrapped: Callable[..., Any] = wrapped_gen
         else:
@@ -169,12 +213,15 @@ class Gate(grpc.aio.ServerInterceptor):
                     del request
                     fail(context, error)
                     return None
+                lent = _STREAM_ADMISSION.set(self) if per_call else None
                 try:
                     messages = _checked(request, context) if streaming_request else request
                     del request
                     return await behavior(messages, context)
                 finally:
                     leave()
+                    if lent is not None:
+                        _STREAM_ADMISSION.reset(lent)
 
             wrapped = wrapped_coro
         return make(

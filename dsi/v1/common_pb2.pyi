@@ -257,6 +257,7 @@ class ServiceLimits(_message.Message):
     MAX_BATCH_FIELD_NUMBER: _builtins.int
     MAX_BATCH_TOKENS_FIELD_NUMBER: _builtins.int
     ACCEPTS_CONTEXT_PREFIX_FIELD_NUMBER: _builtins.int
+    ACCEPTS_VERIFY_STREAM_FIELD_NUMBER: _builtins.int
     max_draft_tokens: _builtins.int
     """Maximum number of draft tokens in one Verify request (target only)."""
     max_lookahead: _builtins.int
@@ -279,6 +280,11 @@ class ServiceLimits(_message.Message):
     holds plus the tokens after it (VerifyRequest.context_prefix_length;
     target only). A client must not send a prefix to a target without it.
     """
+    accepts_verify_stream: _builtins.bool
+    """Whether the target serves TargetService.VerifyStream (many Verify calls
+    on one stream; target only). A client must use Verify with a target
+    without it.
+    """
     def __init__(
         self,
         *,
@@ -289,10 +295,11 @@ class ServiceLimits(_message.Message):
         max_batch: _builtins.int = ...,
         max_batch_tokens: _builtins.int = ...,
         accepts_context_prefix: _builtins.bool = ...,
+        accepts_verify_stream: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepts_context_prefix", b"accepts_context_prefix", "max_batch", b"max_batch", "max_batch_tokens", b"max_batch_tokens", "max_draft_tokens", b"max_draft_tokens", "max_lookahead", b"max_lookahead", "max_sessions", b"max_sessions", "session_idle_timeout_seconds", b"session_idle_timeout_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepts_context_prefix", b"accepts_context_prefix", "accepts_verify_stream", b"accepts_verify_stream", "max_batch", b"max_batch", "max_batch_tokens", b"max_batch_tokens", "max_draft_tokens", b"max_draft_tokens", "max_lookahead", b"max_lookahead", "max_sessions", b"max_sessions", "session_idle_timeout_seconds", b"session_idle_timeout_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from dsi.v1 import common_pb2 as dsi_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13\x64si/v1/target.proto\x12\x06\x64si.v1\x1a\x13\x64si/v1/common.proto\"\x1a\n\x18TargetServiceInfoRequest\"\x8f\x01\n\x19TargetServiceInfoResponse\x12 \n\x05model\x18\x01 \x01(\x0b\x32\x11.dsi.v1.ModelInfo\x12%\n\x06limits\x18\x02 \x01(\x0b\x32\x15.dsi.v1.ServiceLimits\x12)\n\x08\x63ounters\x18\x03 \x01(\x0b\x32\x17.dsi.v1.ServiceCounters\"\xdc\x01\n\rVerifyRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x19\n\x11\x63ontext_token_ids\x18\x02 \x03(\r\x12(\n\x0c\x64raft_tokens\x18\x03 \x03(\x0b\x32\x12.dsi.v1.DraftToken\x12(\n\x08sampling\x18\x04 \x01(\x0b\x32\x16.dsi.v1.SamplingParams\x12\x0c\n\x04seed\x18\x05 \x01(\x04\x12\x1d\n\x15\x63ontext_prefix_length\x18\x06 \x01(\r\x12\x1b\n\x13\x63ontext_prefix_hash\x18\x07 \x01(\x06\"3\n\rDraftDecision\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x10\n\x08token_id\x18\x02 \x01(\r\"\xa3\x01\n\x0eVerifyResponse\x12(\n\tdecisions\x18\x01 \x03(\x0b\x32\x15.dsi.v1.DraftDecision\x12\x14\n\x0cnum_accepted\x18\x02 \x01(\r\x12\x15\n\rnext_token_id\x18\x03 \x01(\r\x12#\n\x05stats\x18\x04 \x01(\x0b\x32\x14.dsi.v1.ForwardStats\x12\x15\n\raccepted_path\x18\x05 \x03(\r\"8\n\"TargetServiceReleaseSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"7\n#TargetServiceReleaseSessionResponse\x12\x10\n\x08released\x18\x01 \x01(\x08\x32\x80\x02\n\rTargetService\x12K\n\x04Info\x12 .dsi.v1.TargetServiceInfoRequest\x1a!.dsi.v1.TargetServiceInfoResponse\x12\x37\n\x06Verify\x12\x15.dsi.v1.VerifyRequest\x1a\x16.dsi.v1.VerifyResponse\x12i\n\x0eReleaseSession\x12*.dsi.v1.TargetServiceReleaseSessionRequest\x1a+.dsi.v1.TargetServiceReleaseSessionResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13\x64si/v1/target.proto\x12\x06\x64si.v1\x1a\x13\x64si/v1/common.proto\"\x1a\n\x18TargetServiceInfoRequest\"\x8f\x01\n\x19TargetServiceInfoResponse\x12 \n\x05model\x18\x01 \x01(\x0b\x32\x11.dsi.v1.ModelInfo\x12%\n\x06limits\x18\x02 \x01(\x0b\x32\x15.dsi.v1.ServiceLimits\x12)\n\x08\x63ounters\x18\x03 \x01(\x0b\x32\x17.dsi.v1.ServiceCounters\"\xdc\x01\n\rVerifyRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x19\n\x11\x63ontext_token_ids\x18\x02 \x03(\r\x12(\n\x0c\x64raft_tokens\x18\x03 \x03(\x0b\x32\x12.dsi.v1.DraftToken\x12(\n\x08sampling\x18\x04 \x01(\x0b\x32\x16.dsi.v1.SamplingParams\x12\x0c\n\x04seed\x18\x05 \x01(\x04\x12\x1d\n\x15\x63ontext_prefix_length\x18\x06 \x01(\r\x12\x1b\n\x13\x63ontext_prefix_hash\x18\x07 \x01(\x06\"3\n\rDraftDecision\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x10\n\x08token_id\x18\x02 \x01(\r\"\xa3\x01\n\x0eVerifyResponse\x12(\n\tdecisions\x18\x01 \x03(\x0b\x32\x15.dsi.v1.DraftDecision\x12\x14\n\x0cnum_accepted\x18\x02 \x01(\r\x12\x15\n\rnext_token_id\x18\x03 \x01(\r\x12#\n\x05stats\x18\x04 \x01(\x0b\x32\x14.dsi.v1.ForwardStats\x12\x15\n\raccepted_path\x18\x05 \x03(\r\"\x85\x01\n\x13VerifyStreamRequest\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\x04\x12\'\n\x06verify\x18\x02 \x01(\x0b\x32\x15.dsi.v1.VerifyRequestH\x00\x12,\n\x06\x63\x61ncel\x18\x03 \x01(\x0b\x32\x1a.dsi.v1.VerifyStreamCancelH\x00\x42\x06\n\x04kind\"\x14\n\x12VerifyStreamCancel\"\x88\x01\n\x14VerifyStreamResponse\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\x04\x12(\n\x06result\x18\x02 \x01(\x0b\x32\x16.dsi.v1.VerifyResponseH\x00\x12*\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x19.dsi.v1.VerifyStreamErrorH\x00\x42\t\n\x07outcome\"2\n\x11VerifyStreamError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\r\x12\x0f\n\x07message\x18\x02 \x01(\t\"8\n\"TargetServiceReleaseSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"7\n#TargetServiceReleaseSessionResponse\x12\x10\n\x08released\x18\x01 \x01(\x08\x32\xcf\x02\n\rTargetService\x12K\n\x04Info\x12 .dsi.v1.TargetServiceInfoRequest\x1a!.dsi.v1.TargetServiceInfoResponse\x12\x37\n\x06Verify\x12\x15.dsi.v1.VerifyRequest\x1a\x16.dsi.v1.VerifyResponse\x12M\n\x0cVerifyStream\x12\x1b.dsi.v1.VerifyStreamRequest\x1a\x1c.dsi.v1.VerifyStreamResponse(\x01\x30\x01\x12i\n\x0eReleaseSession\x12*.dsi.v1.TargetServiceReleaseSessionRequest\x1a+.dsi.v1.TargetServiceReleaseSessionResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -42,10 +42,18 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DRAFTDECISION']._serialized_end=500
   _globals['_VERIFYRESPONSE']._serialized_start=503
   _globals['_VERIFYRESPONSE']._serialized_end=666
-  _globals['_TARGETSERVICERELEASESESSIONREQUEST']._serialized_start=668
-  _globals['_TARGETSERVICERELEASESESSIONREQUEST']._serialized_end=724
-  _globals['_TARGETSERVICERELEASESESSIONRESPONSE']._serialized_start=726
-  _globals['_TARGETSERVICERELEASESESSIONRESPONSE']._serialized_end=781
-  _globals['_TARGETSERVICE']._serialized_start=784
-  _globals['_TARGETSERVICE']._serialized_end=1040
+  _globals['_VERIFYSTREAMREQUEST']._serialized_start=669
+  _globals['_VERIFYSTREAMREQUEST']._serialized_end=802
+  _globals['_VERIFYSTREAMCANCEL']._serialized_start=804
+  _globals['_VERIFYSTREAMCANCEL']._serialized_end=824
+  _globals['_VERIFYSTREAMRESPONSE']._serialized_start=827
+  _globals['_VERIFYSTREAMRESPONSE']._serialized_end=963
+  _globals['_VERIFYSTREAMERROR']._serialized_start=965
+  _globals['_VERIFYSTREAMERROR']._serialized_end=1015
+  _globals['_TARGETSERVICERELEASESESSIONREQUEST']._serialized_start=1017
+  _globals['_TARGETSERVICERELEASESESSIONREQUEST']._serialized_end=1073
+  _globals['_TARGETSERVICERELEASESESSIONRESPONSE']._serialized_start=1075
+  _globals['_TARGETSERVICERELEASESESSIONRESPONSE']._serialized_end=1130
+  _globals['_TARGETSERVICE']._serialized_start=1133
+  _globals['_TARGETSERVICE']._serialized_end=1468
 # @@protoc_insertion_point(module_scope)

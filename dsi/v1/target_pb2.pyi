@@ -220,6 +220,123 @@ class VerifyResponse(_message.Message):
 Global___VerifyResponse: _TypeAlias = VerifyResponse  # noqa: Y015
 
 @_typing.final
+class VerifyStreamRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CALL_ID_FIELD_NUMBER: _builtins.int
+    VERIFY_FIELD_NUMBER: _builtins.int
+    CANCEL_FIELD_NUMBER: _builtins.int
+    call_id: _builtins.int
+    """Names the call: chosen by the client, unique among its calls in flight
+    on this stream (a counter from 1 will do).
+    """
+    @_builtins.property
+    def verify(self) -> Global___VerifyRequest:
+        """Starts call call_id: a Verify request."""
+
+    @_builtins.property
+    def cancel(self) -> Global___VerifyStreamCancel:
+        """Cancels call call_id (an unknown or finished one is ignored)."""
+
+    def __init__(
+        self,
+        *,
+        call_id: _builtins.int = ...,
+        verify: Global___VerifyRequest | None = ...,
+        cancel: Global___VerifyStreamCancel | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cancel", b"cancel", "kind", b"kind", "verify", b"verify"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["call_id", b"call_id", "cancel", b"cancel", "kind", b"kind", "verify", b"verify"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["verify", "cancel"]  # noqa: Y015
+    _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
+
+Global___VerifyStreamRequest: _TypeAlias = VerifyStreamRequest  # noqa: Y015
+
+@_typing.final
+class VerifyStreamCancel(_message.Message):
+    """Cancels the call named by VerifyStreamRequest.call_id."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VerifyStreamCancel: _TypeAlias = VerifyStreamCancel  # noqa: Y015
+
+@_typing.final
+class VerifyStreamResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CALL_ID_FIELD_NUMBER: _builtins.int
+    RESULT_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    call_id: _builtins.int
+    """The call this answers."""
+    @_builtins.property
+    def result(self) -> Global___VerifyResponse:
+        """What Verify would have returned."""
+
+    @_builtins.property
+    def error(self) -> Global___VerifyStreamError:
+        """The status Verify would have ended with."""
+
+    def __init__(
+        self,
+        *,
+        call_id: _builtins.int = ...,
+        result: Global___VerifyResponse | None = ...,
+        error: Global___VerifyStreamError | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "outcome", b"outcome", "result", b"result"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["call_id", b"call_id", "error", b"error", "outcome", b"outcome", "result", b"result"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_outcome: _TypeAlias = _typing.Literal["result", "error"]  # noqa: Y015
+    _WhichOneofArgType_outcome: _TypeAlias = _typing.Literal["outcome", b"outcome"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_outcome) -> _WhichOneofReturnType_outcome | None: ...
+
+Global___VerifyStreamResponse: _TypeAlias = VerifyStreamResponse  # noqa: Y015
+
+@_typing.final
+class VerifyStreamError(_message.Message):
+    """A failed call on a VerifyStream: the status a Verify call would have ended
+    with.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CODE_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    code: _builtins.int
+    """The gRPC status code (google.rpc.Code numbering: 3 INVALID_ARGUMENT,
+    8 RESOURCE_EXHAUSTED, 9 FAILED_PRECONDITION, 14 UNAVAILABLE, ...).
+    """
+    message: _builtins.str
+    """The status message."""
+    def __init__(
+        self,
+        *,
+        code: _builtins.int = ...,
+        message: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "message", b"message"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VerifyStreamError: _TypeAlias = VerifyStreamError  # noqa: Y015
+
+@_typing.final
 class TargetServiceReleaseSessionRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

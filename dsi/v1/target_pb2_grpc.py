@@ -51,6 +51,11 @@ class TargetServiceStub:
                 request_serializer=dsi_dot_v1_dot_target__pb2.VerifyRequest.SerializeToString,
                 response_deserializer=dsi_dot_v1_dot_target__pb2.VerifyResponse.FromString,
                 _registered_method=True)
+        self.VerifyStream = channel.stream_stream(
+                '/dsi.v1.TargetService/VerifyStream',
+                request_serializer=dsi_dot_v1_dot_target__pb2.VerifyStreamRequest.SerializeToString,
+                response_deserializer=dsi_dot_v1_dot_target__pb2.VerifyStreamResponse.FromString,
+                _registered_method=True)
         self.ReleaseSession = channel.unary_unary(
                 '/dsi.v1.TargetService/ReleaseSession',
                 request_serializer=dsi_dot_v1_dot_target__pb2.TargetServiceReleaseSessionRequest.SerializeToString,
@@ -85,6 +90,36 @@ class TargetServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def VerifyStream(self, request_iterator, context):
+        """Many Verify calls over one long-lived stream (targets whose
+        ServiceLimits.accepts_verify_stream is set): each verification is one
+        message each way instead of a new call, which saves the cost of setting
+        up a call per verification. A client keeps one such stream per target
+        instance and multiplexes its calls on it:
+
+        - each VerifyStreamRequest with `verify` starts a call, named by a
+        call_id the client chooses (unique among its calls in flight on this
+        stream). Calls on one stream run concurrently, as separate Verify calls
+        do, and are answered in the order they finish, not the order sent;
+        - each call is answered by exactly one VerifyStreamResponse with the same
+        call_id: `result` (what Verify returns) or `error` (the status code and
+        message Verify would have ended with), unless it was cancelled;
+        - a VerifyStreamRequest with `cancel` cancels the call with that call_id,
+        as cancelling a Verify call does; it gets no answer (an unknown or
+        finished call_id is ignored);
+        - the stream's own metadata carries what a call's would (the bearer
+        token); request-size and concurrency limits apply to each message and
+        each call as they apply to Verify calls;
+        - when the client half-closes, calls in flight are answered and the
+        stream ends OK; when the client cancels the stream, or it breaks, every
+        call in flight on it is cancelled. A target that shuts down answers
+        calls that arrive after it began with UNAVAILABLE, finishes the others,
+        then ends the stream UNAVAILABLE.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ReleaseSession(self, request, context):
         """Drops a session and the cache it holds. Releasing an unknown session is
         not an error (released = false).
@@ -105,6 +140,11 @@ def add_TargetServiceServicer_to_server(servicer, server):
                     servicer.Verify,
                     request_deserializer=dsi_dot_v1_dot_target__pb2.VerifyRequest.FromString,
                     response_serializer=dsi_dot_v1_dot_target__pb2.VerifyResponse.SerializeToString,
+            ),
+            'VerifyStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.VerifyStream,
+                    request_deserializer=dsi_dot_v1_dot_target__pb2.VerifyStreamRequest.FromString,
+                    response_serializer=dsi_dot_v1_dot_target__pb2.VerifyStreamResponse.SerializeToString,
             ),
             'ReleaseSession': grpc.unary_unary_rpc_method_handler(
                     servicer.ReleaseSession,
@@ -173,6 +213,33 @@ class TargetService:
             '/dsi.v1.TargetService/Verify',
             dsi_dot_v1_dot_target__pb2.VerifyRequest.SerializeToString,
             dsi_dot_v1_dot_target__pb2.VerifyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def VerifyStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/dsi.v1.TargetService/VerifyStream',
+            dsi_dot_v1_dot_target__pb2.VerifyStreamRequest.SerializeToString,
+            dsi_dot_v1_dot_target__pb2.VerifyStreamResponse.FromString,
             options,
             channel_credentials,
             insecure,

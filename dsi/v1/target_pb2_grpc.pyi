@@ -48,6 +48,32 @@ class TargetServiceStub:
     draft tokens this is one plain decoding step. A cancelled request that
     has not started its forward pass is skipped.
     """
+    VerifyStream: _grpc.StreamStreamMultiCallable[_target_pb2.VerifyStreamRequest, _target_pb2.VerifyStreamResponse]
+    """Many Verify calls over one long-lived stream (targets whose
+    ServiceLimits.accepts_verify_stream is set): each verification is one
+    message each way instead of a new call, which saves the cost of setting
+    up a call per verification. A client keeps one such stream per target
+    instance and multiplexes its calls on it:
+
+    - each VerifyStreamRequest with `verify` starts a call, named by a
+      call_id the client chooses (unique among its calls in flight on this
+      stream). Calls on one stream run concurrently, as separate Verify calls
+      do, and are answered in the order they finish, not the order sent;
+    - each call is answered by exactly one VerifyStreamResponse with the same
+      call_id: `result` (what Verify returns) or `error` (the status code and
+      message Verify would have ended with), unless it was cancelled;
+    - a VerifyStreamRequest with `cancel` cancels the call with that call_id,
+      as cancelling a Verify call does; it gets no answer (an unknown or
+      finished call_id is ignored);
+    - the stream's own metadata carries what a call's would (the bearer
+      token); request-size and concurrency limits apply to each message and
+      each call as they apply to Verify calls;
+    - when the client half-closes, calls in flight are answered and the
+      stream ends OK; when the client cancels the stream, or it breaks, every
+      call in flight on it is cancelled. A target that shuts down answers
+      calls that arrive after it began with UNAVAILABLE, finishes the others,
+      then ends the stream UNAVAILABLE.
+    """
     ReleaseSession: _grpc.UnaryUnaryMultiCallable[_target_pb2.TargetServiceReleaseSessionRequest, _target_pb2.TargetServiceReleaseSessionResponse]
     """Drops a session and the cache it holds. Releasing an unknown session is
     not an error (released = false).
@@ -72,6 +98,32 @@ class TargetServiceAsyncStub(TargetServiceStub):
     draft position, plus the token after the last accepted one. With no
     draft tokens this is one plain decoding step. A cancelled request that
     has not started its forward pass is skipped.
+    """
+    VerifyStream: _aio.StreamStreamMultiCallable[_target_pb2.VerifyStreamRequest, _target_pb2.VerifyStreamResponse]  # type: ignore[assignment]
+    """Many Verify calls over one long-lived stream (targets whose
+    ServiceLimits.accepts_verify_stream is set): each verification is one
+    message each way instead of a new call, which saves the cost of setting
+    up a call per verification. A client keeps one such stream per target
+    instance and multiplexes its calls on it:
+
+    - each VerifyStreamRequest with `verify` starts a call, named by a
+      call_id the client chooses (unique among its calls in flight on this
+      stream). Calls on one stream run concurrently, as separate Verify calls
+      do, and are answered in the order they finish, not the order sent;
+    - each call is answered by exactly one VerifyStreamResponse with the same
+      call_id: `result` (what Verify returns) or `error` (the status code and
+      message Verify would have ended with), unless it was cancelled;
+    - a VerifyStreamRequest with `cancel` cancels the call with that call_id,
+      as cancelling a Verify call does; it gets no answer (an unknown or
+      finished call_id is ignored);
+    - the stream's own metadata carries what a call's would (the bearer
+      token); request-size and concurrency limits apply to each message and
+      each call as they apply to Verify calls;
+    - when the client half-closes, calls in flight are answered and the
+      stream ends OK; when the client cancels the stream, or it breaks, every
+      call in flight on it is cancelled. A target that shuts down answers
+      calls that arrive after it began with UNAVAILABLE, finishes the others,
+      then ends the stream UNAVAILABLE.
     """
     ReleaseSession: _aio.UnaryUnaryMultiCallable[_target_pb2.TargetServiceReleaseSessionRequest, _target_pb2.TargetServiceReleaseSessionResponse]  # type: ignore[assignment]
     """Drops a session and the cache it holds. Releasing an unknown session is
@@ -106,6 +158,38 @@ class TargetServiceServicer(metaclass=_abc_1.ABCMeta):
         draft position, plus the token after the last accepted one. With no
         draft tokens this is one plain decoding step. A cancelled request that
         has not started its forward pass is skipped.
+        """
+
+    @_abc_1.abstractmethod
+    def VerifyStream(
+        self,
+        request_iterator: _MaybeAsyncIterator[_target_pb2.VerifyStreamRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_target_pb2.VerifyStreamResponse], _abc.AsyncIterator[_target_pb2.VerifyStreamResponse]]:
+        """Many Verify calls over one long-lived stream (targets whose
+        ServiceLimits.accepts_verify_stream is set): each verification is one
+        message each way instead of a new call, which saves the cost of setting
+        up a call per verification. A client keeps one such stream per target
+        instance and multiplexes its calls on it:
+
+        - each VerifyStreamRequest with `verify` starts a call, named by a
+          call_id the client chooses (unique among its calls in flight on this
+          stream). Calls on one stream run concurrently, as separate Verify calls
+          do, and are answered in the order they finish, not the order sent;
+        - each call is answered by exactly one VerifyStreamResponse with the same
+          call_id: `result` (what Verify returns) or `error` (the status code and
+          message Verify would have ended with), unless it was cancelled;
+        - a VerifyStreamRequest with `cancel` cancels the call with that call_id,
+          as cancelling a Verify call does; it gets no answer (an unknown or
+          finished call_id is ignored);
+        - the stream's own metadata carries what a call's would (the bearer
+          token); request-size and concurrency limits apply to each message and
+          each call as they apply to Verify calls;
+        - when the client half-closes, calls in flight are answered and the
+          stream ends OK; when the client cancels the stream, or it breaks, every
+          call in flight on it is cancelled. A target that shuts down answers
+          calls that arrive after it began with UNAVAILABLE, finishes the others,
+          then ends the stream UNAVAILABLE.
         """
 
     @_abc_1.abstractmethod

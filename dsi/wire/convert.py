@@ -116,6 +116,7 @@ def service_info_parts(info: ServiceInfo) -> dict:
             max_batch=lim.max_batch,
             max_batch_tokens=lim.max_batch_tokens,
             accepts_context_prefix=lim.accepts_context_prefix,
+            accepts_verify_stream=lim.accepts_verify_stream,
         ),
         counters=common_pb2.ServiceCounters(**vars(cnt)),
     )
@@ -135,6 +136,7 @@ def service_info_from_pb(
             lim.max_batch,
             lim.max_batch_tokens,
             lim.accepts_context_prefix,
+            lim.accepts_verify_stream,
         ),
         counters=ServiceCounters(**{f: getattr(cnt, f) for f in vars(ServiceCounters())}),
     )

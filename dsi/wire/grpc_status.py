@@ -49,11 +49,29 @@ def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
 
 def to_domain(exc: grpc.aio.AioRpcError, peer: str) -> errors.DsiError:
     """A domain error for a failed call to ``peer``."""
-    cls = _FROM_STATUS.get(exc.code(), errors.Internal)
-    detail = exc.details() or exc.code().name
+    return from_status(exc.code(), exc.details(), peer)
+
+
+def from_status(code: grpc.StatusCode, details: str | None, peer: str) -> errors.DsiError:
+    """A domain error for a call to ``peer`` that ended with ``code`` and ``details``."""
+    cls = _FROM_STATUS.get(code, errors.Internal)
+    detail = details or code.name
     if cls is errors.Unavailable:
         return cls(f"{peer} is unavailable: {detail}")
     return cls(f"{peer}: {detail}")
+
+
+_BY_NUMBER: dict[int, grpc.StatusCode] = {code.value[0]: code for code in grpc.StatusCode}
+
+
+def code_number(code: grpc.StatusCode) -> int:
+    """The number of a status code on the wire (google.rpc.Code)."""
+    return code.value[0]
+
+
+def code_of_number(number: int) -> grpc.StatusCode:
+    """The status code numbered ``number`` (an unknown number: UNKNOWN)."""
+    return _BY_NUMBER.get(number, grpc.StatusCode.UNKNOWN)
 
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -99,11 +117,17 @@ def fail(context: grpc.aio.ServicerContext, exc: BaseException, where: str = "")
     frames, and with them the request, alive in a reference cycle until the
     garbage collector runs; on a quiet server that is a refused request's
     memory held for minutes."""
+    code, message = status_logged(exc, where)
+    context.set_code(code)
+    context.set_details(message)
+
+
+def status_logged(exc: BaseException, where: str = "") -> tuple[grpc.StatusCode, str]:
+    """:func:`status_of`, logging an unexpected error (INTERNAL) with its traceback."""
     code, message = status_of(exc)
     if code == grpc.StatusCode.INTERNAL:
         log.exception("unexpected error in %s", where or "a call", exc_info=exc)
-    context.set_code(code)
-    context.set_details(message)
+    return code, message
 
 
 async def call(peer: str, awaitable: Awaitable[Any]) -> Any:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
 from collections.abc import AsyncIterator, Callable, Sequence
 
 import grpc
@@ -20,6 +21,17 @@ from dsi.v1 import drafter_pb2, drafter_pb2_grpc, target_pb2, target_pb2_grpc
 from dsi.wire import convert
 from dsi.wire.grpc_status import call, to_domain
 from dsi.wire.security import PLAINTEXT, ClientSecurity
+from dsi.wire.verify_stream import VerifyStream
+
+#: Set to 0 to make every GrpcTarget use unary Verify calls even with targets that serve VerifyStream
+#: (for comparisons; the coordinator's ``--no-verify-stream`` does the same).
+VERIFY_STREAM_ENV = "DSI_VERIFY_STREAM"
+
+
+def verify_stream_default() -> bool:
+    """Whether GrpcTargets use VerifyStream where they can, unless told: yes, unless $DSI_VERIFY_STREAM=0."""
+    return os.environ.get(VERIFY_STREAM_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+
 
 CHANNEL_OPTIONS = [
     # Responses (verifications, draft chunks, generated text, Info) are small: gRPC's own 4 MiB limit
@@ -64,17 +76,32 @@ class GrpcTarget(Target):
         interceptors: Sequence[grpc.aio.ClientInterceptor] | None = None,
         security: ClientSecurity | None = None,
         server_name: str | None = None,
+        verify_stream: bool | None = None,
     ) -> None:
         """``server_name``: the name its TLS certificate carries, when it is
-        dialled by another (a replica found by DNS, dialled by IP address)."""
+        dialled by another (a replica found by DNS, dialled by IP address).
+
+        ``verify_stream``: send verifications over one VerifyStream once
+        :meth:`info` says the target serves it (default:
+        :func:`verify_stream_default`). Not with call interceptors
+        (``interceptors``, or :data:`CHANNEL_INTERCEPTORS`: tracing): they act
+        per call, so verifications then stay unary Verify calls, each
+        delayed or traced as before."""
         self.name = f"target {address}"
         self.address = address
         self._own_channel = channel is None
         if security is not None and server_name:
             security = security.for_name(server_name)
+        intercepted = bool(interceptors) or any(make() for make in CHANNEL_INTERCEPTORS)
         self.channel = channel or open_channel(address, interceptors, security)
         self.stub = target_pb2_grpc.TargetServiceStub(self.channel)
         self.timeout = timeout
+        if verify_stream is None:
+            verify_stream = verify_stream_default()
+        #: the stream verifications go over, once the target said it serves one (Info); None: unary Verify
+        self.stream: VerifyStream | None = None
+        self._stream_wanted = verify_stream and not intercepted
+        self._stream_client = VerifyStream(self.stub, self.name, timeout)
         #: what each session was last sent, once the target said it accepts context prefixes (Info)
         self.sent: SentSequences | None = None
         self.prefix_requests = 0  # Verify calls that sent a prefix instead of the full context
@@ -87,10 +114,21 @@ class GrpcTarget(Target):
             self.sent = SentSequences()
         elif not info.limits.accepts_context_prefix:
             self.sent = None  # e.g. replaced by an older build behind the same address
+        use_stream = self._stream_wanted and info.limits.accepts_verify_stream
+        self.stream = self._stream_client if use_stream else None
         return info
 
+    @property
+    def stream_calls(self) -> int:
+        """Verifications sent over a VerifyStream so far."""
+        return self._stream_client.calls
+
     async def _verify(self, request: VerifyRequest) -> VerifyResult:
-        resp = await call(self.name, self.stub.Verify(convert.verify_request_to_pb(request), timeout=self.timeout))
+        pb = convert.verify_request_to_pb(request)
+        stream = self.stream
+        if stream is not None:
+            return convert.verify_result_from_pb(await stream.verify(pb))
+        resp = await call(self.name, self.stub.Verify(pb, timeout=self.timeout))
         return convert.verify_result_from_pb(resp)
 
     async def verify(self, request: VerifyRequest) -> VerifyResult:
@@ -131,6 +169,7 @@ class GrpcTarget(Target):
         return resp.released
 
     async def close(self) -> None:
+        await self._stream_client.close()
         if self._own_channel:
             await self.channel.close()
 

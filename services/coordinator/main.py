@@ -16,7 +16,7 @@ from dsi.serving.gate import add_client_arguments, client_from_args, policy_from
 from dsi.serving.metrics import CoordinatorMetrics, add_metrics_argument, serve_metrics
 from dsi.serving.server import WIND_DOWN_MARGIN, announce, serve_until_signal, start_server
 from dsi.wire.security import ClientSecurity
-from dsi.wire.transport import GrpcDrafter, GrpcTarget
+from dsi.wire.transport import GrpcDrafter, GrpcTarget, verify_stream_default
 from services.coordinator.coordinator import Codec, Coordinator, Defaults
 from services.coordinator.discovery import build_coordinator
 from services.coordinator.engine import Strategy
@@ -80,6 +80,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="N",
         help="generations at once (gRPC and HTTP together); more are refused RESOURCE_EXHAUSTED / HTTP 429"
         " (default 0: as many as every target replica, and the drafters together, have sessions for)",
+    )
+    p.add_argument(
+        "--no-verify-stream",
+        dest="verify_stream",
+        action="store_false",
+        default=verify_stream_default(),
+        help="send each verification as its own Verify call, not as a message on one VerifyStream per target"
+        " replica (the default with targets that serve it; for comparisons; also $DSI_VERIFY_STREAM=0)",
     )
     p.add_argument(
         "--verify-timeout",
@@ -171,7 +179,7 @@ async def build(args: argparse.Namespace) -> Coordinator:
     coordinator = await build_coordinator(
         args.target,
         args.drafter,
-        functools.partial(GrpcTarget, security=peers),
+        functools.partial(GrpcTarget, security=peers, verify_stream=args.verify_stream),
         functools.partial(make_drafter, security=peers),
         codec,
         defaults,

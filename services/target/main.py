@@ -18,7 +18,7 @@ from dsi.serving import tracing
 from dsi.serving.gate import add_concurrency_argument, policy_from_args, security_from_args
 from dsi.serving.metrics import add_metrics_argument, serve_service_metrics
 from dsi.serving.server import announce, serve_until_signal, start_server
-from services.target.service import SERVICE_NAME, register
+from services.target.service import MODEL_METHODS, TargetServicer, register_servicer
 
 log = logging.getLogger("dsi.target")
 
@@ -39,10 +39,11 @@ async def run(args: argparse.Namespace) -> None:
         model, args.max_sessions, args.session_idle_timeout, args.max_draft_tokens, batch_limits_from_args(args)
     )
     sweeper = asyncio.ensure_future(target.sessions.sweep_forever())
-    policy = policy_from_args(args, model.info.max_context_tokens, [f"/{SERVICE_NAME}/Verify"], security)
+    policy = policy_from_args(args, model.info.max_context_tokens, MODEL_METHODS, security)
     metrics = await serve_service_metrics("target", target, args.host, args.metrics_port, policy.security)
     tracing.instrument_backend("target", target)  # after metrics: chains its hook; nothing when tracing is off
-    running = await start_server(register(target), args.host, args.port, policy)
+    servicer = TargetServicer(target)
+    running = await start_server(register_servicer(servicer), args.host, args.port, policy)
     log.info(
         "target serving",
         extra={
@@ -62,4 +63,4 @@ async def run(args: argparse.Namespace) -> None:
         if metrics is not None:
             await metrics.stop()
 
-    await serve_until_signal(running, args.grace, args.drain_delay, on_stop=stop)
+    await serve_until_signal(running, args.grace, args.drain_delay, on_stop=stop, wind_down=servicer.wind_down)

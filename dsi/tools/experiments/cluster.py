@@ -24,6 +24,7 @@ import signal
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -122,7 +123,10 @@ async def start(
     log_dir: Path | None = None,
     startup_timeout: float = 300.0,
     log_level: str = "warning",
+    coordinator_args: Sequence[str] = (),
 ) -> Running:
+    """``coordinator_args``: more command-line arguments of the coordinator
+    process (``subprocess`` only), e.g. ``--no-verify-stream``."""
     if launch == "inproc":
         return await _start_inproc(cluster)
     if launch != "subprocess":
@@ -143,7 +147,7 @@ async def start(
             argv = ["drafter", "--model", d.model, "--device", d.device, "--dtype", d.dtype, *common]
             children.append(await _spawn(log_dir, f"drafter-{i}", "dsi", argv))
         addrs = [await _address(c, startup_timeout) for c in children]
-        argv = [*common, "--max-sp-degree", str(cluster.max_sp_degree)]
+        argv = [*common, "--max-sp-degree", str(cluster.max_sp_degree), *coordinator_args]
         for inst, addr in zip(cluster.targets, addrs, strict=False):
             argv += ["--target", addr, "--target-delay-ms", f"{inst.delay_ms:g}"]
         served = iter(addrs[len(cluster.targets) :])

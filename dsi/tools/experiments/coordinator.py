@@ -47,7 +47,14 @@ async def run(args: argparse.Namespace) -> None:
         return values[i] if i < len(values) else 0.0
 
     targets = [
-        (a, GrpcTarget(a, interceptors=netdelay.interceptors(delay(args.target_delay_ms, i))))
+        (
+            a,
+            GrpcTarget(
+                a,
+                interceptors=netdelay.interceptors(delay(args.target_delay_ms, i)),
+                verify_stream=args.verify_stream,
+            ),
+        )
         for i, a in enumerate(args.target)
     ]
     drafters = [

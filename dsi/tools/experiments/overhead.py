@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import cProfile
 import json
 import os
@@ -66,20 +67,25 @@ class CpuMeter:
         return self.spent
 
 
-async def _timed(fn: Callable[[], Any], meter: CpuMeter, rounds: int) -> tuple[float, dict[str, float]]:
-    """Median wall seconds of ``rounds`` awaits of ``fn()`` and the CPU of each
-    process over all rounds, divided by the rounds."""
-    walls = []
-    meter.start()
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        await fn()
-        walls.append(time.perf_counter() - t0)
-    cpu = meter.stop()
-    return statistics.median(walls), {k: v / rounds for k, v in cpu.items()}
+#: How the coordinator (and the target_rpc client) send verifications: over one VerifyStream per replica,
+#: or as unary Verify calls (``--no-verify-stream``).
+VARIANTS = {"stream": (), "unary": ("--no-verify-stream",)}
+PARTS = ("target_rpc_full_context", "target_rpc", "draft_stream", "client_coordinator", "nonsi", "si", "dsi")
 
 
-async def measure(tokens: int, prompt_len: int, lookahead: int, rounds: int, log_dir: Path | None) -> dict[str, Any]:
+async def measure(
+    tokens: int,
+    prompt_len: int,
+    lookahead: int,
+    rounds: int,
+    log_dir: Path | None,
+    variants: tuple[str, ...] = ("stream",),
+) -> dict[str, Any]:
+    """Each part ``rounds`` times; with several ``variants`` (one cluster of
+    processes each, started together), the rounds alternate between them, so
+    that a change in the machine's load shows in all of them alike. The first
+    variant's parts are at the top level of the result, every variant's under
+    ``variants``."""
     from dsi.domain.types import GREEDY, DraftRequest, VerifyRequest
     from dsi.tools.experiments import cluster as xcluster
     from dsi.tools.experiments import config as xconfig
@@ -88,65 +94,89 @@ async def measure(tokens: int, prompt_len: int, lookahead: int, rounds: int, log
     from dsi.wire.transport import GrpcDrafter, GrpcTarget
 
     zero = xconfig.Cluster((xconfig.Instance(ZERO_TARGET),), (xconfig.Instance(ZERO_DRAFTER),))
-    running = await xcluster.start(zero, "subprocess", log_dir)
-    pids = {**running.pids, "client": os.getpid()}
-    meter = CpuMeter(pids)
     prompt = list(range(1, prompt_len + 1))
+    session = iter(range(1 << 30))
     out: dict[str, Any] = {"tokens": tokens, "prompt_len": prompt_len, "lookahead": lookahead, "rounds": rounds}
-    try:
-        target = GrpcTarget(running.addresses["target-0"])
-        await target.info()  # as the coordinator does: the target accepts context prefixes
-        full = GrpcTarget(running.addresses["target-0"])  # a client that always sends the full context
-        drafter = GrpcDrafter(running.addresses["drafter-0"])
-        session = iter(range(1 << 30))
+    async with contextlib.AsyncExitStack() as stack:
+        parts: dict[str, dict[str, Callable[[], Any]]] = {}
+        meters: dict[str, CpuMeter] = {}
+        for variant in variants:
+            logs = log_dir / variant if log_dir is not None else None
+            running = await xcluster.start(zero, "subprocess", logs, coordinator_args=VARIANTS[variant])
+            stack.push_async_callback(running.close)
+            meters[variant] = CpuMeter({**running.pids, "client": os.getpid()})
+            streamed = variant == "stream"
+            target = GrpcTarget(running.addresses["target-0"], verify_stream=streamed)
+            await target.info()  # as the coordinator does: context prefixes, VerifyStream
+            full = GrpcTarget(running.addresses["target-0"], verify_stream=streamed)  # always the full context
+            drafter = GrpcDrafter(running.addresses["drafter-0"])
+            client = await stack.enter_async_context(Client(running.address))
+            for c in (target, full, drafter):
+                stack.push_async_callback(c.close)
 
-        def target_run(client: GrpcTarget) -> Callable[[], Any]:
-            async def go() -> None:  # what non-SI asks of the target: one Verify per token
-                sid, ctx = f"ov-{next(session)}", list(prompt)
-                for _ in range(tokens):
-                    r = await client.verify(VerifyRequest(sid, list(ctx), [], GREEDY, 1))
-                    ctx.append(r.next_token)
-                await client.release_session(sid)
+            def target_run(c: GrpcTarget) -> Callable[[], Any]:
+                async def go() -> None:  # what non-SI asks of the target: one Verify per token
+                    sid, ctx = f"ov-{next(session)}", list(prompt)
+                    for _ in range(tokens):
+                        r = await c.verify(VerifyRequest(sid, list(ctx), [], GREEDY, 1))
+                        ctx.append(r.next_token)
+                    await c.release_session(sid)
 
-            return go
+                return go
 
-        async def draft_run() -> None:
-            req = DraftRequest(f"ov-{next(session)}", prompt, lookahead, max_tokens=tokens, sampling=GREEDY, seed=1)
-            n = sum([len(c.tokens) async for c in drafter.draft(req)])
-            assert n == tokens, n
-            await drafter.release_session(req.session_id)
-
-        async with Client(running.address) as client:
-
-            def generation(strategy: str) -> Callable[[], Any]:
+            def draft_run(d: GrpcDrafter) -> Callable[[], Any]:
                 async def go() -> None:
-                    r = await generate_once(client, prompt, tokens, strategy, lookahead)
+                    req = DraftRequest(f"ov-{next(session)}", prompt, lookahead, tokens, sampling=GREEDY, seed=1)
+                    n = sum([len(ch.tokens) async for ch in d.draft(req)])
+                    assert n == tokens, n
+                    await d.release_session(req.session_id)
+
+                return go
+
+            def generation(c: Client, strategy: str) -> Callable[[], Any]:
+                async def go() -> None:
+                    r = await generate_once(c, prompt, tokens, strategy, lookahead)
                     assert len(r["token_ids"]) == tokens, r
 
                 return go
 
-            parts: dict[str, Callable[[], Any]] = {
+            parts[variant] = {
                 "target_rpc_full_context": target_run(full),
                 "target_rpc": target_run(target),
-                "draft_stream": draft_run,
-                "nonsi": generation("nonsi"),
-                "si": generation("si"),
-                "dsi": generation("dsi"),
+                **({"draft_stream": draft_run(drafter)} if variant == variants[0] else {}),  # the same in each
+                "nonsi": generation(client, "nonsi"),
+                "si": generation(client, "si"),
+                "dsi": generation(client, "dsi"),
             }
-            for fn in parts.values():  # warm-up
+        for variant in variants:  # warm-up
+            for fn in parts[variant].values():
                 await fn()
-            for name, fn in parts.items():
-                wall, cpu = await _timed(fn, meter, rounds)
-                out[name] = {
-                    "ms_per_token": 1e3 * wall / tokens,
-                    "cpu_ms_per_token": {k: round(1e3 * v / tokens, 4) for k, v in cpu.items()},
+        walls: dict[str, dict[str, list[float]]] = {v: {name: [] for name in parts[v]} for v in variants}
+        cpu: dict[str, dict[str, dict[str, float]]] = {v: {} for v in variants}
+        for r in range(rounds):
+            for variant in variants if r % 2 == 0 else variants[::-1]:
+                for name, fn in parts[variant].items():
+                    meters[variant].start()
+                    t0 = time.perf_counter()
+                    await fn()
+                    walls[variant][name].append(time.perf_counter() - t0)
+                    spent = meters[variant].stop()
+                    total = cpu[variant].setdefault(name, {})
+                    for k, v in spent.items():
+                        total[k] = total.get(k, 0.0) + v
+        out["variants"] = {}
+        for variant in variants:
+            res: dict[str, Any] = {}
+            for name in parts[variant]:
+                res[name] = {
+                    "ms_per_token": 1e3 * statistics.median(walls[variant][name]) / tokens,
+                    "cpu_ms_per_token": {k: round(1e3 * v / rounds / tokens, 4) for k, v in cpu[variant][name].items()},
                 }
-        await target.close()
-        await full.close()
-        await drafter.close()
-    finally:
-        await running.close()
-    out["client_coordinator"] = {"ms_per_token": out["nonsi"]["ms_per_token"] - out["target_rpc"]["ms_per_token"]}
+            res["client_coordinator"] = {
+                "ms_per_token": res["nonsi"]["ms_per_token"] - res["target_rpc"]["ms_per_token"]
+            }
+            out["variants"][variant] = res
+        out.update(out["variants"][variants[0]])
     return out
 
 
@@ -220,13 +250,19 @@ def _short(filename: str) -> str:
 
 
 def report(res: dict[str, Any]) -> str:
-    lines = [f"overhead per token, zero-latency synthetic models, {res['tokens']} tokens, median of {res['rounds']}:"]
-    for name in ("target_rpc_full_context", "target_rpc", "draft_stream", "client_coordinator", "nonsi", "si", "dsi"):
-        part = res[name]
-        cpu = part.get("cpu_ms_per_token", {})
-        cpu_txt = ", ".join(f"{k} {v:.3f}" for k, v in cpu.items())
-        tail = f"   CPU ms/token: {cpu_txt}" if cpu else ""
-        lines.append(f"  {name:<19} {part['ms_per_token']:7.3f} ms/token{tail}")
+    head = f"overhead per token, zero-latency synthetic models, {res['tokens']} tokens, median of {res['rounds']}"
+    lines = []
+    for variant, parts in res.get("variants", {"": res}).items():
+        how = {"stream": ", verifications on a VerifyStream", "unary": ", verifications as unary Verify calls"}
+        lines.append(f"{head}{how.get(variant, '')}:")
+        for name in PARTS:
+            if name not in parts:
+                continue
+            part = parts[name]
+            cpu = part.get("cpu_ms_per_token", {})
+            cpu_txt = ", ".join(f"{k} {v:.3f}" for k, v in cpu.items())
+            tail = f"   CPU ms/token: {cpu_txt}" if cpu else ""
+            lines.append(f"  {name:<23} {part['ms_per_token']:7.3f} ms/token{tail}")
     return "\n".join(lines)
 
 
@@ -245,12 +281,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt-len", type=int, default=16)
     p.add_argument("--lookahead", type=int, default=5)
     p.add_argument("--rounds", type=int, default=5, help="repeats of each part (default: %(default)s)")
+    p.add_argument(
+        "--verify-stream",
+        choices=("both", "on", "off"),
+        default="both",
+        help="verifications on a VerifyStream per replica (on), as unary Verify calls (off), or both, rounds"
+        " alternating (default: %(default)s)",
+    )
     p.add_argument("--profile", metavar="FILE", help="also profile non-SI in one process with cProfile")
     p.add_argument("--json", metavar="FILE", help="write the numbers here")
 
 
 async def arun(args: argparse.Namespace) -> dict[str, Any]:
-    res = await measure(args.tokens, args.prompt_len, args.lookahead, args.rounds, None)
+    which = getattr(args, "verify_stream", "both")
+    variants = {"both": ("stream", "unary"), "on": ("stream",), "off": ("unary",)}[which]
+    res = await measure(args.tokens, args.prompt_len, args.lookahead, args.rounds, None, variants)
     print(report(res), flush=True)
     if args.profile:
         res["profile"] = await profile(args.tokens, args.prompt_len, args.rounds, Path(args.profile))
