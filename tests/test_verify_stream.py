@@ -91,16 +91,23 @@ async def test_verifications_go_over_one_stream_with_the_same_results_as_unary_c
 async def test_concurrent_verifications_on_one_stream_run_concurrently():
     """A target that batches runs the waiting requests of one stream in one pass,
     as it does with separate calls: they were in flight at once."""
-    local = LocalTarget(load_target_model("synthetic:vocab=300,seed=21,tpot_ms=200"), batch=BatchLimits(max_batch=8))
+    local = LocalTarget(load_target_model("synthetic:vocab=300,seed=21,tpot_ms=20"), batch=BatchLimits(max_batch=8))
     servicer = TargetServicer(local)
     running = await start_server(register_servicer(servicer), LOOPBACK, 0)
+    device_free = asyncio.Event()
+    busy = asyncio.ensure_future(local.device.exclusive(device_free.wait))  # the device is busy until we say
     try:
         async with client(running.address) as c:
-            results = await asyncio.gather(*(c.verify(req(f"s{i}", [1, 2, i + 3])) for i in range(6)))
+            calls = asyncio.gather(*(c.verify(req(f"s{i}", [1, 2, i + 3])) for i in range(6)))
+            await eventually(lambda: local.device.waiting == 6, timeout=10)  # all six in flight at once
+            device_free.set()
+            results = await calls
             assert all(isinstance(r, VerifyResult) for r in results)
             assert c.stream_calls == 6 and servicer.unary_verifications == 0
-            assert local.device.stats.passes < 6, "the stream's calls never shared a pass: they ran one by one"
+            assert local.device.stats.passes == 2 and local.device.stats.largest_batch == 6  # the wait, then one pass
     finally:
+        device_free.set()
+        await busy
         await running.stop(0)
 
 
