@@ -700,6 +700,31 @@ async def test_draft_context_limit_message_names_the_models_limit(drafter: Draft
     assert f"limit of {MAX_CONTEXT} tokens" in exc.value.details()
 
 
+async def test_a_health_watch_reports_a_shutdown_that_began_during_its_previous_write() -> None:
+    """The Watch stream's last message is NOT_SERVING even when shutdown begins
+    while it is still writing SERVING (a loaded server: the CI flake)."""
+    from dsi.serving.server import HealthServicer
+
+    health = HealthServicer()
+    await health.set("", health_pb2.HealthCheckResponse.SERVING)
+    written: list[int] = []
+    first_write_started, finish_first_write = asyncio.Event(), asyncio.Event()
+
+    class SlowContext:
+        async def write(self, message: health_pb2.HealthCheckResponse) -> None:
+            written.append(message.status)
+            if len(written) == 1:
+                first_write_started.set()
+                await finish_first_write.wait()
+
+    watch = asyncio.ensure_future(health.Watch(health_pb2.HealthCheckRequest(service=""), SlowContext()))
+    await asyncio.wait_for(first_write_started.wait(), 5)
+    await health.enter_graceful_shutdown()  # while SERVING is being written
+    finish_first_write.set()
+    await asyncio.wait_for(watch, 5)
+    assert written == [health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING]
+
+
 async def test_open_health_watch_does_not_hold_up_shutdown() -> None:
     local = LocalTarget(load_target_model(TARGET_SPEC))
     running = await start_server(register_target(local), LOOPBACK, 0)

@@ -82,6 +82,7 @@ class HealthServicer(health_pb2_grpc.HealthServicer):
                 if status != last:
                     await context.write(health_pb2.HealthCheckResponse(status=status))
                     last = status
+                    continue  # it may have changed during the write (shutdown began): look again
                 if self._shutting_down:
                     return
                 await changed.wait()
