@@ -14,6 +14,9 @@ from dsi.domain.types import SamplingParams
 from dsi.tools.experiments.simulate import Node, SimConfig, expected_tokens_per_si_round, simulate_one
 from services.coordinator.engine import Engine, GenerationParams, Strategy
 from services.coordinator.engine.lookahead import (
+    GRID,
+    START,
+    AcceptanceEstimate,
     LookaheadPlanner,
     best_lookahead,
     dsi_seconds_per_token,
@@ -58,18 +61,32 @@ def test_the_choice_is_near_the_best_fixed_lookahead_in_the_simulator(strategy, 
 
 
 def test_the_planner_tracks_what_it_measures():
-    p = LookaheadPlanner(dsi=False)
+    p = LookaheadPlanner(False, lambda: (0.030, 1))
+    assert p.lookahead == START  # nothing timed yet
     for _ in range(200):
         p.decided(True)
     p.drafted(10, 0.010)
-    for _ in range(16):
-        p.committed(lambda: (0.030, 1))
     high = p.lookahead
     for _ in range(200):
         p.decided(False)
-    for _ in range(16):
-        p.committed(lambda: (0.030, 1))
-    assert high > p.lookahead == 1
+    assert high >= 8 and p.lookahead <= 2
+
+
+def test_the_acceptance_estimate_follows_a_change_within_a_few_drafts():
+    est = AcceptanceEstimate()
+    rng = np.random.default_rng(1)
+    for coin in rng.random(200) < 0.8:
+        est.add(bool(coin))
+    assert est.mean() == pytest.approx(0.8, abs=0.1)
+    steady = est.weights(0)
+    assert steady @ GRID == pytest.approx(est.mean(), abs=1e-3)
+    # Steady text: the estimate rests on many drafts (a narrow posterior).
+    assert steady[GRID < 0.6].sum() < 0.05
+    for _ in range(6):  # the text turns hard: six rejections in a row
+        est.add(False)
+    assert est.mean() < 0.4
+    # Over a longer horizon the text may change again: some weight everywhere.
+    assert est.weights(64)[GRID > 0.9].sum() > est.weights(0)[GRID > 0.9].sum()
 
 
 T = "synthetic:vocab=300,seed=9,tpot_ms=6"

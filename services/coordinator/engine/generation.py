@@ -201,7 +201,7 @@ class Generation:
         self.planner: LookaheadPlanner | None = None
         if params.lookahead == 0:
             largest = min(LARGEST, engine.max_draft_tokens)
-            self.planner = LookaheadPlanner(dsi=params.strategy is Strategy.DSI, largest=largest)
+            self.planner = LookaheadPlanner(params.strategy is Strategy.DSI, self._measured_target, largest)
         self._failures = 0  # failed calls since the last verification that completed
 
     # --- public -------------------------------------------------------------
@@ -319,8 +319,6 @@ class Generation:
             self.stats.tokens_without_drafter += 1
         if self.stats.new_tokens == 1:
             self.stats.time_to_first_token_seconds = time.perf_counter() - self._start
-        if self.planner is not None:
-            self.planner.committed(self._measured_target)
         if token in self.engine.eos:
             self.stop(FinishReason.EOS)
         elif len(self.committed) > self.last_pos:

@@ -3,12 +3,13 @@ replicas a DSI generation keeps busy), chosen from what the generation
 measures as it runs.
 
 A generation asks for it with ``lookahead = 0`` (``--lookahead auto``). It
-measures the drafter's acceptance in this generation (an exponentially
-weighted mean over decided drafts, so that it follows text that gets easier or
-harder), the drafter's seconds per drafted token, and the target replicas'
-seconds per verification (the pool's latency measurements), and every
-``REPLAN_EVERY`` committed tokens picks the lookahead ``k`` that minimises the
-expected time per token of the strategy's rules:
+measures the drafter's acceptance in this generation (:class:`AcceptanceEstimate`:
+over up to the last ``MAX_RUN`` decided drafts, and only over those since the
+text last changed, so it follows text that gets easier or harder within a few
+drafts), the drafter's seconds per drafted token, and the target replicas'
+seconds per verification (the pool's latency measurements). Whenever the
+strategy asks for the lookahead after a new measurement, it picks the ``k``
+that minimises the expected time per token of the strategy's rules:
 
 * **SI** (one chunk at a time): a round drafts ``k`` tokens (``k d``) and
   verifies them (``t``); it commits the accepted drafts and one more,
@@ -18,14 +19,28 @@ expected time per token of the strategy's rules:
   them taken by the frontier step after a restart): the first chunk goes out
   once its ``k`` drafts are there (``k d``); later ones as replicas free up,
   every ``t / (n - 1)`` at most, carrying what was drafted meanwhile, so
-  ``k' = max(k, t / ((n - 1) d))`` drafts each. With ``L`` accepted drafts
-  before the first rejection (geometric), the chunk holding it is decided one
-  verification after its dispatch, so a restart-to-restart round takes
-  ``k d + a^k k' d / (1 - a^k') + t`` in expectation and commits ``L + 1``
+  ``k' = max(k, t / ((n - 1) d'))`` drafts each, where ``d'`` is ``d`` or,
+  when drafting is held back by its lead limit (``k (n + 2)`` drafts ahead of
+  the committed text, each committed about ``k d + t`` after it is drafted),
+  ``(k d + t) / (k (n + 2))``. With ``L`` accepted drafts before the first
+  rejection (geometric), the chunk holding it is decided one verification
+  after its dispatch, so a restart-to-restart round takes
+  ``k d + a^k k' d' / (1 - a^k') + t`` in expectation and commits ``L + 1``
   tokens: per token ``(1 - a)`` times that, and never more than ``t`` (a
   frontier step always runs: DSI is never slower than non-SI). The generation
   keeps ``ceil(t / (k d)) + 1`` replicas busy at most: more would wait for
   drafts.
+
+The acceptance is not known, only measured, and a wrong guess costs
+unevenly. SI with chunks too long for the text pays for drafts thrown away,
+and a few dozen drafts cannot tell 0.8 from 0.9. DSI loses little in hard text
+whatever ``k`` (its floor), but chunks too short when the text turns easy cost
+it. So the choice minimises the time per token *expected over what the
+acceptance may be over the drafts it commits to* (SI: its next chunk; DSI: its
+lead): the measured drafts' posterior, mixed with the chance that the text
+changes before those drafts are decided. Measurements that agree give the
+choice for their mean; few or mixed ones a choice that does not lose much
+whichever acceptance is true.
 
 These are the rules ``dsi simulate`` plays event by event
 (:mod:`dsi.tools.experiments.simulate`); docs/benchmarks.md compares the
@@ -35,51 +50,125 @@ choice with the best fixed lookahead there and through the services.
 from __future__ import annotations
 
 import math
+from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+import numpy as np
 
 #: Lookahead used until the first measurements (and the largest considered by default).
 START, LARGEST = 4, 16
-#: Committed tokens between two choices.
-REPLAN_EVERY = 4
-#: Weight of each newly decided draft in the acceptance estimate (about the last 30 drafts count).
-ACCEPTANCE_WEIGHT = 1 / 8
+#: Most decided drafts the acceptance is measured over, and the chance that it changes at any one.
+MAX_RUN, HAZARD = 64, 1 / 64
+#: Acceptances the expected cost is evaluated at (midpoints of equal bins of 0..1).
+GRID = (np.arange(40) + 0.5) / 40
+#: Chunks drafting may run ahead beyond one per replica (the engine's ``lead_chunks``).
+LEAD_CHUNKS = 2
 #: Weight of a new sample in the drafter's seconds-per-token estimate.
 SPEED_WEIGHT = 0.2
 #: Lookaheads whose expected time per token is within this fraction of the best count as equally good.
 NEAR = 0.01
 
 
-def si_seconds_per_token(a: float, d: float, t: float, k: int) -> float:
-    """Expected seconds per committed token of SI with lookahead ``k``."""
-    tokens = k + 1 if a >= 1.0 else (1 - a ** (k + 1)) / (1 - a)
-    return (k * d + t) / tokens
+#: An acceptance, or an array of them (the cost functions broadcast).
+Acceptance = float | np.ndarray
 
 
-def dsi_seconds_per_token(a: float, d: float, t: float, k: int, n: int, floor: bool = True) -> float:
+def si_seconds_per_token(a: Acceptance, d: float, t: float, k: int) -> Acceptance:
+    """Expected seconds per committed token of SI with lookahead ``k``
+    (``a``: an acceptance or an array of them, below 1)."""
+    return (k * d + t) * (1 - a) / (1 - a ** (k + 1))
+
+
+def dsi_seconds_per_token(
+    a: Acceptance, d: float, t: float, k: int, n: int, floor: bool = True, lead: int = LEAD_CHUNKS
+) -> Acceptance:
     """Expected seconds per committed token of DSI with lookahead ``k`` on
-    ``n`` replicas; ``floor``: at most ``t`` (what the frontier steps alone give)."""
-    later = max(float(k), t / (max(n - 1, 1) * max(d, 1e-9)))  # drafts per chunk after the first
-    if a >= 1.0:
-        cost = d
-    else:
-        cost = (1 - a) * (k * d + a**k * later * d / (1 - a**later) + t)
-    return min(t, cost) if floor else cost
+    ``n`` replicas (``a`` below 1); ``floor``: at most ``t`` (what the
+    frontier steps alone give). Drafting runs at most ``k (n + lead)``
+    drafts ahead of the committed text (the engine's limit), and a draft is
+    committed about ``k d + t`` after it is drafted, so a small ``k`` holds
+    drafting back to ``k (n + lead)`` drafts per ``k d + t``."""
+    d = max(d, 1e-9)
+    paced = max(d, (k * d + t) / (k * (n + lead)))  # drafting held back by its lead limit
+    later = max(float(k), t / (max(n - 1, 1) * paced))  # drafts per chunk after the first
+    cost = (1 - a) * (k * d + a**k * later * paced / (1 - a**later) + t)
+    return np.minimum(t, cost) if floor else cost
+
+
+def _pick(costs: list[float]) -> int:
+    """The lookahead (1-based index) with the least cost; among those within
+    ``NEAR`` of it, the largest: fewer, longer chunks cost fewer RPCs, which
+    the model leaves out."""
+    best = min(costs)
+    return max(k for k, c in enumerate(costs, start=1) if c <= best * (1 + NEAR))
+
+
+def _costs(dsi: bool, a: Acceptance, d: float, t: float, n: int, largest: int) -> list[Acceptance]:
+    """Each lookahead's cost at ``a``, from 1 to ``largest``."""
+    if dsi:
+        return [dsi_seconds_per_token(a, d, t, k, n) for k in range(1, largest + 1)]
+    return [si_seconds_per_token(a, d, t, k) for k in range(1, largest + 1)]
 
 
 def best_lookahead(dsi: bool, a: float, d: float, t: float, n: int, largest: int = LARGEST) -> int:
-    """The lookahead in 1..``largest`` with the least expected time per token.
-    Among those within ``NEAR`` of the least, the largest: fewer, longer
-    chunks cost fewer RPCs, which the model leaves out. DSI's choice ignores
-    its floor (the frontier steps), which would make every lookahead equal
-    when the drafter does not pay."""
-    a = min(max(a, 0.0), 0.999)
-    if dsi:
-        cost = [dsi_seconds_per_token(a, d, t, k, n, floor=False) for k in range(1, largest + 1)]
-    else:
-        cost = [si_seconds_per_token(a, d, t, k) for k in range(1, largest + 1)]
-    best = min(cost)
-    return max(k for k, c in enumerate(cost, start=1) if c <= best * (1 + NEAR))
+    """The lookahead in 1..``largest`` with the least expected time per token
+    when the acceptance is ``a`` for sure."""
+    return _pick([float(c) for c in _costs(dsi, min(max(a, 0.0), 0.999), d, t, n, largest)])
+
+
+class AcceptanceEstimate:
+    """What the acceptance may be, from the decided drafts, when it may
+    change along the text: Bayesian online change-point detection (Adams and
+    MacKay, 2007) over accept/reject coins. It keeps, for every run length
+    ``r`` up to ``MAX_RUN``, how likely it is that the last ``r`` drafts share
+    one acceptance (the text changed before them, with probability
+    ``HAZARD`` at every draft); each such run gives a Beta posterior (uniform
+    prior) on the acceptance, and :meth:`weights` mixes them. Steady text
+    gives the long runs all the weight, so the estimate rests on up to
+    ``MAX_RUN`` drafts; a few surprising coins in a row move the weight to a
+    short run at once, so the estimate follows a change within a few drafts."""
+
+    def __init__(self) -> None:
+        self.history: deque[bool] = deque(maxlen=MAX_RUN)  # the last decided drafts, oldest first
+        self.runs = np.ones(1)  # probability of run length 0, 1, .. len(history)
+
+    def _counts(self) -> tuple[np.ndarray, np.ndarray]:
+        """Accepted and decided drafts among the last ``r``, for every run length ``r``."""
+        recent = np.fromiter(reversed(self.history), float, len(self.history))
+        return np.concatenate(([0.0], np.cumsum(recent))), np.arange(len(recent) + 1, dtype=float)
+
+    def add(self, accepted: bool) -> None:
+        acc, dec = self._counts()
+        p = (acc + 1) / (dec + 2)  # each run's predicted probability of an acceptance
+        joint = self.runs * (p if accepted else 1 - p)
+        runs = np.concatenate(([joint.sum() * HAZARD], joint * (1 - HAZARD)))
+        if len(runs) > MAX_RUN + 1:  # a run longer than MAX_RUN counts as MAX_RUN long
+            runs[-2] += runs[-1]
+            runs = runs[:-1]
+        self.runs = runs / runs.sum()
+        self.history.append(accepted)
+
+    def mean(self) -> float:
+        acc, dec = self._counts()
+        return float(self.runs @ ((acc + 1) / (dec + 2)))
+
+    def weights(self, ahead: int) -> np.ndarray:
+        """How likely each acceptance of :data:`GRID` is over the next
+        ``ahead`` drafts (summing to 1): the current run's, unless the text
+        changes first (then anything)."""
+        acc, dec = self._counts()
+        log = acc[:, None] * np.log(GRID) + (dec - acc)[:, None] * np.log1p(-GRID)
+        pdf = np.exp(log - log.max(axis=1, keepdims=True))
+        w = self.runs @ (pdf / pdf.sum(axis=1, keepdims=True))
+        change = 1 - (1 - HAZARD) ** ahead
+        return (1 - change) * w / w.sum() + change / len(GRID)
+
+
+def robust_lookahead(dsi: bool, weights: np.ndarray, d: float, t: float, n: int, largest: int = LARGEST) -> int:
+    """The lookahead in 1..``largest`` with the least time per token expected
+    over acceptances distributed as ``weights`` on :data:`GRID`."""
+    return _pick([float(weights @ c) for c in _costs(dsi, GRID, d, t, n, largest)])
 
 
 def replicas_needed(d: float, t: float, k: int) -> int:
@@ -91,18 +180,27 @@ def replicas_needed(d: float, t: float, k: int) -> int:
 
 @dataclass
 class LookaheadPlanner:
-    """One generation's measurements and its current choice."""
+    """One generation's measurements and its current choice.
+    ``measure_target``: the target's seconds per verification (0 = not
+    measured yet) and the replicas there are."""
 
     dsi: bool
+    measure_target: Callable[[], tuple[float, int]]
     largest: int = LARGEST
-    acceptance: float = 0.7  # a prior, until drafts are decided
+    estimate: AcceptanceEstimate = field(default_factory=AcceptanceEstimate)
     seconds_per_draft: float = 0.0  # 0 = not measured yet
-    lookahead: int = START
-    replicas: int = 0  # 0 = every replica the engine allows
-    _since: int = 0
+    _lookahead: int = START
+    _replicas: int = 0  # 0 = every replica the engine allows
+    _stale: bool = field(default=True, repr=False)  # measured something since the last choice
+
+    @property
+    def acceptance(self) -> float:
+        """The measured acceptance (the posterior mean)."""
+        return self.estimate.mean()
 
     def decided(self, accepted: bool) -> None:
-        self.acceptance += ACCEPTANCE_WEIGHT * (float(accepted) - self.acceptance)
+        self.estimate.add(accepted)
+        self._stale = True
 
     def drafted(self, tokens: int, seconds: float) -> None:
         """``tokens`` drafted in ``seconds`` (a stream's chunk, after its first)."""
@@ -111,18 +209,32 @@ class LookaheadPlanner:
         sample = seconds / tokens
         s = self.seconds_per_draft
         self.seconds_per_draft = sample if s == 0 else s + SPEED_WEIGHT * (sample - s)
+        self._stale = True
 
-    def committed(self, measure_target: Callable[[], tuple[float, int]]) -> None:
-        """A token was committed; every ``REPLAN_EVERY``, choose again (once
-        the drafter and the target have been timed). ``measure_target``: the
-        target's seconds per verification and the replicas there are."""
-        self._since += 1
-        if self._since < REPLAN_EVERY or not self.seconds_per_draft:
+    @property
+    def lookahead(self) -> int:
+        """Drafts per chunk now."""
+        self._plan()
+        return self._lookahead
+
+    @property
+    def replicas(self) -> int:
+        """Target replicas to keep busy now (0: as many as the engine allows)."""
+        self._plan()
+        return self._replicas
+
+    def _plan(self) -> None:
+        """Choose again if something was measured since the last choice (once
+        the drafter and the target have been timed)."""
+        if not self._stale or not self.seconds_per_draft:
             return
-        t, replicas = measure_target()
+        t, replicas = self.measure_target()
         if not t:
             return
-        self._since = 0
+        self._stale = False
         d = self.seconds_per_draft
-        self.lookahead = best_lookahead(self.dsi, self.acceptance, d, t, replicas, self.largest)
-        self.replicas = min(replicas, replicas_needed(d, t, self.lookahead)) if self.dsi else 0
+        # The drafts the choice commits to: SI's next chunk; DSI's lead (its chunks in flight and drafted ahead).
+        ahead = self._lookahead * (replicas + LEAD_CHUNKS) if self.dsi else self._lookahead
+        weights = self.estimate.weights(ahead)
+        self._lookahead = robust_lookahead(self.dsi, weights, d, t, replicas, self.largest)
+        self._replicas = min(replicas, replicas_needed(d, t, self._lookahead)) if self.dsi else 0
