@@ -133,6 +133,12 @@ class AcceptanceEstimate:
         self.history: deque[bool] = deque(maxlen=MAX_RUN)  # the last decided drafts, oldest first
         self.runs = np.ones(1)  # probability of run length 0, 1, .. len(history)
 
+    def copy(self) -> AcceptanceEstimate:
+        other = AcceptanceEstimate()
+        other.history.extend(self.history)
+        other.runs = self.runs.copy()
+        return other
+
     def _counts(self) -> tuple[np.ndarray, np.ndarray]:
         """Accepted and decided drafts among the last ``r``, for every run length ``r``."""
         recent = np.fromiter(reversed(self.history), float, len(self.history))
@@ -191,7 +197,22 @@ class LookaheadPlanner:
     seconds_per_draft: float = 0.0  # 0 = not measured yet
     _lookahead: int = START
     _replicas: int = 0  # 0 = every replica the engine allows
+    _timed_later: bool = field(default=False, repr=False)  # timed a stream's chunk after its first
     _stale: bool = field(default=True, repr=False)  # measured something since the last choice
+
+    def resume(self, previous: LookaheadPlanner | None) -> None:
+        """Start from what an earlier generation with the same drafter and
+        targets measured (a copy: each goes on measuring on its own)."""
+        if previous is None:
+            return
+        self.estimate = previous.estimate.copy()
+        self.seconds_per_draft, self._timed_later = previous.seconds_per_draft, previous._timed_later
+        self._stale = True
+
+    @property
+    def measured(self) -> bool:
+        """Whether it has measured anything worth starting the next generation from."""
+        return bool(self.seconds_per_draft and self.estimate.history)
 
     @property
     def acceptance(self) -> float:
@@ -202,12 +223,15 @@ class LookaheadPlanner:
         self.estimate.add(accepted)
         self._stale = True
 
-    def drafted(self, tokens: int, seconds: float) -> None:
-        """``tokens`` drafted in ``seconds`` (a stream's chunk, after its first)."""
-        if tokens <= 0 or seconds <= 0:
+    def drafted(self, tokens: int, seconds: float, first: bool = False) -> None:
+        """``tokens`` drafted in ``seconds``. A stream's ``first`` chunk
+        includes a prefill: it counts only until a later chunk has been timed
+        (after a rejection a stream is often cancelled before its second)."""
+        if tokens <= 0 or seconds <= 0 or (first and self._timed_later):
             return
         sample = seconds / tokens
-        s = self.seconds_per_draft
+        s = 0.0 if not first and not self._timed_later else self.seconds_per_draft
+        self._timed_later = self._timed_later or not first
         self.seconds_per_draft = sample if s == 0 else s + SPEED_WEIGHT * (sample - s)
         self._stale = True
 
