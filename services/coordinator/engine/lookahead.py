@@ -29,18 +29,17 @@ that minimises the expected time per token of the strategy's rules:
   tokens: per token ``(1 - a)`` times that, and never more than ``t`` (a
   frontier step always runs: DSI is never slower than non-SI). The generation
   keeps ``ceil(t / (k d)) + 1`` replicas busy at most: more would wait for
-  drafts.
+  drafts. Each replica advances the text by about ``k`` per verification, so
+  a token costs at least ``t / (n k)``.
 
 The acceptance is not known, only measured, and a wrong guess costs
-unevenly. SI with chunks too long for the text pays for drafts thrown away,
-and a few dozen drafts cannot tell 0.8 from 0.9. DSI loses little in hard text
-whatever ``k`` (its floor), but chunks too short when the text turns easy cost
-it. So the choice minimises the time per token *expected over what the
-acceptance may be over the drafts it commits to* (SI: its next chunk; DSI: its
-lead): the measured drafts' posterior, mixed with the chance that the text
-changes before those drafts are decided. Measurements that agree give the
-choice for their mean; few or mixed ones a choice that does not lose much
-whichever acceptance is true.
+unevenly: SI with chunks too long for the text pays for drafts thrown away,
+and a few dozen drafts cannot tell 0.8 from 0.9. So the choice minimises the
+time per token *expected over what the acceptance may be over the drafts it
+commits to* (SI: its next chunk; DSI: its lead): the measured drafts'
+posterior, mixed with the chance that the text changes before those drafts
+are decided. Measurements that agree give the choice for their mean; few or
+mixed ones a choice that does not lose much whichever acceptance is true.
 
 These are the rules ``dsi simulate`` plays event by event
 (:mod:`dsi.tools.experiments.simulate`); docs/benchmarks.md compares the
@@ -62,6 +61,7 @@ START, LARGEST = 4, 16
 MAX_RUN, HAZARD = 64, 1 / 64
 #: Acceptances the expected cost is evaluated at (midpoints of equal bins of 0..1).
 GRID = (np.arange(40) + 0.5) / 40
+_LOG_GRID, _LOG1M_GRID = np.log(GRID), np.log1p(-GRID)
 #: Chunks drafting may run ahead beyond one per replica (the engine's ``lead_chunks``).
 LEAD_CHUNKS = 2
 #: Weight of a new sample in the drafter's seconds-per-token estimate.
@@ -74,47 +74,64 @@ NEAR = 0.01
 Acceptance = float | np.ndarray
 
 
-def si_seconds_per_token(a: Acceptance, d: float, t: float, k: int) -> Acceptance:
+def si_seconds_per_token(a: Acceptance, d: float, t: float, k: int | np.ndarray) -> Acceptance:
     """Expected seconds per committed token of SI with lookahead ``k``
-    (``a``: an acceptance or an array of them, below 1)."""
+    (``a``, ``k``: numbers or arrays that broadcast; ``a`` below 1)."""
     return (k * d + t) * (1 - a) / (1 - a ** (k + 1))
 
 
 def dsi_seconds_per_token(
-    a: Acceptance, d: float, t: float, k: int, n: int, floor: bool = True, lead: int = LEAD_CHUNKS
+    a: Acceptance, d: float, t: float, k: int | np.ndarray, n: int, floor: bool = True, lead: int = LEAD_CHUNKS
 ) -> Acceptance:
     """Expected seconds per committed token of DSI with lookahead ``k`` on
     ``n`` replicas (``a`` below 1); ``floor``: at most ``t`` (what the
     frontier steps alone give). Drafting runs at most ``k (n + lead)``
     drafts ahead of the committed text (the engine's limit), and a draft is
     committed about ``k d + t`` after it is drafted, so a small ``k`` holds
-    drafting back to ``k (n + lead)`` drafts per ``k d + t``."""
+    drafting back to ``k (n + lead)`` drafts per ``k d + t``; and a chunk
+    leaves as soon as it has ``k`` drafts, so each of the ``n`` replicas
+    advances the text by about ``k`` per verification: ``t / (n k)`` per
+    token at least."""
     d = max(d, 1e-9)
-    paced = max(d, (k * d + t) / (k * (n + lead)))  # drafting held back by its lead limit
-    later = max(float(k), t / (max(n - 1, 1) * paced))  # drafts per chunk after the first
-    cost = (1 - a) * (k * d + a**k * later * paced / (1 - a**later) + t)
+    paced = np.maximum(d, (k * d + t) / (k * (n + lead)))  # drafting held back by its lead limit
+    later = np.maximum(k, t / (max(n - 1, 1) * paced))  # drafts per chunk after the first
+    cost = np.maximum((1 - a) * (k * d + a**k * later * paced / (1 - a**later) + t), t / (n * k))
     return np.minimum(t, cost) if floor else cost
 
 
-def _pick(costs: list[float]) -> int:
+def _pick(costs: np.ndarray, then: np.ndarray | None = None) -> int:
     """The lookahead (1-based index) with the least cost; among those within
-    ``NEAR`` of it, the largest: fewer, longer chunks cost fewer RPCs, which
-    the model leaves out."""
-    best = min(costs)
-    return max(k for k, c in enumerate(costs, start=1) if c <= best * (1 + NEAR))
+    ``NEAR`` of it, the one with the least ``then`` cost if given, else the
+    largest: fewer, longer chunks cost fewer RPCs, which the model leaves out."""
+    near = costs <= costs.min() * (1 + NEAR)
+    if then is not None:
+        near &= then <= then[near].min() * (1 + NEAR)
+    return int(np.flatnonzero(near)[-1]) + 1
 
 
-def _costs(dsi: bool, a: Acceptance, d: float, t: float, n: int, largest: int) -> list[Acceptance]:
-    """Each lookahead's cost at ``a``, from 1 to ``largest``."""
+def _costs(dsi: bool, a: np.ndarray, d: float, t: float, n: int, largest: int, floor: bool = True) -> np.ndarray:
+    """Lookahead 1..``largest`` (rows) by acceptance ``a`` (columns): the cost."""
+    k = np.arange(1, largest + 1, dtype=float)[:, None]
     if dsi:
-        return [dsi_seconds_per_token(a, d, t, k, n) for k in range(1, largest + 1)]
-    return [si_seconds_per_token(a, d, t, k) for k in range(1, largest + 1)]
+        return np.asarray(dsi_seconds_per_token(a[None, :], d, t, k, n, floor))
+    return np.asarray(si_seconds_per_token(a[None, :], d, t, k))
+
+
+def _choose(dsi: bool, a: np.ndarray, weights: np.ndarray, d: float, t: float, n: int, largest: int) -> int:
+    """The lookahead with the least cost expected over ``weights`` on ``a``.
+    DSI's floor (the frontier steps set the pace) makes lookaheads equal when
+    the drafter does not pay; among those, the one that would be best without
+    it (at low acceptance a small ``k`` still gains a little: a one-draft chunk
+    issued next to the frontier step decides the position after it)."""
+    if not dsi:
+        return _pick(_costs(dsi, a, d, t, n, largest) @ weights)
+    return _pick(_costs(dsi, a, d, t, n, largest) @ weights, _costs(dsi, a, d, t, n, largest, False) @ weights)
 
 
 def best_lookahead(dsi: bool, a: float, d: float, t: float, n: int, largest: int = LARGEST) -> int:
     """The lookahead in 1..``largest`` with the least expected time per token
     when the acceptance is ``a`` for sure."""
-    return _pick([float(c) for c in _costs(dsi, min(max(a, 0.0), 0.999), d, t, n, largest)])
+    return _choose(dsi, np.array([min(max(a, 0.0), 0.999)]), np.ones(1), d, t, n, largest)
 
 
 class AcceptanceEstimate:
@@ -164,7 +181,7 @@ class AcceptanceEstimate:
         ``ahead`` drafts (summing to 1): the current run's, unless the text
         changes first (then anything)."""
         acc, dec = self._counts()
-        log = acc[:, None] * np.log(GRID) + (dec - acc)[:, None] * np.log1p(-GRID)
+        log = acc[:, None] * _LOG_GRID + (dec - acc)[:, None] * _LOG1M_GRID
         pdf = np.exp(log - log.max(axis=1, keepdims=True))
         w = self.runs @ (pdf / pdf.sum(axis=1, keepdims=True))
         change = 1 - (1 - HAZARD) ** ahead
@@ -174,7 +191,7 @@ class AcceptanceEstimate:
 def robust_lookahead(dsi: bool, weights: np.ndarray, d: float, t: float, n: int, largest: int = LARGEST) -> int:
     """The lookahead in 1..``largest`` with the least time per token expected
     over acceptances distributed as ``weights`` on :data:`GRID`."""
-    return _pick([float(weights @ c) for c in _costs(dsi, GRID, d, t, n, largest)])
+    return _choose(dsi, GRID, weights, d, t, n, largest)
 
 
 def replicas_needed(d: float, t: float, k: int) -> int:
