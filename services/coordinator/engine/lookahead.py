@@ -35,10 +35,10 @@ that minimises the expected time per token of the strategy's rules:
 The acceptance is not known, only measured, and a wrong guess costs
 unevenly: SI with chunks too long for the text pays for drafts thrown away,
 and a few dozen drafts cannot tell 0.8 from 0.9. So the choice minimises the
-time per token *expected over what the acceptance may be over the drafts it
-commits to* (SI: its next chunk; DSI: its lead): the measured drafts'
-posterior, mixed with the chance that the text changes before those drafts
-are decided. Measurements that agree give the choice for their mean; few or
+time per token *expected over what the acceptance may be*: the measured
+drafts' posterior; for DSI, whose lead commits it to ``k (n + 2)`` drafts,
+mixed with the chance that the text changes before those are decided (SI
+chooses again before every chunk). Measurements that agree give the choice for their mean; few or
 mixed ones a choice that does not lose much whichever acceptance is true.
 
 These are the rules ``dsi simulate`` plays event by event
@@ -274,8 +274,9 @@ class LookaheadPlanner:
             return
         self._stale = False
         d = self.seconds_per_draft
-        # The drafts the choice commits to: SI's next chunk; DSI's lead (its chunks in flight and drafted ahead).
-        ahead = self._lookahead * (replicas + LEAD_CHUNKS) if self.dsi else self._lookahead
+        # DSI's lead (its chunks in flight and drafted ahead) commits it to k (n + 2) drafts, over which
+        # the text may change; SI chooses again before every chunk.
+        ahead = self._lookahead * (replicas + LEAD_CHUNKS) if self.dsi else 0
         weights = self.estimate.weights(ahead)
         self._lookahead = robust_lookahead(self.dsi, weights, d, t, replicas, self.largest)
         self._replicas = min(replicas, replicas_needed(d, t, self._lookahead)) if self.dsi else 0
