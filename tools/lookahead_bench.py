@@ -15,7 +15,7 @@ fraction 0.01-1 x acceptance 0.01-0.99, 6 x 6; target 20 ms per step, 4
 replicas, 64 tokens), auto against lookahead 1, 2, 3, 5, 8 in every cell, for
 SI and DSI; ``--json FILE`` keeps every number.
 
-    python tools/lookahead_bench.py [--tokens 240] [--repeats 3] [--replicas 3]
+    python tools/lookahead_bench.py [--tokens 240] [--repeats 3] [--replicas 3] [--cold]
     python tools/lookahead_bench.py --grid [--repeats 8] [--json results/lookahead-grid.json]
 """
 
