@@ -4,6 +4,7 @@ lossless, and following a drafter whose acceptance changes along the text."""
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import replace
 
 import numpy as np
@@ -12,8 +13,12 @@ import pytest
 from dsi.backends import LocalDrafter, LocalTarget, load_drafter_model, load_target_model
 from dsi.domain.types import SamplingParams
 from dsi.tools.experiments.simulate import Node, SimConfig, expected_tokens_per_si_round, simulate_one
+from dsi.tools.experiments.virtual_time import run_virtual
 from services.coordinator.engine import Engine, GenerationParams, Strategy
 from services.coordinator.engine.lookahead import (
+    GRID,
+    START,
+    AcceptanceEstimate,
     LookaheadPlanner,
     best_lookahead,
     dsi_seconds_per_token,
@@ -58,18 +63,32 @@ def test_the_choice_is_near_the_best_fixed_lookahead_in_the_simulator(strategy, 
 
 
 def test_the_planner_tracks_what_it_measures():
-    p = LookaheadPlanner(dsi=False)
+    p = LookaheadPlanner(False, lambda: (0.030, 1))
+    assert p.lookahead == START  # nothing timed yet
     for _ in range(200):
         p.decided(True)
     p.drafted(10, 0.010)
-    for _ in range(16):
-        p.committed(lambda: (0.030, 1))
     high = p.lookahead
     for _ in range(200):
         p.decided(False)
-    for _ in range(16):
-        p.committed(lambda: (0.030, 1))
-    assert high > p.lookahead == 1
+    assert high >= 8 and p.lookahead <= 2
+
+
+def test_the_acceptance_estimate_follows_a_change_within_a_few_drafts():
+    est = AcceptanceEstimate()
+    rng = np.random.default_rng(1)
+    for coin in rng.random(200) < 0.8:
+        est.add(bool(coin))
+    assert est.mean() == pytest.approx(0.8, abs=0.1)
+    steady = est.weights(0)
+    assert steady @ GRID == pytest.approx(est.mean(), abs=1e-3)
+    # Steady text: the estimate rests on many drafts (a narrow posterior).
+    assert steady[GRID < 0.6].sum() < 0.05
+    for _ in range(6):  # the text turns hard: six rejections in a row
+        est.add(False)
+    assert est.mean() < 0.4
+    # Over a longer horizon the text may change again: some weight everywhere.
+    assert est.weights(64)[GRID > 0.9].sum() > est.weights(0)[GRID > 0.9].sum()
 
 
 T = "synthetic:vocab=300,seed=9,tpot_ms=6"
@@ -105,3 +124,33 @@ async def test_auto_lookahead_is_lossless_and_follows_the_text(strategy: Strateg
     assert out == ref
     # Easy blocks earn longer chunks than hard ones.
     assert max(chosen) >= 3 and min(chosen) <= 2, chosen
+
+
+async def _grid_ms_per_token(drafter_ms: float, acceptance: float, strategy: Strategy, k: int) -> float:
+    """A cell of docs/benchmarks.md's section-5 grid on the virtual clock (as tools/lookahead_bench.py
+    --grid): 4 replicas at 20 ms, 64 tokens; one warm-up generation, then two measured."""
+    target = "synthetic:vocab=32000,seed=1,ttft_ms=20,tpot_ms=20"
+    drafter = f"synthetic:vocab=32000,seed=1,ttft_ms={drafter_ms},tpot_ms={drafter_ms},acceptance={acceptance}"
+    targets = [LocalTarget(load_target_model(target)) for _ in range(4)]
+    engine = Engine(targets, [LocalDrafter(load_drafter_model(drafter))], max_context=8192, vocab_size=32000)
+    loop = asyncio.get_running_loop()
+    seconds = 0.0
+    for prompt in ([0, 2, 3], [1, 2, 3], [2, 2, 3]):
+        start = loop.time()
+        async for _ in engine.generate(prompt, GenerationParams(64, strategy=strategy, lookahead=k)).tokens():
+            pass
+        if prompt[0]:
+            seconds += loop.time() - start
+    return seconds * 1000 / (2 * 64)
+
+
+@pytest.mark.parametrize("strategy", [Strategy.SI, Strategy.DSI])
+@pytest.mark.slow
+@pytest.mark.parametrize(("drafter_ms", "acceptance"), [(0.2, 0.794), (4.16, 0.598), (12.08, 0.01)])
+def test_auto_is_within_5_percent_of_the_best_fixed_lookahead_on_grid_cells(strategy, drafter_ms, acceptance):
+    async def go() -> tuple[dict[int, float], float]:
+        fixed = {k: await _grid_ms_per_token(drafter_ms, acceptance, strategy, k) for k in (1, 2, 3, 5, 8)}
+        return fixed, await _grid_ms_per_token(drafter_ms, acceptance, strategy, 0)
+
+    fixed, auto = run_virtual(go())
+    assert auto <= 1.05 * min(fixed.values()), (auto, fixed)

@@ -3,23 +3,32 @@ synthetic services, in-process on a virtual clock
 (:mod:`dsi.tools.experiments.virtual_time`: latencies are ``asyncio.sleep``
 calls that take no real time, so the numbers do not depend on the machine).
 
-For each drafter profile and strategy it runs the same prompts with lookahead
-1, 2, 3, 4, 6, 8, 12 and ``auto`` (0), and prints the mean milliseconds per
-token and auto's ratio to the best fixed lookahead. The profiles: a steady
-drafter of acceptance 0.8 and one whose acceptance alternates between 0.95 and
-0.1 in blocks of 48 positions (``hard_acceptance``), where no fixed lookahead
-suits the whole text.
+Profiles (the default): for each drafter profile and strategy it runs the
+same prompts with lookahead 1, 2, 3, 4, 6, 8, 12 and ``auto`` (0), and prints
+the mean milliseconds per token and auto's ratio to the best fixed lookahead.
+The profiles: a steady drafter of acceptance 0.8 and one whose acceptance
+alternates between 0.95 and 0.1 in blocks of 48 positions
+(``hard_acceptance``), where no fixed lookahead suits the whole text.
 
-    python tools/lookahead_bench.py [--tokens 240] [--repeats 3] [--replicas 3]
+``--grid``: the grid of docs/benchmarks.md section 5 (drafter latency
+fraction 0.01-1 x acceptance 0.01-0.99, 6 x 6; target 20 ms per step, 4
+replicas, 64 tokens), auto against lookahead 1, 2, 3, 5, 8 in every cell, for
+SI and DSI; ``--json FILE`` keeps every number.
+
+    python tools/lookahead_bench.py [--tokens 240] [--repeats 3] [--replicas 3] [--cold]
+    python tools/lookahead_bench.py --grid [--repeats 8] [--json results/lookahead-grid.json]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import statistics
+from pathlib import Path
 
 from dsi.backends import LocalDrafter, LocalTarget, load_drafter_model, load_target_model
+from dsi.tools.experiments.simulate import grid_axes
 from dsi.tools.experiments.virtual_time import run_virtual
 from services.coordinator.engine import Engine, GenerationParams, Strategy
 
@@ -28,28 +37,47 @@ PROFILES = {
     "steady a=0.8": "acceptance=0.8",
     "changing a=0.95/0.1": "acceptance=0.95,hard_acceptance=0.1,block=48",
 }
+#: The section-5 grid's fixed lookaheads (what `dsi bench --grid` chooses from).
+GRID_FIXED = (1, 2, 3, 5, 8)
 
 
-async def ms_per_token(target: str, drafter: str, replicas: int, strategy: Strategy, k: int, args) -> float:
+#: Whether each generation runs on services of its own (``--cold``); otherwise one set of services
+#: serves a warm-up generation and then every measured one, as a server does.
+COLD = False
+
+
+def _engine(target: str, drafter: str, replicas: int) -> Engine:
+    targets = [LocalTarget(load_target_model(target)) for _ in range(replicas)]
+    return Engine(
+        targets,
+        [LocalDrafter(load_drafter_model(drafter))],
+        max_context=8192,
+        vocab_size=targets[0].model.info.vocab_size,
+    )
+
+
+async def ms_per_token(
+    target: str, drafter: str, replicas: int, strategy: Strategy, k: int, tokens: int, repeats: int
+) -> float:
+    """Mean virtual milliseconds per token of ``repeats`` generations (prompt ``r + 1, 2, 3``)."""
     times = []
-    for r in range(args.repeats):
-        targets = [LocalTarget(load_target_model(target)) for _ in range(replicas)]
-        engine = Engine(
-            targets,
-            [LocalDrafter(load_drafter_model(drafter))],
-            max_context=8192,
-            vocab_size=targets[0].model.info.vocab_size,
-        )
-        gen = engine.generate([r + 1, 2, 3], GenerationParams(args.tokens, strategy=strategy, lookahead=k))
+    engine = _engine(target, drafter, replicas)
+    if not COLD:  # warm-up: a generation of another prompt, not counted
+        async for _ in engine.generate([0, 2, 3], GenerationParams(tokens, strategy=strategy, lookahead=k)).tokens():
+            pass
+    for r in range(repeats):
+        if COLD:
+            engine = _engine(target, drafter, replicas)
+        gen = engine.generate([r + 1, 2, 3], GenerationParams(tokens, strategy=strategy, lookahead=k))
         loop = asyncio.get_running_loop()
         start = loop.time()
         async for _ in gen.tokens():
             pass
-        times.append((loop.time() - start) * 1000 / args.tokens)
+        times.append((loop.time() - start) * 1000 / tokens)
     return statistics.mean(times)
 
 
-async def main(args: argparse.Namespace) -> None:
+async def profiles(args: argparse.Namespace) -> None:
     target = f"synthetic:vocab=1000,seed=4,tpot_ms={args.target_ms}"
     print(
         f"target {args.target_ms} ms/pass x {args.replicas} replicas, drafter {args.drafter_ms} ms/token, "
@@ -60,17 +88,64 @@ async def main(args: argparse.Namespace) -> None:
     for name, keys in PROFILES.items():
         drafter = f"synthetic:vocab=1000,seed=4,tpot_ms={args.drafter_ms},{keys}"
         for strategy in (Strategy.SI, Strategy.DSI):
-            fixed = [await ms_per_token(target, drafter, args.replicas, strategy, k, args) for k in FIXED]
-            auto = await ms_per_token(target, drafter, args.replicas, strategy, 0, args)
+            run = (target, drafter, args.replicas, strategy)
+            fixed = [await ms_per_token(*run, k, args.tokens, args.repeats) for k in FIXED]
+            auto = await ms_per_token(*run, 0, args.tokens, args.repeats)
             cells = " | ".join(f"{v:.1f}" for v in fixed)
             print(f"| {name} | {strategy.value} | {cells} | {auto:.1f} | {auto / min(fixed):.3f} |", flush=True)
 
 
+async def grid(args: argparse.Namespace) -> list[dict]:
+    target_ms, tokens, replicas = 20.0, 64, 4
+    target = f"synthetic:vocab=32000,seed=1,ttft_ms={target_ms},tpot_ms={target_ms}"
+    fracs, accs = grid_axes(6, 6)
+    print(f"target {target_ms} ms/pass x {replicas} replicas, {tokens} tokens x {args.repeats} prompts")
+    head = "| drafter fraction | acceptance | SI best fixed (k) | SI auto / best | DSI best fixed (k) | DSI auto / best"
+    head += " |"
+    print(head)
+    print("|---|---|---|---|---|---|")
+    rows = []
+    for a in accs:
+        for f in fracs:
+            d = round(float(f) * target_ms, 4)
+            drafter = f"synthetic:vocab=32000,seed=1,ttft_ms={d},tpot_ms={d},acceptance={round(float(a), 4)}"
+            row: dict = {"drafter_fraction": round(float(f), 4), "acceptance": round(float(a), 4)}
+            cells = []
+            for strategy in (Strategy.SI, Strategy.DSI):
+                run = (target, drafter, replicas, strategy)
+                fixed = {k: await ms_per_token(*run, k, tokens, args.repeats) for k in GRID_FIXED}
+                auto = await ms_per_token(*run, 0, tokens, args.repeats)
+                best = min(fixed, key=fixed.__getitem__)
+                ratio = auto / fixed[best]
+                row[strategy.value] = {"fixed": fixed, "auto": auto, "ratio": ratio}
+                cells += [f"{fixed[best]:.2f} ({best})", f"{ratio:.3f}"]
+            rows.append(row)
+            print(f"| {row['drafter_fraction']} | {row['acceptance']} | " + " | ".join(cells) + " |", flush=True)
+    for s in ("si", "dsi"):
+        ratios = [r[s]["ratio"] for r in rows]
+        print(
+            f"{s}: auto / best fixed over {len(ratios)} cells: max {max(ratios):.3f}, median "
+            f"{statistics.median(ratios):.3f}, cells above 1.05: {sum(x > 1.05 for x in ratios)}"
+        )
+    return rows
+
+
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--grid", action="store_true", help="the section-5 grid instead of the two profiles")
+    p.add_argument("--json", help="with --grid: write every number to this file")
+    p.add_argument("--cold", action="store_true", help="new services for every generation (no warm-up)")
     p.add_argument("--tokens", type=int, default=240)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--replicas", type=int, default=3)
     p.add_argument("--target-ms", type=float, default=30.0)
     p.add_argument("--drafter-ms", type=float, default=3.0)
-    run_virtual(main(p.parse_args()))
+    a = p.parse_args()
+    COLD = a.cold
+    if not a.grid:
+        run_virtual(profiles(a))
+    else:
+        rows = run_virtual(grid(a))
+        if a.json:
+            Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(a.json).write_text(json.dumps(rows, indent=1))

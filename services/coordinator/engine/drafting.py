@@ -48,6 +48,7 @@ class DraftFeed:
         #: Loop time by which the reader must have its chunk (see :meth:`check_deadline`).
         self.read_by = 0.0
         self._chunk_at = 0.0  # when the stream's previous chunk came (0: none yet)
+        self._started_at = 0.0  # when the stream started
 
     @property
     def max_lead(self) -> int:
@@ -71,6 +72,7 @@ class DraftFeed:
         end = len(gen.committed) + len(gen.pending)
         self._idle_at = None
         self._chunk_at = 0.0
+        self._started_at = clock()
         request = gen.draft_request(gen.context(end), min(room, gen.last_pos + 1 - end), primary=self.slot.primary)
         client = self.slot.client
         assert client is not None
@@ -149,8 +151,9 @@ class DraftFeed:
         chunk = reader.result()
         gen.stats.drafted_tokens += len(chunk.tokens)
         now = clock()
-        if self.slot.primary and gen.planner is not None and self._chunk_at:  # the first chunk includes a prefill
-            gen.planner.drafted(len(chunk.tokens), now - self._chunk_at)
+        if self.slot.primary and gen.planner is not None:  # the first chunk includes a prefill
+            first = not self._chunk_at
+            gen.planner.drafted(len(chunk.tokens), now - (self._started_at if first else self._chunk_at), first)
         self._chunk_at = now
         if gen.observer is not None:
             info = DraftChunkInfo(self._stream_id, chunk.start_position, len(chunk.tokens), time.perf_counter())

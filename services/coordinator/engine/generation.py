@@ -96,6 +96,9 @@ class Engine:
         self.verify_timeout = verify_timeout
         #: Seconds a drafter may take to send its next chunk before it counts as failed.
         self.draft_timeout = draft_timeout
+        #: Per primary drafter model, the last automatic-lookahead generation's measurements: where
+        #: the next one starts (the same drafter and targets answer at the same speeds).
+        self.lookahead_memory: dict[str, LookaheadPlanner] = {}
         #: Drafter pool index -> the model it serves: instances of one model are replicas (a
         #: generation uses one of them), different models all work on every generation.
         #: Unset: the member's name.
@@ -199,9 +202,13 @@ class Generation:
         self.deadline: float | None = None
         #: Chooses the lookahead as the generation runs (``params.lookahead == 0``); None = fixed.
         self.planner: LookaheadPlanner | None = None
+        self._memory_key = ""  # the planner's key in the engine's lookahead_memory
         if params.lookahead == 0:
             largest = min(LARGEST, engine.max_draft_tokens)
-            self.planner = LookaheadPlanner(dsi=params.strategy is Strategy.DSI, largest=largest)
+            self.planner = LookaheadPlanner(params.strategy is Strategy.DSI, self._measured_target, largest)
+            models = engine.drafter_model_names()
+            self._memory_key = models[0] if models else ""
+            self.planner.resume(engine.lookahead_memory.get(self._memory_key))
         self._failures = 0  # failed calls since the last verification that completed
 
     # --- public -------------------------------------------------------------
@@ -231,6 +238,8 @@ class Generation:
                 yield out
         finally:
             self.stats.wall_seconds = time.perf_counter() - self._start
+            if self.planner is not None and self.planner.measured:
+                self.engine.lookahead_memory[self._memory_key] = self.planner
             await steps.aclose()
             await self._cleanup()
 
@@ -319,8 +328,6 @@ class Generation:
             self.stats.tokens_without_drafter += 1
         if self.stats.new_tokens == 1:
             self.stats.time_to_first_token_seconds = time.perf_counter() - self._start
-        if self.planner is not None:
-            self.planner.committed(self._measured_target)
         if token in self.engine.eos:
             self.stop(FinishReason.EOS)
         elif len(self.committed) > self.last_pos:
