@@ -49,6 +49,8 @@ class DraftFeed:
         self.read_by = 0.0
         self._chunk_at = 0.0  # when the stream's previous chunk came (0: none yet)
         self._started_at = 0.0  # when the stream started
+        self._asked = 0  # tokens the running stream was asked for
+        self._received = 0  # tokens its chunks carried so far
 
     @property
     def max_lead(self) -> int:
@@ -73,7 +75,9 @@ class DraftFeed:
         self._idle_at = None
         self._chunk_at = 0.0
         self._started_at = clock()
-        request = gen.draft_request(gen.context(end), min(room, gen.last_pos + 1 - end), primary=self.slot.primary)
+        self._asked = min(room, gen.last_pos + 1 - end)
+        self._received = 0
+        request = gen.draft_request(gen.context(end), self._asked, primary=self.slot.primary)
         client = self.slot.client
         assert client is not None
         self._stream = client.draft(request)
@@ -143,13 +147,15 @@ class DraftFeed:
         if isinstance(exc, StopAsyncIteration):
             self._stream = self.reader = None
             self._ended(cancelled=False)
-            self._idle_at = (len(gen.committed), len(gen.pending))
+            if self._received < self._asked:  # it had no more to say; a stream that gave all it was asked for
+                self._idle_at = (len(gen.committed), len(gen.pending))  # is restarted as soon as there is room
             return
         if exc is not None:
             self._fail(exc)
             return
         chunk = reader.result()
         gen.stats.drafted_tokens += len(chunk.tokens)
+        self._received += len(chunk.tokens)
         now = clock()
         if self.slot.primary and gen.planner is not None:  # the first chunk includes a prefill
             first = not self._chunk_at
