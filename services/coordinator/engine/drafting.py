@@ -147,8 +147,11 @@ class DraftFeed:
         if isinstance(exc, StopAsyncIteration):
             self._stream = self.reader = None
             self._ended(cancelled=False)
-            if self._received < self._asked:  # it had no more to say; a stream that gave all it was asked for
-                self._idle_at = (len(gen.committed), len(gen.pending))  # is restarted as soon as there is room
+            # A primary stream that gave all it was asked for lengthened the pending drafts: it is
+            # restarted as soon as there is room. One that gave less had no more to say, and a
+            # secondary's never lengthens them: asked again only once the text changes.
+            if not self.slot.primary or self._received < self._asked:
+                self._idle_at = (len(gen.committed), len(gen.pending))
             return
         if exc is not None:
             self._fail(exc)
