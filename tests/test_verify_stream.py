@@ -111,6 +111,52 @@ async def test_concurrent_verifications_on_one_stream_run_concurrently():
         await running.stop(0)
 
 
+async def test_a_half_closed_stream_ends_only_after_every_answer_is_written():
+    """The client half-closes while a call's answer is still being written
+    (the call is no longer cancellable then): the stream must not end, and
+    drop that answer, before it is written (a CI flake)."""
+    local = LocalTarget(load_target_model(T))
+    servicer = TargetServicer(local)
+    writing, finish_writing = asyncio.Event(), asyncio.Event()
+    written: list[int] = []
+
+    class Context:
+        async def write(self, response: target_pb2.VerifyStreamResponse) -> None:
+            writing.set()
+            await finish_writing.wait()
+            written.append(response.call_id)
+
+    async def requests() -> AsyncIterator[target_pb2.VerifyStreamRequest]:
+        ok = target_pb2.VerifyRequest(session_id="w", context_token_ids=[1, 2])
+        yield target_pb2.VerifyStreamRequest(call_id=5, verify=ok)
+        await writing.wait()  # then the client half-closes
+
+    serving = asyncio.ensure_future(servicer.VerifyStream(requests(), Context()))  # type: ignore[arg-type]
+    await asyncio.wait_for(writing.wait(), 5)
+    await asyncio.sleep(0.05)
+    assert not serving.done(), "the stream ended with an answer still being written"
+    finish_writing.set()
+    await asyncio.wait_for(serving, 5)
+    assert written == [5]
+
+
+@pytest.mark.parametrize(
+    ("code", "expected"),
+    [
+        (grpc.StatusCode.INTERNAL, errors.Unavailable),  # e.g. "Internal error from Core": the target went away
+        (grpc.StatusCode.UNKNOWN, errors.Unavailable),
+        (grpc.StatusCode.CANCELLED, errors.Unavailable),
+        (grpc.StatusCode.UNAUTHENTICATED, errors.Unauthenticated),  # about the caller: passed on
+        (grpc.StatusCode.INVALID_ARGUMENT, errors.InvalidArgument),
+    ],
+)
+def test_a_failed_stream_fails_its_calls_over_unless_the_caller_is_at_fault(code, expected) -> None:
+    from dsi.wire.verify_stream import _stream_error
+
+    exc = grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details="x")
+    assert type(_stream_error(exc, "target t")) is expected
+
+
 async def test_errors_come_back_with_the_status_and_message_of_a_unary_call():
     async with served() as (_, servicer, srv):
         async with client(srv.address) as streamed, client(srv.address, verify_stream=False) as unary:

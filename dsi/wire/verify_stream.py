@@ -23,6 +23,27 @@ from dsi.domain.errors import DsiError, Unavailable
 from dsi.v1 import target_pb2, target_pb2_grpc
 from dsi.wire.grpc_status import code_of_number, from_status, to_domain
 
+#: Statuses of the stream call itself that say something about the request or the caller (not the
+#: peer's health): passed on as they are. Any other status ends the stream as ``Unavailable``, so
+#: the engine fails the calls over to another replica (e.g. INTERNAL "Internal error from Core" when
+#: the target's process goes away mid-stream; each call's own errors travel as messages).
+_CALLER_STATUSES = frozenset(
+    {
+        grpc.StatusCode.UNAUTHENTICATED,
+        grpc.StatusCode.PERMISSION_DENIED,
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.UNIMPLEMENTED,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+    }
+)
+
+
+def _stream_error(exc: grpc.aio.AioRpcError, peer: str) -> DsiError:
+    if exc.code() in _CALLER_STATUSES:
+        return to_domain(exc, peer)
+    return Unavailable(f"{peer} is unavailable: the verify stream failed ({exc.code().name}: {exc.details()})")
+
+
 #: How long :meth:`VerifyStream.close` waits for the target to answer the calls in flight and end the stream.
 CLOSE_TIMEOUT_S = 5.0
 _CLOSE = object()
@@ -55,7 +76,7 @@ class _Stream:
         except asyncio.CancelledError:
             raise
         except grpc.aio.AioRpcError as exc:
-            self.fail(to_domain(exc, self.peer))
+            self.fail(_stream_error(exc, self.peer))
         except Exception as exc:  # the call ended (InvalidStateError...): the reader learns how
             self.fail(Unavailable(f"{self.peer} is unavailable: the verify stream ended ({type(exc).__name__})"))
 
@@ -78,7 +99,7 @@ class _Stream:
         except asyncio.CancelledError:
             raise
         except grpc.aio.AioRpcError as exc:
-            self.fail(to_domain(exc, self.peer))
+            self.fail(_stream_error(exc, self.peer))
         except Exception as exc:
             self.fail(Unavailable(f"{self.peer} is unavailable: the verify stream failed ({exc!r})"))
 

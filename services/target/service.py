@@ -72,7 +72,7 @@ class TargetServicer(target_pb2_grpc.TargetServiceServicer):
         then end every stream UNAVAILABLE (its client opens a new one, which a
         stopped server refuses, and fails over)."""
         self.draining = True
-        running = [t for s in self.streams for t in s.tasks.values()]
+        running = [t for s in self.streams for t in s.running]
         if running:
             await asyncio.wait(running, timeout=grace)
         for stream in list(self.streams):
@@ -87,7 +87,8 @@ class _VerifyStream:
         self.servicer = servicer
         self.context = context
         self.admission = admission
-        self.tasks: dict[int, asyncio.Task[None]] = {}
+        self.tasks: dict[int, asyncio.Task[None]] = {}  # calls still cancellable, by call id
+        self.running: set[asyncio.Task[None]] = set()  # every call's task until its answer is written
         self._write_lock = asyncio.Lock()
         self._reader: asyncio.Task[None] | None = None
         self._ended: str | None = None  # why the server ended the stream (end())
@@ -96,8 +97,8 @@ class _VerifyStream:
         self._reader = asyncio.ensure_future(self._read(requests))
         try:
             await self._reader  # until the client half-closes
-            while self.tasks:  # then answer what is in flight
-                await asyncio.wait(list(self.tasks.values()))
+            while self.running:  # then answer what is in flight (a call leaves self.tasks before it writes)
+                await asyncio.wait(list(self.running))
         except asyncio.CancelledError:
             task = asyncio.current_task()
             if self._ended is None or (task is not None and task.cancelling()):
@@ -106,7 +107,7 @@ class _VerifyStream:
         finally:
             if self._reader is not None:
                 self._reader.cancel()
-            for t in list(self.tasks.values()):  # the stream is gone: so is every call it carried
+            for t in list(self.running):  # the stream is gone: so is every call it carried
                 t.cancel()
 
     def end(self, why: str) -> None:
@@ -138,7 +139,9 @@ class _VerifyStream:
         if error is not None:
             await self._answer_error(call_id, error)
         else:
-            self.tasks[call_id] = asyncio.ensure_future(self._call(call_id, request))
+            task = self.tasks[call_id] = asyncio.ensure_future(self._call(call_id, request))
+            self.running.add(task)
+            task.add_done_callback(self.running.discard)
 
     async def _call(self, call_id: int, request: target_pb2.VerifyRequest) -> None:
         try:
