@@ -9,9 +9,11 @@ two transports.
 from __future__ import annotations
 
 import abc
+import dataclasses
 from collections.abc import AsyncIterator
 
-from dsi.domain.types import DraftChunk, DraftRequest, ServiceInfo, VerifyRequest, VerifyResult
+from dsi.domain import validation
+from dsi.domain.types import DecodeRequest, DraftChunk, DraftRequest, ServiceInfo, VerifyRequest, VerifyResult
 
 
 class Target(abc.ABC):
@@ -27,6 +29,23 @@ class Target(abc.ABC):
     @abc.abstractmethod
     async def verify(self, request: VerifyRequest) -> VerifyResult:
         """One forward pass over context + drafts; see the Verify RPC."""
+
+    async def decode(self, request: DecodeRequest) -> AsyncIterator[VerifyResult]:
+        """Target-only decoding: the result of every step, each a :meth:`verify`
+        without drafts on the context so far, until ``max_tokens`` steps or a
+        stop token (yielded). Closing the iteration stops it within one step.
+        This default makes those calls; a transport may do better (one
+        message per token: the Decode RPC)."""
+        step = request.start
+        validation.check_decode(request.max_tokens, step.drafts)
+        context = list(step.context)
+        for n in range(request.max_tokens):
+            result = await self.verify(step)
+            yield result
+            if result.next_token in request.stop_token_ids or n + 1 == request.max_tokens:
+                return
+            context = [*context, result.next_token]
+            step = dataclasses.replace(step, context=context)
 
     @abc.abstractmethod
     async def release_session(self, session_id: str) -> bool: ...

@@ -170,6 +170,16 @@ class VerifyResult:
 
 
 @dataclass(frozen=True)
+class DecodeRequest:
+    """Target-only decoding: ``start`` (a verification without drafts), then
+    one more step per token decided, each on the context so far."""
+
+    start: VerifyRequest
+    max_tokens: int
+    stop_token_ids: frozenset[int] = frozenset()
+
+
+@dataclass(frozen=True)
 class DraftRequest:
     session_id: str
     context: Sequence[int]
@@ -210,6 +220,7 @@ class ServiceLimits:
     max_batch_tokens: int = 0  # tokens one device pass may compute
     accepts_context_prefix: bool = False
     accepts_verify_stream: bool = False  # serves TargetService.VerifyStream (target)
+    accepts_decode: bool = False  # serves TargetService.Decode (target)
 
 
 @dataclass

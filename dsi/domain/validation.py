@@ -69,3 +69,11 @@ def check_drafts(drafts: Sequence[DraftToken], vocab_size: int, max_draft_tokens
 def check_lookahead(lookahead: int, max_lookahead: int) -> None:
     if lookahead < 1 or lookahead > max_lookahead:
         raise InvalidArgument(f"lookahead must lie in 1..{max_lookahead}, got {lookahead}")
+
+
+def check_decode(max_tokens: int, drafts: Sequence[DraftToken]) -> None:
+    """A Decode request: at least one token, and a start without drafts."""
+    if max_tokens < 1:
+        raise InvalidArgument(f"max_tokens must be >= 1, got {max_tokens}")
+    if drafts:
+        raise InvalidArgument("a Decode request's start must have no draft tokens")

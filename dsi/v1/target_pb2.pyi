@@ -337,6 +337,68 @@ class VerifyStreamError(_message.Message):
 Global___VerifyStreamError: _TypeAlias = VerifyStreamError  # noqa: Y015
 
 @_typing.final
+class DecodeRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    START_FIELD_NUMBER: _builtins.int
+    MAX_TOKENS_FIELD_NUMBER: _builtins.int
+    STOP_TOKEN_IDS_FIELD_NUMBER: _builtins.int
+    max_tokens: _builtins.int
+    """Tokens to decode at most (>= 1)."""
+    @_builtins.property
+    def start(self) -> Global___VerifyRequest:
+        """The first step: a Verify request without draft tokens (its session,
+        context or context prefix, sampling parameters and seed).
+        """
+
+    @_builtins.property
+    def stop_token_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Decoding stops after any of these tokens (e.g. the EOS ids)."""
+
+    def __init__(
+        self,
+        *,
+        start: Global___VerifyRequest | None = ...,
+        max_tokens: _builtins.int = ...,
+        stop_token_ids: _abc.Iterable[_builtins.int] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["start", b"start"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_tokens", b"max_tokens", "start", b"start", "stop_token_ids", b"stop_token_ids"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DecodeRequest: _TypeAlias = DecodeRequest  # noqa: Y015
+
+@_typing.final
+class DecodeResponse(_message.Message):
+    """One decoded token."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TOKEN_ID_FIELD_NUMBER: _builtins.int
+    STATS_FIELD_NUMBER: _builtins.int
+    token_id: _builtins.int
+    """The token the target chose after the context so far."""
+    @_builtins.property
+    def stats(self) -> _common_pb2.ForwardStats:
+        """What its forward pass cost on this instance."""
+
+    def __init__(
+        self,
+        *,
+        token_id: _builtins.int = ...,
+        stats: _common_pb2.ForwardStats | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["stats", b"stats"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["stats", b"stats", "token_id", b"token_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DecodeResponse: _TypeAlias = DecodeResponse  # noqa: Y015
+
+@_typing.final
 class TargetServiceReleaseSessionRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

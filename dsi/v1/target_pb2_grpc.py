@@ -56,6 +56,11 @@ class TargetServiceStub:
                 request_serializer=dsi_dot_v1_dot_target__pb2.VerifyStreamRequest.SerializeToString,
                 response_deserializer=dsi_dot_v1_dot_target__pb2.VerifyStreamResponse.FromString,
                 _registered_method=True)
+        self.Decode = channel.unary_stream(
+                '/dsi.v1.TargetService/Decode',
+                request_serializer=dsi_dot_v1_dot_target__pb2.DecodeRequest.SerializeToString,
+                response_deserializer=dsi_dot_v1_dot_target__pb2.DecodeResponse.FromString,
+                _registered_method=True)
         self.ReleaseSession = channel.unary_unary(
                 '/dsi.v1.TargetService/ReleaseSession',
                 request_serializer=dsi_dot_v1_dot_target__pb2.TargetServiceReleaseSessionRequest.SerializeToString,
@@ -120,6 +125,23 @@ class TargetServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Decode(self, request, context):
+        """Target-only decoding, streamed (targets whose
+        ServiceLimits.accepts_decode is set): the target runs the plain decoding
+        loop itself and sends each token as soon as it is decided, so decoding
+        without drafts costs one message per token instead of a Verify round
+        trip. Each token is exactly what a Verify call without draft tokens on
+        the context so far would return (the same session, seed and keyed
+        decision rule), so the output is the same either way. The stream ends
+        OK after max_tokens tokens, after a token of stop_token_ids (which is
+        sent), or when the context is full; an error ends it with the status the
+        failing Verify call would have had. Cancelling the call stops decoding
+        within one forward pass; the session keeps what was computed.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ReleaseSession(self, request, context):
         """Drops a session and the cache it holds. Releasing an unknown session is
         not an error (released = false).
@@ -145,6 +167,11 @@ def add_TargetServiceServicer_to_server(servicer, server):
                     servicer.VerifyStream,
                     request_deserializer=dsi_dot_v1_dot_target__pb2.VerifyStreamRequest.FromString,
                     response_serializer=dsi_dot_v1_dot_target__pb2.VerifyStreamResponse.SerializeToString,
+            ),
+            'Decode': grpc.unary_stream_rpc_method_handler(
+                    servicer.Decode,
+                    request_deserializer=dsi_dot_v1_dot_target__pb2.DecodeRequest.FromString,
+                    response_serializer=dsi_dot_v1_dot_target__pb2.DecodeResponse.SerializeToString,
             ),
             'ReleaseSession': grpc.unary_unary_rpc_method_handler(
                     servicer.ReleaseSession,
@@ -240,6 +267,33 @@ class TargetService:
             '/dsi.v1.TargetService/VerifyStream',
             dsi_dot_v1_dot_target__pb2.VerifyStreamRequest.SerializeToString,
             dsi_dot_v1_dot_target__pb2.VerifyStreamResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Decode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/dsi.v1.TargetService/Decode',
+            dsi_dot_v1_dot_target__pb2.DecodeRequest.SerializeToString,
+            dsi_dot_v1_dot_target__pb2.DecodeResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -74,6 +74,19 @@ class TargetServiceStub:
       calls that arrive after it began with UNAVAILABLE, finishes the others,
       then ends the stream UNAVAILABLE.
     """
+    Decode: _grpc.UnaryStreamMultiCallable[_target_pb2.DecodeRequest, _target_pb2.DecodeResponse]
+    """Target-only decoding, streamed (targets whose
+    ServiceLimits.accepts_decode is set): the target runs the plain decoding
+    loop itself and sends each token as soon as it is decided, so decoding
+    without drafts costs one message per token instead of a Verify round
+    trip. Each token is exactly what a Verify call without draft tokens on
+    the context so far would return (the same session, seed and keyed
+    decision rule), so the output is the same either way. The stream ends
+    OK after max_tokens tokens, after a token of stop_token_ids (which is
+    sent), or when the context is full; an error ends it with the status the
+    failing Verify call would have had. Cancelling the call stops decoding
+    within one forward pass; the session keeps what was computed.
+    """
     ReleaseSession: _grpc.UnaryUnaryMultiCallable[_target_pb2.TargetServiceReleaseSessionRequest, _target_pb2.TargetServiceReleaseSessionResponse]
     """Drops a session and the cache it holds. Releasing an unknown session is
     not an error (released = false).
@@ -124,6 +137,19 @@ class TargetServiceAsyncStub(TargetServiceStub):
       call in flight on it is cancelled. A target that shuts down answers
       calls that arrive after it began with UNAVAILABLE, finishes the others,
       then ends the stream UNAVAILABLE.
+    """
+    Decode: _aio.UnaryStreamMultiCallable[_target_pb2.DecodeRequest, _target_pb2.DecodeResponse]  # type: ignore[assignment]
+    """Target-only decoding, streamed (targets whose
+    ServiceLimits.accepts_decode is set): the target runs the plain decoding
+    loop itself and sends each token as soon as it is decided, so decoding
+    without drafts costs one message per token instead of a Verify round
+    trip. Each token is exactly what a Verify call without draft tokens on
+    the context so far would return (the same session, seed and keyed
+    decision rule), so the output is the same either way. The stream ends
+    OK after max_tokens tokens, after a token of stop_token_ids (which is
+    sent), or when the context is full; an error ends it with the status the
+    failing Verify call would have had. Cancelling the call stops decoding
+    within one forward pass; the session keeps what was computed.
     """
     ReleaseSession: _aio.UnaryUnaryMultiCallable[_target_pb2.TargetServiceReleaseSessionRequest, _target_pb2.TargetServiceReleaseSessionResponse]  # type: ignore[assignment]
     """Drops a session and the cache it holds. Releasing an unknown session is
@@ -190,6 +216,25 @@ class TargetServiceServicer(metaclass=_abc_1.ABCMeta):
           call in flight on it is cancelled. A target that shuts down answers
           calls that arrive after it began with UNAVAILABLE, finishes the others,
           then ends the stream UNAVAILABLE.
+        """
+
+    @_abc_1.abstractmethod
+    def Decode(
+        self,
+        request: _target_pb2.DecodeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_target_pb2.DecodeResponse], _abc.AsyncIterator[_target_pb2.DecodeResponse]]:
+        """Target-only decoding, streamed (targets whose
+        ServiceLimits.accepts_decode is set): the target runs the plain decoding
+        loop itself and sends each token as soon as it is decided, so decoding
+        without drafts costs one message per token instead of a Verify round
+        trip. Each token is exactly what a Verify call without draft tokens on
+        the context so far would return (the same session, seed and keyed
+        decision rule), so the output is the same either way. The stream ends
+        OK after max_tokens tokens, after a token of stop_token_ids (which is
+        sent), or when the context is full; an error ends it with the status the
+        failing Verify call would have had. Cancelling the call stops decoding
+        within one forward pass; the session keeps what was computed.
         """
 
     @_abc_1.abstractmethod

@@ -20,6 +20,7 @@ from dsi.domain.timeline import (
 )
 from dsi.domain.types import (
     Decision,
+    DecodeRequest,
     DraftChunk,
     DraftRequest,
     DraftToken,
@@ -117,6 +118,7 @@ def service_info_parts(info: ServiceInfo) -> dict:
             max_batch_tokens=lim.max_batch_tokens,
             accepts_context_prefix=lim.accepts_context_prefix,
             accepts_verify_stream=lim.accepts_verify_stream,
+            accepts_decode=lim.accepts_decode,
         ),
         counters=common_pb2.ServiceCounters(**vars(cnt)),
     )
@@ -137,6 +139,7 @@ def service_info_from_pb(
             lim.max_batch_tokens,
             lim.accepts_context_prefix,
             lim.accepts_verify_stream,
+            lim.accepts_decode,
         ),
         counters=ServiceCounters(**{f: getattr(cnt, f) for f in vars(ServiceCounters())}),
     )
@@ -167,6 +170,24 @@ def verify_request_to_pb(r: VerifyRequest) -> target_pb2.VerifyRequest:
         context_prefix_length=r.prefix_length,
         context_prefix_hash=r.prefix_hash,
     )
+
+
+def decode_request_from_pb(m: target_pb2.DecodeRequest) -> DecodeRequest:
+    return DecodeRequest(verify_request_from_pb(m.start), m.max_tokens, frozenset(m.stop_token_ids))
+
+
+def decode_request_to_pb(r: DecodeRequest) -> target_pb2.DecodeRequest:
+    return target_pb2.DecodeRequest(
+        start=verify_request_to_pb(r.start), max_tokens=r.max_tokens, stop_token_ids=sorted(r.stop_token_ids)
+    )
+
+
+def decoded_to_pb(r: VerifyResult) -> target_pb2.DecodeResponse:
+    return target_pb2.DecodeResponse(token_id=r.next_token, stats=stats_to_pb(r.stats))
+
+
+def decoded_from_pb(m: target_pb2.DecodeResponse) -> VerifyResult:
+    return VerifyResult([], 0, m.token_id, stats_from_pb(m.stats))
 
 
 def verify_result_to_pb(r: VerifyResult) -> target_pb2.VerifyResponse:

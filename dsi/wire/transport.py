@@ -16,7 +16,15 @@ import grpc
 from dsi.domain.errors import FailedPrecondition, Unavailable
 from dsi.domain.interfaces import Drafter, Target
 from dsi.domain.prefix import SentSequences
-from dsi.domain.types import DraftChunk, DraftRequest, ServiceInfo, VerifyRequest, VerifyResult, is_chain
+from dsi.domain.types import (
+    DecodeRequest,
+    DraftChunk,
+    DraftRequest,
+    ServiceInfo,
+    VerifyRequest,
+    VerifyResult,
+    is_chain,
+)
 from dsi.v1 import drafter_pb2, drafter_pb2_grpc, target_pb2, target_pb2_grpc
 from dsi.wire import convert
 from dsi.wire.grpc_status import call, to_domain
@@ -24,7 +32,7 @@ from dsi.wire.security import PLAINTEXT, ClientSecurity
 from dsi.wire.verify_stream import VerifyStream
 
 #: Set to 0 to make every GrpcTarget use unary Verify calls even with targets that serve VerifyStream
-#: (for comparisons; the coordinator's ``--no-verify-stream`` does the same).
+#: and Decode (for comparisons; the coordinator's ``--no-verify-stream`` does the same).
 VERIFY_STREAM_ENV = "DSI_VERIFY_STREAM"
 
 
@@ -67,6 +75,19 @@ async def wait_ready(channel: grpc.aio.Channel, name: str, timeout: float) -> No
         raise Unavailable(f"{name} is unavailable: not reachable within {timeout:g}s") from None
 
 
+#: Statuses a Decode call ends with when its target went away mid-stream (INTERNAL "Internal error
+#: from Core", CANCELLED by a stopping server, UNKNOWN): the tokens so far stand, and the rest is the
+#: same on another replica, so they count as ``Unavailable`` (failover). A real fault repeats there,
+#: and the generation ends after its bounded retries.
+_PEER_GONE = frozenset({grpc.StatusCode.INTERNAL, grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN})
+
+
+def _decode_error(exc: grpc.aio.AioRpcError, peer: str) -> Exception:
+    if exc.code() in _PEER_GONE:
+        return Unavailable(f"{peer} is unavailable: the decode stream failed ({exc.code().name}: {exc.details()})")
+    return to_domain(exc, peer)
+
+
 class GrpcTarget(Target):
     def __init__(
         self,
@@ -81,9 +102,9 @@ class GrpcTarget(Target):
         """``server_name``: the name its TLS certificate carries, when it is
         dialled by another (a replica found by DNS, dialled by IP address).
 
-        ``verify_stream``: send verifications over one VerifyStream once
-        :meth:`info` says the target serves it (default:
-        :func:`verify_stream_default`). Not with call interceptors
+        ``verify_stream``: send verifications over one VerifyStream, and
+        decode with Decode calls, once :meth:`info` says the target serves
+        them (default: :func:`verify_stream_default`). Not with call interceptors
         (``interceptors``, or :data:`CHANNEL_INTERCEPTORS`: tracing): they act
         per call, so verifications then stay unary Verify calls, each
         delayed or traced as before."""
@@ -102,6 +123,8 @@ class GrpcTarget(Target):
         self.stream: VerifyStream | None = None
         self._stream_wanted = verify_stream and not intercepted
         self._stream_client = VerifyStream(self.stub, self.name, timeout)
+        #: whether :meth:`decode` uses the Decode RPC (the target said it serves it, in Info)
+        self.decodes_streamed = False
         #: what each session was last sent, once the target said it accepts context prefixes (Info)
         self.sent: SentSequences | None = None
         self.prefix_requests = 0  # Verify calls that sent a prefix instead of the full context
@@ -116,6 +139,7 @@ class GrpcTarget(Target):
             self.sent = None  # e.g. replaced by an older build behind the same address
         use_stream = self._stream_wanted and info.limits.accepts_verify_stream
         self.stream = self._stream_client if use_stream else None
+        self.decodes_streamed = self._stream_wanted and info.limits.accepts_decode
         return info
 
     @property
@@ -160,6 +184,46 @@ class GrpcTarget(Target):
         finally:
             sent.done(sid, sequence, ok)
         return result
+
+    async def decode(self, request: DecodeRequest) -> AsyncIterator[VerifyResult]:
+        """One Decode call (a message per token) when the target serves it,
+        sending only the context past what the session was last sent (the
+        full context again when the target no longer holds it); otherwise
+        Verify calls without drafts (:meth:`Target.decode`). Closing the
+        iteration cancels the call."""
+        if not self.decodes_streamed:
+            async for result in super().decode(request):
+                yield result
+            return
+        start, sent, sid = request.start, self.sent, request.start.session_id
+        if sent is not None and not start.prefix_length:
+            length, digest, rest = sent.split(sid, start.context)
+            sent.forget(sid)  # what the session holds after a decode is not tracked: the next call sends it all
+            if length:
+                self.prefix_requests += 1
+                prefixed = dataclasses.replace(start, context=rest, prefix_length=length, prefix_hash=digest)
+                decoded = 0
+                try:
+                    async for result in self._decode(dataclasses.replace(request, start=prefixed)):
+                        decoded += 1
+                        yield result
+                    return
+                except FailedPrecondition:
+                    if decoded:
+                        raise
+                    self.prefix_misses += 1  # the target does not hold the prefix: send it all
+        async for result in self._decode(request):
+            yield result
+
+    async def _decode(self, request: DecodeRequest) -> AsyncIterator[VerifyResult]:
+        call = self.stub.Decode(convert.decode_request_to_pb(request))
+        try:
+            async for msg in call:
+                yield convert.decoded_from_pb(msg)
+        except grpc.aio.AioRpcError as exc:
+            raise _decode_error(exc, self.name) from None
+        finally:
+            call.cancel()
 
     async def release_session(self, session_id: str) -> bool:
         if self.sent is not None:

@@ -87,7 +87,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         action="store_false",
         default=verify_stream_default(),
         help="send each verification as its own Verify call, not as a message on one VerifyStream per target"
-        " replica (the default with targets that serve it; for comparisons; also $DSI_VERIFY_STREAM=0)",
+        " replica, and decode non-SI with Verify calls, not a Decode stream (the streams are the default with"
+        " targets that serve them; for comparisons; also $DSI_VERIFY_STREAM=0)",
     )
     p.add_argument(
         "--verify-timeout",

@@ -17,15 +17,18 @@ from dsi.wire.grpc_status import code_number, fail, guard, status_logged
 
 SERVICE_NAME = target_pb2.DESCRIPTOR.services_by_name["TargetService"].full_name
 #: The methods that do model work: what ``--max-concurrent-requests`` caps (VerifyStream per call it carries).
-MODEL_METHODS = (f"/{SERVICE_NAME}/Verify", f"/{SERVICE_NAME}/VerifyStream")
+MODEL_METHODS = (f"/{SERVICE_NAME}/Verify", f"/{SERVICE_NAME}/VerifyStream", f"/{SERVICE_NAME}/Decode")
 
 
 class TargetServicer(target_pb2_grpc.TargetServiceServicer):
-    def __init__(self, target: Target, verify_stream: bool = True) -> None:
-        """``verify_stream``: serve VerifyStream and say so in Info (False: as
-        a target built before it, for tests and comparisons)."""
+    def __init__(self, target: Target, verify_stream: bool = True, decode: bool = True) -> None:
+        """``verify_stream`` / ``decode``: serve VerifyStream / Decode and say
+        so in Info (False: as a target built before them, for tests and
+        comparisons)."""
         self.target = target
         self.verify_stream = verify_stream
+        self.decode = decode
+        self.decodes = 0  # Decode calls received
         self.streams: set[_VerifyStream] = set()
         #: set by :meth:`wind_down`: calls that arrive on a stream now are refused UNAVAILABLE
         self.draining = False
@@ -35,8 +38,12 @@ class TargetServicer(target_pb2_grpc.TargetServiceServicer):
     @guard
     async def Info(self, request: target_pb2.TargetServiceInfoRequest, context: grpc.aio.ServicerContext):
         info = await self.target.info()
-        if self.verify_stream:
-            info = dataclasses.replace(info, limits=dataclasses.replace(info.limits, accepts_verify_stream=True))
+        limits = dataclasses.replace(
+            info.limits,
+            accepts_verify_stream=self.verify_stream or info.limits.accepts_verify_stream,
+            accepts_decode=self.decode or info.limits.accepts_decode,
+        )
+        info = dataclasses.replace(info, limits=limits)
         return target_pb2.TargetServiceInfoResponse(**convert.service_info_parts(info))
 
     @guard
@@ -58,6 +65,21 @@ class TargetServicer(target_pb2_grpc.TargetServiceServicer):
             await stream.serve(requests)
         finally:
             self.streams.discard(stream)
+
+    @guard
+    async def Decode(self, request: target_pb2.DecodeRequest, context: grpc.aio.ServicerContext) -> None:
+        # Explicit writes, as DrafterServicer.Draft: a client cancel lands here and closes the loop.
+        if not self.decode:
+            context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+            context.set_details("this target does not serve Decode: use Verify")
+            return
+        self.decodes += 1
+        steps = self.target.decode(convert.decode_request_from_pb(request))
+        try:
+            async for result in steps:
+                await context.write(convert.decoded_to_pb(result))
+        finally:
+            await steps.aclose()  # type: ignore[attr-defined]
 
     @guard
     async def ReleaseSession(
@@ -181,9 +203,9 @@ def _error(exc: BaseException) -> target_pb2.VerifyStreamError:
     return target_pb2.VerifyStreamError(code=code_number(code), message=message)
 
 
-def register(target: Target, verify_stream: bool = True):
+def register(target: Target, verify_stream: bool = True, decode: bool = True):
     """A ``register`` callback for :func:`dsi.serving.server.start_server`."""
-    return register_servicer(TargetServicer(target, verify_stream))
+    return register_servicer(TargetServicer(target, verify_stream, decode))
 
 
 def register_servicer(servicer: TargetServicer):

@@ -4,14 +4,17 @@ With zero-latency synthetic models (a forward pass costs no time), every
 millisecond is the system's own. Each service runs as its own process (as
 ``dsi bench`` and a deployment run them) on loopback:
 
-- ``target_rpc``: client -> target Verify, one call per token, no drafts (the
-  coordinator -> target hop alone, as non-SI makes it), sending only the
-  tokens past the session's prefix as the coordinator does;
-  ``target_rpc_full_context``: the same, sending the full context every time;
+- ``target_rpc``: client -> target Verify, one call per token, no drafts (a
+  frontier step of SI and DSI without drafts), sending only the tokens past
+  the session's prefix as the coordinator does; ``target_rpc_full_context``:
+  the same, sending the full context every time;
+- ``target_decode``: client -> target Decode, one stream per generation, a
+  message per token (the coordinator -> target hop alone, as non-SI makes
+  it; Verify calls in the ``unary`` variant);
 - ``draft_stream``: a Draft stream, per drafted token (lookahead chunks);
 - ``nonsi`` / ``si`` / ``dsi``: client -> coordinator -> target (-> drafter),
   per token of a generation;
-- ``client_coordinator``: ``nonsi - target_rpc``, the client -> coordinator
+- ``client_coordinator``: ``nonsi - target_decode``, the client -> coordinator
   hop plus the coordinator's own work per token;
 - CPU per token of every process (``/proc/PID/stat``; the client is this
   process), so a service's own CPU is its share of the time.
@@ -70,7 +73,16 @@ class CpuMeter:
 #: How the coordinator (and the target_rpc client) send verifications: over one VerifyStream per replica,
 #: or as unary Verify calls (``--no-verify-stream``).
 VARIANTS = {"stream": (), "unary": ("--no-verify-stream",)}
-PARTS = ("target_rpc_full_context", "target_rpc", "draft_stream", "client_coordinator", "nonsi", "si", "dsi")
+PARTS = (
+    "target_rpc_full_context",
+    "target_rpc",
+    "target_decode",
+    "draft_stream",
+    "client_coordinator",
+    "nonsi",
+    "si",
+    "dsi",
+)
 
 
 async def measure(
@@ -86,7 +98,7 @@ async def measure(
     that a change in the machine's load shows in all of them alike. The first
     variant's parts are at the top level of the result, every variant's under
     ``variants``."""
-    from dsi.domain.types import GREEDY, DraftRequest, VerifyRequest
+    from dsi.domain.types import GREEDY, DecodeRequest, DraftRequest, VerifyRequest
     from dsi.tools.experiments import cluster as xcluster
     from dsi.tools.experiments import config as xconfig
     from dsi.tools.experiments.bench import generate_once
@@ -124,6 +136,16 @@ async def measure(
 
                 return go
 
+            def decode_run(c: GrpcTarget) -> Callable[[], Any]:
+                async def go() -> None:  # what non-SI asks of the target: a Decode stream (or Verify calls)
+                    sid = f"ov-{next(session)}"
+                    start = VerifyRequest(sid, list(prompt), [], GREEDY, 1)
+                    n = sum([1 async for _ in c.decode(DecodeRequest(start, tokens))])
+                    assert n == tokens, n
+                    await c.release_session(sid)
+
+                return go
+
             def draft_run(d: GrpcDrafter) -> Callable[[], Any]:
                 async def go() -> None:
                     req = DraftRequest(f"ov-{next(session)}", prompt, lookahead, tokens, sampling=GREEDY, seed=1)
@@ -143,6 +165,7 @@ async def measure(
             parts[variant] = {
                 "target_rpc_full_context": target_run(full),
                 "target_rpc": target_run(target),
+                "target_decode": decode_run(target),
                 **({"draft_stream": draft_run(drafter)} if variant == variants[0] else {}),  # the same in each
                 "nonsi": generation(client, "nonsi"),
                 "si": generation(client, "si"),
@@ -173,7 +196,7 @@ async def measure(
                     "cpu_ms_per_token": {k: round(1e3 * v / rounds / tokens, 4) for k, v in cpu[variant][name].items()},
                 }
             res["client_coordinator"] = {
-                "ms_per_token": res["nonsi"]["ms_per_token"] - res["target_rpc"]["ms_per_token"]
+                "ms_per_token": res["nonsi"]["ms_per_token"] - res["target_decode"]["ms_per_token"]
             }
             out["variants"][variant] = res
         out.update(out["variants"][variants[0]])

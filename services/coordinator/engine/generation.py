@@ -30,7 +30,7 @@ from typing import TypeVar
 
 from dsi.domain.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, Unavailable
 from dsi.domain.interfaces import Drafter, Target
-from dsi.domain.types import CHAIN, DraftRequest, DraftToken, SamplingParams, VerifyRequest, VerifyResult
+from dsi.domain.types import CHAIN, DecodeRequest, DraftRequest, DraftToken, SamplingParams, VerifyRequest, VerifyResult
 from services.coordinator.engine.drafters import DROP_AFTER, DrafterSlot, DrafterStats, Proposal
 from services.coordinator.engine.lookahead import LARGEST, LookaheadPlanner
 from services.coordinator.engine.observe import Observer, VerificationInfo
@@ -344,17 +344,37 @@ class Generation:
 
     async def verify(self, lease: Lease, base: int, drafts: list[DraftToken]) -> VerifyResult:
         """One Verify on the leased replica: the assumed context up to ``base``
-        and ``drafts`` after it, within the replica's deadline. Releases the
-        lease however it ends; a replica that failed is down until its health
-        probe answers (see :meth:`retry_after`)."""
-        pool = self.engine.targets
-        timeout = self._verify_timeout(lease.replica, base + len(drafts))
-        self._used_targets.add(lease.replica)
+        and ``drafts`` after it (:meth:`on_replica`)."""
         self._cached[lease.replica] = base + len(drafts)
         request = VerifyRequest(self.session_id, self.context(base), drafts, self.sampling, self.params.seed)
+        target = self.engine.targets.member(lease.replica)
+        return await self.on_replica(lease, base + len(drafts), target.verify(request))
+
+    async def decode(self, replica: int) -> AsyncIterator[VerifyResult]:
+        """Target-only decoding on ``replica`` from the committed sequence, up
+        to the last position (:meth:`Target.decode`)."""
+        self._used_targets.add(replica)
+        c = len(self.committed)
+        start = VerifyRequest(self.session_id, list(self.committed), (), self.sampling, self.params.seed)
+        steps = self.engine.targets.member(replica).decode(DecodeRequest(start, self.last_pos - c + 1, self.engine.eos))
+        try:
+            async for result in steps:
+                self._cached[replica] = len(self.committed)  # what its cache holds: the context of this step
+                yield result
+        finally:
+            await steps.aclose()  # type: ignore[attr-defined]
+
+    async def on_replica(self, lease: Lease, length: int, awaitable: Awaitable[T]) -> T:
+        """``awaitable``, a call to the leased replica over ``length`` tokens,
+        within the replica's deadline. Releases the lease however it ends; a
+        replica that failed is down until its health probe answers (see
+        :meth:`retry_after`)."""
+        pool = self.engine.targets
+        timeout = self._verify_timeout(lease.replica, length)
+        self._used_targets.add(lease.replica)
         completed = unreachable = False
         try:
-            result = await within(timeout, pool.member(lease.replica).verify(request))
+            result = await within(timeout, awaitable)
         except asyncio.TimeoutError:
             if self._past_deadline():  # the client's time is up, not the replica's fault
                 raise DeadlineExceeded("the request's deadline passed") from None

@@ -1,6 +1,8 @@
 """Non-SI and SI: one verification at a time, on one replica.
 
-- non-SI: Verify with zero drafts, one token per forward pass.
+- non-SI: one token per forward pass, decoded by the target itself (the
+  Decode RPC: one message per token; Verify calls without drafts with a
+  target that does not serve it).
 - SI: draft ``lookahead`` tokens (a chain, or a token tree with that many
   main-path positions), verify them in one forward pass, commit the accepted
   path and the target's token after it, repeat.
@@ -10,7 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TypeVar
 
 from dsi.domain.errors import Unavailable
 from dsi.domain.types import DraftToken, VerifyResult
@@ -18,7 +21,9 @@ from services.coordinator.engine.drafters import DrafterSlot, Proposal
 from services.coordinator.engine.generation import Generation, within
 from services.coordinator.engine.observe import DraftChunkInfo, Outcome
 from services.coordinator.engine.trees import StreamTree, verification_tree
-from services.coordinator.pool import clock
+from services.coordinator.pool import Lease, clock
+
+T = TypeVar("T")
 
 
 def _replica(gen: Generation, current: int | None) -> int:
@@ -27,40 +32,77 @@ def _replica(gen: Generation, current: int | None) -> int:
     return current if current is not None and pool.is_active(current) else pool.least_loaded()
 
 
+async def _step(gen: Generation, replica: int, drafts: int, call: Callable[[Lease], Awaitable[T]]) -> T:
+    """One frontier step on ``replica`` (``call`` with its lease, over the
+    committed sequence and ``drafts`` drafts), told to the observer."""
+    lease = gen.engine.targets.acquire_on(replica)
+    info = gen.verification_info(lease, len(gen.committed), drafts, frontier=True)
+    gen.stats.verifications_started += 1
+    outcome = Outcome.ABANDONED
+    try:
+        result = await call(lease)
+        outcome = Outcome.DECIDED
+    except Exception:
+        outcome = Outcome.FAILED
+        raise
+    finally:
+        if info is not None and gen.observer is not None:
+            now = time.perf_counter()
+            if outcome is Outcome.DECIDED:
+                gen.observer.verification_completed(info, now, getattr(result, "num_accepted", 0))
+            gen.observer.verification_ended(info, outcome, now)
+    gen.stats.target_forward_passes += 1
+    return result
+
+
 async def _verify(gen: Generation, replica: int | None, drafts: list[DraftToken]) -> tuple[VerifyResult, int]:
     """Verify ``drafts`` at the frontier on ``replica`` (or, when it fails,
     on another one: :meth:`Generation.retry_after`); returns the result and
     the replica that gave it."""
+    c = len(gen.committed)
     while True:
         replica = _replica(gen, replica)
-        lease = gen.engine.targets.acquire_on(replica)
-        info = gen.verification_info(lease, len(gen.committed), len(drafts), frontier=True)
-        gen.stats.verifications_started += 1
-        outcome = Outcome.ABANDONED
         try:
-            result = await gen.verify(lease, len(gen.committed), drafts)
-            outcome = Outcome.DECIDED
+            return await _step(gen, replica, len(drafts), lambda lease: gen.verify(lease, c, drafts)), replica
         except Exception as exc:
-            outcome = Outcome.FAILED
             if not gen.retry_after(exc):
                 raise
-            continue
-        finally:
-            if info is not None and gen.observer is not None:
-                now = time.perf_counter()
-                if outcome is Outcome.DECIDED:
-                    gen.observer.verification_completed(info, now, result.num_accepted)
-                gen.observer.verification_ended(info, outcome, now)
-        gen.stats.target_forward_passes += 1
-        return result, replica
+
+
+def _next_on(gen: Generation, steps: AsyncIterator[VerifyResult]) -> Callable[[Lease], Awaitable[VerifyResult | None]]:
+    """A :func:`_step` call: the next of ``steps`` (None after the last)."""
+
+    async def next_step() -> VerifyResult | None:
+        try:
+            return await anext(steps)
+        except StopAsyncIteration:
+            return None
+
+    return lambda lease: gen.on_replica(lease, len(gen.committed), next_step())
 
 
 async def run_nonsi(gen: Generation) -> AsyncIterator[None]:
+    """One target step per token, decoded by the target itself (a Decode
+    stream: one message per token) on one replica; started again from the
+    committed tokens on another replica when it fails or is drained."""
+    pool = gen.engine.targets
     replica = None
     while not gen.finished:
-        result, replica = await _verify(gen, replica, [])
-        gen.commit(result.next_token)
-        yield None
+        replica = _replica(gen, replica)
+        steps = gen.decode(replica)
+        next_token = _next_on(gen, steps)
+        try:
+            while not gen.finished and pool.is_active(replica):
+                result = await _step(gen, replica, 0, next_token)
+                if result is None:
+                    raise Unavailable(f"{pool.name(replica)} is unavailable: its decode stream ended early")
+                gen.commit(result.next_token)
+                yield None
+        except Exception as exc:
+            if not gen.retry_after(exc):
+                raise
+        finally:
+            await steps.aclose()  # type: ignore[attr-defined]
 
 
 async def _draft(gen: Generation, slot: DrafterSlot, k: int) -> list[DraftToken]:
