@@ -105,6 +105,25 @@ def test_bench_inproc_end_to_end(tmp_path: Path) -> None:
     assert _is_png(out / "speedups.png") and _is_png(out / "latency.png")
 
 
+def test_bench_auto_lookahead_runs_next_to_the_fixed_one(tmp_path: Path) -> None:
+    """--auto-lookahead: SI and DSI with lookahead 0 (chosen as they run) in the same rotation, the same
+    tokens, compared with the fixed k and with the model at the fixed k."""
+    out = tmp_path / "a"
+    argv = ["bench", "--launch", "inproc", "--targets", "2", "--target-model", TARGET, "--drafter-model", DRAFTER]
+    argv += [*QUICK, "--strategies", "si,dsi", "--auto-lookahead", "--out", str(out)]
+    assert _cli(argv) == 0
+    summary = {r["strategy"]: r for r in _rows(out / "summary.csv")}
+    assert set(summary) == {"si", "dsi", "si_auto", "dsi_auto"}
+    assert summary["si_auto"]["lookahead"] == summary["dsi_auto"]["lookahead"] == "0"
+    assert all(r["all_match"] == "True" for r in summary.values()), "auto gives the same tokens"
+    for auto, fixed in (("si_auto", "si"), ("dsi_auto", "dsi")):
+        assert summary[auto]["simulated_latency_ms"] == summary[fixed]["simulated_latency_ms"]
+        assert math.isfinite(float(summary[auto]["overhead"]))
+    (speed,) = _rows(out / "speedups.csv")
+    assert 0 < float(speed["si_auto_over_si_measured"]) < 10 and 0 < float(speed["dsi_auto_over_dsi_measured"]) < 10
+    assert "si_auto / si" in (out / "report.md").read_text()
+
+
 def test_bench_experiment_file_with_sweep_and_delays(tmp_path: Path) -> None:
     exp = tmp_path / "exp.toml"
     exp.write_text(

@@ -53,6 +53,10 @@ DEFAULT_RUN = {
     "hf_peers": True,
 }
 HF_PEERS = ("hf_generate", "hf_assisted")
+#: SI and DSI with the lookahead chosen as they run (``lookahead = 0``), next to the fixed ones:
+#: ``--strategies ...,si_auto,dsi_auto`` or ``--auto-lookahead``. Their simulated latency is that
+#: of the fixed lookahead their strategy runs with, so "overhead" compares with the model's best k.
+AUTO = {"si_auto": "si", "dsi_auto": "dsi"}
 
 
 # --- one generation -------------------------------------------------------------------------------
@@ -210,13 +214,13 @@ async def run_point(
     strategies = [s for s in run["strategies"] if s not in skip]
     if peers is not None:
         strategies += list(HF_PEERS) if peers.assistant is not None else ["hf_generate"]
-    ks = {s: (lookaheads or {}).get(s, point.lookahead) for s in strategies}
+    ks = {s: 0 if s in AUTO else (lookaheads or {}).get(s, point.lookahead) for s in strategies}
 
     async def one(strategy: str, prompt: list[int], tokens: int, schedule: bool = False) -> dict:
         if strategy in HF_PEERS:
             assert peers is not None
             return await asyncio.to_thread(peers.run, prompt, tokens, strategy == "hf_assisted", ks[strategy])
-        return await generate_once(client, prompt, tokens, strategy, ks[strategy], schedule)
+        return await generate_once(client, prompt, tokens, AUTO.get(strategy, strategy), ks[strategy], schedule)
 
     for _ in range(int(run["warmup"])):  # sessions, channels, caches, lazy imports
         for s in strategies:
@@ -282,7 +286,7 @@ def summarize(rows: list[dict], sims: dict[str, dict]) -> tuple[list[dict], list
             lat = np.array([r["latency_ms"] for r in rs], dtype=float)
             mpt = np.array([r["ms_per_token"] for r in rs], dtype=float)
             means[s] = float(np.mean(lat))
-            simulated = sim.get(s, math.nan)
+            simulated = sim.get(AUTO.get(s, s), math.nan)
             summary.append(
                 {
                     "profile": rs[0]["profile"],
@@ -323,6 +327,9 @@ def summarize(rows: list[dict], sims: dict[str, dict]) -> tuple[list[dict], list
             entry["dsi_over_hf_generate"] = ratio("dsi", "hf_generate", means)
         for s in STRATEGIES:
             entry[f"{s}_overhead"] = means[s] / sim[s] if s in means and sim.get(s) else math.nan
+        for auto, fixed in AUTO.items():
+            if auto in means:
+                entry[f"{auto}_over_{fixed}_measured"] = ratio(auto, fixed, means)
         speedups.append(entry)
     return summary, speedups
 
@@ -354,6 +361,12 @@ def report_md(meta: dict, summary: list[dict], speedups: list[dict]) -> str:
             f" {_f(e['dsi_over_nonsi_measured'])} | {_f(e['dsi_over_nonsi_simulated'])} |"
             f" {_f(e['si_over_nonsi_measured'])} | {_f(e['si_over_nonsi_simulated'])} |"
         )
+    autos = [(a, f) for a, f in AUTO.items() if speedups and f"{a}_over_{f}_measured" in speedups[0]]
+    if autos:
+        lines += ["", "Lookahead chosen as it runs (k = 0) / the fixed k, measured:", ""]
+        for e in speedups:
+            ratios = (f"{a} / {f} {_f(e.get(f'{a}_over_{f}_measured', math.nan))}" for a, f in autos)
+            lines.append(f"- {e['point']}: " + ", ".join(ratios))
     lines += [
         "",
         "| point | strategy | k | ms/token median [p10, p90] | simulated ms/token | measured/simulated |"
@@ -465,7 +478,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="K,K",
         help="synthetic clusters: SI and DSI each use the simulator's best of these (default: --lookahead)",
     )
-    g.add_argument("--strategies", help="comma-separated subset of nonsi,si,dsi (default: all)")
+    g.add_argument(
+        "--strategies",
+        help="comma-separated subset of nonsi,si,dsi,si_auto,dsi_auto (default: nonsi,si,dsi; *_auto: the"
+        " lookahead chosen as the generation runs)",
+    )
+    g.add_argument(
+        "--auto-lookahead",
+        action="store_true",
+        help="also run SI and DSI with the lookahead chosen as they run (si_auto, dsi_auto), next to the fixed one",
+    )
     g.add_argument("--seed", type=int)
     g.add_argument("--warmup", type=int, help="warm-up rounds, not recorded (default: 1)")
     g.add_argument("--launch", choices=["subprocess", "inproc"], help="how to start services (default: subprocess)")
@@ -536,7 +558,9 @@ def _run_params(args: argparse.Namespace, exp: xconfig.Experiment) -> dict[str, 
         "hf_peers": False if args.no_hf_peers else None,
     }
     run = xconfig.merge_run(DEFAULT_RUN, exp.run, cli)
-    bad = [s for s in run["strategies"] if s not in STRATEGIES]
+    if getattr(args, "auto_lookahead", False):
+        run["strategies"] = [*run["strategies"], *(a for a, f in AUTO.items() if f in run["strategies"])]
+    bad = [s for s in run["strategies"] if s not in STRATEGIES and s not in AUTO]
     if bad:
         raise SystemExit(f"dsi bench: unknown strategy {bad[0]!r}")
     return run
