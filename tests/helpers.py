@@ -17,6 +17,7 @@ from services.coordinator.coordinator import Codec, Coordinator, Defaults
 from services.coordinator.engine import Engine
 from services.coordinator.service import register as register_coordinator
 from services.drafter.service import register as register_drafter
+from services.target.service import TargetServicer, register_servicer
 from services.target.service import register as register_target
 
 LOOPBACK = "127.0.0.1"
@@ -225,3 +226,29 @@ def make_engine(target_spec: str, drafter_spec: str, replicas: int, **kw) -> Eng
         vocab_size=info.vocab_size,
         **kw,
     )
+
+
+@asynccontextmanager
+async def served_target(
+    spec: str, policy=None, **servicer_kw
+) -> AsyncIterator[tuple[LocalTarget, TargetServicer, RunningServer]]:
+    """A synthetic target served on loopback: (its LocalTarget, servicer, server);
+    ``servicer_kw``: TargetServicer's switches (``verify_stream``, ``decode``)."""
+    local = LocalTarget(load_target_model(spec))
+    servicer = TargetServicer(local, **servicer_kw)
+    running = await start_server(register_servicer(servicer), LOOPBACK, 0, policy)
+    try:
+        yield local, servicer, running
+    finally:
+        await running.stop(0)
+
+
+@asynccontextmanager
+async def target_client(address: str, **kw) -> AsyncIterator[GrpcTarget]:
+    """A GrpcTarget that has asked Info, as the coordinator does (context prefixes, the streams it may use)."""
+    c = GrpcTarget(address, timeout=20, **kw)
+    try:
+        await c.info()
+        yield c
+    finally:
+        await c.close()

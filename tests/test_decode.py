@@ -18,13 +18,13 @@ from dsi.backends import LocalTarget, load_target_model
 from dsi.domain import errors
 from dsi.domain.types import GREEDY, DecodeRequest, SamplingParams, VerifyRequest
 from dsi.serving.gate import Policy
-from dsi.serving.server import RunningServer, start_server
+from dsi.serving.server import start_server
 from dsi.v1 import target_pb2, target_pb2_grpc
 from dsi.wire.transport import GrpcTarget
 from services.coordinator.coordinator import Coordinator, GenerateInput
 from services.coordinator.engine import Strategy
 from services.target.service import MODEL_METHODS, TargetServicer, register_servicer
-from tests.helpers import LOOPBACK, eventually
+from tests.helpers import LOOPBACK, eventually, served_target, target_client
 
 T = "synthetic:vocab=300,seed=21,tpot_ms=1"
 SLOW = "synthetic:vocab=300,seed=21,ttft_ms=300,tpot_ms=300"
@@ -32,27 +32,11 @@ PROMPT = list(range(1, 40))  # long enough for context prefixes
 SAMPLED = SamplingParams.create(0.8, 1.0, 0)
 
 
-@asynccontextmanager
-async def served(
-    spec: str = T, decode: bool = True, policy: Policy | None = None
-) -> AsyncIterator[tuple[LocalTarget, TargetServicer, RunningServer]]:
-    local = LocalTarget(load_target_model(spec))
-    servicer = TargetServicer(local, decode=decode)
-    running = await start_server(register_servicer(servicer), LOOPBACK, 0, policy)
-    try:
-        yield local, servicer, running
-    finally:
-        await running.stop(0)
+def served(spec: str = T, decode: bool = True, policy: Policy | None = None):
+    return served_target(spec, policy, decode=decode)
 
 
-@asynccontextmanager
-async def client(address: str, **kw) -> AsyncIterator[GrpcTarget]:
-    c = GrpcTarget(address, timeout=20, **kw)
-    try:
-        await c.info()  # as the coordinator does: learns whether the target serves Decode
-        yield c
-    finally:
-        await c.close()
+client = target_client
 
 
 def request(sid: str, n: int, context: Sequence[int] = PROMPT, sampling: SamplingParams = GREEDY, stop=()):
@@ -169,6 +153,40 @@ async def test_a_target_without_decode_gets_verify_calls():
                 async for _ in target_pb2_grpc.TargetServiceStub(ch).Decode(body, timeout=10):
                     pass
             assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+@pytest.mark.parametrize(
+    ("code", "expected"),
+    [
+        (grpc.StatusCode.INTERNAL, errors.Unavailable),  # e.g. "Internal error from Core": the peer went away
+        (grpc.StatusCode.UNKNOWN, errors.Unavailable),
+        (grpc.StatusCode.CANCELLED, errors.Unavailable),  # cancelled by a stopping server
+        (grpc.StatusCode.UNAVAILABLE, errors.Unavailable),
+        (grpc.StatusCode.FAILED_PRECONDITION, errors.FailedPrecondition),  # a prefix miss: resent in full
+        (grpc.StatusCode.INVALID_ARGUMENT, errors.InvalidArgument),
+    ],
+)
+async def test_a_server_stream_that_fails_says_why_as_the_domain_error(code, expected) -> None:
+    """Decode and Draft streams alike: a peer that went away mid-stream is Unavailable (failover)."""
+    from dsi.wire.transport import server_stream
+
+    class Call:
+        cancelled = False
+
+        def __aiter__(self):
+            return self
+
+        async def __anext__(self):
+            raise grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details="why")
+
+        def cancel(self) -> None:
+            self.cancelled = True
+
+    call = Call()
+    with pytest.raises(expected, match="why"):
+        async for _ in server_stream(call, lambda m: m, "peer p"):
+            pass
+    assert call.cancelled
 
 
 # --- through the coordinator ----------------------------------------------------------------------

@@ -17,7 +17,7 @@ from dsi.backends import BatchLimits, LocalDrafter, LocalTarget, load_drafter_mo
 from dsi.domain import errors
 from dsi.domain.types import GREEDY, VerifyRequest, VerifyResult
 from dsi.serving.gate import Policy
-from dsi.serving.server import RunningServer, start_server
+from dsi.serving.server import start_server
 from dsi.tools.experiments import netdelay
 from dsi.v1 import target_pb2, target_pb2_grpc
 from dsi.wire.security import ClientSecurity, ServerSecurity
@@ -26,7 +26,7 @@ from services.coordinator.coordinator import Coordinator, GenerateInput
 from services.coordinator.engine import Strategy
 from services.drafter.service import register as register_drafter
 from services.target.service import MODEL_METHODS, TargetServicer, register_servicer
-from tests.helpers import LOOPBACK, eventually
+from tests.helpers import LOOPBACK, eventually, served_target, target_client
 from tests.procs import until
 
 T = "synthetic:vocab=300,seed=21,tpot_ms=1"
@@ -35,27 +35,11 @@ D = "synthetic:vocab=300,seed=21,tpot_ms=0,acceptance=0.7"
 TOKEN = "stream-s3cret_token"
 
 
-@asynccontextmanager
-async def served(
-    spec: str = T, verify_stream: bool = True, policy: Policy | None = None
-) -> AsyncIterator[tuple[LocalTarget, TargetServicer, RunningServer]]:
-    local = LocalTarget(load_target_model(spec))
-    servicer = TargetServicer(local, verify_stream)
-    running = await start_server(register_servicer(servicer), LOOPBACK, 0, policy)
-    try:
-        yield local, servicer, running
-    finally:
-        await running.stop(0)
+def served(spec: str = T, verify_stream: bool = True, policy: Policy | None = None):
+    return served_target(spec, policy, verify_stream=verify_stream)
 
 
-@asynccontextmanager
-async def client(address: str, **kw) -> AsyncIterator[GrpcTarget]:
-    c = GrpcTarget(address, timeout=20, **kw)
-    try:
-        await c.info()  # as the coordinator does: learns whether the target serves the stream
-        yield c
-    finally:
-        await c.close()
+client = target_client
 
 
 def req(sid: str, context: Sequence[int], drafts: int = 0) -> VerifyRequest:

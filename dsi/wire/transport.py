@@ -10,6 +10,7 @@ import asyncio
 import dataclasses
 import os
 from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any, TypeVar
 
 import grpc
 
@@ -75,17 +76,28 @@ async def wait_ready(channel: grpc.aio.Channel, name: str, timeout: float) -> No
         raise Unavailable(f"{name} is unavailable: not reachable within {timeout:g}s") from None
 
 
-#: Statuses a Decode call ends with when its target went away mid-stream (INTERNAL "Internal error
-#: from Core", CANCELLED by a stopping server, UNKNOWN): the tokens so far stand, and the rest is the
-#: same on another replica, so they count as ``Unavailable`` (failover). A real fault repeats there,
-#: and the generation ends after its bounded retries.
+#: Statuses a server stream (Decode, Draft) ends with when its peer went away mid-stream (INTERNAL
+#: "Internal error from Core", CANCELLED by a stopping server, UNKNOWN): what came so far stands,
+#: and the rest is the same from another instance, so they count as ``Unavailable`` (failover; a
+#: drafter is left until it answers again). A real fault repeats there, and a generation ends after
+#: its bounded retries.
 _PEER_GONE = frozenset({grpc.StatusCode.INTERNAL, grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN})
+T = TypeVar("T")
 
 
-def _decode_error(exc: grpc.aio.AioRpcError, peer: str) -> Exception:
-    if exc.code() in _PEER_GONE:
-        return Unavailable(f"{peer} is unavailable: the decode stream failed ({exc.code().name}: {exc.details()})")
-    return to_domain(exc, peer)
+async def server_stream(call: Any, from_pb: Callable[[Any], T], peer: str) -> AsyncIterator[T]:
+    """The messages of a server-streaming ``call`` to ``peer``, converted;
+    its status as the domain error; closing the iteration cancels the call."""
+    try:
+        async for msg in call:
+            yield from_pb(msg)
+    except grpc.aio.AioRpcError as exc:
+        if exc.code() in _PEER_GONE:
+            why = f"{exc.code().name}: {exc.details()}"
+            raise Unavailable(f"{peer} is unavailable: its stream failed ({why})") from None
+        raise to_domain(exc, peer) from None
+    finally:
+        call.cancel()
 
 
 class GrpcTarget(Target):
@@ -215,15 +227,9 @@ class GrpcTarget(Target):
         async for result in self._decode(request):
             yield result
 
-    async def _decode(self, request: DecodeRequest) -> AsyncIterator[VerifyResult]:
+    def _decode(self, request: DecodeRequest) -> AsyncIterator[VerifyResult]:
         call = self.stub.Decode(convert.decode_request_to_pb(request))
-        try:
-            async for msg in call:
-                yield convert.decoded_from_pb(msg)
-        except grpc.aio.AioRpcError as exc:
-            raise _decode_error(exc, self.name) from None
-        finally:
-            call.cancel()
+        return server_stream(call, convert.decoded_from_pb, self.name)
 
     async def release_session(self, session_id: str) -> bool:
         if self.sent is not None:
@@ -263,15 +269,9 @@ class GrpcDrafter(Drafter):
         resp = await call(self.name, self.stub.Info(drafter_pb2.DrafterServiceInfoRequest(), timeout=self.timeout))
         return convert.service_info_from_pb(resp)
 
-    async def draft(self, request: DraftRequest) -> AsyncIterator[DraftChunk]:
-        stream = self.stub.Draft(convert.draft_request_to_pb(request))
-        try:
-            async for msg in stream:
-                yield convert.draft_chunk_from_pb(msg)
-        except grpc.aio.AioRpcError as exc:
-            raise to_domain(exc, self.name) from None
-        finally:
-            stream.cancel()
+    def draft(self, request: DraftRequest) -> AsyncIterator[DraftChunk]:
+        call = self.stub.Draft(convert.draft_request_to_pb(request))
+        return server_stream(call, convert.draft_chunk_from_pb, self.name)
 
     async def release_session(self, session_id: str) -> bool:
         req = drafter_pb2.DrafterServiceReleaseSessionRequest(session_id=session_id)
