@@ -344,3 +344,36 @@ async def test_sparse_decisions_equal_dense_ones(params: SamplingParams) -> None
         request = VerifyRequest("s", ctx, drafts, params, seed=trial)
         got = await t.decide(request, fwd)
         assert got == sampling.verify_rows(fwd.rows, drafts, params, trial, len(ctx)), f"trial {trial}"
+
+
+async def test_synthetic_sleeps_take_what_the_spec_says_on_a_timer_that_returns_late(monkeypatch) -> None:
+    """The event loop's timer wakes up late (milliseconds rounded up, then the wake-up): the
+    synthetic models learn by how much and sleep that much less, so a pass costs its spec on
+    average; a loop busy far longer is the system's delay, and only its first 1.2 ms are corrected."""
+    import asyncio
+
+    from dsi.backends import synthetic
+
+    loop = asyncio.get_running_loop()
+    now = [0.0]
+    late = [0.0006]
+    monkeypatch.setattr(loop, "time", lambda: now[0])
+
+    async def fake_sleep(seconds: float) -> None:
+        now[0] += seconds + late[0]
+
+    monkeypatch.setattr(synthetic.asyncio, "sleep", fake_sleep)
+    timer = synthetic.TimerLateness()
+    took = []
+    for _ in range(100):
+        start = now[0]
+        await timer.sleep(0.030)
+        took.append(now[0] - start)
+    assert took[0] == pytest.approx(0.0306)  # nothing learnt yet
+    assert sum(took[-20:]) / 20 == pytest.approx(0.030, abs=2e-6)
+    late[0] = 0.050  # a loop busy with other work: corrected by 1.2 ms at most
+    for _ in range(100):
+        start = now[0]
+        await timer.sleep(0.030)
+    assert timer.seconds == pytest.approx(0.0012, abs=1e-6)
+    assert now[0] - start == pytest.approx(0.030 - 0.0012 + 0.050, abs=1e-5)

@@ -27,7 +27,8 @@ seeds are right at different positions, independently. With
 2 block .., ...), ``hard_acceptance`` in odd ones (a drafter whose acceptance
 changes along the sequence, for the automatic lookahead).
 
-Latency is an ``asyncio.sleep``: the first forward pass of a session sleeps
+Latency is an ``asyncio.sleep`` (corrected for the event loop's timer, which
+returns late: :class:`TimerLateness`): the first forward pass of a session sleeps
 ``ttft_ms``, later ones ``tpot_ms``; a target adds ``verify_token_ms`` per draft
 token and ``prefill_token_ms`` per context token it had not seen in that
 session (apart from the last one, which every forward pass computes).
@@ -53,6 +54,7 @@ import math
 import random
 import struct
 import time
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from typing import Any
@@ -196,6 +198,44 @@ class _State:
         self.first = True
 
 
+class TimerLateness:
+    """How late ``asyncio.sleep`` returns in this process (a running mean):
+    the event loop waits in whole milliseconds (epoll rounds its timeout up)
+    and wakes up a little after that, so a 30 ms sleep takes about 30.6 ms.
+    A synthetic model sleeps that much less, so that its passes take what its
+    spec says on average: the wait of a modelled GPU, not the timer's error.
+    On a virtual clock (dsi.tools.experiments.virtual_time) it stays 0."""
+
+    ALPHA = 0.1
+    #: A sample counts at most this late: the millisecond rounding and the wake-up. A loop busy with
+    #: other work wakes later still, and that is the system's time, not the timer's: not corrected.
+    MAX_S = 0.0012
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+
+    async def sleep(self, seconds: float) -> None:
+        loop = asyncio.get_running_loop()
+        asked = max(0.0, seconds - self.seconds)
+        start = loop.time()
+        await asyncio.sleep(asked)
+        late = min(self.MAX_S, max(0.0, loop.time() - start - asked))
+        self.seconds += self.ALPHA * (late - self.seconds)
+
+
+#: One per event loop: the synthetic models on a loop share its timer (a virtual clock's is exact).
+_TIMERS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, TimerLateness] = weakref.WeakKeyDictionary()
+
+
+def timer() -> TimerLateness:
+    """The running loop's :class:`TimerLateness`."""
+    loop = asyncio.get_running_loop()
+    t = _TIMERS.get(loop)
+    if t is None:
+        t = _TIMERS[loop] = TimerLateness()
+    return t
+
+
 class _Latency:
     def __init__(self, spec: SyntheticSpec) -> None:
         self.spec = spec
@@ -217,7 +257,7 @@ class _Latency:
             s.first = False
         start = time.perf_counter()
         if ms > 0:  # a zero-latency model costs no event-loop wake-up
-            await asyncio.sleep(ms / 1000.0)
+            await timer().sleep(ms / 1000.0)
         return time.perf_counter() - start
 
 
