@@ -118,9 +118,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1", help="coordinator address (default: %(default)s)")
     p.add_argument("--port", type=int, default=50050, help="coordinator port (default: %(default)s)")
     p.add_argument("--strategy", choices=["nonsi", "si", "dsi"], default="dsi")
-    p.add_argument(
-        "--lookahead", type=lookahead_arg, default=0, metavar="N|auto", help="draft tokens per chunk (default: auto)"
-    )
+    p.add_argument("--lookahead", type=lookahead_arg, default=5, metavar="N|auto")
     p.add_argument(
         "--tree",
         type=tree_shape,

@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class Defaults:
     strategy: Strategy = Strategy.DSI
-    lookahead: int = 0  # 0: chosen as each generation runs (docs/benchmarks.md, "Automatic lookahead")
+    lookahead: int = 5
     #: used when a request gives none, cut to the room the context leaves; 0 = up to the context limit
     max_new_tokens: int = 128
     max_sp_degree: int = 0  # 0 = every target replica
