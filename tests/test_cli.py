@@ -281,10 +281,17 @@ def test_up_demo(tmp_path: Path) -> None:
         timeout=120,
     )
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "identical output for every strategy (lossless): yes" in r.stdout
-    assert re.search(r"^speedup over non-SI: si \d+\.\d\dx, dsi \d+\.\d\dx$", r.stdout, re.M), r.stdout
-    for strategy in ("nonsi", "si", "dsi"):
-        assert re.search(rf"^\s*{strategy} -- 20 tokens in .* finish: length$", r.stdout, re.M), r.stdout
+    greedy, sampled = r.stdout.split("== sampled (temperature 0.8, seed 1), 20 new tokens:")
+    assert "== greedy (temperature 0), 20 new tokens:" in greedy
+    for part in (greedy, sampled):  # both runs: every strategy, the same tokens, a speedup line
+        assert "identical output for every strategy (lossless): yes" in part
+        assert re.search(r"^speedup over non-SI: si \d+\.\d\dx, dsi \d+\.\d\dx$", part, re.M), part
+        for strategy in ("nonsi", "si", "dsi"):
+            assert re.search(rf"^\s*{strategy} -- 20 tokens in .* finish: length$", part, re.M), part
+    # the sampled run uses the seed asked for (default 1) under every strategy
+    assert len(re.findall(r"^\s*(?:nonsi|si|dsi) -- .*, seed 1, finish: length$", sampled, re.M)) == 3, sampled
+    completion = re.compile(r"^   prompt ids \[1, 2, 3, 4, 5, 6, 7, 8\]: '(.*)'$", re.M)
+    assert completion.findall(greedy) != completion.findall(sampled)  # sampling changed the text
     assert sorted(p.name for p in log_dir.glob("*.log")) == [
         "coordinator.log",
         "drafter.log",

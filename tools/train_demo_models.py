@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import copy
 import hashlib
 import json
 import math
@@ -46,6 +47,7 @@ import sysconfig
 import tempfile
 import time
 import tokenize
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -100,6 +102,7 @@ class Plan:
     lookahead: int = 5
     test_prompts: int = 6  # the subset tests/test_demo_models.py re-measures
     test_new_tokens: int = 48
+    checkpoint_minutes: float = 5.0  # how often a partial model is saved to <out>/checkpoints/
 
 
 QUICK = Plan(
@@ -319,12 +322,14 @@ def optimizer(model, lr: float, plan: Plan):
     )
 
 
-def lr_at(step: int, total: int, peak: float, plan: Plan) -> float:
-    warm = max(1, int(total * plan.warmup_frac))
-    if step < warm:
-        return peak * (step + 1) / warm
-    frac = (step - warm) / max(1, total - warm)
-    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))  # cosine to 10%
+def lr_at_fraction(frac: float, *, peak: float, plan: Plan) -> float:
+    """Linear warm-up over the plan's first ``warmup_frac``, then cosine to 10%
+    of the peak; ``frac`` is the fraction of the budget spent (steps or time)."""
+    warm = max(1e-9, plan.warmup_frac)
+    if frac < warm:
+        return peak * max(frac / warm, 1e-3)
+    rest = min(1.0, (frac - warm) / max(1e-9, 1 - warm))
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * rest)))  # cosine to 10%
 
 
 def optimise(
@@ -339,9 +344,18 @@ def optimise(
     desc: str,
     metric: str,
     loss_of,
+    minutes: float | None = None,
+    checkpoint: Callable[[int], None] | None = None,
+    checkpoint_minutes: float = 5.0,
 ) -> dict:
     """AdamW over ``steps`` batches with the plan's schedule and clipping;
-    ``loss_of(x)`` is the loss of one batch. Returns the training record."""
+    ``loss_of(x)`` is the loss of one batch. Returns the training record.
+
+    With ``minutes`` the budget is wall time instead (for a shared machine whose
+    speed is unknown in advance): the schedule follows the larger of the step
+    fraction and the time fraction, and training stops when either reaches 1.
+    ``checkpoint(step)`` is called every ``checkpoint_minutes`` so that an
+    interrupted run leaves a usable model."""
     import torch
 
     model.train()
@@ -349,24 +363,44 @@ def optimise(
     data = Batches(stream, plan, batch, seed)
     bar = progress(steps, desc)
     start, ema = time.perf_counter(), None
-    for step in range(steps):
+    budget = minutes * 60 if minutes else None
+    last_save = last_log = start
+    step = 0
+    while step < steps:
+        elapsed = time.perf_counter() - start
+        if budget is not None and elapsed >= budget:
+            break
+        frac = step / steps if budget is None else max(step / steps, elapsed / budget)
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, steps, lr, plan)
+            g["lr"] = lr_at_fraction(frac, peak=lr, plan=plan)
         loss = loss_of(data.next())
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
-        done = (step + 1) * batch * plan.seq_len
+        step += 1
+        now = time.perf_counter()
+        done = step * batch * plan.seq_len
         bar.update(1)
-        bar.set_postfix_str(f"{metric} {ema:.3f} {done / (time.perf_counter() - start):.0f} tok/s")
+        bar.set_postfix_str(f"{metric} {ema:.3f} {done / (now - start):.0f} tok/s")
+        if now - last_log >= 60:
+            last_log = now
+            log(
+                f"    {desc} step {step}, {(now - start) / 60:.1f} min, {step / (now - start):.2f} steps/s,"
+                f" {metric} {ema:.3f}, lr {opt.param_groups[0]['lr']:.2e}, progress {frac:.3f}"
+            )
+        if checkpoint is not None and now - last_save >= checkpoint_minutes * 60:
+            last_save = now
+            model.eval()
+            checkpoint(step)
+            model.train()
     bar.close()
     model.eval()
     seconds = time.perf_counter() - start
-    tokens = steps * batch * plan.seq_len
-    return {
-        "steps": steps,
+    tokens = step * batch * plan.seq_len
+    record = {
+        "steps": step,
         "tokens": tokens,
         "epochs": round(tokens / len(stream), 2),
         "seconds": round(seconds, 1),
@@ -374,9 +408,14 @@ def optimise(
         f"final_train_{metric.lower()}": round(ema or 0.0, 4),
         "peak_lr": lr,
     }
+    if budget is not None:
+        record["time_budget_minutes"] = minutes
+    return record
 
 
-def train_target(model, stream: np.ndarray, plan: Plan, seed: int) -> dict:
+def train_target(
+    model, stream: np.ndarray, plan: Plan, seed: int, *, minutes: float | None = None, checkpoint=None
+) -> dict:
     """Next-token cross-entropy."""
     return optimise(
         model,
@@ -389,10 +428,15 @@ def train_target(model, stream: np.ndarray, plan: Plan, seed: int) -> dict:
         desc="target",
         metric="loss",
         loss_of=lambda x: model(input_ids=x, labels=x).loss,
+        minutes=minutes,
+        checkpoint=checkpoint,
+        checkpoint_minutes=plan.checkpoint_minutes,
     )
 
 
-def distill_drafter(drafter, target, stream: np.ndarray, plan: Plan, seed: int) -> dict:
+def distill_drafter(
+    drafter, target, stream: np.ndarray, plan: Plan, seed: int, *, minutes: float | None = None, checkpoint=None
+) -> dict:
     """KL(target || drafter) on the target's full next-token distributions."""
     import torch
     import torch.nn.functional as F
@@ -418,6 +462,9 @@ def distill_drafter(drafter, target, stream: np.ndarray, plan: Plan, seed: int) 
         desc="drafter",
         metric="KL",
         loss_of=kl,
+        minutes=minutes,
+        checkpoint=checkpoint,
+        checkpoint_minutes=plan.checkpoint_minutes,
     )
 
 
@@ -574,6 +621,18 @@ def machine() -> str:
     return f"{describe()}, torch.set_num_threads({torch.get_num_threads()}), torch {torch.__version__}"
 
 
+def loops_row(report: dict) -> str:
+    """The card's table row for the everyday-prompt loop count (if measured)."""
+    e = report.get("everyday")
+    if not e:
+        return ""
+    return (
+        f"| Greedy loops, everyday prompts | **{e['loops']}/{e['prompts']}** {e['new_tokens']}-token completions"
+        f" of the target loop (last {e['loop_window']} tokens = a repeated block of at most {e['loop_max_period']};"
+        " prompts and completions in `../eval.json`) |\n"
+    )
+
+
 def card(role: str, name: str, report: dict) -> str:
     r = report
     m = r["models"][role]
@@ -624,7 +683,7 @@ plausible-looking Python, not correct programs.
 | Held-out perplexity | **{ppl["perplexity"]}** per token ({ppl["loss_nats_per_token"]} nats/token, {ppl["bits_per_byte"]} bits/byte) on {ppl["tokens"]:,} held-out tokens |
 | Pair acceptance, greedy | **{g["acceptance_rate"]:.3f}** ({g["accepted"]}/{g["decided_drafts"]} drafts) |
 | Pair acceptance, sampled (T={s["temperature"]}) | **{s["acceptance_rate"]:.3f}** ({s["accepted"]}/{s["decided_drafts"]} drafts, seeds {s["seeds"]}) |
-
+{loops_row(r)}
 ## Data
 
 The `.py` files of the standard library of Python {data["python"]} (`sysconfig.get_paths()["stdlib"]`),
@@ -680,6 +739,14 @@ print(tok.decode(model.generate(ids, max_new_tokens=60, do_sample=False)[0]))
 """  # noqa: E501 - markdown table rows
 
 
+def write_cards(out: Path, report: dict) -> None:
+    """Both model cards (README.md) from the report; updates the folder sizes."""
+    for role in ("target", "drafter"):
+        path = out / report["models"][role]["name"]
+        (path / "README.md").write_text(card(role, path.name, report))
+        report["models"][role]["folder_bytes"] = dir_size(path)
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -716,6 +783,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: %(default)s)")
     ap.add_argument("--target-steps", type=int, help="override the plan's target training steps")
     ap.add_argument("--drafter-steps", type=int, help="override the plan's drafter distillation steps")
+    ap.add_argument(
+        "--target-shape",
+        help="override the target's shape: HIDDEN,LAYERS,MLP,HEADS,KV_HEADS (e.g. 256,6,704,4,2)",
+    )
+    ap.add_argument("--target-lr", type=float, help="override the target's peak learning rate")
+    ap.add_argument(
+        "--target-minutes",
+        type=float,
+        help="wall-time budget of the target (schedule and stop by time as well as steps; for a shared machine)",
+    )
+    ap.add_argument("--drafter-minutes", type=float, help="wall-time budget of the drafter's distillation")
     ap.add_argument("--quick", action="store_true", help="toy sizes and steps: a smoke test of the pipeline")
     ap.add_argument(
         "--measure-acceptance",
@@ -737,6 +815,10 @@ def main(argv: list[str] | None = None) -> int:
         over["target_steps"] = args.target_steps
     if args.drafter_steps:
         over["drafter_steps"] = args.drafter_steps
+    if args.target_shape:
+        over["target"] = ModelShape(*(int(v) for v in args.target_shape.split(",")))
+    if args.target_lr:
+        over["target_lr"] = args.target_lr
     if over:
         from dataclasses import replace
 
@@ -779,15 +861,40 @@ def main(argv: list[str] | None = None) -> int:
     t = stage_done("tokenizer", t)
     log("3/5 target")
     target = llama(plan.target, plan, args.seed)
-    report["target_training"] = train_target(target, train_stream, plan, args.seed)
     target_dir, drafter_dir = out / TARGET_NAME, out / DRAFTER_NAME
+
+    def checkpointer(model, name: str):
+        def save(step: int) -> None:
+            path = out / "checkpoints" / name
+            save_model(copy.deepcopy(model), tok_dir, path)  # a copy: the training weights stay float32
+            (path / "step.txt").write_text(f"{step}\n")
+            log(f"    checkpoint {path} (step {step})")
+
+        return save
+
+    report["target_training"] = train_target(
+        target,
+        train_stream,
+        plan,
+        args.seed,
+        minutes=args.target_minutes,
+        checkpoint=checkpointer(target, TARGET_NAME),
+    )
     save_model(target, tok_dir, target_dir)
     target = reload(target_dir)  # distil from (and evaluate) exactly what ships
 
     t = stage_done("target", t)
     log("4/5 drafter")
     drafter = llama(plan.drafter, plan, args.seed + 1)
-    report["drafter_training"] = distill_drafter(drafter, target, train_stream, plan, args.seed)
+    report["drafter_training"] = distill_drafter(
+        drafter,
+        target,
+        train_stream,
+        plan,
+        args.seed,
+        minutes=args.drafter_minutes,
+        checkpoint=checkpointer(drafter, DRAFTER_NAME),
+    )
     save_model(drafter, tok_dir, drafter_dir)
     drafter = reload(drafter_dir)
 
@@ -815,6 +922,10 @@ def main(argv: list[str] | None = None) -> int:
         }
 
     measured = asyncio.run(measure())
+    from tools.demo_quality import everyday_eval
+
+    report["everyday"] = everyday_eval(target_dir)
+    log(f"    greedy loops on everyday prompts: {report['everyday']['loops']}/{report['everyday']['prompts']}")
     report["acceptance"] = {"greedy": measured["greedy"], "sampled": measured["sampled"]}
     report["test_subset"] = measured["test_subset"]
     log(
@@ -837,12 +948,11 @@ def main(argv: list[str] | None = None) -> int:
             "folder_bytes": dir_size(path),
         }
     report["wall_seconds"] = round(time.perf_counter() - t0, 1)
-    for role, path in (("target", target_dir), ("drafter", drafter_dir)):
-        (path / "README.md").write_text(card(role, path.name, report))
-        report["models"][role]["folder_bytes"] = dir_size(path)
     report["prompts"] = prompts
+    write_cards(out, report)
     (out / "eval.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     shutil.rmtree(work, ignore_errors=True)
+    shutil.rmtree(out / "checkpoints", ignore_errors=True)
     total = dir_size(target_dir) + dir_size(drafter_dir) + (out / "eval.json").stat().st_size
     log(f"done in {report['wall_seconds'] / 60:.1f} min; {out}: {total / 1e6:.1f} MB")
     return 0

@@ -19,6 +19,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from dsi.domain.errors import InvalidArgument, NotFound, Unavailable
 from dsi.domain.types import CHAIN
@@ -32,6 +33,10 @@ from dsi.serving.tracing import add_tracing_argument
 SYNTHETIC_TARGET = "synthetic:vocab=32000,seed=1,ttft_ms=40,tpot_ms=30"
 SYNTHETIC_DRAFTER = "synthetic:vocab=32000,seed=1,ttft_ms=3,tpot_ms=2,acceptance=0.7"
 DEMO_PROMPT_IDS = "1,2,3,4,5,6,7,8"
+# --demo's prompt for the real pair, and its sampled run (after the greedy one).
+DEMO_PROMPT = "def fibonacci(n):"
+DEMO_TEMPERATURE = 0.8
+DEMO_SEED = 1
 
 # The default pair: a small Python-code target and its distilled drafter, trained
 # by tools/train_demo_models.py and committed under the repository's models/.
@@ -149,6 +154,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--demo", action="store_true", help="generate once with non-SI, SI and DSI, print the comparison and stop"
     )
     g.add_argument("--prompt", help="generate once from this text prompt and stop")
+    p.add_argument(
+        "--temperature",
+        type=float,
+        default=DEMO_TEMPERATURE,
+        help="temperature of --demo's sampled run, after the greedy one (0: greedy only; default: %(default)s)",
+    )
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=DEMO_SEED,
+        help="seed of --demo's sampled run: the same seed gives the same text under every strategy"
+        " (default: %(default)s)",
+    )
     p.add_argument(
         "--prompt-ids",
         default=None,
@@ -304,34 +322,66 @@ def served_urls(log: Path) -> list[str]:
     return urls
 
 
+def show_completion(prompt: str, ids: list[int], text: str) -> None:
+    """The prompt and its completion as the code they make (repr for ids)."""
+    if prompt:
+        print("   " + (prompt + text).replace("\n", "\n   "))
+    else:
+        print(f"   prompt ids {ids}: {text!r}")
+
+
+async def compare(
+    client: Any, prompt: str, ids: list[int], args: argparse.Namespace, temperature: float, seed: int | None
+) -> tuple[dict[str, Any], bool]:
+    """One generation per strategy (non-SI, SI, DSI) with the same settings:
+    their results, printed with the speedups, and whether they are identical."""
+    from dsi.tools.cli import stats_line
+    from dsi.wire.client import request
+
+    results = {}
+    for strategy in ("nonsi", "si", "dsi"):
+        req = request(prompt, ids, args.max_new_tokens, strategy, temperature=temperature, seed=seed)
+        results[strategy] = await client.generate(req)
+    show_completion(prompt, ids, results["dsi"].text)
+    print()
+    for strategy, r in results.items():
+        print(f"{strategy:>6} {stats_line(r)}")
+    base = results["nonsi"].stats["wall_seconds"]
+    same = len({tuple(r.token_ids) for r in results.values()}) == 1
+    print(
+        "speedup over non-SI: "
+        + ", ".join(f"{s} {base / r.stats['wall_seconds']:.2f}x" for s, r in results.items() if s != "nonsi")
+    )
+    print("identical output for every strategy (lossless): " + ("yes" if same else "NO"))
+    return results, same
+
+
 async def demo(address: str, args: argparse.Namespace) -> int:
+    """``--demo``: the prompt greedily, then sampled at ``--temperature`` with
+    ``--seed``, each under non-SI, SI and DSI (the same text every time: greedy
+    and seeded sampling are both reproducible). ``--prompt``: one generation."""
     from dsi.tools.cli import stats_line
     from dsi.wire.client import Client, request
 
     synthetic = synthetic_target(args)
-    prompt = args.prompt or ("" if synthetic else "def fibonacci(n):")
+    prompt = args.prompt or ("" if synthetic else DEMO_PROMPT)
     ids = [int(t) for t in (args.prompt_ids or DEMO_PROMPT_IDS).split(",")] if synthetic and not prompt else []
-    strategies = ["nonsi", "si", "dsi"] if args.demo else [args.strategy]
-    results = {}
     async with Client(address) as client:
-        for strategy in strategies:
-            req = request(prompt, ids, args.max_new_tokens, strategy)
-            results[strategy] = await client.generate(req)
-    shown = results[strategies[-1]]
-    print(f"prompt: {prompt!r}" if prompt else f"prompt ids: {ids}")
-    print(f"completion: {shown.text!r}\n")
-    for strategy, r in results.items():
-        print(f"{strategy:>6} {stats_line(r)}")
-    if len(results) > 1:
-        base = results["nonsi"].stats["wall_seconds"]
-        same = len({tuple(r.token_ids) for r in results.values()}) == 1
-        print(
-            "\nspeedup over non-SI: "
-            + ", ".join(f"{s} {base / r.stats['wall_seconds']:.2f}x" for s, r in results.items() if s != "nonsi")
-        )
-        print("identical output for every strategy (lossless): " + ("yes" if same else "NO"))
-        return 0 if same else 1
-    return 0
+        if not args.demo:
+            r = await client.generate(request(prompt, ids, args.max_new_tokens, args.strategy))
+            print(f"prompt: {prompt!r}" if prompt else f"prompt ids: {ids}")
+            print(f"completion: {r.text!r}\n")
+            print(f"{args.strategy:>6} {stats_line(r)}")
+            return 0
+        print(f"== greedy (temperature 0), {args.max_new_tokens} new tokens:")
+        _, greedy_same = await compare(client, prompt, ids, args, 0.0, None)
+        sampled_same = True
+        if args.temperature > 0:
+            print(
+                f"\n== sampled (temperature {args.temperature:g}, seed {args.seed}), {args.max_new_tokens} new tokens:"
+            )
+            _, sampled_same = await compare(client, prompt, ids, args, args.temperature, args.seed)
+    return 0 if greedy_same and sampled_same else 1
 
 
 async def main(args: argparse.Namespace) -> int:
