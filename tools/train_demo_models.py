@@ -48,7 +48,7 @@ import tempfile
 import time
 import tokenize
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -155,6 +155,7 @@ class Corpus:
     root: str
     train: list[tuple[str, str]]  # (relative path, text)
     heldout: list[tuple[str, str]]
+    packages: list[dict] = field(default_factory=list)  # extra sources (tools/package_sources.py), train only
 
     def describe(self) -> dict:
         def size(files: list[tuple[str, str]]) -> int:
@@ -169,6 +170,7 @@ class Corpus:
             "heldout_files": len(self.heldout),
             "heldout_bytes": size(self.heldout),
             "file_list_sha256": hashlib.sha256(listing.encode()).hexdigest()[:16],
+            **({"packages": self.packages} if self.packages else {}),
         }
 
 
@@ -176,7 +178,22 @@ def is_heldout(rel: str) -> bool:
     return int(hashlib.sha256(rel.encode()).hexdigest(), 16) % HELDOUT_MODULUS == 0
 
 
-def load_corpus() -> Corpus:
+def read_source(path: Path) -> str | None:
+    """A source file's text with normalised newlines, or None when it is
+    unreadable, empty or generated (the ``gencodec.py`` charmap tables)."""
+    try:
+        with tokenize.open(path) as fh:  # honours PEP 263 coding cookies
+            text = fh.read()
+    except (OSError, SyntaxError, UnicodeDecodeError):
+        return None
+    if "gencodec.py" in text[:1000] or not text.strip():
+        return None
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
+def load_corpus(extra_packages: list[str] | None = None) -> Corpus:
+    """The stdlib, split by file; plus the train-split files of ``extra_packages``
+    (permissive licences only, checked by tools/package_sources.py)."""
     root = Path(sysconfig.get_paths()["stdlib"])
     train, heldout = [], []
     for path in sorted(root.rglob("*.py"), key=lambda p: p.relative_to(root).as_posix()):
@@ -184,18 +201,28 @@ def load_corpus() -> Corpus:
         parts = rel.split("/")
         if EXCLUDED_DIRS & set(parts[:-1]) or parts[-1].startswith("test_") or rel in EXCLUDED_FILES:
             continue
-        try:
-            with tokenize.open(path) as fh:  # honours PEP 263 coding cookies
-                text = fh.read()
-        except (OSError, SyntaxError, UnicodeDecodeError):
-            continue
-        if "gencodec.py" in text[:1000]:  # generated charmap tables
-            continue
-        text = text.replace("\r\n", "\n").replace("\r", "\n")
-        if not text.strip():
-            continue
-        (heldout if is_heldout(rel) else train).append((rel, text))
-    return Corpus(str(root), train, heldout)
+        text = read_source(path)
+        if text is not None:
+            (heldout if is_heldout(rel) else train).append((rel, text))
+    corpus = Corpus(str(root), train, heldout)
+    if extra_packages:
+        from tools.package_sources import package
+
+        for name in extra_packages:
+            pkg = package(name)  # LookupError: missing, or not a permissive licence
+            files = [(pkg.rel(p), read_source(p)) for p in pkg.files]
+            used = [(rel, text) for rel, text in files if text is not None and not is_heldout(rel)]
+            train.extend(used)
+            corpus.packages.append(
+                {
+                    "name": pkg.name,
+                    "version": pkg.version,
+                    "licence": pkg.licence,
+                    "train_files": len(used),
+                    "train_bytes": sum(len(t.encode()) for _, t in used),
+                }
+            )
+    return corpus
 
 
 # --------------------------------------------------------------------------- tokenizer
@@ -794,6 +821,13 @@ def main(argv: list[str] | None = None) -> int:
         help="wall-time budget of the target (schedule and stop by time as well as steps; for a shared machine)",
     )
     ap.add_argument("--drafter-minutes", type=float, help="wall-time budget of the drafter's distillation")
+    ap.add_argument(
+        "--extra-packages",
+        metavar="NAMES|suggested",
+        help="also train on the source of these installed packages (comma-separated distribution names, or"
+        " 'suggested': tools/package_sources.py's list), permissive licences only; the held-out set stays the"
+        " stdlib's",
+    )
     ap.add_argument("--quick", action="store_true", help="toy sizes and steps: a smoke test of the pipeline")
     ap.add_argument(
         "--measure-acceptance",
@@ -802,6 +836,11 @@ def main(argv: list[str] | None = None) -> int:
         " of its eval.json) through the current engine, and print the figures as JSON",
     )
     args = ap.parse_args(argv)
+    extra_packages: list[str] = []
+    if args.extra_packages:
+        from tools.package_sources import SUGGESTED
+
+        extra_packages = list(SUGGESTED) if args.extra_packages == "suggested" else args.extra_packages.split(",")
     if args.measure_acceptance:
         return measure_again(args.out.resolve())
 
@@ -841,7 +880,7 @@ def main(argv: list[str] | None = None) -> int:
         return now
 
     log("1/5 corpus")
-    corpus = load_corpus()
+    corpus = load_corpus(extra_packages)
     report["corpus"] = corpus.describe()
     log(f"    {report['corpus']}")
 
