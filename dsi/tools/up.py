@@ -33,14 +33,15 @@ from dsi.serving.tracing import add_tracing_argument
 SYNTHETIC_TARGET = "synthetic:vocab=32000,seed=1,ttft_ms=40,tpot_ms=30"
 SYNTHETIC_DRAFTER = "synthetic:vocab=32000,seed=1,ttft_ms=3,tpot_ms=2,acceptance=0.7"
 DEMO_PROMPT_IDS = "1,2,3,4,5,6,7,8"
-# --demo's prompt for the real pair, and its sampled run (after the greedy one).
-DEMO_PROMPT = "def fibonacci(n):"
+# --demo's prompt for the real pair (of the 12 everyday prompts of tools/demo_quality.py, the one whose
+# greedy completion reads most like real code), and its sampled run (after the greedy one).
+DEMO_PROMPT = "def read_file(path):"
 DEMO_TEMPERATURE = 0.8
 DEMO_SEED = 1
 
 # The default pair: a small Python-code target and its distilled drafter, trained
 # by tools/train_demo_models.py and committed under the repository's models/.
-DEMO_TARGET = "pycoder-11m"
+DEMO_TARGET = "pycoder-5m"
 DEMO_DRAFTER = "pycoder-1m-drafter"
 MODELS_ENV = "DSI_MODELS_DIR"
 MAX_DEFAULT_TARGETS = 4
@@ -49,7 +50,7 @@ MAX_DEFAULT_TARGETS = 4
 def demo_models_dir() -> Path:
     """``$DSI_MODELS_DIR``, else ``models/`` beside the ``dsi`` package: the
     repository root of a checkout or an editable install. A built wheel does not
-    carry the models (26 MB); point ``DSI_MODELS_DIR`` at a checkout's models/."""
+    carry the models (13 MB); point ``DSI_MODELS_DIR`` at a checkout's models/."""
     env = os.environ.get(MODELS_ENV)
     return Path(env).expanduser() if env else Path(__file__).resolve().parents[2] / "models"
 
