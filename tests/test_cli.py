@@ -286,6 +286,9 @@ def test_up_demo(tmp_path: Path) -> None:
     for part in (greedy, sampled):  # both runs: every strategy, the same tokens, a speedup line
         assert "identical output for every strategy (lossless): yes" in part
         assert re.search(r"^speedup over non-SI: si \d+\.\d\dx, dsi \d+\.\d\dx$", part, re.M), part
+        # each strategy timed 3 times (interleaved, after a warm-up); the medians compared, every time shown
+        times = re.search(r"^\(each line: the median of 3 runs, interleaved; wall seconds (.*)\)$", part, re.M)
+        assert times and re.fullmatch(r"nonsi( [\d.]+){3}; si( [\d.]+){3}; dsi( [\d.]+){3}", times[1]), part
         for strategy in ("nonsi", "si", "dsi"):
             assert re.search(rf"^\s*{strategy} -- 20 tokens in .* finish: length$", part, re.M), part
     # the sampled run uses the seed asked for (default 1) under every strategy
@@ -307,6 +310,7 @@ def test_up_demo(tmp_path: Path) -> None:
     [
         (["--targets", "0"], "dsi up: error: --targets must be 1 or more, got 0"),
         (["--threads", "-1"], "dsi up: error: --threads must be 0 or more, got -1"),
+        (["--demo-rounds", "0"], "dsi up: error: --demo-rounds must be 1 or more, got 0"),
     ],
 )
 def test_up_rejects_bad_counts_before_starting_anything(flags: list[str], message: str, tmp_path: Path) -> None:

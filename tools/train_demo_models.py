@@ -669,6 +669,32 @@ def loops_row(report: dict) -> str:
     )
 
 
+def extra_data(report: dict) -> str:
+    """The card's sentence on extra training packages, if any run used them."""
+    used = {}
+    for run in [report["corpus"], *report.get("target_training_more", [])]:
+        for p in run.get("packages", []):
+            used.setdefault(p["name"], p)
+    if not used:
+        return ""
+    listing = ", ".join(f"{p['name']} {p['version']} ({p['licence']})" for p in used.values())
+    mb = sum(p["train_bytes"] for p in used.values()) / 1e6
+    return (
+        f" Later training also read the train-split files ({mb:.1f} MB) of these installed packages, chosen for"
+        f" permissive licences by `tools/package_sources.py`: {listing}; the held-out set stays the stdlib's."
+    )
+
+
+def reproduce_commands(report: dict) -> list[str]:
+    """The pair's training commands in the order they ran (later runs carry a UTC time, ``at``)."""
+    later = [*report.get("drafter_training_more", []), *report.get("target_training_more", [])]
+    commands = [report["command"]]
+    for run in sorted(later, key=lambda m: m.get("at", "")):
+        if run["command"] not in commands:
+            commands.append(run["command"])
+    return commands
+
+
 def card(role: str, name: str, report: dict) -> str:
     r = report
     m = r["models"][role]
@@ -688,6 +714,17 @@ def card(role: str, name: str, report: dict) -> str:
             training += (
                 f" The budget was wall time ({r['target_training']['time_budget_minutes']:g} min): the schedule"
                 " followed the fraction of it spent."
+            )
+        for more in r.get("target_training_more", []):
+            extra = ", ".join(f"{p['name']} {p['version']} ({p['licence']})" for p in more.get("packages", []))
+            extra = f": the train split plus the train-split files of {extra}" if extra else ""
+            training += (
+                f" Then trained further from those weights (a fresh AdamW, data order seed {more['seed']}):"
+                f" {more['steps']} steps = {more['tokens']:,} tokens ({more['epochs']} epochs of"
+                f" {more['train_tokens']:,} training tokens{extra}),"
+                f" peak learning rate {more['peak_lr']}, the same warm-up and cosine schedule by wall time"
+                f" ({more.get('time_budget_minutes', 0):g} min); {more['seconds'] / 60:.1f} min"
+                f" ({more['tokens_per_second']} tokens/s)."
             )
     else:
         training = (
@@ -740,7 +777,7 @@ its path relative to the stdlib is 0 modulo {HELDOUT_MODULUS}, so the split does
 file order. Train: {data["train_files"]} files, {data["train_bytes"] / 1e6:.2f} MB, {r["stream"]["train_tokens"]:,}
 tokens; held out: {data["heldout_files"]} files, {data["heldout_bytes"] / 1e6:.2f} MB,
 {r["stream"]["heldout_tokens"]:,} tokens (file list digest `{data["file_list_sha256"]}`). Other Python versions
-have a slightly different stdlib, hence slightly different data.
+have a slightly different stdlib, hence slightly different data.{extra_data(r)}
 
 ## Training
 
@@ -781,7 +818,7 @@ print(tok.decode(model.generate(ids, max_new_tokens=60, do_sample=False)[0]))
 ## Reproduce
 
 ```bash
-{r["command"]}{"".join(chr(10) + m["command"] for m in r.get("drafter_training_more", []))}
+{chr(10).join(reproduce_commands(r))}
 ```
 """  # noqa: E501 - markdown table rows
 
@@ -877,7 +914,7 @@ def distill_more(out: Path, minutes: float, lr: float, seed: int, command: str, 
     plan = replace(plan, drafter=ModelShape(**report["plan"]["drafter"]), drafter_steps=steps or Plan().drafter_steps)
     target_dir, drafter_dir = out / TARGET_NAME, out / DRAFTER_NAME
     tok = Tokenizer.from_file(str(target_dir / "tokenizer.json"))  # the pair's own tokenizer
-    corpus = load_corpus([p["name"] for p in report["corpus"].get("packages", [])])
+    corpus = load_corpus(pair_packages(report))
     target, drafter = reload(target_dir), reload(drafter_dir)
     if minutes > 0:
         log(f"distilling {DRAFTER_NAME} {minutes:g} min more")
@@ -888,13 +925,125 @@ def distill_more(out: Path, minutes: float, lr: float, seed: int, command: str, 
         save_model(drafter, tok_dir, drafter_dir)
         drafter = reload(drafter_dir)
         shutil.rmtree(tok_dir, ignore_errors=True)
-        report.setdefault("drafter_training_more", []).append({**record, "seed": seed, "command": command})
+        at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        report.setdefault("drafter_training_more", []).append({**record, "seed": seed, "command": command, "at": at})
     log("evaluation")
     evaluate_pair(out, report, plan, corpus, tok, models=(target, drafter))
     for role, path in (("target", target_dir), ("drafter", drafter_dir)):
         report["models"][role]["weights_bytes"] = sum(f.stat().st_size for f in path.glob("*.safetensors"))
     write_cards(out, report)
     (out / "eval.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    return 0
+
+
+def pair_packages(report: dict) -> list[str]:
+    """The extra packages (tools/package_sources.py) any run of the pair trained on, in first-use order."""
+    names: list[str] = []
+    for run in [report["corpus"], *report.get("target_training_more", [])]:
+        for p in run.get("packages", []):
+            if p["name"] not in names:
+                names.append(p["name"])
+    return names
+
+
+def target_more(
+    out: Path,
+    minutes: float,
+    lr: float,
+    seed: int,
+    command: str,
+    *,
+    extra_packages: list[str],
+    drafter_minutes: float | None,
+    drafter_lr: float,
+) -> int:
+    """Train the target of the pair in ``out`` further from its shipped weights
+    (a fresh AdamW with peak ``lr``, the plan's warm-up and cosine schedule over
+    ``minutes``, data order from ``seed``, the pair's own tokenizer; the train
+    split plus ``extra_packages``), then distil the existing drafter
+    ``drafter_minutes`` more against the new target, measure the pair again and
+    update eval.json and the cards. Checkpoints go to ``<out>/checkpoints/``."""
+    from dataclasses import replace
+
+    from tokenizers import Tokenizer
+
+    report = json.loads((out / "eval.json").read_text())
+    plan = Plan(
+        **{
+            **report["plan"],
+            "target": ModelShape(**report["plan"]["target"]),
+            "drafter": ModelShape(**report["plan"]["drafter"]),
+        }
+    )
+    plan = replace(plan, target_lr=lr, target_steps=10**6, drafter_lr=drafter_lr, drafter_steps=10**6)
+    target_dir, drafter_dir = out / TARGET_NAME, out / DRAFTER_NAME
+    tok = Tokenizer.from_file(str(target_dir / "tokenizer.json"))  # the pair's own tokenizer
+    corpus = load_corpus(extra_packages)
+    train_stream = encode(tok, corpus.train)
+    tok_dir = Path(tempfile.mkdtemp(prefix="dsi-tok-"))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy2(target_dir / name, tok_dir / name)
+
+    def checkpointer(model, name: str):
+        def save(step: int) -> None:
+            path = out / "checkpoints" / name
+            save_model(copy.deepcopy(model), tok_dir, path)
+            (path / "step.txt").write_text(f"{step}\n")
+            log(f"    checkpoint {path} (step {step})")
+
+        return save
+
+    load = [round(x, 2) for x in os.getloadavg()]
+    t0 = time.perf_counter()
+    target = reload(target_dir)
+    log(f"training {TARGET_NAME} {minutes:g} min more on {len(train_stream):,} tokens (extra: {extra_packages or '-'})")
+    record = train_target(
+        target, train_stream, plan, seed, minutes=minutes, checkpoint=checkpointer(target, TARGET_NAME)
+    )
+    record["epochs"] = round(record["tokens"] / len(train_stream), 2)
+    save_model(target, tok_dir, target_dir)
+    target = reload(target_dir)
+    at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    more = {
+        **record,
+        "seed": seed,
+        "command": command,
+        "at": at,
+        "train_tokens": len(train_stream),
+        "load_average_at_start": load,
+        **({"packages": corpus.packages} if corpus.packages else {}),
+    }
+    report.setdefault("target_training_more", []).append(more)
+    report["stage_seconds"]["target_more"] = round(time.perf_counter() - t0, 1)
+    drafter = reload(drafter_dir)
+    if drafter_minutes:
+        t1 = time.perf_counter()
+        log(f"distilling {DRAFTER_NAME} {drafter_minutes:g} min more against the new target")
+        rec = distill_drafter(
+            drafter,
+            target,
+            train_stream,
+            plan,
+            seed,
+            minutes=drafter_minutes,
+            checkpoint=checkpointer(drafter, DRAFTER_NAME),
+        )
+        save_model(drafter, tok_dir, drafter_dir)
+        drafter = reload(drafter_dir)
+        report.setdefault("drafter_training_more", []).append({**rec, "seed": seed, "command": command, "at": at})
+        report["stage_seconds"]["drafter_more_after_target_more"] = round(time.perf_counter() - t1, 1)
+    shutil.rmtree(tok_dir, ignore_errors=True)
+    log("evaluation")
+    t2 = time.perf_counter()
+    evaluate_pair(out, report, plan, load_corpus(pair_packages(report)), tok, models=(target, drafter))
+    report["stage_seconds"]["evaluation_after_target_more"] = round(time.perf_counter() - t2, 1)
+    report["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    for role, path in (("target", target_dir), ("drafter", drafter_dir)):
+        report["models"][role]["weights_bytes"] = sum(f.stat().st_size for f in path.glob("*.safetensors"))
+    write_cards(out, report)
+    (out / "eval.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    shutil.rmtree(out / "checkpoints", ignore_errors=True)
+    log(f"done in {(time.perf_counter() - t0) / 60:.1f} min")
     return 0
 
 
@@ -928,6 +1077,15 @@ def main(argv: list[str] | None = None) -> int:
         " the cards (0: only measure again)",
     )
     ap.add_argument(
+        "--target-more",
+        type=float,
+        metavar="MINUTES",
+        help="train the target in --out MINUTES more from its weights (fresh optimizer, peak --target-lr, default a"
+        " third of the plan's; data order from --seed; plus --extra-packages), then distil its drafter"
+        " --drafter-minutes more (peak --drafter-lr, default half the plan's), measure the pair again and update"
+        " eval.json and the cards",
+    )
+    ap.add_argument(
         "--extra-packages",
         metavar="NAMES|suggested",
         help="also train on the source of these installed packages (comma-separated distribution names, or"
@@ -949,6 +1107,23 @@ def main(argv: list[str] | None = None) -> int:
         extra_packages = list(SUGGESTED) if args.extra_packages == "suggested" else args.extra_packages.split(",")
     if args.measure_acceptance:
         return measure_again(args.out.resolve())
+    if args.target_more is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
+        command = "nice -n 19 .venv/bin/python tools/train_demo_models.py" + "".join(
+            f" {a}" for a in (argv if argv is not None else sys.argv[1:])
+        )
+        return target_more(
+            args.out.resolve(),
+            args.target_more,
+            args.target_lr or Plan().target_lr / 3,
+            args.seed,
+            command,
+            extra_packages=extra_packages,
+            drafter_minutes=args.drafter_minutes,
+            drafter_lr=args.drafter_lr or Plan().drafter_lr / 2,
+        )
     if args.distill_more is not None:
         import torch
 

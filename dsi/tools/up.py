@@ -38,6 +38,9 @@ DEMO_PROMPT_IDS = "1,2,3,4,5,6,7,8"
 DEMO_PROMPT = "def read_file(path):"
 DEMO_TEMPERATURE = 0.8
 DEMO_SEED = 1
+# One run per strategy is at the mercy of whatever else the machine does for those seconds: --demo times
+# each strategy this many times (interleaved) and compares the medians.
+DEMO_ROUNDS = 3
 
 # The default pair: a small Python-code target and its distilled drafter, trained
 # by tools/train_demo_models.py and committed under the repository's models/.
@@ -167,6 +170,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=DEMO_SEED,
         help="seed of --demo's sampled run: the same seed gives the same text under every strategy"
         " (default: %(default)s)",
+    )
+    p.add_argument(
+        "--demo-rounds",
+        type=int,
+        default=DEMO_ROUNDS,
+        metavar="N",
+        help="--demo times each strategy N times, interleaved, and compares the medians (after one untimed warm-up"
+        " generation each; default: %(default)s)",
     )
     p.add_argument(
         "--prompt-ids",
@@ -331,24 +342,47 @@ def show_completion(prompt: str, ids: list[int], text: str) -> None:
         print(f"   prompt ids {ids}: {text!r}")
 
 
+STRATEGIES = ("nonsi", "si", "dsi")
+
+
+async def warm_up(client: Any, prompt: str, ids: list[int], tokens: int = 16) -> None:
+    """One short untimed generation per strategy: the first forward pass of a
+    model process (allocations, the gRPC channels) is several times slower than
+    the next, and would otherwise count against whichever strategy runs first."""
+    from dsi.wire.client import request
+
+    for strategy in STRATEGIES:
+        await client.generate(request(prompt, ids, tokens, strategy))
+
+
 async def compare(
     client: Any, prompt: str, ids: list[int], args: argparse.Namespace, temperature: float, seed: int | None
 ) -> tuple[dict[str, Any], bool]:
-    """One generation per strategy (non-SI, SI, DSI) with the same settings:
-    their results, printed with the speedups, and whether they are identical."""
+    """``--demo-rounds`` generations per strategy (non-SI, SI, DSI) with the same
+    settings, interleaved (each round in a rotated order); each strategy's
+    median-time run, printed with every time and the speedups of the medians,
+    and whether all of them gave the same tokens."""
     from dsi.tools.cli import stats_line
     from dsi.wire.client import request
 
-    results = {}
-    for strategy in ("nonsi", "si", "dsi"):
-        req = request(prompt, ids, args.max_new_tokens, strategy, temperature=temperature, seed=seed)
-        results[strategy] = await client.generate(req)
+    runs: dict[str, list[Any]] = {s: [] for s in STRATEGIES}
+    for k in range(args.demo_rounds):
+        for strategy in STRATEGIES[k % 3 :] + STRATEGIES[: k % 3]:
+            req = request(prompt, ids, args.max_new_tokens, strategy, temperature=temperature, seed=seed)
+            runs[strategy].append(await client.generate(req))
+    results = {s: sorted(rs, key=lambda r: r.stats["wall_seconds"])[len(rs) // 2] for s, rs in runs.items()}
     show_completion(prompt, ids, results["dsi"].text)
     print()
     for strategy, r in results.items():
         print(f"{strategy:>6} {stats_line(r)}")
+    if args.demo_rounds > 1:
+        print(
+            f"(each line: the median of {args.demo_rounds} runs, interleaved; wall seconds "
+            + "; ".join(f"{s} " + " ".join(f"{r.stats['wall_seconds']:.3f}" for r in rs) for s, rs in runs.items())
+            + ")"
+        )
     base = results["nonsi"].stats["wall_seconds"]
-    same = len({tuple(r.token_ids) for r in results.values()}) == 1
+    same = len({tuple(r.token_ids) for rs in runs.values() for r in rs}) == 1
     print(
         "speedup over non-SI: "
         + ", ".join(f"{s} {base / r.stats['wall_seconds']:.2f}x" for s, r in results.items() if s != "nonsi")
@@ -374,6 +408,7 @@ async def demo(address: str, args: argparse.Namespace) -> int:
             print(f"completion: {r.text!r}\n")
             print(f"{args.strategy:>6} {stats_line(r)}")
             return 0
+        await warm_up(client, prompt, ids)
         print(f"== greedy (temperature 0), {args.max_new_tokens} new tokens:")
         _, greedy_same = await compare(client, prompt, ids, args, 0.0, None)
         sampled_same = True
@@ -390,6 +425,8 @@ async def main(args: argparse.Namespace) -> int:
         raise InvalidArgument(f"--targets must be 1 or more, got {args.targets}")
     if args.threads < 0:
         raise InvalidArgument(f"--threads must be 0 or more, got {args.threads}")
+    if args.demo_rounds < 1:
+        raise InvalidArgument(f"--demo-rounds must be 1 or more, got {args.demo_rounds}")
     resolve_models(args)
     if args.targets is None:
         args.targets = default_targets(args)
