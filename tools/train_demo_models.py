@@ -449,10 +449,46 @@ def optimise(
     return record
 
 
+def unlikelihood_loss(model, x, alpha: float, window: int):
+    """Next-token cross-entropy plus ``alpha`` times token-level unlikelihood
+    (Welleck et al., "Neural Text Generation with Unlikelihood Training", 2019):
+    at every position, -log(1 - p(c)) for each token ``c`` among the previous
+    ``window`` tokens of the context other than the true next one. It teaches
+    the model that what it just wrote is not automatically what comes next, the
+    cause of greedy decoding's loops (``self.set_set_set...``)."""
+    import torch
+    import torch.nn.functional as F
+
+    logp = F.log_softmax(model(input_ids=x).logits.float()[:, :-1], dim=-1)
+    nxt = x[:, 1:]
+    mle = F.nll_loss(logp.flatten(0, 1), nxt.flatten())
+    seen = F.one_hot(x[:, :-1], logp.shape[-1]).float().cumsum(1)  # counts of each token up to position t
+    if window < seen.shape[1]:
+        seen = seen - torch.cat([torch.zeros_like(seen[:, :window]), seen[:, :-window]], 1)
+    negatives = seen > 0  # tokens among x[t - window + 1 .. t]
+    negatives.scatter_(2, nxt.unsqueeze(-1), False)  # never the true next token
+    ul = -(torch.log((1 - logp.exp()).clamp(min=1e-5)) * negatives).sum() / nxt.numel()
+    return mle + alpha * ul
+
+
 def train_target(
-    model, stream: np.ndarray, plan: Plan, seed: int, *, minutes: float | None = None, checkpoint=None
+    model,
+    stream: np.ndarray,
+    plan: Plan,
+    seed: int,
+    *,
+    minutes: float | None = None,
+    checkpoint=None,
+    unlikelihood: float = 0.0,
+    ul_window: int = 16,
 ) -> dict:
-    """Next-token cross-entropy."""
+    """Next-token cross-entropy (plus ``unlikelihood`` times the unlikelihood term)."""
+
+    def loss_of(x):
+        if unlikelihood > 0:
+            return unlikelihood_loss(model, x, unlikelihood, ul_window)
+        return model(input_ids=x, labels=x).loss
+
     return optimise(
         model,
         stream,
@@ -463,7 +499,7 @@ def train_target(
         seed=seed,
         desc="target",
         metric="loss",
-        loss_of=lambda x: model(input_ids=x, labels=x).loss,
+        loss_of=loss_of,
         minutes=minutes,
         checkpoint=checkpoint,
         checkpoint_minutes=plan.checkpoint_minutes,
@@ -722,10 +758,18 @@ def card(role: str, name: str, report: dict) -> str:
                 f" Then trained further from those weights (a fresh AdamW, data order seed {more['seed']}):"
                 f" {more['steps']} steps = {more['tokens']:,} tokens ({more['epochs']} epochs of"
                 f" {more['train_tokens']:,} training tokens{extra}),"
-                f" peak learning rate {more['peak_lr']}, the same warm-up and cosine schedule by wall time"
-                f" ({more.get('time_budget_minutes', 0):g} min); {more['seconds'] / 60:.1f} min"
+                f" peak learning rate {more['peak_lr']}, {more.get('warmup_frac', 0.05):.0%} warm-up then cosine to"
+                f" 10% by wall time ({more.get('time_budget_minutes', 0):g} min); {more['seconds'] / 60:.1f} min"
                 f" ({more['tokens_per_second']} tokens/s)."
             )
+            if more.get("unlikelihood"):
+                ul = more["unlikelihood"]
+                training += (
+                    f" Loss: cross-entropy plus {ul['alpha']:g} x token-level unlikelihood (Welleck et al. 2019) on"
+                    f" the previous {ul['window']} tokens, against greedy loops."
+                )
+            if more.get("note"):
+                training += f" {more['note']}"
     else:
         training = (
             f"Distilled from `{TARGET_NAME}` (its 16-bit weights as shipped): KL(target || drafter) on the"
@@ -956,6 +1000,9 @@ def target_more(
     extra_packages: list[str],
     drafter_minutes: float | None,
     drafter_lr: float,
+    unlikelihood: float = 0.0,
+    ul_window: int = 16,
+    warmup: float | None = None,
 ) -> int:
     """Train the target of the pair in ``out`` further from its shipped weights
     (a fresh AdamW with peak ``lr``, the plan's warm-up and cosine schedule over
@@ -976,6 +1023,8 @@ def target_more(
         }
     )
     plan = replace(plan, target_lr=lr, target_steps=10**6, drafter_lr=drafter_lr, drafter_steps=10**6)
+    if warmup is not None:
+        plan = replace(plan, warmup_frac=warmup)
     target_dir, drafter_dir = out / TARGET_NAME, out / DRAFTER_NAME
     tok = Tokenizer.from_file(str(target_dir / "tokenizer.json"))  # the pair's own tokenizer
     corpus = load_corpus(extra_packages)
@@ -998,8 +1047,18 @@ def target_more(
     target = reload(target_dir)
     log(f"training {TARGET_NAME} {minutes:g} min more on {len(train_stream):,} tokens (extra: {extra_packages or '-'})")
     record = train_target(
-        target, train_stream, plan, seed, minutes=minutes, checkpoint=checkpointer(target, TARGET_NAME)
+        target,
+        train_stream,
+        plan,
+        seed,
+        minutes=minutes,
+        checkpoint=checkpointer(target, TARGET_NAME),
+        unlikelihood=unlikelihood,
+        ul_window=ul_window,
     )
+    record["warmup_frac"] = plan.warmup_frac
+    if unlikelihood > 0:
+        record["unlikelihood"] = {"alpha": unlikelihood, "window": ul_window}
     record["epochs"] = round(record["tokens"] / len(train_stream), 2)
     save_model(target, tok_dir, target_dir)
     target = reload(target_dir)
@@ -1086,6 +1145,18 @@ def main(argv: list[str] | None = None) -> int:
         " eval.json and the cards",
     )
     ap.add_argument(
+        "--unlikelihood",
+        type=float,
+        default=0.0,
+        metavar="ALPHA",
+        help="with --target-more: add ALPHA x token-level unlikelihood on the previous --ul-window tokens to the"
+        " target's loss (fewer greedy loops; default 0: off)",
+    )
+    ap.add_argument("--ul-window", type=int, default=16, help="unlikelihood's window of previous tokens (default 16)")
+    ap.add_argument(
+        "--warmup", type=float, help="with --target-more: the warm-up fraction of the schedule (default: the plan's)"
+    )
+    ap.add_argument(
         "--extra-packages",
         metavar="NAMES|suggested",
         help="also train on the source of these installed packages (comma-separated distribution names, or"
@@ -1123,6 +1194,9 @@ def main(argv: list[str] | None = None) -> int:
             extra_packages=extra_packages,
             drafter_minutes=args.drafter_minutes,
             drafter_lr=args.drafter_lr or Plan().drafter_lr / 2,
+            unlikelihood=args.unlikelihood,
+            ul_window=args.ul_window,
+            warmup=args.warmup,
         )
     if args.distill_more is not None:
         import torch
