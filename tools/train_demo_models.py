@@ -20,13 +20,15 @@ fixed seed; nothing is downloaded. The pipeline:
 
 The shipped pair was trained on a 2-core AMD EPYC VM shared with other work,
 with wall-time budgets (the schedule follows the time spent, so a rerun is close
-but not bit-identical), then its drafter distilled further (about 80 min in all;
-docs/models.md)::
+but not bit-identical), in five stages (about 2.5 hours; docs/models.md lists the
+exact commands, ``eval.json`` records each): the target 55 min and its drafter;
+the drafter distilled further (``--distill-more``); the target trained on from
+its weights with extra packages (``--target-more --extra-packages suggested``),
+then 8 min with unlikelihood (``--unlikelihood``, against greedy loops); the
+drafter distilled against the new target twice. The first stage::
 
     nice -n 19 .venv/bin/python tools/train_demo_models.py --out models --threads 1 \
         --target-minutes 55 --drafter-minutes 12
-    nice -n 19 .venv/bin/python tools/train_demo_models.py --out models --threads 2 \
-        --distill-more 14 --drafter-steps 4000 --drafter-lr 1e-3 --seed 7
 
 Without the time budgets the plan's step counts apply (seeded and repeatable).
 
@@ -752,8 +754,8 @@ def card(role: str, name: str, report: dict) -> str:
                 " followed the fraction of it spent."
             )
         for more in r.get("target_training_more", []):
-            extra = ", ".join(f"{p['name']} {p['version']} ({p['licence']})" for p in more.get("packages", []))
-            extra = f": the train split plus the train-split files of {extra}" if extra else ""
+            n = len(more.get("packages", []))
+            extra = f": the train split plus the train-split files of {n} installed packages, listed above" if n else ""
             training += (
                 f" Then trained further from those weights (a fresh AdamW, data order seed {more['seed']}):"
                 f" {more['steps']} steps = {more['tokens']:,} tokens ({more['epochs']} epochs of"
