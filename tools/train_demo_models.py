@@ -773,8 +773,14 @@ def card(role: str, name: str, report: dict) -> str:
             if more.get("note"):
                 training += f" {more['note']}"
     else:
+        init = r["drafter_training"].get("init_layers")
         training = (
-            f"Distilled from `{TARGET_NAME}` (its 16-bit weights as shipped): KL(target || drafter) on the"
+            f"Cut from `{TARGET_NAME}`: its token embedding (tied to the output head), final norm and layers"
+            f" {init} (of {r['plan']['target']['layers']}), then distilled"
+            if init
+            else "Distilled"
+        ) + (
+            f" from `{TARGET_NAME}` (its 16-bit weights as shipped): KL(target || drafter) on the"
             f" target's full next-token distribution at every position of training-split windows,"
             f" {r['drafter_training']['steps']} steps of {r['plan']['drafter_batch']} x {r['plan']['seq_len']} tokens ="
             f" {r['drafter_training']['tokens']:,} tokens, AdamW, peak learning rate"
@@ -946,11 +952,44 @@ def evaluate_pair(out: Path, report: dict, plan: Plan, corpus: Corpus, tok, *, m
     report["prompts"] = prompts
 
 
-def distill_more(out: Path, minutes: float, lr: float, seed: int, command: str, steps: int | None = None) -> int:
+def drafter_from_target(target, layers: list[int]):
+    """A drafter cut from ``target``: its shape but only ``layers`` (in that
+    order), with the target's token embedding (tied to the output head), those
+    layers' weights and its final norm. A start for distillation much closer to
+    the target than random weights (the residual stream after the kept layers
+    already reads through the target's own norm and head)."""
+    import copy
+
+    import torch
+
+    n = target.config.num_hidden_layers
+    if not layers or any(not 0 <= i < n for i in layers):
+        raise ValueError(f"--new-drafter layers must be in 0..{n - 1}, got {layers}")
+    drafter = copy.deepcopy(target)
+    drafter.model.layers = torch.nn.ModuleList(drafter.model.layers[i] for i in layers)
+    for j, layer in enumerate(drafter.model.layers):
+        layer.self_attn.layer_idx = j
+    drafter.config.num_hidden_layers = len(layers)
+    if getattr(drafter.config, "layer_types", None):
+        drafter.config.layer_types = [drafter.config.layer_types[i] for i in layers]
+    return drafter.train()
+
+
+def distill_more(
+    out: Path,
+    minutes: float,
+    lr: float,
+    seed: int,
+    command: str,
+    steps: int | None = None,
+    new_drafter: list[int] | None = None,
+) -> int:
     """Distil the drafter of the pair in ``out`` further (a fresh AdamW with
     peak ``lr``, the plan's schedule over ``minutes``, data order from ``seed``),
     from the target as shipped; then measure the pair again and update
-    eval.json and the cards. ``minutes=0`` only measures again."""
+    eval.json and the cards. ``minutes=0`` only measures again. With
+    ``new_drafter`` (target layer indices), the drafter is replaced by one cut
+    from the target (:func:`drafter_from_target`) before distilling."""
     from dataclasses import replace
 
     from tokenizers import Tokenizer
@@ -961,18 +1000,40 @@ def distill_more(out: Path, minutes: float, lr: float, seed: int, command: str, 
     target_dir, drafter_dir = out / TARGET_NAME, out / DRAFTER_NAME
     tok = Tokenizer.from_file(str(target_dir / "tokenizer.json"))  # the pair's own tokenizer
     corpus = load_corpus(pair_packages(report))
-    target, drafter = reload(target_dir), reload(drafter_dir)
+    target = reload(target_dir)
+    if new_drafter:
+        drafter = drafter_from_target(target, new_drafter)
+        plan = replace(plan, drafter=replace(plan.target, layers=len(new_drafter)))
+        report["plan"]["drafter"] = asdict(plan.drafter)
+    else:
+        drafter = reload(drafter_dir)
     if minutes > 0:
         log(f"distilling {DRAFTER_NAME} {minutes:g} min more")
         tok_dir = Path(tempfile.mkdtemp(prefix="dsi-tok-"))
         for name in ("tokenizer.json", "tokenizer_config.json"):
             shutil.copy2(target_dir / name, tok_dir / name)
-        record = distill_drafter(drafter, target, encode(tok, corpus.train), plan, seed, minutes=minutes)
+        ckpt = out / "checkpoints" / DRAFTER_NAME
+
+        def checkpoint(step: int) -> None:
+            save_model(drafter, tok_dir, ckpt)
+            log(f"checkpoint: {ckpt} at step {step}")
+
+        record = distill_drafter(
+            drafter, target, encode(tok, corpus.train), plan, seed, minutes=minutes, checkpoint=checkpoint
+        )
         save_model(drafter, tok_dir, drafter_dir)
         drafter = reload(drafter_dir)
         shutil.rmtree(tok_dir, ignore_errors=True)
         at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        report.setdefault("drafter_training_more", []).append({**record, "seed": seed, "command": command, "at": at})
+        record = {**record, "seed": seed, "command": command, "at": at}
+        if new_drafter:
+            # A new drafter: its history starts here; the replaced one's stays on record.
+            report.setdefault("replaced_drafters", []).append(
+                {k: report.pop(k) for k in ("drafter_training", "drafter_training_more") if k in report}
+            )
+            report["drafter_training"] = {**record, "init_layers": new_drafter}
+        else:
+            report.setdefault("drafter_training_more", []).append(record)
     log("evaluation")
     evaluate_pair(out, report, plan, corpus, tok, models=(target, drafter))
     for role, path in (("target", target_dir), ("drafter", drafter_dir)):
@@ -1138,6 +1199,12 @@ def main(argv: list[str] | None = None) -> int:
         " the cards (0: only measure again)",
     )
     ap.add_argument(
+        "--new-drafter",
+        metavar="LAYERS",
+        help="with --distill-more: first replace the drafter by one cut from the target, with the target's width,"
+        " embedding, final norm and these of its layers (comma-separated indices, e.g. 0,5), then distil it",
+    )
+    ap.add_argument(
         "--target-more",
         type=float,
         metavar="MINUTES",
@@ -1208,7 +1275,8 @@ def main(argv: list[str] | None = None) -> int:
             f" {a}" for a in (argv if argv is not None else sys.argv[1:])
         )
         lr = args.drafter_lr or Plan().drafter_lr / 2
-        return distill_more(args.out.resolve(), args.distill_more, lr, args.seed, command, args.drafter_steps)
+        layers = [int(v) for v in args.new_drafter.split(",")] if args.new_drafter else None
+        return distill_more(args.out.resolve(), args.distill_more, lr, args.seed, command, args.drafter_steps, layers)
 
     import torch
 
