@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tools.train_demo_models import QUICK, llama, reproduce_commands, unlikelihood_loss
+from tools.train_demo_models import QUICK, drafter_from_target, llama, reproduce_commands, unlikelihood_loss
 
 
 def test_unlikelihood_adds_a_penalty_on_recent_tokens_only() -> None:
@@ -27,3 +27,33 @@ def test_reproduce_commands_in_the_order_they_ran() -> None:
         "target_training_more": [{"command": "c", "at": "2026-12-03T07:00:00Z"}],
     }
     assert reproduce_commands(report) == ["a", "b", "c", "d"]
+
+
+def test_a_drafter_made_later_is_the_last_command_and_replaces_the_old_ones_runs() -> None:
+    report = {
+        "command": "a",
+        "drafter_training": {"command": "e", "at": "2026-12-03T09:00:00Z", "init_layers": [0, 4]},
+        "target_training_more": [{"command": "c", "at": "2026-12-03T07:00:00Z"}],
+    }
+    assert reproduce_commands(report) == ["a", "c", "e"]
+
+
+def test_a_drafter_cut_from_the_target_keeps_its_embedding_norm_and_chosen_layers() -> None:
+    torch = pytest.importorskip("torch")
+    target = llama(QUICK.target, QUICK, seed=0).eval()  # 2 layers
+    x = torch.tensor([[5, 6, 7, 8, 9]])
+    with torch.no_grad():
+        whole = drafter_from_target(target, [0, 1]).eval()
+        assert torch.equal(whole(input_ids=x).logits, target(input_ids=x).logits), "all layers: the target itself"
+        cut = drafter_from_target(target, [1]).eval()
+        assert cut.config.num_hidden_layers == 1 and len(cut.model.layers) == 1
+        kept = dict(cut.model.layers[0].named_parameters())
+        for name, weight in target.model.layers[1].named_parameters():
+            assert torch.equal(kept[name], weight), name
+        assert torch.equal(cut.model.embed_tokens.weight, target.model.embed_tokens.weight)
+        assert cut.model.embed_tokens.weight.data_ptr() != target.model.embed_tokens.weight.data_ptr(), "a copy"
+        assert not torch.equal(cut(input_ids=x).logits, target(input_ids=x).logits)
+        out = cut.generate(x, max_new_tokens=3, do_sample=False)  # its KV cache works with one layer
+        assert out.shape == (1, 8)
+    with pytest.raises(ValueError, match=r"layers must be in 0\.\.1"):
+        drafter_from_target(target, [2])

@@ -726,6 +726,8 @@ def extra_data(report: dict) -> str:
 def reproduce_commands(report: dict) -> list[str]:
     """The pair's training commands in the order they ran (later runs carry a UTC time, ``at``)."""
     later = [*report.get("drafter_training_more", []), *report.get("target_training_more", [])]
+    if "at" in report.get("drafter_training", {}):  # a drafter made later (--new-drafter): the replaced one's runs go
+        later.append(report["drafter_training"])
     commands = [report["command"]]
     for run in sorted(later, key=lambda m: m.get("at", "")):
         if run["command"] not in commands:
