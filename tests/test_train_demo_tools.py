@@ -57,3 +57,24 @@ def test_a_drafter_cut_from_the_target_keeps_its_embedding_norm_and_chosen_layer
         assert out.shape == (1, 8)
     with pytest.raises(ValueError, match=r"layers must be in 0\.\.1"):
         drafter_from_target(target, [2])
+
+
+def test_target_continuations_are_prompts_from_the_stream_continued_by_the_target() -> None:
+    torch = pytest.importorskip("torch")
+    import numpy as np
+
+    from tools.train_demo_models import target_continuations
+
+    target = llama(QUICK.target, QUICK, seed=0).eval()
+    stream = np.arange(1, 400, dtype=np.int32) % QUICK.vocab
+    data, made = target_continuations(target, stream, seed=3, minutes=1e-9, prompt=8, new=5, batch=4)
+    assert made["samples"] == 4 and made["tokens"] == len(data) == 4 * (8 + 5 + 1)
+    samples = data.reshape(4, 14)
+    assert (samples[:, -1] == 0).all(), "each sample ends with EOS"
+    for row in samples:
+        start = int(np.flatnonzero(stream == row[0])[0])
+        assert (row[:8] == stream[start : start + 8]).all(), "the prompt is a window of the stream"
+    greedy = samples[0]  # the first batch is greedy: the target's own argmax continuation
+    with torch.no_grad():
+        again = target.generate(torch.tensor(greedy[None, :8].astype(np.int64)), max_new_tokens=5, do_sample=False)
+    assert (again[0, 8:].numpy() == greedy[8:13]).all()

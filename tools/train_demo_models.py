@@ -795,6 +795,14 @@ def card(role: str, name: str, report: dict) -> str:
                 f" {more['steps']} steps = {more['tokens']:,} tokens, peak learning rate {more['peak_lr']};"
                 f" {more['seconds'] / 60:.1f} min ({more['tokens_per_second']} tokens/s)."
             )
+            if more.get("on_policy"):
+                op = more["on_policy"]
+                training += (
+                    f" Its data: the target's own continuations (on-policy distillation, DistillSpec):"
+                    f" {op['samples']} training-split prompts of {op['prompt_tokens']} tokens, each continued"
+                    f" {op['new_tokens']} tokens by `{TARGET_NAME}`, greedy and sampled (T=1) in turns"
+                    f" ({op['tokens']:,} tokens, {op['seconds'] / 60:.1f} min to generate)."
+                )
     g, s = pair["greedy"], pair["sampled"]
     ppl = r["heldout"][role]
     return f"""---
@@ -977,6 +985,43 @@ def drafter_from_target(target, layers: list[int]):
     return drafter.train()
 
 
+def target_continuations(
+    target, stream: np.ndarray, seed: int, minutes: float, *, prompt: int = 128, new: int = 384, batch: int = 16
+) -> tuple[np.ndarray, dict]:
+    """On-policy data for distillation (DistillSpec, Zhou et al. 2023): the
+    target's own continuations of training-split prompts of ``prompt`` tokens,
+    ``new`` tokens each, batches alternating greedy and sampled (temperature 1),
+    for ``minutes`` of wall time; returned as one stream, each sample (prompt
+    and continuation) followed by EOS, with a record of what was made."""
+    import torch
+
+    rng = np.random.default_rng(seed)
+    rows: list[np.ndarray] = []
+    start, greedy = time.perf_counter(), True
+    with torch.inference_mode():
+        while not rows or time.perf_counter() - start < minutes * 60:  # at least one batch
+            starts = rng.integers(0, len(stream) - prompt, size=batch)
+            x = torch.from_numpy(np.stack([stream[s : s + prompt].astype(np.int64) for s in starts]))
+            out = target.generate(
+                x,
+                attention_mask=torch.ones_like(x),
+                max_new_tokens=new,
+                min_new_tokens=new,
+                do_sample=not greedy,
+                temperature=1.0,
+                top_k=0,
+                top_p=1.0,
+                pad_token_id=0,
+            )
+            rows.extend(np.append(r, 0) for r in out.numpy())
+            greedy = not greedy
+            log(f"    continuations: {len(rows)} samples, {(time.perf_counter() - start) / 60:.1f} min")
+    data = np.concatenate(rows).astype(np.int32)
+    record = {"samples": len(rows), "prompt_tokens": prompt, "new_tokens": new, "tokens": len(data)}
+    record["seconds"] = round(time.perf_counter() - start, 1)
+    return data, record
+
+
 def distill_more(
     out: Path,
     minutes: float,
@@ -985,6 +1030,7 @@ def distill_more(
     command: str,
     steps: int | None = None,
     new_drafter: list[int] | None = None,
+    on_policy: float = 0.0,
 ) -> int:
     """Distil the drafter of the pair in ``out`` further (a fresh AdamW with
     peak ``lr``, the plan's schedule over ``minutes``, data order from ``seed``),
@@ -1020,9 +1066,13 @@ def distill_more(
             save_model(drafter, tok_dir, ckpt)
             log(f"checkpoint: {ckpt} at step {step}")
 
-        record = distill_drafter(
-            drafter, target, encode(tok, corpus.train), plan, seed, minutes=minutes, checkpoint=checkpoint
-        )
+        data, made = encode(tok, corpus.train), None
+        if on_policy:
+            log(f"target continuations for {on_policy:g} min")
+            data, made = target_continuations(target, data, seed, on_policy)
+        record = distill_drafter(drafter, target, data, plan, seed, minutes=minutes, checkpoint=checkpoint)
+        if made is not None:
+            record["on_policy"] = made
         save_model(drafter, tok_dir, drafter_dir)
         drafter = reload(drafter_dir)
         shutil.rmtree(tok_dir, ignore_errors=True)
@@ -1207,6 +1257,14 @@ def main(argv: list[str] | None = None) -> int:
         " embedding, final norm and these of its layers (comma-separated indices, e.g. 0,5), then distil it",
     )
     ap.add_argument(
+        "--on-policy",
+        type=float,
+        default=0.0,
+        metavar="MINUTES",
+        help="with --distill-more: distil on the target's own continuations of training-split prompts (greedy and"
+        " sampled), generated for MINUTES first, instead of the source text (DistillSpec)",
+    )
+    ap.add_argument(
         "--target-more",
         type=float,
         metavar="MINUTES",
@@ -1278,7 +1336,9 @@ def main(argv: list[str] | None = None) -> int:
         )
         lr = args.drafter_lr or Plan().drafter_lr / 2
         layers = [int(v) for v in args.new_drafter.split(",")] if args.new_drafter else None
-        return distill_more(args.out.resolve(), args.distill_more, lr, args.seed, command, args.drafter_steps, layers)
+        return distill_more(
+            args.out.resolve(), args.distill_more, lr, args.seed, command, args.drafter_steps, layers, args.on_policy
+        )
 
     import torch
 
