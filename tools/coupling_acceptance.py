@@ -12,7 +12,7 @@ computes from the two models' full distributions:
   noise G, dsi's rule (docs/architecture.md, "The decision rule"), by Monte
   Carlo.
 
-    python tools/coupling_acceptance.py --target models/pycoder-5m --drafter models/pycoder-1m-drafter
+    python tools/coupling_acceptance.py --target models/pycoder-5m --drafter models/pycoder-2m-drafter
 
 Prompts default to the held-out prompts listed in models/eval.json.
 """
@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--target", default=str(ROOT / "models" / "pycoder-5m"))
-    p.add_argument("--drafter", default=str(ROOT / "models" / "pycoder-1m-drafter"))
+    p.add_argument("--drafter", default=str(ROOT / "models" / "pycoder-2m-drafter"))
     p.add_argument(
         "--prompts", default=str(ROOT / "models" / "eval.json"), help="eval.json or a text file, one per line"
     )

@@ -68,7 +68,7 @@ if str(REPO) not in sys.path:  # run as a plain script from a checkout
 
 EOS = "<|endoftext|>"
 TARGET_NAME = "pycoder-5m"
-DRAFTER_NAME = "pycoder-1m-drafter"
+DRAFTER_NAME = "pycoder-2m-drafter"
 EXCLUDED_DIRS = {"test", "tests", "idle_test", "site-packages", "__pycache__"}
 # Generated data rather than code: the pydoc topics blob and the charmap codec tables.
 EXCLUDED_FILES = {"pydoc_data/topics.py"}
@@ -1053,6 +1053,7 @@ def distill_more(
         drafter = drafter_from_target(target, new_drafter)
         plan = replace(plan, drafter=replace(plan.target, layers=len(new_drafter)))
         report["plan"]["drafter"] = asdict(plan.drafter)
+        report["models"]["drafter"] = {"name": DRAFTER_NAME, **asdict(plan.drafter), "parameters": n_params(drafter)}
     else:
         drafter = reload(drafter_dir)
     if minutes > 0:

@@ -87,7 +87,7 @@ SHAPES: list[tuple[str, dict]] = [
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--target", default=str(ROOT / "models" / "pycoder-5m"))
-    ap.add_argument("--drafter", default=str(ROOT / "models" / "pycoder-1m-drafter"))
+    ap.add_argument("--drafter", default=str(ROOT / "models" / "pycoder-2m-drafter"))
     ap.add_argument("--prompts", default=str(ROOT / "models" / "eval.json"), help="eval.json or one prompt per line")
     ap.add_argument("--num-prompts", type=int, default=32)
     ap.add_argument("--tokens", type=int, default=64, help="tokens the target samples after each prompt")

@@ -45,7 +45,7 @@ DEMO_ROUNDS = 3
 # The default pair: a small Python-code target and its distilled drafter, trained
 # by tools/train_demo_models.py and committed under the repository's models/.
 DEMO_TARGET = "pycoder-5m"
-DEMO_DRAFTER = "pycoder-1m-drafter"
+DEMO_DRAFTER = "pycoder-2m-drafter"
 MODELS_ENV = "DSI_MODELS_DIR"
 MAX_DEFAULT_TARGETS = 4
 
