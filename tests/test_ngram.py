@@ -353,7 +353,9 @@ def test_on_a_repeating_prompt_model_and_ngram_settle_more_per_pass_than_either_
     ngram, out_ngram = asyncio.run(tokens_per_pass(["ngram:n=3,min_n=2,k=8"]))
     both, out_both = asyncio.run(tokens_per_pass([drafter, "ngram:n=3,min_n=2,k=8"]))
     assert out_model == out_ngram == out_both
-    assert both > 1.1 * max(model, ngram), (model, ngram, both)
+    # With the 0.9M drafter (acceptance 0.74) the pair settled >10% more than either alone; pycoder-2m-drafter
+    # (0.81) leaves prompt lookup less to add here: 2.21 tokens per pass against 2.13 and 1.12.
+    assert both > max(model, ngram), (model, ngram, both)
 
 
 def test_dsi_up_adds_an_in_process_ngram_drafter(tmp_path: Path) -> None:
