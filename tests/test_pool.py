@@ -154,3 +154,25 @@ def test_without_batching_speculation_needs_an_idle_replica() -> None:
     pool.acquire_frontier()
     assert pool.acquire_idle(depth=lambda: 1) is None
     assert pool.headroom(0) == 1.0  # a queue, not a batch: SI keeps its lookahead
+
+
+def test_a_replica_whose_request_was_cancelled_is_chosen_last_until_its_pass_would_have_ended(monkeypatch):
+    """A forward pass runs to its end on the device, cancelled or not: until
+    the pass it started would be done, the replica is the last choice (even
+    over one caching less of the request), and still a choice when it is the
+    only one idle; afterwards the cache decides again."""
+    now = [100.0]
+    monkeypatch.setattr(pool_module, "clock", lambda: now[0])
+    caches_a = {0: 50, 1: 0}.__getitem__
+    pool = Pool(["a", "b"])
+    for i in (0, 1):
+        record(pool, i, 0.030)
+    lease = pool.acquire_on(0)
+    now[0] += 0.010
+    pool.release(lease, cancelled=True)  # 10 ms into a ~30 ms pass
+    first, second = pool.acquire_idle(lambda: 1, affinity=caches_a), pool.acquire_idle(lambda: 1, affinity=caches_a)
+    assert (first.replica, second.replica) == (1, 0)
+    pool.release(first)
+    pool.release(second)
+    now[0] += 0.021  # the cancelled pass would have ended
+    assert pool.acquire_idle(lambda: 1, affinity=caches_a).replica == 0

@@ -97,6 +97,9 @@ class _Slot(Generic[T]):
     failures: int = 0  # calls that failed since it was last known good
     probe: asyncio.Task | None = None
     capacity: int = 1  # requests it runs in one forward pass (batching)
+    #: Until when (clock) it likely still runs a pass that was cancelled: a
+    #: started forward pass runs to its end on the device, cancelled or not.
+    busy_until: float = 0.0
 
     @property
     def spare(self) -> bool:
@@ -235,6 +238,8 @@ class Pool(Generic[T]):
         one used longest ago, spreading load evenly."""
         load = min(len(self.slots[i].leases) for i in candidates)
         candidates = [i for i in candidates if len(self.slots[i].leases) == load]
+        now = clock()
+        candidates = [i for i in candidates if self.slots[i].busy_until <= now] or candidates
         fastest = min(self.slots[i].latency for i in candidates)
         candidates = [i for i in candidates if self.slots[i].latency <= fastest * SAME_SPEED]
         return min(candidates, key=lambda i: (-(affinity(i) if affinity else 0), self._order[i]))
@@ -293,14 +298,26 @@ class Pool(Generic[T]):
         one replica, and its cache, for a whole generation)."""
         return self._take(i, _frontier, None)
 
-    def release(self, lease: Lease, completed: bool = False, unreachable: bool = False) -> None:
+    def busy_since(self, i: int, started: float) -> None:
+        """Replica ``i`` runs a pass since ``started`` (clock) that nobody
+        waits for (cancelled): choose it last until that pass would end."""
+        slot = self.slots[i]
+        if slot.latency:
+            slot.busy_until = max(slot.busy_until, started + slot.latency)
+
+    def release(
+        self, lease: Lease, completed: bool = False, unreachable: bool = False, cancelled: bool = False
+    ) -> None:
         """End a lease; ``completed`` requests update the replica's latency;
         an ``unreachable`` replica is down until a health probe answers
-        (:meth:`mark_down`)."""
+        (:meth:`mark_down`); a ``cancelled`` one's pass likely runs on until
+        it would have ended: other idle replicas are chosen first till then."""
         if lease.released:
             return
         lease.released = True
         slot = self.slots[lease.replica]
+        if cancelled:
+            self.busy_since(lease.replica, lease.started)
         if unreachable:
             self.mark_down(lease.replica)
         elif completed:
