@@ -20,11 +20,11 @@ from dsi.domain.types import GREEDY, DecodeRequest, SamplingParams, VerifyReques
 from dsi.serving.gate import Policy
 from dsi.serving.server import start_server
 from dsi.v1 import target_pb2, target_pb2_grpc
-from dsi.wire.transport import GrpcTarget
+from dsi.wire.transport import GrpcDrafter, GrpcTarget
 from services.coordinator.coordinator import Coordinator, GenerateInput
 from services.coordinator.engine import Strategy
 from services.target.service import MODEL_METHODS, TargetServicer, register_servicer
-from tests.helpers import LOOPBACK, eventually, served_target, target_client
+from tests.helpers import LOOPBACK, eventually, load_drafter, register_drafter, serve, served_target, target_client
 
 T = "synthetic:vocab=300,seed=21,tpot_ms=1"
 SLOW = "synthetic:vocab=300,seed=21,ttft_ms=300,tpot_ms=300"
@@ -193,9 +193,11 @@ async def test_a_server_stream_that_fails_says_why_as_the_domain_error(code, exp
 
 
 @asynccontextmanager
-async def cluster(spec: str, replicas: int, **client_kw) -> AsyncIterator[tuple[Coordinator, list, list]]:
+async def cluster(
+    spec: str, replicas: int, drafter: str = "", **client_kw
+) -> AsyncIterator[tuple[Coordinator, list, list]]:
     async with AsyncExitStack() as stack:
-        servicers, servers, t_clients = [], [], []
+        servicers, servers, t_clients, d_clients = [], [], [], []
         for _ in range(replicas):
             servicer = TargetServicer(LocalTarget(load_target_model(spec)))
             srv = await start_server(register_servicer(servicer), LOOPBACK, 0)
@@ -203,15 +205,30 @@ async def cluster(spec: str, replicas: int, **client_kw) -> AsyncIterator[tuple[
             servicers.append(servicer)
             servers.append(srv)
             t_clients.append((srv.address, GrpcTarget(srv.address, **client_kw)))
-        coordinator = await Coordinator.connect(t_clients, [], timeout=10.0)
+        if drafter:
+            srv = await stack.enter_async_context(serve(register_drafter(load_drafter(drafter))))
+            d_clients.append((srv.address, GrpcDrafter(srv.address)))
+        coordinator = await Coordinator.connect(t_clients, d_clients, timeout=10.0)
         stack.push_async_callback(coordinator.close)
         yield coordinator, servicers, servers
 
 
-async def generate(coordinator: Coordinator, n: int, temperature: float = 0.0, on_token=None) -> list[int]:
+async def generate(
+    coordinator: Coordinator,
+    n: int,
+    temperature: float = 0.0,
+    on_token=None,
+    strategy: Strategy = Strategy.NONSI,
+    lookahead: int = 1,
+) -> list[int]:
     ids: list[int] = []
     request = GenerateInput(
-        prompt_token_ids=[5, 6, 7], max_new_tokens=n, seed=1, strategy=Strategy.NONSI, temperature=temperature
+        prompt_token_ids=[5, 6, 7],
+        max_new_tokens=n,
+        seed=1,
+        strategy=strategy,
+        temperature=temperature,
+        lookahead=lookahead,
     )
     async for out in coordinator.generate(request):
         ids.extend(out.token_ids)
@@ -244,3 +261,20 @@ async def test_a_non_si_generation_whose_replica_stops_mid_stream_goes_on_elsewh
 
         assert await generate(coordinator, 40, on_token=stop_the_decoding_replica) == reference
         assert all(s.decodes == 1 for s in servicers), "the second replica decoded the rest"
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8], ids=["greedy", "sampled"])
+async def test_dsi_decodes_the_frontier_while_every_draft_is_wrong(temperature: float):
+    """Drafts that are always wrong: after one frontier step without drafts
+    (a Verify), the next is a Decode stream that goes on decoding (no round
+    trip per token, as non-SI), with non-SI's tokens; stopped streams are
+    cancelled on the targets and every session is released."""
+    spec = "synthetic:vocab=300,seed=21,tpot_ms=10"
+    async with cluster(spec, 1) as (coordinator, _, _):
+        reference = await generate(coordinator, 40, temperature)
+    drafter = "synthetic:vocab=300,seed=21,tpot_ms=1,acceptance=0"
+    async with cluster(spec, 3, drafter) as (coordinator, servicers, _):
+        assert await generate(coordinator, 40, temperature, strategy=Strategy.DSI) == reference
+        decodes = sum(s.decodes for s in servicers)
+        assert 1 <= decodes <= 8, f"{decodes} Decode streams for 40 tokens: one per frontier step, not a stream"
+        await eventually(lambda: all(len(s.target.sessions) == 0 for s in servicers))

@@ -16,7 +16,13 @@ that differs from the pending draft cancels all of them.
   at once at base ``C`` (with whatever drafts are pending), preempting another
   generation's speculation if no replica is idle. So a target forward pass is
   always working on the frontier: DSI is never slower than non-SI beyond its
-  own overhead.
+  own overhead. The second frontier step in a row without drafts to verify
+  (drafts that keep being wrong) is a Decode stream (:class:`FrontierDecoder`):
+  while it keeps deciding the frontier with no drafts there, its replica
+  decodes on, the next pass already running while a token travels, as
+  non-SI's does; once other verifications cover the frontier, or it falls
+  behind, it stops. (A Decode call costs more to start than a Verify on the
+  open stream: the first such step is a Verify.)
 * **Speculative chunks.** On idle replicas, up to the SP degree, a chunk
   starts at the first position where no live verification carries a draft
   (the previous chunk's bonus position), once ``lookahead`` drafts are pending
@@ -32,18 +38,19 @@ that differs from the pending draft cancels all of them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from dsi.domain.errors import Internal
+from dsi.domain.errors import Internal, Unavailable
 from dsi.domain.types import DraftToken, VerifyResult
 from services.coordinator.engine.drafting import DraftFeed, more_drafts_coming
 from services.coordinator.engine.generation import Generation
 from services.coordinator.engine.observe import Outcome, VerificationInfo
 from services.coordinator.engine.trees import verification_tree
-from services.coordinator.pool import Lease
+from services.coordinator.pool import Lease, clock
 
 
 @dataclass(eq=False)
@@ -57,6 +64,7 @@ class Verification:
     result: VerifyResult | None = None
     done_order: int = -1
     info: VerificationInfo | None = None  # what the observer was told
+    decoder: FrontierDecoder | None = None  # one step of a Decode stream (no drafts)
 
     @property
     def end(self) -> int:
@@ -72,6 +80,47 @@ class Verification:
 
     def covers(self, pos: int) -> bool:
         return self.base <= pos <= self.end
+
+
+class FrontierDecoder:
+    """Frontier steps without drafts as one Decode stream on one replica: a
+    step per token, each read as a :class:`Verification` of no drafts. Its
+    tokens are the target's own at the committed positions (the decision
+    rule), so it never goes stale; it is stopped when it is of no more use."""
+
+    def __init__(self, gen: Generation, replica: int) -> None:
+        self.gen = gen
+        self.replica = replica
+        self.next_pos = len(gen.committed)  # the position its next message decides
+        self.token_at = 0.0  # clock time its last message came
+        self._steps = gen.decode(replica)
+
+    def read(self, lease: Lease) -> asyncio.Task[VerifyResult]:
+        """The next step's result, on ``lease`` (within its replica's deadline)."""
+        self.next_pos += 1
+        return asyncio.ensure_future(self.gen.on_replica(lease, self.next_pos, self._next()))
+
+    async def _next(self) -> VerifyResult:
+        try:
+            result = await anext(self._steps)
+            self.token_at = clock()
+            return result
+        except StopAsyncIteration:
+            name = self.gen.engine.targets.name(self.replica)
+            raise Unavailable(f"{name} is unavailable: its decode stream ended early") from None
+
+    def close(self, reader: asyncio.Task | None) -> None:
+        """Stop the stream (after its pending ``reader``, cancelled)."""
+
+        async def close() -> None:
+            if reader is not None:
+                reader.cancel()
+                with contextlib.suppress(BaseException):
+                    await reader
+            with contextlib.suppress(BaseException):
+                await self._steps.aclose()  # type: ignore[attr-defined]
+
+        self.gen.cancelled.add(asyncio.ensure_future(close()))
 
 
 async def run_dsi(gen: Generation) -> AsyncIterator[None]:
@@ -92,6 +141,9 @@ class DsiRun:
         self.feeds = [DraftFeed(gen, slot) for slot in gen.drafter_slots()]
         self._seq = itertools.count()
         self._done = itertools.count()
+        #: The frontier's Decode stream, while it runs (between steps: in none of the verifications).
+        self.decoder: FrontierDecoder | None = None
+        self._plain_step = -1  # the base of the last frontier step issued without drafts (a Verify)
         gen.on_diverge = self._diverge
 
     async def step(self) -> None:
@@ -149,14 +201,28 @@ class DsiRun:
         drafts = gen.pending[start - c : stop - c]
         return drafts, start + len(drafts) >= stop or not more_drafts_coming(gen)
 
+    def _guessed(self, pos: int) -> bool:
+        """Whether a drafter guessed the token at ``pos`` (the main path, or
+        another drafter's proposal): a verification there may decide more."""
+        c = len(self.gen.committed)
+        return pos - c < len(self.gen.pending) or any(p.guess_at(pos) is not None for p in self.gen.proposals.values())
+
     def dispatch(self) -> None:
         gen, pool = self.gen, self.engine.targets
         c = len(gen.committed)
         if gen.finished or c > gen.last_pos:
             return
-        if not self._covered(c):  # nothing covers the frontier: a frontier step, now
+        drafts = self._drafts_for(c)[0]
+        guessed = self._guessed(c)
+        if not self._covered(c) and (guessed or self._decoding() is None):  # a frontier step, now
             lease, _ = pool.acquire_frontier(gen.affinity(c))
-            self._issue(c, self._drafts_for(c)[0], lease, frontier=True)
+            if guessed or self._plain_step != c - 1:
+                self._issue(c, drafts, lease, frontier=True)
+                self._plain_step = -1 if guessed else c
+            else:  # the second frontier step in a row with nothing drafted to verify: decode
+                self._stop_decoder()
+                self.decoder = FrontierDecoder(gen, lease.replica)
+                self._decode_step(lease)
         while len(self.verifs) < gen.sp_degree:
             start = self._first_undrafted(c)
             if start > gen.last_pos or start - c > len(gen.pending):
@@ -182,17 +248,78 @@ class DsiRun:
             main, gen.alternatives, base, self.engine.max_draft_tokens, list(gen.proposals.values()), gen.context(base)
         )
         v = Verification(next(self._seq), base, tree, n_main, lease)
-        v.info = self.gen.verification_info(lease, base, len(tree), frontier)
+        v.info = self.gen.verification_info(lease.replica, base, len(tree), frontier)
         v.task = asyncio.ensure_future(self.gen.verify(lease, base, v.drafts))
         self.verifs.append(v)
         self.gen.stats.verifications_started += 1
         return v
 
+    def _decode_step(self, lease: Lease) -> None:
+        """Read the decoder's next step (over gRPC its replica runs it already, but the first)."""
+        gen, decoder = self.gen, self.decoder
+        assert decoder is not None
+        v = Verification(next(self._seq), decoder.next_pos, [], 0, lease, decoder=decoder)
+        v.info = gen.verification_info(lease.replica, v.base, 0, frontier=True)
+        v.task = decoder.read(lease)
+        self.verifs.append(v)
+        gen.stats.verifications_started += 1
+
+    def _decoding(self) -> Verification | None:
+        """The decoder's step that runs now, if any."""
+        decoder = self.decoder
+        return next((v for v in self.verifs if decoder and v.decoder is decoder and v.result is None), None)
+
+    def _decode_on(self) -> None:
+        """After the commits of an event. When a step of the decoder has
+        completed, its next one goes on while it would decide the frontier
+        alone: nothing else covers the frontier and no draft waits there
+        (else its replica is free for those). A step running one position
+        behind (another verification decided that position first, the same
+        way) goes on: it is the way to the frontier; one further behind is
+        cancelled."""
+        decoder, gen = self.decoder, self.gen
+        if decoder is None:
+            return
+        c = len(gen.committed)
+        for done in [v for v in self.verifs if v.decoder is decoder and v.result is not None]:
+            self.verifs.remove(done)  # decided by another verification first
+            self._ended(done, Outcome.USELESS)
+            if done.tokens()[0] != gen.committed[done.base]:  # a target's rounding: it assumes otherwise
+                decoder.next_pos = -1
+        step = self._decoding()
+        if step is not None:
+            if step.base < c - 1 or gen.finished:
+                self._drop(step, Outcome.USELESS)
+                gen.stats.verifications_cancelled += not gen.finished
+            return
+        alone = not self._covered(c) and not self._guessed(c)
+        if not gen.finished and decoder.next_pos == c and alone and self.engine.targets.is_active(decoder.replica):
+            self._decode_step(self.engine.targets.acquire_on(decoder.replica))
+            return
+        self._stop_decoder()
+        if not gen.finished:  # over gRPC, a Decode stream's replica runs the next step once it sent a token
+            self.engine.targets.busy_since(decoder.replica, decoder.token_at)
+            gen.stats.verifications_started += 1
+            gen.stats.verifications_cancelled += 1
+            info = gen.verification_info(decoder.replica, decoder.next_pos, 0, frontier=True)
+            if info is not None and gen.observer is not None:
+                gen.observer.verification_ended(info, Outcome.USELESS, info.started)
+
+    def _stop_decoder(self) -> None:
+        """Stop the decoder's stream (between its steps)."""
+        if self.decoder is not None:
+            self.decoder.close(None)
+            self.decoder = None
+
     def _drop(self, v: Verification, outcome: Outcome) -> bool:
         """Remove ``v``, cancelling it if it still runs; True if it did."""
         self.verifs.remove(v)
-        self.engine.targets.release(v.lease)
+        self.engine.targets.release(v.lease, cancelled=not v.task.done())
         self._ended(v, outcome)
+        if v.decoder is not None and v.decoder is self.decoder:
+            self.decoder = None
+            v.decoder.close(v.task)  # cancels the stream, and the step its replica runs
+            return True
         return self.gen.cancel(v.task)
 
     def _ended(self, v: Verification, outcome: Outcome) -> None:
@@ -208,7 +335,10 @@ class DsiRun:
     def _diverge(self) -> None:
         """The committed token differs from the draft: everything speculated
         past it is stale. Cancel it and restart drafting."""
+        c = len(self.gen.committed)
         for v in list(self.verifs):
+            if v.decoder is not None and v.base >= c - 1:
+                continue  # it assumes only committed tokens (and decodes on from them)
             if self._drop(v, Outcome.STALE):
                 self.gen.stats.verifications_cancelled += 1
         for feed in self.feeds:
@@ -217,6 +347,7 @@ class DsiRun:
     def cancel_all(self) -> None:
         for v in list(self.verifs):
             self._drop(v, Outcome.ABANDONED)
+        self._stop_decoder()
         for feed in self.feeds:
             feed.stop()
 
@@ -229,6 +360,8 @@ class DsiRun:
         if exc is not None:
             self._ended(v, Outcome.FAILED)
             v.info = None  # told once
+            if v.decoder is not None and v.decoder is self.decoder:
+                self._stop_decoder()
             if not self.gen.retry_after(exc):
                 raise exc
             self.verifs.remove(v)  # its span is uncovered: dispatch() issues it again elsewhere
@@ -259,6 +392,7 @@ class DsiRun:
                     break
             # Verifications whose every position is decided are useless now.
             c = len(gen.committed)
-            for w in [w for w in self.verifs if w.end < c]:
+            for w in [w for w in self.verifs if w.end < c and w.decoder is None]:
                 if self._drop(w, Outcome.USELESS):
                     gen.stats.verifications_cancelled += 1
+        self._decode_on()

@@ -419,13 +419,13 @@ class Generation:
         log.warning("generation %s: %s; issuing it again on another replica", self.session_id, exc)
         return True
 
-    def verification_info(self, lease: Lease, base: int, drafts: int, frontier: bool) -> VerificationInfo | None:
-        """What an observer is told about a verification (None without one)."""
+    def verification_info(self, replica: int, base: int, drafts: int, frontier: bool) -> VerificationInfo | None:
+        """What an observer is told about a verification on ``replica`` (None without one)."""
         if self.observer is None:
             return None
-        name = getattr(self.engine.targets.member(lease.replica), "name", str(lease.replica))
+        name = getattr(self.engine.targets.member(replica), "name", str(replica))
         info = VerificationInfo(
-            next(self._verification_ids), lease.replica, name, base, drafts, frontier, time.perf_counter()
+            next(self._verification_ids), replica, name, base, drafts, frontier, time.perf_counter()
         )
         self.observer.verification_started(info)
         return info

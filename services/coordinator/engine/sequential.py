@@ -36,7 +36,7 @@ async def _step(gen: Generation, replica: int, drafts: int, call: Callable[[Leas
     """One frontier step on ``replica`` (``call`` with its lease, over the
     committed sequence and ``drafts`` drafts), told to the observer."""
     lease = gen.engine.targets.acquire_on(replica)
-    info = gen.verification_info(lease, len(gen.committed), drafts, frontier=True)
+    info = gen.verification_info(lease.replica, len(gen.committed), drafts, frontier=True)
     gen.stats.verifications_started += 1
     outcome = Outcome.ABANDONED
     try:
