@@ -377,3 +377,63 @@ async def test_synthetic_sleeps_take_what_the_spec_says_on_a_timer_that_returns_
         await timer.sleep(0.030)
     assert timer.seconds == pytest.approx(0.0012, abs=1e-6)
     assert now[0] - start == pytest.approx(0.030 - 0.0012 + 0.050, abs=1e-5)
+
+
+async def test_passes_shorter_than_the_timers_millisecond_are_slept_together(monkeypatch) -> None:
+    """A 0.2 ms drafter step cannot be an event-loop sleep of its own (the
+    timer waits whole milliseconds: each would take ~1 ms, 5x the spec): a
+    session's short passes are owed and slept once a millisecond is due, so
+    10 drafts take 2 ms in two sleeps, not 10 ms."""
+    from dsi.backends import synthetic
+
+    slept: list[float] = []
+
+    async def fake_sleep(self, seconds: float) -> None:
+        slept.append(seconds)
+
+    monkeypatch.setattr(synthetic.TimerLateness, "sleep", fake_sleep)
+    monkeypatch.setattr(synthetic._Latency, "charge", lambda self, states, since: None)  # (next test)
+    drafter = LocalDrafter(SyntheticDrafter("synthetic:vocab=64,ttft_ms=0.2,tpot_ms=0.2"))
+    chunks = [c async for c in drafter.draft(DraftRequest("s", [1, 2, 3], lookahead=10, max_tokens=10))]
+    assert sum(len(c.tokens) for c in chunks) == 10
+    assert slept == pytest.approx([0.001, 0.001])  # every 5 steps
+    import asyncio
+
+    monkeypatch.setattr(asyncio.get_running_loop(), "exact_timer", True, raising=False)  # a virtual clock
+    slept.clear()
+    [c async for c in drafter.draft(DraftRequest("s2", [1, 2, 3], lookahead=3, max_tokens=3))]
+    assert slept == pytest.approx([0.0002] * 3)  # its sleeps are exact: each pass sleeps as it comes
+    target = SyntheticTarget("synthetic:vocab=64,ttft_ms=30,tpot_ms=30")
+    slept.clear()
+    await LocalTarget(target).verify(VerifyRequest("s", [1, 2, 3]))
+    assert slept == pytest.approx([0.030])  # a pass of a millisecond or more sleeps as it comes
+
+
+async def test_the_emulations_own_cpu_time_counts_towards_the_pass(monkeypatch) -> None:
+    """The pseudo model's arithmetic (dense 32k rows for a drafted token) is
+    not the modelled device's time: it is credited against the session's
+    next sleep, at most a timer's millisecond; a zero-latency model owes nothing."""
+    import asyncio
+
+    from dsi.backends import synthetic
+
+    slept: list[float] = []
+
+    async def fake_sleep(self, seconds: float) -> None:
+        slept.append(seconds)
+
+    monkeypatch.setattr(synthetic.TimerLateness, "sleep", fake_sleep)
+    now = 1000.0
+    monkeypatch.setattr(asyncio.get_running_loop(), "time", lambda: now)
+    latency = synthetic._Latency(synthetic.SyntheticSpec.parse("synthetic:ttft_ms=30,tpot_ms=30"))
+    state = synthetic._State()
+    latency.charge([state], now - 0.0004)
+    assert state.owed_ms == pytest.approx(-0.4)
+    await latency.sleep(state, 0.0)
+    assert slept == [pytest.approx(0.0296)]
+    latency.charge([state], now - 5.0)
+    assert state.owed_ms == -synthetic.TIMER_MS  # a busy loop's delay is not the model's to give back
+    free = synthetic._Latency(synthetic.SyntheticSpec.parse("synthetic:ttft_ms=0,tpot_ms=0"))
+    zero = synthetic._State()
+    free.charge([zero], now - 1.0)
+    assert zero.owed_ms == 0.0 and await free.sleep(zero, 0.0) == 0.0

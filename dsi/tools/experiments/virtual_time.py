@@ -38,6 +38,9 @@ class _SkipAheadSelector(selectors.DefaultSelector):
 
 
 class VirtualTimeLoop(asyncio.SelectorEventLoop):
+    #: Sleeps end exactly when due, however short (the synthetic models need not work around a timer).
+    exact_timer = True
+
     def __init__(self) -> None:
         selector = _SkipAheadSelector()
         super().__init__(selector)
