@@ -10,7 +10,6 @@ and its alternatives; every other drafter's stream extends its
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import AsyncIterator
 
@@ -119,16 +118,7 @@ class DraftFeed:
         if stream is None:
             return
         self._ended(cancelled=True)
-
-        async def close() -> None:
-            if reader is not None:
-                reader.cancel()
-                with contextlib.suppress(BaseException):
-                    await reader
-            with contextlib.suppress(BaseException):
-                await stream.aclose()  # type: ignore[attr-defined]
-
-        self.gen.cancelled.add(asyncio.ensure_future(close()))
+        self.gen.close_stream(stream, reader)
 
     def stop_if_stale(self) -> None:
         """A secondary drafter's stream whose proposal went wrong (or was

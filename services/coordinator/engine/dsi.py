@@ -38,7 +38,6 @@ that differs from the pending draft cancels all of them.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import time
 from collections.abc import AsyncIterator
@@ -110,17 +109,8 @@ class FrontierDecoder:
             raise Unavailable(f"{name} is unavailable: its decode stream ended early") from None
 
     def close(self, reader: asyncio.Task | None) -> None:
-        """Stop the stream (after its pending ``reader``, cancelled)."""
-
-        async def close() -> None:
-            if reader is not None:
-                reader.cancel()
-                with contextlib.suppress(BaseException):
-                    await reader
-            with contextlib.suppress(BaseException):
-                await self._steps.aclose()  # type: ignore[attr-defined]
-
-        self.gen.cancelled.add(asyncio.ensure_future(close()))
+        """Stop the stream (and its pending ``reader``)."""
+        self.gen.close_stream(self._steps, reader)
 
 
 async def run_dsi(gen: Generation) -> AsyncIterator[None]:

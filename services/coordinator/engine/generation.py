@@ -20,6 +20,7 @@ to target-only steps until an instance of its model answers again.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import sys
@@ -506,6 +507,21 @@ class Generation:
             self.params.seed,
             self.params.tree if primary else CHAIN,
         )
+
+    def close_stream(self, stream: AsyncIterator, reader: asyncio.Task | None) -> None:
+        """Close a server stream whose next message ``reader`` may still be
+        awaiting: cancel that read first (a stream cannot close while it is
+        read), then close it; done before cleanup ends."""
+
+        async def close() -> None:
+            if reader is not None:
+                reader.cancel()
+                with contextlib.suppress(BaseException):
+                    await reader
+            with contextlib.suppress(BaseException):
+                await stream.aclose()  # type: ignore[attr-defined]
+
+        self.cancelled.add(asyncio.ensure_future(close()))
 
     def cancel(self, task: asyncio.Task) -> bool:
         """Cancel ``task`` if still running; True if it was."""
