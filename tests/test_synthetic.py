@@ -6,6 +6,7 @@ Latency tests assert lower bounds only, never upper bounds."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import math
 
@@ -392,13 +393,11 @@ async def test_passes_shorter_than_the_timers_millisecond_are_slept_together(mon
         slept.append(seconds)
 
     monkeypatch.setattr(synthetic.TimerLateness, "sleep", fake_sleep)
-    monkeypatch.setattr(synthetic._Latency, "charge", lambda self, states, since: None)  # (next test)
+    monkeypatch.setattr(asyncio.get_running_loop(), "time", lambda: 5.0)  # no CPU time to credit (next test)
     drafter = LocalDrafter(SyntheticDrafter("synthetic:vocab=64,ttft_ms=0.2,tpot_ms=0.2"))
     chunks = [c async for c in drafter.draft(DraftRequest("s", [1, 2, 3], lookahead=10, max_tokens=10))]
     assert sum(len(c.tokens) for c in chunks) == 10
     assert slept == pytest.approx([0.001, 0.001])  # every 5 steps
-    import asyncio
-
     monkeypatch.setattr(asyncio.get_running_loop(), "exact_timer", True, raising=False)  # a virtual clock
     slept.clear()
     [c async for c in drafter.draft(DraftRequest("s2", [1, 2, 3], lookahead=3, max_tokens=3))]
@@ -413,7 +412,6 @@ async def test_the_emulations_own_cpu_time_counts_towards_the_pass(monkeypatch) 
     """The pseudo model's arithmetic (dense 32k rows for a drafted token) is
     not the modelled device's time: it is credited against the session's
     next sleep, at most a timer's millisecond; a zero-latency model owes nothing."""
-    import asyncio
 
     from dsi.backends import synthetic
 
@@ -427,13 +425,16 @@ async def test_the_emulations_own_cpu_time_counts_towards_the_pass(monkeypatch) 
     monkeypatch.setattr(asyncio.get_running_loop(), "time", lambda: now)
     latency = synthetic._Latency(synthetic.SyntheticSpec.parse("synthetic:ttft_ms=30,tpot_ms=30"))
     state = synthetic._State()
-    latency.charge([state], now - 0.0004)
+    with latency.charging([state]):
+        now += 0.0004
     assert state.owed_ms == pytest.approx(-0.4)
     await latency.sleep(state, 0.0)
     assert slept == [pytest.approx(0.0296)]
-    latency.charge([state], now - 5.0)
+    with latency.charging([state]):
+        now += 5.0
     assert state.owed_ms == -synthetic.TIMER_MS  # a busy loop's delay is not the model's to give back
     free = synthetic._Latency(synthetic.SyntheticSpec.parse("synthetic:ttft_ms=0,tpot_ms=0"))
     zero = synthetic._State()
-    free.charge([zero], now - 1.0)
+    with free.charging([zero]):
+        now += 1.0
     assert zero.owed_ms == 0.0 and await free.sleep(zero, 0.0) == 0.0

@@ -48,6 +48,7 @@ it behaves as before. The drafter's steps batch the same way.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import hashlib
 import math
@@ -55,7 +56,7 @@ import random
 import struct
 import time
 import weakref
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -196,7 +197,9 @@ class _State:
     def __init__(self) -> None:
         self.seen: list[int] = []
         self.first = True
-        self.owed_ms = 0.0  # passes shorter than the timer's millisecond, not slept yet
+        #: Passes shorter than the timer's millisecond not slept yet (negative: the emulation's CPU
+        #: time, credited against the next sleep).
+        self.owed_ms = 0.0
 
 
 class TimerLateness:
@@ -276,13 +279,17 @@ class _Latency:
         await timer().sleep(owed / 1000.0)
         return time.perf_counter() - start
 
-    def charge(self, states: Sequence[_State], since: float) -> None:
-        """The emulation's own CPU time since ``since`` (loop time: none on a
+    @contextlib.contextmanager
+    def charging(self, states: Sequence[_State]) -> Iterator[None]:
+        """The emulation's own CPU time in this block (loop time: none on a
         virtual clock) counts towards the pass: its sessions' next sleeps are
         that much shorter, so a pass takes its spec, not its spec plus the
         pseudo model's arithmetic (0.3 ms per drafted token with 32k ids)."""
+        loop = asyncio.get_running_loop()
+        since = loop.time()
+        yield
         if self.spec.ttft_ms or self.spec.tpot_ms:
-            spent_ms = (asyncio.get_running_loop().time() - since) * 1000.0
+            spent_ms = (loop.time() - since) * 1000.0
             for s in states:
                 s.owed_ms = max(s.owed_ms - spent_ms, -TIMER_MS)
 
@@ -346,10 +353,8 @@ class SyntheticTarget(TargetModel):
     async def forward(self, state: _State, tokens: Sequence[int], num_rows: int) -> Forward:
         cached, computed, extra = self._plan(state, tokens, num_rows)
         seconds = await self._latency.sleep(state, extra)
-        since = asyncio.get_running_loop().time()
-        rows = self._rows(state, tokens, num_rows)
-        self._latency.charge([state], since)
-        return Forward(rows, cached, computed, seconds)
+        with self._latency.charging([state]):
+            return Forward(self._rows(state, tokens, num_rows), cached, computed, seconds)
 
     def tokens_to_compute(self, state: _State, tokens: Sequence[int], num_rows: int) -> int:
         return self._plan(state, tokens, num_rows)[1]
@@ -360,13 +365,11 @@ class SyntheticTarget(TargetModel):
         plans = [self._plan(i.state, i.tokens, i.num_rows) for i in items]
         states = [i.state for i in items]
         seconds = await self._latency.sleep_batch(states, [p[2] for p in plans])
-        since = asyncio.get_running_loop().time()
-        out = [
-            Forward(self._rows(i.state, i.tokens, i.num_rows), cached, computed, seconds)
-            for i, (cached, computed, _) in zip(items, plans, strict=True)
-        ]
-        self._latency.charge(states, since)
-        return out
+        with self._latency.charging(states):
+            return [
+                Forward(self._rows(i.state, i.tokens, i.num_rows), cached, computed, seconds)
+                for i, (cached, computed, _) in zip(items, plans, strict=True)
+            ]
 
     async def forward_tree(
         self, state: _State, context: Sequence[int], tokens: Sequence[int], parents: Sequence[int]
@@ -432,18 +435,14 @@ class SyntheticDrafter(DrafterModel):
         self, state: _State, tokens: Sequence[int], params: SamplingParams, seed: int, k: int
     ) -> tuple[list[int], Forward]:
         seconds = await self._latency.sleep(state, 0.0)
-        since = asyncio.get_running_loop().time()
-        out = self._guesses(state, tokens, params, seed, k, seconds)
-        self._latency.charge([state], since)
-        return out
+        with self._latency.charging([state]):
+            return self._guesses(state, tokens, params, seed, k, seconds)
 
     async def next_candidates_batch(self, items: list[DraftItem]) -> list[tuple[list[int], Forward]]:
         states = [i.state for i in items]
         seconds = await self._latency.sleep_batch(states, [0.0] * len(items))
-        since = asyncio.get_running_loop().time()
-        out = [self._guesses(i.state, i.tokens, i.params, i.seed, i.k, seconds) for i in items]
-        self._latency.charge(states, since)
-        return out
+        with self._latency.charging(states):
+            return [self._guesses(i.state, i.tokens, i.params, i.seed, i.k, seconds) for i in items]
 
     def _guesses(
         self, state: _State, tokens: Sequence[int], params: SamplingParams, seed: int, k: int, seconds: float
