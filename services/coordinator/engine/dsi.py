@@ -202,17 +202,17 @@ class DsiRun:
         c = len(gen.committed)
         if gen.finished or c > gen.last_pos:
             return
-        drafts = self._drafts_for(c)[0]
-        guessed = self._guessed(c)
-        if not self._covered(c) and (guessed or self._decoding() is None):  # a frontier step, now
-            lease, _ = pool.acquire_frontier(gen.affinity(c))
-            if guessed or self._plain_step != c - 1:
-                self._issue(c, drafts, lease, frontier=True)
-                self._plain_step = -1 if guessed else c
-            else:  # the second frontier step in a row with nothing drafted to verify: decode
-                self._stop_decoder()
-                self.decoder = FrontierDecoder(gen, lease.replica)
-                self._decode_step(lease)
+        if not self._covered(c):  # a frontier step, now (unless the decoder's step behind it gets there)
+            guessed = self._guessed(c)
+            if guessed or self._decoding() is None:
+                lease, _ = pool.acquire_frontier(gen.affinity(c))
+                if guessed or self._plain_step != c - 1:
+                    self._issue(c, self._drafts_for(c)[0], lease, frontier=True)
+                    self._plain_step = -1 if guessed else c
+                else:  # the second frontier step in a row with nothing drafted to verify: decode
+                    self._stop_decoder()
+                    self.decoder = FrontierDecoder(gen, lease.replica)
+                    self._decode_step(lease)
         while len(self.verifs) < gen.sp_degree:
             start = self._first_undrafted(c)
             if start > gen.last_pos or start - c > len(gen.pending):
