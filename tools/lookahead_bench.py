@@ -78,7 +78,7 @@ async def ms_per_token(
 
 
 async def profiles(args: argparse.Namespace) -> None:
-    target = f"synthetic:vocab=1000,seed=4,tpot_ms={args.target_ms}"
+    target = f"synthetic:vocab=1000,seed=4,ttft_ms={args.target_ms},tpot_ms={args.target_ms}"
     print(
         f"target {args.target_ms} ms/pass x {args.replicas} replicas, drafter {args.drafter_ms} ms/token, "
         f"{args.tokens} tokens x {args.repeats}"

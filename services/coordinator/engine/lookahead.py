@@ -36,10 +36,14 @@ The acceptance is not known, only measured, and a wrong guess costs
 unevenly: SI with chunks too long for the text pays for drafts thrown away,
 and a few dozen drafts cannot tell 0.8 from 0.9. So the choice minimises the
 time per token *expected over what the acceptance may be*: the measured
-drafts' posterior; for DSI, whose lead commits it to ``k (n + 2)`` drafts,
-mixed with the chance that the text changes before those are decided (SI
-chooses again before every chunk). Measurements that agree give the choice for their mean; few or
-mixed ones a choice that does not lose much whichever acceptance is true.
+drafts' posterior. Measurements that agree give the choice for their mean;
+few or mixed ones a choice that does not lose much whichever acceptance is
+true. Where no lookahead pays (DSI on text the drafter cannot guess: the
+frontier steps set the pace whatever ``k``), DSI takes the one that would be
+best if the text changed to anything: it keeps it until drafts show the
+change (on text alternating between acceptance 0.95 and 0.1 that is ``k = 2``
+rather than 1, 0.5% faster over the whole text; mixing that chance of a
+change into every choice instead cost 1-2% on steady text).
 
 These are the rules ``dsi simulate`` plays event by event
 (:mod:`dsi.tools.experiments.simulate`); docs/benchmarks.md compares the
@@ -99,13 +103,14 @@ def dsi_seconds_per_token(
     return np.minimum(t, cost) if floor else cost
 
 
-def _pick(costs: np.ndarray, then: np.ndarray | None = None) -> int:
+def _pick(costs: np.ndarray, *then: np.ndarray) -> int:
     """The lookahead (1-based index) with the least cost; among those within
-    ``NEAR`` of it, the one with the least ``then`` cost if given, else the
-    largest: fewer, longer chunks cost fewer RPCs, which the model leaves out."""
+    ``NEAR`` of it, the ones within ``NEAR`` of the least of each ``then``
+    cost in turn; of what is left, the largest: fewer, longer chunks cost
+    fewer RPCs, which the model leaves out."""
     near = costs <= costs.min() * (1 + NEAR)
-    if then is not None:
-        near &= then <= then[near].min() * (1 + NEAR)
+    for cost in then:
+        near &= cost <= cost[near].min() * (1 + NEAR)
     return int(np.flatnonzero(near)[-1]) + 1
 
 
@@ -120,12 +125,18 @@ def _costs(dsi: bool, a: np.ndarray, d: float, t: float, n: int, largest: int, f
 def _choose(dsi: bool, a: np.ndarray, weights: np.ndarray, d: float, t: float, n: int, largest: int) -> int:
     """The lookahead with the least cost expected over ``weights`` on ``a``.
     DSI's floor (the frontier steps set the pace) makes lookaheads equal when
-    the drafter does not pay; among those, the one that would be best without
-    it (at low acceptance a small ``k`` still gains a little: a one-draft chunk
-    issued next to the frontier step decides the position after it)."""
+    the drafter does not pay (text it cannot guess); among those, the one
+    that would be best if the text changed to anything (the lookahead stays
+    until drafts show the change), then the one that would be best without
+    the floor (a one-draft chunk issued next to the frontier step decides
+    the position after it)."""
+    costs = _costs(dsi, a, d, t, n, largest)
     if not dsi:
-        return _pick(_costs(dsi, a, d, t, n, largest) @ weights)
-    return _pick(_costs(dsi, a, d, t, n, largest) @ weights, _costs(dsi, a, d, t, n, largest, False) @ weights)
+        return _pick(costs @ weights)
+    unfloored = _costs(dsi, a, d, t, n, largest, False) @ weights
+    if _costs(dsi, np.array([a @ weights]), d, t, n, largest).min() >= t / (1 + NEAR):  # no k pays now
+        return _pick(costs @ weights, costs.mean(axis=1), unfloored)
+    return _pick(costs @ weights, unfloored)
 
 
 def best_lookahead(dsi: bool, a: float, d: float, t: float, n: int, largest: int = LARGEST) -> int:
@@ -176,16 +187,13 @@ class AcceptanceEstimate:
         acc, dec = self._counts()
         return float(self.runs @ ((acc + 1) / (dec + 2)))
 
-    def weights(self, ahead: int) -> np.ndarray:
-        """How likely each acceptance of :data:`GRID` is over the next
-        ``ahead`` drafts (summing to 1): the current run's, unless the text
-        changes first (then anything)."""
+    def weights(self) -> np.ndarray:
+        """How likely each acceptance of :data:`GRID` is now (summing to 1)."""
         acc, dec = self._counts()
         log = acc[:, None] * _LOG_GRID + (dec - acc)[:, None] * _LOG1M_GRID
         pdf = np.exp(log - log.max(axis=1, keepdims=True))
         w = self.runs @ (pdf / pdf.sum(axis=1, keepdims=True))
-        change = 1 - (1 - HAZARD) ** ahead
-        return (1 - change) * w / w.sum() + change / len(GRID)
+        return w / w.sum()
 
 
 def robust_lookahead(dsi: bool, weights: np.ndarray, d: float, t: float, n: int, largest: int = LARGEST) -> int:
@@ -274,9 +282,5 @@ class LookaheadPlanner:
             return
         self._stale = False
         d = self.seconds_per_draft
-        # DSI's lead (its chunks in flight and drafted ahead) commits it to k (n + 2) drafts, over which
-        # the text may change; SI chooses again before every chunk.
-        ahead = self._lookahead * (replicas + LEAD_CHUNKS) if self.dsi else 0
-        weights = self.estimate.weights(ahead)
-        self._lookahead = robust_lookahead(self.dsi, weights, d, t, replicas, self.largest)
+        self._lookahead = robust_lookahead(self.dsi, self.estimate.weights(), d, t, replicas, self.largest)
         self._replicas = min(replicas, replicas_needed(d, t, self._lookahead)) if self.dsi else 0
