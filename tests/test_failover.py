@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from dataclasses import replace
 
 import pytest
 
@@ -15,6 +16,7 @@ from dsi.backends import LocalDrafter, LocalTarget, load_drafter_model, load_tar
 from dsi.domain.errors import DeadlineExceeded, ResourceExhausted, Unavailable
 from dsi.domain.interfaces import Drafter, Target
 from dsi.domain.types import DraftChunk, DraftRequest, SamplingParams, ServiceInfo, VerifyRequest, VerifyResult
+from dsi.tools.experiments.virtual_time import run_virtual
 from services.coordinator import pool as pool_module
 from services.coordinator.engine import Engine, GenerationParams, Strategy
 from services.coordinator.engine import generation as generation_module
@@ -217,3 +219,30 @@ async def test_drafter_instances_of_one_model_fail_over_to_each_other() -> None:
     assert stats.tokens_without_drafter <= 1  # the next step drafts on the spare
     assert stats.drafters[0].accepted > 0
     await eng.close()
+
+
+@pytest.mark.parametrize("strategy", [Strategy.SI, Strategy.DSI])
+def test_a_long_prompt_is_given_the_time_its_prefill_takes(strategy: Strategy) -> None:
+    """A verification's deadline grows with the tokens its replica has not
+    cached (a prompt it has not seen): a 3000-token prompt's first pass (3 s
+    here) on a replica measured at 10 ms per verification is not a hang
+    (10 x 10 ms, floor 1 s, would give it up; it was, and the request failed
+    with the replica marked down). On the virtual clock: no real waiting."""
+    slow_prefill = "synthetic:vocab=300,seed=5,tpot_ms=10,prefill_token_ms=1"
+
+    async def run() -> tuple[list[int], list[int], int]:
+        eng = engine([local(slow_prefill)], verify_timeout=60.0)
+        await generate(eng, strategy, GREEDY, tokens=10)  # the replica's latency: 10 ms
+        assert eng.targets.latency(0) == pytest.approx(0.010, rel=0.5)
+        prompt = [1 + i % 299 for i in range(3000)]
+        params = GenerationParams(max_new_tokens=8, seed=1234, strategy=strategy, lookahead=3)
+        gen = eng.generate(prompt, params)
+        out = [t async for toks in gen.tokens() for t in toks]
+        ref_gen = engine([local(T)]).generate(prompt, replace(params, strategy=Strategy.NONSI))
+        ref = [t async for toks in ref_gen.tokens() for t in toks]
+        failovers = gen.stats.failovers
+        await eng.close()
+        return out, ref, failovers
+
+    out, ref, failovers = run_virtual(run())
+    assert out == ref and len(out) == 8 and failovers == 0

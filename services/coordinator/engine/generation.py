@@ -346,10 +346,12 @@ class Generation:
     async def verify(self, lease: Lease, base: int, drafts: list[DraftToken]) -> VerifyResult:
         """One Verify on the leased replica: the assumed context up to ``base``
         and ``drafts`` after it (:meth:`on_replica`)."""
-        self._cached[lease.replica] = base + len(drafts)
+        length = base + len(drafts)
+        uncached = self._uncached(lease.replica, length)
+        self._cached[lease.replica] = length  # what it holds once this is verified (others may look now)
         request = VerifyRequest(self.session_id, self.context(base), drafts, self.sampling, self.params.seed)
         target = self.engine.targets.member(lease.replica)
-        return await self.on_replica(lease, base + len(drafts), target.verify(request))
+        return await self.on_replica(lease, length, target.verify(request), uncached)
 
     async def decode(self, replica: int) -> AsyncIterator[VerifyResult]:
         """Target-only decoding on ``replica`` from the committed sequence, up
@@ -365,13 +367,20 @@ class Generation:
         finally:
             await steps.aclose()  # type: ignore[attr-defined]
 
-    async def on_replica(self, lease: Lease, length: int, awaitable: Awaitable[T]) -> T:
-        """``awaitable``, a call to the leased replica over ``length`` tokens,
-        within the replica's deadline. Releases the lease however it ends; a
-        replica that failed is down until its health probe answers (see
-        :meth:`retry_after`)."""
+    def _uncached(self, replica: int, length: int) -> int:
+        """Tokens of the first ``length`` that ``replica`` must compute (its cache lacks them)."""
+        return length - min(self._cached.get(replica, 0), length)
+
+    async def on_replica(self, lease: Lease, length: int, awaitable: Awaitable[T], uncached: int | None = None) -> T:
+        """``awaitable``, a call to the leased replica over ``length`` tokens
+        (``uncached`` of them not in its cache; default: what :attr:`_cached`
+        says now), within the replica's deadline. Releases the lease however
+        it ends; a replica that failed is down until its health probe answers
+        (see :meth:`retry_after`)."""
         pool = self.engine.targets
-        timeout = self._verify_timeout(lease.replica, length)
+        if uncached is None:
+            uncached = self._uncached(lease.replica, length)
+        timeout = self._verify_timeout(lease.replica, uncached)
         self._used_targets.add(lease.replica)
         completed = unreachable = False
         try:
@@ -391,13 +400,12 @@ class Generation:
         finally:
             pool.release(lease, completed, unreachable)
 
-    def _verify_timeout(self, replica: int, length: int) -> float:
-        """Seconds a verification of ``length`` tokens may take on ``replica``."""
+    def _verify_timeout(self, replica: int, uncached: int) -> float:
+        """Seconds a verification that computes ``uncached`` tokens may take on ``replica``."""
         engine = self.engine
         limit = engine.verify_timeout
         latency = engine.targets.latency(replica)
         if latency:
-            uncached = length - min(self._cached.get(replica, 0), length)
             limit = min(limit, max(DEADLINE_FLOOR, DEADLINE_FACTOR * latency * (1 + uncached / PREFILL_BLOCK)))
         if self.deadline is not None:
             limit = min(limit, max(0.001, self.deadline - asyncio.get_running_loop().time()))
