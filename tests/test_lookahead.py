@@ -5,18 +5,21 @@ lossless, and following a drafter whose acceptance changes along the text."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from dataclasses import replace
 
 import numpy as np
 import pytest
 
 from dsi.backends import LocalDrafter, LocalTarget, load_drafter_model, load_target_model
-from dsi.domain.types import SamplingParams
+from dsi.domain.interfaces import Drafter
+from dsi.domain.types import DraftChunk, DraftRequest, SamplingParams, ServiceInfo
 from dsi.tools.experiments.simulate import Node, SimConfig, expected_tokens_per_si_round, simulate_one
 from dsi.tools.experiments.virtual_time import run_virtual
 from services.coordinator.engine import Engine, GenerationParams, Strategy
 from services.coordinator.engine.lookahead import (
     GRID,
+    LARGEST,
     START,
     AcceptanceEstimate,
     LookaheadPlanner,
@@ -168,3 +171,78 @@ def test_auto_is_within_5_percent_of_the_best_fixed_lookahead_on_grid_cells(stra
 
     fixed, auto = run_virtual(go())
     assert auto <= 1.05 * min(fixed.values()), (auto, fixed)
+
+
+def test_lines_separate_a_streams_start_from_its_drafts_and_a_verifications_base_from_its_tokens():
+    p = LookaheadPlanner(False, lambda: (0.0, 1))
+    assert p.drafting == (0.0, 0.0) and p.lookahead == START  # nothing timed yet
+    rng = np.random.default_rng(2)
+    for _ in range(60):  # SI's streams: all their drafts in one chunk, 3 ms to start, 2 ms a draft
+        k = int(rng.integers(1, 7))
+        p.drafted(k, 0.003 + 0.002 * k + rng.normal(0, 0.0002), first=True)
+        p.verified(k + 1, 0.008 + 0.0005 * (k + 1) + rng.normal(0, 0.0002))
+    start, d = p.drafting
+    assert start == pytest.approx(0.003, abs=0.0005) and d == pytest.approx(0.002, abs=0.0002)
+    assert p.verification.fit() == pytest.approx((0.008, 0.0005), abs=0.0003)
+    # A stream's chunks after its first time the drafts on their own; its start is what the first took beyond.
+    p.drafted(4, 0.004)
+    start, d = p.drafting
+    assert d == pytest.approx(0.001) and start == pytest.approx(0.003 + 0.002 * 3.5 - 0.001 * 3.5, abs=0.001)
+    # Samples of one size: a verification's line is flat at their mean, a stream's through zero.
+    q = LookaheadPlanner(False, lambda: (0.0, 1))
+    for _ in range(5):
+        q.drafted(3, 0.009, first=True)
+        q.verified(4, 0.010)
+    assert q.drafting == pytest.approx((0.0, 0.003)) and q.verification.fit() == pytest.approx((0.010, 0.0))
+
+
+def test_si_pays_a_streams_start_every_round_so_its_chunks_grow_with_it():
+    no_start = best_lookahead(False, 0.9, 0.002, 0.010, 1)
+    assert best_lookahead(False, 0.9, 0.002, 0.010, 1, start=0.010) > no_start
+    # and a verification that costs more with every draft (a CPU) shortens them
+    per_draft = 0.010 + 0.002 * (np.arange(1, LARGEST + 1) + 1.0)
+    assert best_lookahead(False, 0.9, 0.002, per_draft, 1) < no_start
+
+
+class _SlowToStart(Drafter):
+    """A drafter whose streams start ``delay`` seconds late (a call's round trip and a prefill)."""
+
+    def __init__(self, inner: LocalDrafter, delay: float) -> None:
+        self.inner, self.delay, self.name = inner, delay, "slow to start"
+
+    async def info(self) -> ServiceInfo:
+        return await self.inner.info()
+
+    async def draft(self, request: DraftRequest) -> AsyncIterator[DraftChunk]:
+        await asyncio.sleep(self.delay)
+        async for chunk in self.inner.draft(request):
+            yield chunk
+
+    async def release_session(self, session_id: str) -> bool:
+        return await self.inner.release_session(session_id)
+
+
+def test_si_auto_measures_its_streams_start_drafts_and_verifications_through_the_engine():
+    """On the virtual clock: a drafter 1 ms per draft whose streams start
+    4 ms late, a target 6 ms per pass plus 1 ms per draft; SI delivers a
+    stream's drafts in one chunk, so only lines over streams of different
+    lengths tell the start from the drafts."""
+    target = "synthetic:vocab=300,seed=9,ttft_ms=6,tpot_ms=6,verify_token_ms=1"
+    drafter = "synthetic:vocab=300,seed=9,ttft_ms=1,tpot_ms=1,acceptance=0.8"
+
+    async def go() -> LookaheadPlanner:
+        t = LocalTarget(load_target_model(target))
+        d = _SlowToStart(LocalDrafter(load_drafter_model(drafter)), 0.004)
+        eng = Engine([t], [d], max_context=t.model.info.max_context_tokens, vocab_size=t.model.info.vocab_size)
+        for prompt in ([1, 2], [3, 4]):
+            gen = eng.generate(prompt, GenerationParams(200, strategy=Strategy.SI, lookahead=0))
+            async for _ in gen.tokens():
+                pass
+        assert gen.planner is not None
+        return gen.planner
+
+    planner = run_virtual(go())
+    start, d = planner.drafting
+    assert start == pytest.approx(0.004, abs=0.001) and d == pytest.approx(0.001, abs=0.0002)
+    base, per_token = planner.verification.fit()  # k drafts: 6 + k ms over k + 1 tokens
+    assert per_token == pytest.approx(0.001, abs=0.0002) and base == pytest.approx(0.005, abs=0.001)

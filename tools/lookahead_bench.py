@@ -79,9 +79,10 @@ async def ms_per_token(
 
 async def profiles(args: argparse.Namespace) -> None:
     target = f"synthetic:vocab=1000,seed=4,ttft_ms={args.target_ms},tpot_ms={args.target_ms}"
+    target += f",verify_token_ms={args.verify_token_ms}"
     print(
-        f"target {args.target_ms} ms/pass x {args.replicas} replicas, drafter {args.drafter_ms} ms/token, "
-        f"{args.tokens} tokens x {args.repeats}"
+        f"target {args.target_ms} ms/pass (+ {args.verify_token_ms} ms per draft) x {args.replicas} replicas, "
+        f"drafter {args.drafter_ms} ms/token, {args.tokens} tokens x {args.repeats}"
     )
     print("| drafter | strategy | " + " | ".join(f"k={k}" for k in FIXED) + " | auto | auto / best fixed |")
     print("|---|---|" + "---|" * (len(FIXED) + 2))
@@ -140,6 +141,12 @@ if __name__ == "__main__":
     p.add_argument("--replicas", type=int, default=3)
     p.add_argument("--target-ms", type=float, default=30.0)
     p.add_argument("--drafter-ms", type=float, default=3.0)
+    p.add_argument(
+        "--verify-token-ms",
+        type=float,
+        default=0.0,
+        help="the target's cost per draft verified (a compute-bound target, e.g. on a CPU; default: none)",
+    )
     a = p.parse_args()
     COLD = a.cold
     if not a.grid:

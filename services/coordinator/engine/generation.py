@@ -37,7 +37,7 @@ from services.coordinator.engine.lookahead import LARGEST, LookaheadPlanner
 from services.coordinator.engine.observe import Observer, VerificationInfo
 from services.coordinator.engine.trees import Alternatives
 from services.coordinator.engine.types import FinishReason, GenerationParams, GenerationStats, Strategy
-from services.coordinator.pool import Lease, Pool
+from services.coordinator.pool import Lease, Pool, clock
 
 log = logging.getLogger("services.coordinator.engine")
 T = TypeVar("T")
@@ -208,7 +208,8 @@ class Generation:
             largest = min(LARGEST, engine.max_draft_tokens)
             self.planner = LookaheadPlanner(params.strategy is Strategy.DSI, self._measured_target, largest)
             models = engine.drafter_model_names()
-            self._memory_key = models[0] if models else ""
+            # Per strategy too: SI's and DSI's verifications and draft streams differ in size and number.
+            self._memory_key = f"{params.strategy.value}:{models[0] if models else ''}"
             self.planner.resume(engine.lookahead_memory.get(self._memory_key))
         self._failures = 0  # failed calls since the last verification that completed
 
@@ -351,7 +352,11 @@ class Generation:
         self._cached[lease.replica] = length  # what it holds once this is verified (others may look now)
         request = VerifyRequest(self.session_id, self.context(base), drafts, self.sampling, self.params.seed)
         target = self.engine.targets.member(lease.replica)
-        return await self.on_replica(lease, length, target.verify(request), uncached)
+        started = clock()
+        result = await self.on_replica(lease, length, target.verify(request), uncached)
+        if self.planner is not None:
+            self.planner.verified(uncached, clock() - started)
+        return result
 
     async def decode(self, replica: int) -> AsyncIterator[VerifyResult]:
         """Target-only decoding on ``replica`` from the committed sequence, up

@@ -6,28 +6,32 @@ A generation asks for it with ``lookahead = 0`` (``--lookahead auto``). It
 measures the drafter's acceptance in this generation (:class:`AcceptanceEstimate`:
 over up to the last ``MAX_RUN`` decided drafts, and only over those since the
 text last changed, so it follows text that gets easier or harder within a few
-drafts), the drafter's seconds per drafted token, and the target replicas'
-seconds per verification (the pool's latency measurements). Whenever the
-strategy asks for the lookahead after a new measurement, it picks the ``k``
-that minimises the expected time per token of the strategy's rules:
+drafts), the drafter's speed (:class:`Line`: a draft stream's start ``s``,
+the call and a prefill, and its seconds per draft ``d``), and a
+verification's seconds by the tokens it computes (a :class:`Line` over this
+generation's verifications: ``t`` for ``k`` drafts; before the first, the
+pool's latency measurements). Whenever the strategy asks for the lookahead
+after a new measurement, it picks the ``k`` that minimises the expected time
+per token of the strategy's rules:
 
-* **SI** (one chunk at a time): a round drafts ``k`` tokens (``k d``) and
-  verifies them (``t``); it commits the accepted drafts and one more,
-  ``(1 - a^(k+1)) / (1 - a)`` tokens in expectation. Time per token:
-  ``(k d + t) (1 - a) / (1 - a^(k+1))``.
+* **SI** (one chunk at a time): a round starts a stream and drafts ``k``
+  tokens (``s + k d``) and verifies them (``t``); it commits the accepted
+  drafts and one more, ``(1 - a^(k+1)) / (1 - a)`` tokens in expectation.
+  Time per token: ``(s + k d + t) (1 - a) / (1 - a^(k+1))``.
 * **DSI** (chunks verified while drafting goes on, ``n`` replicas, one of
   them taken by the frontier step after a restart): the first chunk goes out
-  once its ``k`` drafts are there (``k d``); later ones as replicas free up,
+  once its ``k`` drafts are there (``s + k d``); later ones as replicas free up,
   every ``t / (n - 1)`` at most, carrying what was drafted meanwhile, so
   ``k' = max(k, t / ((n - 1) d'))`` drafts each, where ``d'`` is ``d`` or,
   when drafting is held back by its lead limit (``k (n + 2)`` drafts ahead of
   the committed text, each committed about ``k d + t`` after it is drafted),
-  ``(k d + t) / (k (n + 2))``. With ``L`` accepted drafts before the first
+  ``(s + k d + t) / (k (n + 2))``. With ``L`` accepted drafts before the first
   rejection (geometric), the chunk holding it is decided one verification
   after its dispatch, so a restart-to-restart round takes
-  ``k d + a^k k' d' / (1 - a^k') + t`` in expectation and commits ``L + 1``
-  tokens: per token ``(1 - a)`` times that, and never more than ``t`` (a
-  frontier step always runs: DSI is never slower than non-SI). The generation
+  ``s + k d + a^k k' d' / (1 - a^k') + t`` in expectation and commits ``L + 1``
+  tokens: per token ``(1 - a)`` times that, and never more than ``t`` of no
+  drafts (a frontier step always runs: DSI is never slower than non-SI). The
+  generation
   keeps ``ceil(t / (k d)) + 1`` replicas busy at most: more would wait for
   drafts. Each replica advances the text by about ``k`` per verification, so
   a token costs at least ``t / (n k)``.
@@ -72,24 +76,43 @@ LEAD_CHUNKS = 2
 SPEED_WEIGHT = 0.2
 #: Lookaheads whose expected time per token is within this fraction of the best count as equally good.
 NEAR = 0.01
+#: Weight of a new verification in the line fitted to verifications' seconds by the tokens they compute.
+COST_WEIGHT = 0.03
+#: How widely (variance, tokens squared) the verifications' sizes must spread before the line gets a slope.
+MIN_SPREAD = 0.5
 
 
 #: An acceptance, or an array of them (the cost functions broadcast).
 Acceptance = float | np.ndarray
+#: A verification's seconds, or an array of them: one per lookahead 1, 2, ...
+Seconds = float | np.ndarray
 
 
-def si_seconds_per_token(a: Acceptance, d: float, t: float, k: int | np.ndarray) -> Acceptance:
+def si_seconds_per_token(a: Acceptance, d: float, t: Seconds, k: int | np.ndarray, start: float = 0.0) -> Acceptance:
     """Expected seconds per committed token of SI with lookahead ``k``
-    (``a``, ``k``: numbers or arrays that broadcast; ``a`` below 1)."""
-    return (k * d + t) * (1 - a) / (1 - a ** (k + 1))
+    (``a``, ``k``, ``t``, the seconds of a verification of ``k`` drafts:
+    numbers or arrays that broadcast; ``a`` below 1); every round starts a
+    draft stream, ``start`` seconds before its drafts come at ``d`` each."""
+    return (start + k * d + t) * (1 - a) / (1 - a ** (k + 1))
 
 
 def dsi_seconds_per_token(
-    a: Acceptance, d: float, t: float, k: int | np.ndarray, n: int, floor: bool = True, lead: int = LEAD_CHUNKS
+    a: Acceptance,
+    d: float,
+    t: Seconds,
+    k: int | np.ndarray,
+    n: int,
+    floor: bool = True,
+    lead: int = LEAD_CHUNKS,
+    step: float | None = None,
+    start: float = 0.0,
 ) -> Acceptance:
     """Expected seconds per committed token of DSI with lookahead ``k`` on
-    ``n`` replicas (``a`` below 1); ``floor``: at most ``t`` (what the
-    frontier steps alone give). Drafting runs at most ``k (n + lead)``
+    ``n`` replicas (``a`` below 1; ``t``: the seconds of a verification of
+    ``k`` drafts, broadcast like ``k``); ``floor``: at most ``step`` (what
+    the frontier steps alone give, a verification of no drafts: ``t`` if
+    not given; ``start``: a draft stream's seconds before its drafts come at
+    ``d`` each, paid after every rejection). Drafting runs at most ``k (n + lead)``
     drafts ahead of the committed text (the engine's limit), and a draft is
     committed about ``k d + t`` after it is drafted, so a small ``k`` holds
     drafting back to ``k (n + lead)`` drafts per ``k d + t``; and a chunk
@@ -97,10 +120,11 @@ def dsi_seconds_per_token(
     advances the text by about ``k`` per verification: ``t / (n k)`` per
     token at least."""
     d = max(d, 1e-9)
-    paced = np.maximum(d, (k * d + t) / (k * (n + lead)))  # drafting held back by its lead limit
+    first = start + k * d  # a restart's first chunk
+    paced = np.maximum(d, (first + t) / (k * (n + lead)))  # drafting held back by its lead limit
     later = np.maximum(k, t / (max(n - 1, 1) * paced))  # drafts per chunk after the first
-    cost = np.maximum((1 - a) * (k * d + a**k * later * paced / (1 - a**later) + t), t / (n * k))
-    return np.minimum(t, cost) if floor else cost
+    cost = np.maximum((1 - a) * (first + a**k * later * paced / (1 - a**later) + t), t / (n * k))
+    return np.minimum(t if step is None else step, cost) if floor else cost
 
 
 def _pick(costs: np.ndarray, *then: np.ndarray) -> int:
@@ -114,15 +138,29 @@ def _pick(costs: np.ndarray, *then: np.ndarray) -> int:
     return int(np.flatnonzero(near)[-1]) + 1
 
 
-def _costs(dsi: bool, a: np.ndarray, d: float, t: float, n: int, largest: int, floor: bool = True) -> np.ndarray:
-    """Lookahead 1..``largest`` (rows) by acceptance ``a`` (columns): the cost."""
+def _costs(
+    dsi: bool, a: np.ndarray, d: float, t: Seconds, n: int, largest: int, floor: bool = True, start: float = 0.0
+) -> np.ndarray:
+    """Lookahead 1..``largest`` (rows) by acceptance ``a`` (columns): the
+    cost; ``t``: a verification's seconds, or one per lookahead."""
     k = np.arange(1, largest + 1, dtype=float)[:, None]
+    tk = np.broadcast_to(np.asarray(t, dtype=float), (largest,))[:, None]
     if dsi:
-        return np.asarray(dsi_seconds_per_token(a[None, :], d, t, k, n, floor))
-    return np.asarray(si_seconds_per_token(a[None, :], d, t, k))
+        return np.asarray(dsi_seconds_per_token(a[None, :], d, tk, k, n, floor, step=_step(t), start=start))
+    return np.asarray(si_seconds_per_token(a[None, :], d, tk, k, start))
 
 
-def _choose(dsi: bool, a: np.ndarray, weights: np.ndarray, d: float, t: float, n: int, largest: int) -> int:
+def _step(t: Seconds) -> float:
+    """A verification of no drafts: ``t``, or the line's value below lookahead 1."""
+    if np.ndim(t) == 0:
+        return float(t)
+    t = np.asarray(t)
+    return float(max(t[0] - (t[1] - t[0] if len(t) > 1 else 0.0), 1e-9))
+
+
+def _choose(
+    dsi: bool, a: np.ndarray, weights: np.ndarray, d: float, t: Seconds, n: int, largest: int, start: float = 0.0
+) -> int:
     """The lookahead with the least cost expected over ``weights`` on ``a``.
     DSI's floor (the frontier steps set the pace) makes lookaheads equal when
     the drafter does not pay (text it cannot guess); among those, the one
@@ -130,19 +168,22 @@ def _choose(dsi: bool, a: np.ndarray, weights: np.ndarray, d: float, t: float, n
     until drafts show the change), then the one that would be best without
     the floor (a one-draft chunk issued next to the frontier step decides
     the position after it)."""
-    costs = _costs(dsi, a, d, t, n, largest)
+    costs = _costs(dsi, a, d, t, n, largest, start=start)
     if not dsi:
         return _pick(costs @ weights)
-    unfloored = _costs(dsi, a, d, t, n, largest, False) @ weights
-    if _costs(dsi, np.array([a @ weights]), d, t, n, largest).min() >= t / (1 + NEAR):  # no k pays now
+    unfloored = _costs(dsi, a, d, t, n, largest, False, start) @ weights
+    likeliest = np.array([a @ weights])
+    if _costs(dsi, likeliest, d, t, n, largest, start=start).min() >= _step(t) / (1 + NEAR):  # no k pays now
         return _pick(costs @ weights, costs.mean(axis=1), unfloored)
     return _pick(costs @ weights, unfloored)
 
 
-def best_lookahead(dsi: bool, a: float, d: float, t: float, n: int, largest: int = LARGEST) -> int:
+def best_lookahead(
+    dsi: bool, a: float, d: float, t: Seconds, n: int, largest: int = LARGEST, start: float = 0.0
+) -> int:
     """The lookahead in 1..``largest`` with the least expected time per token
     when the acceptance is ``a`` for sure."""
-    return _choose(dsi, np.array([min(max(a, 0.0), 0.999)]), np.ones(1), d, t, n, largest)
+    return _choose(dsi, np.array([min(max(a, 0.0), 0.999)]), np.ones(1), d, t, n, largest, start)
 
 
 class AcceptanceEstimate:
@@ -196,10 +237,12 @@ class AcceptanceEstimate:
         return w / w.sum()
 
 
-def robust_lookahead(dsi: bool, weights: np.ndarray, d: float, t: float, n: int, largest: int = LARGEST) -> int:
+def robust_lookahead(
+    dsi: bool, weights: np.ndarray, d: float, t: Seconds, n: int, largest: int = LARGEST, start: float = 0.0
+) -> int:
     """The lookahead in 1..``largest`` with the least time per token expected
     over acceptances distributed as ``weights`` on :data:`GRID`."""
-    return _choose(dsi, GRID, weights, d, t, n, largest)
+    return _choose(dsi, GRID, weights, d, t, n, largest, start)
 
 
 def replicas_needed(d: float, t: float, k: int) -> int:
@@ -207,6 +250,53 @@ def replicas_needed(d: float, t: float, k: int) -> int:
     verification takes ``t``, a chunk is drafted every ``k d``, plus the
     frontier step."""
     return math.ceil(t / max(k * d, 1e-9)) + 1
+
+
+class Line:
+    """Seconds as a line in tokens, fitted by exponentially weighted least
+    squares (a new sample weighs ``COST_WEIGHT``). Used for a verification's
+    seconds by the tokens it computes (its drafts, and what its replica had
+    not cached: ``k + 1`` for a chunk of ``k`` drafts on a replica that holds
+    the rest) and a draft stream's seconds to its first chunk by the drafts
+    in it. On a GPU a verification's line is nearly flat (reading the weights
+    sets a pass's time); on a CPU every token costs (a demo pair step: about
+    6 ms, and 0.2-0.8 ms more per draft). A stream's line starts at what
+    starting it costs (the call, the drafter's prefill), paid once per
+    stream: SI pays it every round. Until the samples spread over several
+    sizes (the lookahead changes; DSI's chunks and frontier steps differ)
+    the slope is unknown; it never falls below zero, nor the line at zero
+    tokens."""
+
+    def __init__(self) -> None:
+        self._sums = np.zeros(5)  # weight, tokens, seconds, tokens^2, tokens * seconds
+
+    def copy(self) -> Line:
+        other = Line()
+        other._sums = self._sums.copy()
+        return other
+
+    @property
+    def measured(self) -> bool:
+        return bool(self._sums[0])
+
+    def add(self, tokens: int, seconds: float) -> None:
+        sample = np.array([1.0, tokens, seconds, tokens * tokens, tokens * seconds])
+        self._sums = (1 - COST_WEIGHT) * self._sums + sample
+
+    def fit(self, slope: float | None = None, unsure: str = "flat") -> tuple[float, float]:
+        """Seconds at 0 tokens, and per token: the least-squares line, or
+        the one with the given ``slope``. Samples that do not spread give
+        ``unsure`` lines: ``flat`` (their mean seconds whatever the tokens)
+        or ``proportional`` (their seconds per token, nothing at 0)."""
+        _, x, y, xx, xy = self._sums / self._sums[0]
+        if slope is None:
+            spread = xx - x * x
+            if spread >= MIN_SPREAD:
+                slope = max(0.0, (xy - x * y) / spread)
+            else:
+                slope = y / x if unsure == "proportional" and x > 0 else 0.0
+        slope = min(slope, y / x) if x > 0 else slope  # no negative seconds at 0 tokens
+        return y - slope * x, slope
 
 
 @dataclass
@@ -219,10 +309,11 @@ class LookaheadPlanner:
     measure_target: Callable[[], tuple[float, int]]
     largest: int = LARGEST
     estimate: AcceptanceEstimate = field(default_factory=AcceptanceEstimate)
-    seconds_per_draft: float = 0.0  # 0 = not measured yet
+    verification: Line = field(default_factory=Line)  # a verification's seconds by the tokens it computes
+    stream_start: Line = field(default_factory=Line)  # a draft stream's seconds to its first chunk, by its drafts
+    later_drafts: float = 0.0  # seconds per draft in a stream's chunks after its first (0 = none timed)
     _lookahead: int = START
     _replicas: int = 0  # 0 = every replica the engine allows
-    _timed_later: bool = field(default=False, repr=False)  # timed a stream's chunk after its first
     _stale: bool = field(default=True, repr=False)  # measured something since the last choice
 
     def resume(self, previous: LookaheadPlanner | None) -> None:
@@ -231,13 +322,27 @@ class LookaheadPlanner:
         if previous is None:
             return
         self.estimate = previous.estimate.copy()
-        self.seconds_per_draft, self._timed_later = previous.seconds_per_draft, previous._timed_later
+        self.verification = previous.verification.copy()
+        self.stream_start = previous.stream_start.copy()
+        self.later_drafts = previous.later_drafts
         self._stale = True
 
     @property
     def measured(self) -> bool:
         """Whether it has measured anything worth starting the next generation from."""
-        return bool(self.seconds_per_draft and self.estimate.history)
+        return bool(self.drafting[1] and self.estimate.history)
+
+    @property
+    def drafting(self) -> tuple[float, float]:
+        """A draft stream's seconds before its drafts come, and per draft
+        (0, 0: not timed yet). Per draft: from chunks after a stream's first
+        where there are any (DSI's long streams), else from the first
+        chunks' line (SI's streams deliver their drafts in one chunk)."""
+        if not self.stream_start.measured:
+            return 0.0, self.later_drafts
+        if self.later_drafts:
+            return self.stream_start.fit(self.later_drafts)
+        return self.stream_start.fit(unsure="proportional")
 
     @property
     def acceptance(self) -> float:
@@ -248,16 +353,24 @@ class LookaheadPlanner:
         self.estimate.add(accepted)
         self._stale = True
 
+    def verified(self, tokens: int, seconds: float) -> None:
+        """A verification that computed ``tokens`` (drafts and what its
+        replica had not cached) took ``seconds``, call to answer."""
+        if tokens > 0 and seconds > 0:
+            self.verification.add(tokens, seconds)
+            self._stale = True
+
     def drafted(self, tokens: int, seconds: float, first: bool = False) -> None:
-        """``tokens`` drafted in ``seconds``. A stream's ``first`` chunk
-        includes a prefill: it counts only until a later chunk has been timed
-        (after a rejection a stream is often cancelled before its second)."""
-        if tokens <= 0 or seconds <= 0 or (first and self._timed_later):
+        """``tokens`` drafted in ``seconds``: a stream's ``first`` chunk,
+        since the stream was asked for (its start, the call and a prefill,
+        and its drafts), or a later one since the chunk before."""
+        if tokens <= 0 or seconds <= 0:
             return
-        sample = seconds / tokens
-        s = 0.0 if not first and not self._timed_later else self.seconds_per_draft
-        self._timed_later = self._timed_later or not first
-        self.seconds_per_draft = sample if s == 0 else s + SPEED_WEIGHT * (sample - s)
+        if first:
+            self.stream_start.add(tokens, seconds)
+        else:
+            sample, d = seconds / tokens, self.later_drafts
+            self.later_drafts = sample if not d else d + SPEED_WEIGHT * (sample - d)
         self._stale = True
 
     @property
@@ -275,12 +388,22 @@ class LookaheadPlanner:
     def _plan(self) -> None:
         """Choose again if something was measured since the last choice (once
         the drafter and the target have been timed)."""
-        if not self._stale or not self.seconds_per_draft:
+        if not self._stale:
             return
-        t, replicas = self.measure_target()
-        if not t:
+        start, d = self.drafting
+        if not d:
+            return
+        latency, replicas = self.measure_target()
+        if not latency and not self.verification.measured:
             return
         self._stale = False
-        d = self.seconds_per_draft
-        self._lookahead = robust_lookahead(self.dsi, self.estimate.weights(), d, t, replicas, self.largest)
-        self._replicas = min(replicas, replicas_needed(d, t, self._lookahead)) if self.dsi else 0
+        # What this generation's verifications took, by size; else the replicas' measured latency.
+        t: Seconds = latency
+        if self.verification.measured:  # a chunk of k drafts computes k + 1 tokens
+            base, per_token = self.verification.fit()
+            t = base + per_token * (np.arange(1, self.largest + 1) + 1.0)
+        weights = self.estimate.weights()
+        self._lookahead = robust_lookahead(self.dsi, weights, d, t, replicas, self.largest, start)
+        if self.dsi:
+            tk = float(np.broadcast_to(t, (self.largest,))[self._lookahead - 1])
+            self._replicas = min(replicas, replicas_needed(d, tk, self._lookahead))

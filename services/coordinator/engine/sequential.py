@@ -118,6 +118,7 @@ async def _draft(gen: Generation, slot: DrafterSlot, k: int) -> list[DraftToken]
     drafts: list[DraftToken] = []
     finished = False
     started = clock()
+    timed: list[tuple[int, float]] = []  # (drafts, seconds) of each chunk: since the call, then since the last
     try:
         while True:
             timeout = gen.draft_timeout()
@@ -128,6 +129,9 @@ async def _draft(gen: Generation, slot: DrafterSlot, k: int) -> list[DraftToken]
             except asyncio.TimeoutError:
                 raise Unavailable(f"{drafter.name} is unavailable: no draft chunk within {timeout:.3g}s") from None
             drafts.extend(chunk.tokens)
+            now = clock()
+            timed.append((len(chunk.tokens), now - started))
+            started = now
             if obs is not None:
                 obs.draft_chunk(DraftChunkInfo(sid, chunk.start_position, len(chunk.tokens), time.perf_counter()))
         finished = True
@@ -139,7 +143,8 @@ async def _draft(gen: Generation, slot: DrafterSlot, k: int) -> list[DraftToken]
             obs.draft_stream_ended(sid, time.perf_counter(), cancelled=not finished)
     gen.stats.drafted_tokens += len(drafts)
     if finished and slot.primary and gen.planner is not None:
-        gen.planner.drafted(len(drafts), clock() - started)
+        for i, (tokens, seconds) in enumerate(timed):  # the first chunk includes the stream's start
+            gen.planner.drafted(tokens, seconds, first=i == 0)
     return drafts
 
 
