@@ -246,3 +246,23 @@ def test_si_auto_measures_its_streams_start_drafts_and_verifications_through_the
     assert start == pytest.approx(0.004, abs=0.001) and d == pytest.approx(0.001, abs=0.0002)
     base, per_token = planner.verification.fit()  # k drafts: 6 + k ms over k + 1 tokens
     assert per_token == pytest.approx(0.001, abs=0.0002) and base == pytest.approx(0.005, abs=0.001)
+
+
+def test_the_estimate_follows_changes_as_far_as_changes_have_predicted_the_text():
+    """Text whose acceptance changes in blocks: the change-point model
+    predicts it far better than one acceptance for all, and gets the weight.
+    Text without changes (independent coins): one rejection is no news, and
+    moves the estimate little (the change-point model alone moved 0.9 to 0.8)."""
+    rng = np.random.default_rng(3)
+    blocks = AcceptanceEstimate()
+    for i in range(400):
+        blocks.add(bool(rng.random() < (0.95 if (i // 48) % 2 == 0 else 0.1)))
+    assert blocks.changing > 0.99
+    steady = AcceptanceEstimate()
+    for coin in rng.random(400) < 0.88:
+        steady.add(bool(coin))
+    assert steady.changing < 0.5
+    before = steady.mean()
+    steady.add(False)
+    assert 0 < before - steady.mean() < 0.04
+    assert steady.weights() @ GRID == pytest.approx(steady.mean(), abs=1e-3)

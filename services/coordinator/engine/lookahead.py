@@ -76,9 +76,9 @@ LEAD_CHUNKS = 2
 SPEED_WEIGHT = 0.2
 #: Lookaheads whose expected time per token is within this fraction of the best count as equally good.
 NEAR = 0.01
-#: Weight of a new verification in the line fitted to verifications' seconds by the tokens they compute.
+#: Weight of a new sample in a :class:`Line` (a verification's or a draft stream's seconds by its tokens).
 COST_WEIGHT = 0.03
-#: How widely (variance, tokens squared) the verifications' sizes must spread before the line gets a slope.
+#: How widely (variance, tokens squared) a :class:`Line`'s samples must spread before it gets a slope.
 MIN_SPREAD = 0.5
 
 
@@ -196,17 +196,34 @@ class AcceptanceEstimate:
     prior) on the acceptance, and :meth:`weights` mixes them. Steady text
     gives the long runs all the weight, so the estimate rests on up to
     ``MAX_RUN`` drafts; a few surprising coins in a row move the weight to a
-    short run at once, so the estimate follows a change within a few drafts."""
+    short run at once, so the estimate follows a change within a few drafts.
+
+    Text need not change in stretches: natural text has hard spots a token or
+    two long, and a model that expects changes reads each rejection as one
+    (one in text of 0.9 moved its estimate to 0.8, and SI's choice from 5 to
+    3, while the spot was already over). So the estimate mixes it with one
+    acceptance over all the last ``MAX_RUN`` drafts, weighted by how much
+    better each has predicted the recent drafts (:attr:`changing`: a log
+    odds of their predictions, forgetting at ``1 / MAX_RUN`` per draft)."""
 
     def __init__(self) -> None:
         self.history: deque[bool] = deque(maxlen=MAX_RUN)  # the last decided drafts, oldest first
         self.runs = np.ones(1)  # probability of run length 0, 1, .. len(history)
+        #: log odds that the acceptance changes along the text rather than stays: how much better the
+        #: change-point model predicted the recent drafts than one acceptance over all of them did
+        self.evidence = 0.0
 
     def copy(self) -> AcceptanceEstimate:
         other = AcceptanceEstimate()
         other.history.extend(self.history)
         other.runs = self.runs.copy()
+        other.evidence = self.evidence
         return other
+
+    @property
+    def changing(self) -> float:
+        """How likely the text's acceptance changes along it (0.5: no evidence either way)."""
+        return 1.0 / (1.0 + math.exp(-self.evidence))
 
     def _counts(self) -> tuple[np.ndarray, np.ndarray]:
         """Accepted and decided drafts among the last ``r``, for every run length ``r``."""
@@ -217,6 +234,8 @@ class AcceptanceEstimate:
         acc, dec = self._counts()
         p = (acc + 1) / (dec + 2)  # each run's predicted probability of an acceptance
         joint = self.runs * (p if accepted else 1 - p)
+        steady = p[-1] if accepted else 1 - p[-1]  # what one acceptance over every draft predicted
+        self.evidence += math.log(joint.sum() / steady) - self.evidence / MAX_RUN
         runs = np.concatenate(([joint.sum() * HAZARD], joint * (1 - HAZARD)))
         if len(runs) > MAX_RUN + 1:  # a run longer than MAX_RUN counts as MAX_RUN long
             runs[-2] += runs[-1]
@@ -226,15 +245,18 @@ class AcceptanceEstimate:
 
     def mean(self) -> float:
         acc, dec = self._counts()
-        return float(self.runs @ ((acc + 1) / (dec + 2)))
+        p = (acc + 1) / (dec + 2)
+        c = self.changing
+        return float(c * (self.runs @ p) + (1 - c) * p[-1])
 
     def weights(self) -> np.ndarray:
         """How likely each acceptance of :data:`GRID` is now (summing to 1)."""
         acc, dec = self._counts()
         log = acc[:, None] * _LOG_GRID + (dec - acc)[:, None] * _LOG1M_GRID
         pdf = np.exp(log - log.max(axis=1, keepdims=True))
-        w = self.runs @ (pdf / pdf.sum(axis=1, keepdims=True))
-        return w / w.sum()
+        pdf /= pdf.sum(axis=1, keepdims=True)
+        c = self.changing
+        return c * (self.runs @ pdf) / self.runs.sum() + (1 - c) * pdf[-1]
 
 
 def robust_lookahead(

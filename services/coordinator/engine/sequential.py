@@ -117,8 +117,8 @@ async def _draft(gen: Generation, slot: DrafterSlot, k: int) -> list[DraftToken]
         obs.draft_stream_started(sid, drafter.name, len(gen.committed), time.perf_counter())
     drafts: list[DraftToken] = []
     finished = False
-    started = clock()
-    timed: list[tuple[int, float]] = []  # (drafts, seconds) of each chunk: since the call, then since the last
+    since = clock()  # the call, then the last chunk
+    timed: list[tuple[int, float]] = []  # (drafts, seconds since) of each chunk
     try:
         while True:
             timeout = gen.draft_timeout()
@@ -130,8 +130,8 @@ async def _draft(gen: Generation, slot: DrafterSlot, k: int) -> list[DraftToken]
                 raise Unavailable(f"{drafter.name} is unavailable: no draft chunk within {timeout:.3g}s") from None
             drafts.extend(chunk.tokens)
             now = clock()
-            timed.append((len(chunk.tokens), now - started))
-            started = now
+            timed.append((len(chunk.tokens), now - since))
+            since = now
             if obs is not None:
                 obs.draft_chunk(DraftChunkInfo(sid, chunk.start_position, len(chunk.tokens), time.perf_counter()))
         finished = True
