@@ -306,12 +306,19 @@ class Pool(Generic[T]):
             slot.busy_until = max(slot.busy_until, started + slot.latency)
 
     def release(
-        self, lease: Lease, completed: bool = False, unreachable: bool = False, cancelled: bool = False
+        self,
+        lease: Lease,
+        completed: bool = False,
+        unreachable: bool = False,
+        cancelled: bool = False,
+        passes: float = 1.0,
     ) -> None:
-        """End a lease; ``completed`` requests update the replica's latency;
-        an ``unreachable`` replica is down until a health probe answers
-        (:meth:`mark_down`); a ``cancelled`` one's pass likely runs on until
-        it would have ended: other idle replicas are chosen first till then."""
+        """End a lease; ``completed`` requests update the replica's latency
+        (per pass: a request that was ``passes`` passes' worth of work, a
+        long prefill, counts its seconds over that many); an ``unreachable``
+        replica is down until a health probe answers (:meth:`mark_down`); a
+        ``cancelled`` one's pass likely runs on until it would have ended:
+        other idle replicas are chosen first till then."""
         if lease.released:
             return
         lease.released = True
@@ -323,7 +330,7 @@ class Pool(Generic[T]):
         elif completed:
             slot.failures = 0
         if completed:
-            seconds = clock() - lease.started
+            seconds = (clock() - lease.started) / max(passes, 1.0)
             slot.latency = seconds if slot.latency == 0.0 else slot.latency + EWMA * (seconds - slot.latency)
         slot.leases.discard(lease)
         if slot.draining and not slot.leases:

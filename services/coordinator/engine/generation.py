@@ -403,7 +403,8 @@ class Generation:
             self._failures = 0
             return result
         finally:
-            pool.release(lease, completed, unreachable)
+            # A long prefill is one pass per PREFILL_BLOCK tokens to the replica's measured latency.
+            pool.release(lease, completed, unreachable, passes=uncached / PREFILL_BLOCK)
 
     def _verify_timeout(self, replica: int, uncached: int) -> float:
         """Seconds a verification that computes ``uncached`` tokens may take on ``replica``."""
