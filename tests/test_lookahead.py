@@ -200,7 +200,7 @@ def test_si_pays_a_streams_start_every_round_so_its_chunks_grow_with_it():
     no_start = best_lookahead(False, 0.9, 0.002, 0.010, 1)
     assert best_lookahead(False, 0.9, 0.002, 0.010, 1, start=0.010) > no_start
     # and a verification that costs more with every draft (a CPU) shortens them
-    per_draft = 0.010 + 0.002 * (np.arange(1, LARGEST + 1) + 1.0)
+    per_draft = 0.010 + 0.002 * (np.arange(LARGEST + 1) + 1.0)  # 0..LARGEST drafts
     assert best_lookahead(False, 0.9, 0.002, per_draft, 1) < no_start
 
 

@@ -84,7 +84,7 @@ MIN_SPREAD = 0.5
 
 #: An acceptance, or an array of them (the cost functions broadcast).
 Acceptance = float | np.ndarray
-#: A verification's seconds, or an array of them: one per lookahead 1, 2, ...
+#: A verification's seconds, or an array of them: one per number of drafts 0, 1, 2, ... (0: a frontier step).
 Seconds = float | np.ndarray
 
 
@@ -142,20 +142,18 @@ def _costs(
     dsi: bool, a: np.ndarray, d: float, t: Seconds, n: int, largest: int, floor: bool = True, start: float = 0.0
 ) -> np.ndarray:
     """Lookahead 1..``largest`` (rows) by acceptance ``a`` (columns): the
-    cost; ``t``: a verification's seconds, or one per lookahead."""
+    cost; ``t``: a verification's seconds, or one per number of drafts
+    0..``largest``."""
     k = np.arange(1, largest + 1, dtype=float)[:, None]
-    tk = np.broadcast_to(np.asarray(t, dtype=float), (largest,))[:, None]
+    tk = _by_drafts(t, largest)
     if dsi:
-        return np.asarray(dsi_seconds_per_token(a[None, :], d, tk, k, n, floor, step=_step(t), start=start))
-    return np.asarray(si_seconds_per_token(a[None, :], d, tk, k, start))
+        return np.asarray(dsi_seconds_per_token(a[None, :], d, tk[1:, None], k, n, floor, step=tk[0], start=start))
+    return np.asarray(si_seconds_per_token(a[None, :], d, tk[1:, None], k, start))
 
 
-def _step(t: Seconds) -> float:
-    """A verification of no drafts: ``t``, or the line's value below lookahead 1."""
-    if np.ndim(t) == 0:
-        return float(t)
-    t = np.asarray(t)
-    return float(max(t[0] - (t[1] - t[0] if len(t) > 1 else 0.0), 1e-9))
+def _by_drafts(t: Seconds, largest: int) -> np.ndarray:
+    """A verification's seconds with 0..``largest`` drafts."""
+    return np.broadcast_to(np.asarray(t, dtype=float), (largest + 1,))
 
 
 def _choose(
@@ -173,7 +171,8 @@ def _choose(
         return _pick(costs @ weights)
     unfloored = _costs(dsi, a, d, t, n, largest, False, start) @ weights
     likeliest = np.array([a @ weights])
-    if _costs(dsi, likeliest, d, t, n, largest, start=start).min() >= _step(t) / (1 + NEAR):  # no k pays now
+    frontier_step = _by_drafts(t, largest)[0]
+    if _costs(dsi, likeliest, d, t, n, largest, start=start).min() >= frontier_step / (1 + NEAR):  # no k pays
         return _pick(costs @ weights, costs.mean(axis=1), unfloored)
     return _pick(costs @ weights, unfloored)
 
@@ -423,9 +422,9 @@ class LookaheadPlanner:
         t: Seconds = latency
         if self.verification.measured:  # a chunk of k drafts computes k + 1 tokens
             base, per_token = self.verification.fit()
-            t = base + per_token * (np.arange(1, self.largest + 1) + 1.0)
+            t = base + per_token * (np.arange(self.largest + 1) + 1.0)
         weights = self.estimate.weights()
         self._lookahead = robust_lookahead(self.dsi, weights, d, t, replicas, self.largest, start)
         if self.dsi:
-            tk = float(np.broadcast_to(t, (self.largest,))[self._lookahead - 1])
+            tk = float(_by_drafts(t, self.largest)[self._lookahead])
             self._replicas = min(replicas, replicas_needed(d, tk, self._lookahead))
