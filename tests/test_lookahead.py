@@ -266,3 +266,23 @@ def test_the_estimate_follows_changes_as_far_as_changes_have_predicted_the_text(
     steady.add(False)
     assert 0 < before - steady.mean() < 0.04
     assert steady.weights() @ GRID == pytest.approx(steady.mean(), abs=1e-3)
+
+
+def test_a_long_prompts_prefill_does_not_bend_the_verification_line():
+    """A 2000-token prompt prefilled at 0.5 ms a token (1 s) is one sample far
+    out on the line of a verification's seconds by its tokens; fitted in, it
+    would tilt the line for chunks of a few drafts. It is left out."""
+    target = "synthetic:vocab=300,seed=9,ttft_ms=6,tpot_ms=6,verify_token_ms=1,prefill_token_ms=0.5"
+    drafter = "synthetic:vocab=300,seed=9,ttft_ms=1,tpot_ms=1,acceptance=0.8"
+
+    async def go() -> LookaheadPlanner:
+        t = LocalTarget(load_target_model(target))
+        eng = Engine([t], [LocalDrafter(load_drafter_model(drafter))], max_context=8192, vocab_size=300)
+        gen = eng.generate([1 + i % 299 for i in range(2000)], GenerationParams(100, strategy=Strategy.SI, lookahead=0))
+        async for _ in gen.tokens():
+            pass
+        assert gen.planner is not None
+        return gen.planner
+
+    base, per_token = run_virtual(go()).verification.fit()
+    assert per_token == pytest.approx(0.001, abs=0.0003) and base == pytest.approx(0.005, abs=0.0015)

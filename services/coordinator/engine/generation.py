@@ -354,7 +354,7 @@ class Generation:
         target = self.engine.targets.member(lease.replica)
         started = clock()
         result = await self.on_replica(lease, length, target.verify(request), uncached)
-        if self.planner is not None:
+        if self.planner is not None and uncached <= PREFILL_BLOCK:  # a long prefill says little about a chunk
             self.planner.verified(uncached, clock() - started)
         return result
 
