@@ -233,9 +233,10 @@ class AcceptanceEstimate:
         acc, dec = self._counts()
         p = (acc + 1) / (dec + 2)  # each run's predicted probability of an acceptance
         joint = self.runs * (p if accepted else 1 - p)
-        steady = p[-1] if accepted else 1 - p[-1]  # what one acceptance over every draft predicted
-        self.evidence += math.log(joint.sum() / steady) - self.evidence / MAX_RUN
-        runs = np.concatenate(([joint.sum() * HAZARD], joint * (1 - HAZARD)))
+        predicted = joint.sum()  # what the change-point model predicted for this draft
+        steady = p[-1] if accepted else 1 - p[-1]  # ... and one acceptance over every draft
+        self.evidence += math.log(predicted / steady) - self.evidence / MAX_RUN
+        runs = np.concatenate(([predicted * HAZARD], joint * (1 - HAZARD)))
         if len(runs) > MAX_RUN + 1:  # a run longer than MAX_RUN counts as MAX_RUN long
             runs[-2] += runs[-1]
             runs = runs[:-1]
@@ -304,18 +305,18 @@ class Line:
         sample = np.array([1.0, tokens, seconds, tokens * tokens, tokens * seconds])
         self._sums = (1 - COST_WEIGHT) * self._sums + sample
 
-    def fit(self, slope: float | None = None, unsure: str = "flat") -> tuple[float, float]:
+    def fit(self, slope: float | None = None, through_zero: bool = False) -> tuple[float, float]:
         """Seconds at 0 tokens, and per token: the least-squares line, or
-        the one with the given ``slope``. Samples that do not spread give
-        ``unsure`` lines: ``flat`` (their mean seconds whatever the tokens)
-        or ``proportional`` (their seconds per token, nothing at 0)."""
+        the one with the given ``slope``. Samples that do not spread give a
+        flat line (their mean seconds whatever the tokens) or, with
+        ``through_zero``, their seconds per token (nothing at 0)."""
         _, x, y, xx, xy = self._sums / self._sums[0]
         if slope is None:
             spread = xx - x * x
             if spread >= MIN_SPREAD:
                 slope = max(0.0, (xy - x * y) / spread)
             else:
-                slope = y / x if unsure == "proportional" and x > 0 else 0.0
+                slope = y / x if through_zero and x > 0 else 0.0
         slope = min(slope, y / x) if x > 0 else slope  # no negative seconds at 0 tokens
         return y - slope * x, slope
 
@@ -363,7 +364,7 @@ class LookaheadPlanner:
             return 0.0, self.later_drafts
         if self.later_drafts:
             return self.stream_start.fit(self.later_drafts)
-        return self.stream_start.fit(unsure="proportional")
+        return self.stream_start.fit(through_zero=True)
 
     @property
     def acceptance(self) -> float:
