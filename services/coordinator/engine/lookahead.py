@@ -24,17 +24,16 @@ per token of the strategy's rules:
   every ``t / (n - 1)`` at most, carrying what was drafted meanwhile, so
   ``k' = max(k, t / ((n - 1) d'))`` drafts each, where ``d'`` is ``d`` or,
   when drafting is held back by its lead limit (``k (n + 2)`` drafts ahead of
-  the committed text, each committed about ``k d + t`` after it is drafted),
+  the committed text, each committed about ``s + k d + t`` after it is drafted),
   ``(s + k d + t) / (k (n + 2))``. With ``L`` accepted drafts before the first
   rejection (geometric), the chunk holding it is decided one verification
   after its dispatch, so a restart-to-restart round takes
   ``s + k d + a^k k' d' / (1 - a^k') + t`` in expectation and commits ``L + 1``
   tokens: per token ``(1 - a)`` times that, and never more than ``t`` of no
   drafts (a frontier step always runs: DSI is never slower than non-SI). The
-  generation
-  keeps ``ceil(t / (k d)) + 1`` replicas busy at most: more would wait for
-  drafts. Each replica advances the text by about ``k`` per verification, so
-  a token costs at least ``t / (n k)``.
+  generation keeps ``ceil(t / (k d)) + 1`` replicas busy at most: more would
+  wait for drafts. Each replica advances the text by about ``k`` per
+  verification, so a token costs at least ``t / (n k)``.
 
 The acceptance is not known, only measured, and a wrong guess costs
 unevenly: SI with chunks too long for the text pays for drafts thrown away,
