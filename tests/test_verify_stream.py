@@ -135,7 +135,7 @@ async def test_a_half_closed_stream_ends_only_after_every_answer_is_written():
     ],
 )
 def test_a_failed_stream_fails_its_calls_over_unless_the_caller_is_at_fault(code, expected) -> None:
-    from dsi.wire.verify_stream import _stream_error
+    from dsi.wire.call_stream import _stream_error
 
     exc = grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details="x")
     assert type(_stream_error(exc, "target t")) is expected
@@ -256,7 +256,7 @@ async def test_a_target_shutting_down_finishes_calls_in_flight_and_ends_its_stre
         first = asyncio.ensure_future(c.verify(req("g", [1, 2])))
         await eventually(lambda: local.sessions.busy == 1)
         stopping = asyncio.ensure_future(running.stop(grace=5.0, wind_down=servicer.wind_down))
-        await eventually(lambda: servicer.draining)
+        await eventually(lambda: servicer.streams.draining)
         with pytest.raises(errors.Unavailable, match="shutting down"):
             await c.verify(req("late", [1, 2]))
         assert isinstance(await first, VerifyResult), "the call in flight was answered"

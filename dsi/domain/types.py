@@ -221,6 +221,7 @@ class ServiceLimits:
     accepts_context_prefix: bool = False
     accepts_verify_stream: bool = False  # serves TargetService.VerifyStream (target)
     accepts_decode: bool = False  # serves TargetService.Decode (target)
+    accepts_draft_stream: bool = False  # serves DrafterService.DraftStream (drafter)
 
 
 @dataclass

@@ -259,6 +259,7 @@ class ServiceLimits(_message.Message):
     ACCEPTS_CONTEXT_PREFIX_FIELD_NUMBER: _builtins.int
     ACCEPTS_VERIFY_STREAM_FIELD_NUMBER: _builtins.int
     ACCEPTS_DECODE_FIELD_NUMBER: _builtins.int
+    ACCEPTS_DRAFT_STREAM_FIELD_NUMBER: _builtins.int
     max_draft_tokens: _builtins.int
     """Maximum number of draft tokens in one Verify request (target only)."""
     max_lookahead: _builtins.int
@@ -291,6 +292,11 @@ class ServiceLimits(_message.Message):
     streamed token by token; target only). A client decodes with Verify calls
     without draft tokens from a target without it.
     """
+    accepts_draft_stream: _builtins.bool
+    """Whether the drafter serves DrafterService.DraftStream (many Draft calls
+    on one stream; drafter only). A client must use Draft with a drafter
+    without it.
+    """
     def __init__(
         self,
         *,
@@ -303,10 +309,11 @@ class ServiceLimits(_message.Message):
         accepts_context_prefix: _builtins.bool = ...,
         accepts_verify_stream: _builtins.bool = ...,
         accepts_decode: _builtins.bool = ...,
+        accepts_draft_stream: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepts_context_prefix", b"accepts_context_prefix", "accepts_decode", b"accepts_decode", "accepts_verify_stream", b"accepts_verify_stream", "max_batch", b"max_batch", "max_batch_tokens", b"max_batch_tokens", "max_draft_tokens", b"max_draft_tokens", "max_lookahead", b"max_lookahead", "max_sessions", b"max_sessions", "session_idle_timeout_seconds", b"session_idle_timeout_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepts_context_prefix", b"accepts_context_prefix", "accepts_decode", b"accepts_decode", "accepts_draft_stream", b"accepts_draft_stream", "accepts_verify_stream", b"accepts_verify_stream", "max_batch", b"max_batch", "max_batch_tokens", b"max_batch_tokens", "max_draft_tokens", b"max_draft_tokens", "max_lookahead", b"max_lookahead", "max_sessions", b"max_sessions", "session_idle_timeout_seconds", b"session_idle_timeout_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -221,3 +221,145 @@ class DrafterServiceReleaseSessionResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DrafterServiceReleaseSessionResponse: _TypeAlias = DrafterServiceReleaseSessionResponse  # noqa: Y015
+
+@_typing.final
+class DraftStreamRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CALL_ID_FIELD_NUMBER: _builtins.int
+    DRAFT_FIELD_NUMBER: _builtins.int
+    CANCEL_FIELD_NUMBER: _builtins.int
+    call_id: _builtins.int
+    """Names the call: chosen by the client, unique among its calls in flight
+    on this stream (a counter from 1 will do).
+    """
+    @_builtins.property
+    def draft(self) -> Global___DraftRequest:
+        """Starts call call_id: a Draft request."""
+
+    @_builtins.property
+    def cancel(self) -> Global___DraftStreamCancel:
+        """Cancels call call_id (an unknown or finished one is ignored)."""
+
+    def __init__(
+        self,
+        *,
+        call_id: _builtins.int = ...,
+        draft: Global___DraftRequest | None = ...,
+        cancel: Global___DraftStreamCancel | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cancel", b"cancel", "draft", b"draft", "kind", b"kind"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["call_id", b"call_id", "cancel", b"cancel", "draft", b"draft", "kind", b"kind"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["draft", "cancel"]  # noqa: Y015
+    _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
+
+Global___DraftStreamRequest: _TypeAlias = DraftStreamRequest  # noqa: Y015
+
+@_typing.final
+class DraftStreamCancel(_message.Message):
+    """Cancels the call named by DraftStreamRequest.call_id."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DraftStreamCancel: _TypeAlias = DraftStreamCancel  # noqa: Y015
+
+@_typing.final
+class DraftStreamResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CALL_ID_FIELD_NUMBER: _builtins.int
+    CHUNK_FIELD_NUMBER: _builtins.int
+    END_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    call_id: _builtins.int
+    """The call this message belongs to."""
+    @_builtins.property
+    def chunk(self) -> Global___DraftResponse:
+        """A chunk, as Draft streams it."""
+
+    @_builtins.property
+    def end(self) -> Global___DraftStreamEnd:
+        """The call ended OK: no chunk of it follows."""
+
+    @_builtins.property
+    def error(self) -> Global___DraftStreamError:
+        """The call failed with the status Draft would have ended with; no chunk
+        of it follows.
+        """
+
+    def __init__(
+        self,
+        *,
+        call_id: _builtins.int = ...,
+        chunk: Global___DraftResponse | None = ...,
+        end: Global___DraftStreamEnd | None = ...,
+        error: Global___DraftStreamError | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "end", b"end", "error", b"error", "outcome", b"outcome"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["call_id", b"call_id", "chunk", b"chunk", "end", b"end", "error", b"error", "outcome", b"outcome"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_outcome: _TypeAlias = _typing.Literal["chunk", "end", "error"]  # noqa: Y015
+    _WhichOneofArgType_outcome: _TypeAlias = _typing.Literal["outcome", b"outcome"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_outcome) -> _WhichOneofReturnType_outcome | None: ...
+
+Global___DraftStreamResponse: _TypeAlias = DraftStreamResponse  # noqa: Y015
+
+@_typing.final
+class DraftStreamEnd(_message.Message):
+    """The end of a call on a DraftStream."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DraftStreamEnd: _TypeAlias = DraftStreamEnd  # noqa: Y015
+
+@_typing.final
+class DraftStreamError(_message.Message):
+    """A failed call on a DraftStream: the status a Draft call would have ended
+    with.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CODE_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    code: _builtins.int
+    """The gRPC status code (google.rpc.Code numbering: 3 INVALID_ARGUMENT,
+    8 RESOURCE_EXHAUSTED, 14 UNAVAILABLE, ...).
+    """
+    message: _builtins.str
+    """The status message."""
+    def __init__(
+        self,
+        *,
+        code: _builtins.int = ...,
+        message: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "message", b"message"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DraftStreamError: _TypeAlias = DraftStreamError  # noqa: Y015

@@ -45,6 +45,11 @@ class DrafterServiceStub:
                 request_serializer=dsi_dot_v1_dot_drafter__pb2.DraftRequest.SerializeToString,
                 response_deserializer=dsi_dot_v1_dot_drafter__pb2.DraftResponse.FromString,
                 _registered_method=True)
+        self.DraftStream = channel.stream_stream(
+                '/dsi.v1.DrafterService/DraftStream',
+                request_serializer=dsi_dot_v1_dot_drafter__pb2.DraftStreamRequest.SerializeToString,
+                response_deserializer=dsi_dot_v1_dot_drafter__pb2.DraftStreamResponse.FromString,
+                _registered_method=True)
         self.ReleaseSession = channel.unary_unary(
                 '/dsi.v1.DrafterService/ReleaseSession',
                 request_serializer=dsi_dot_v1_dot_drafter__pb2.DrafterServiceReleaseSessionRequest.SerializeToString,
@@ -75,6 +80,37 @@ class DrafterServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DraftStream(self, request_iterator, context):
+        """Many Draft calls over one long-lived stream (drafters whose
+        ServiceLimits.accepts_draft_stream is set): each call is a message out
+        and its chunks come back as messages, instead of a new call per draft
+        stream, which saves the cost of setting up a call (and the wake-ups it
+        takes) every round. A client keeps one such stream per drafter instance
+        and multiplexes its calls on it:
+
+        - each DraftStreamRequest with `draft` starts a call, named by a call_id
+        the client chooses (unique among its calls in flight on this stream).
+        Calls on one stream run concurrently, as separate Draft calls do;
+        - a call's chunks come as DraftStreamResponses with its call_id and
+        `chunk` (what Draft streams), in order, then exactly one with `end`
+        (Draft ended OK) or `error` (the status code and message Draft would
+        have ended with), unless it was cancelled. Messages of different calls
+        interleave;
+        - a DraftStreamRequest with `cancel` cancels the call with that call_id,
+        as cancelling a Draft call does (drafting stops within one token step);
+        chunks already on their way may still arrive, then nothing more (an
+        unknown or finished call_id is ignored);
+        - the stream's own metadata carries what a call's would (the bearer
+        token); request-size and concurrency limits apply to each message and
+        each call as they apply to Draft calls;
+        - when the client half-closes, calls in flight run to their end and the
+        stream ends OK; when the client cancels the stream, or it breaks, every
+        call in flight on it is cancelled.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ReleaseSession(self, request, context):
         """Drops a session and the cache it holds. Releasing an unknown session is
         not an error (released = false).
@@ -95,6 +131,11 @@ def add_DrafterServiceServicer_to_server(servicer, server):
                     servicer.Draft,
                     request_deserializer=dsi_dot_v1_dot_drafter__pb2.DraftRequest.FromString,
                     response_serializer=dsi_dot_v1_dot_drafter__pb2.DraftResponse.SerializeToString,
+            ),
+            'DraftStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.DraftStream,
+                    request_deserializer=dsi_dot_v1_dot_drafter__pb2.DraftStreamRequest.FromString,
+                    response_serializer=dsi_dot_v1_dot_drafter__pb2.DraftStreamResponse.SerializeToString,
             ),
             'ReleaseSession': grpc.unary_unary_rpc_method_handler(
                     servicer.ReleaseSession,
@@ -157,6 +198,33 @@ class DrafterService:
             '/dsi.v1.DrafterService/Draft',
             dsi_dot_v1_dot_drafter__pb2.DraftRequest.SerializeToString,
             dsi_dot_v1_dot_drafter__pb2.DraftResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DraftStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/dsi.v1.DrafterService/DraftStream',
+            dsi_dot_v1_dot_drafter__pb2.DraftStreamRequest.SerializeToString,
+            dsi_dot_v1_dot_drafter__pb2.DraftStreamResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -43,6 +43,33 @@ class DrafterServiceStub:
     leaves its session idle (its cache kept for reuse until released or
     evicted).
     """
+    DraftStream: _grpc.StreamStreamMultiCallable[_drafter_pb2.DraftStreamRequest, _drafter_pb2.DraftStreamResponse]
+    """Many Draft calls over one long-lived stream (drafters whose
+    ServiceLimits.accepts_draft_stream is set): each call is a message out
+    and its chunks come back as messages, instead of a new call per draft
+    stream, which saves the cost of setting up a call (and the wake-ups it
+    takes) every round. A client keeps one such stream per drafter instance
+    and multiplexes its calls on it:
+
+    - each DraftStreamRequest with `draft` starts a call, named by a call_id
+      the client chooses (unique among its calls in flight on this stream).
+      Calls on one stream run concurrently, as separate Draft calls do;
+    - a call's chunks come as DraftStreamResponses with its call_id and
+      `chunk` (what Draft streams), in order, then exactly one with `end`
+      (Draft ended OK) or `error` (the status code and message Draft would
+      have ended with), unless it was cancelled. Messages of different calls
+      interleave;
+    - a DraftStreamRequest with `cancel` cancels the call with that call_id,
+      as cancelling a Draft call does (drafting stops within one token step);
+      chunks already on their way may still arrive, then nothing more (an
+      unknown or finished call_id is ignored);
+    - the stream's own metadata carries what a call's would (the bearer
+      token); request-size and concurrency limits apply to each message and
+      each call as they apply to Draft calls;
+    - when the client half-closes, calls in flight run to their end and the
+      stream ends OK; when the client cancels the stream, or it breaks, every
+      call in flight on it is cancelled.
+    """
     ReleaseSession: _grpc.UnaryUnaryMultiCallable[_drafter_pb2.DrafterServiceReleaseSessionRequest, _drafter_pb2.DrafterServiceReleaseSessionResponse]
     """Drops a session and the cache it holds. Releasing an unknown session is
     not an error (released = false).
@@ -62,6 +89,33 @@ class DrafterServiceAsyncStub(DrafterServiceStub):
     client cancels. A cancelled stream stops within one token step and
     leaves its session idle (its cache kept for reuse until released or
     evicted).
+    """
+    DraftStream: _aio.StreamStreamMultiCallable[_drafter_pb2.DraftStreamRequest, _drafter_pb2.DraftStreamResponse]  # type: ignore[assignment]
+    """Many Draft calls over one long-lived stream (drafters whose
+    ServiceLimits.accepts_draft_stream is set): each call is a message out
+    and its chunks come back as messages, instead of a new call per draft
+    stream, which saves the cost of setting up a call (and the wake-ups it
+    takes) every round. A client keeps one such stream per drafter instance
+    and multiplexes its calls on it:
+
+    - each DraftStreamRequest with `draft` starts a call, named by a call_id
+      the client chooses (unique among its calls in flight on this stream).
+      Calls on one stream run concurrently, as separate Draft calls do;
+    - a call's chunks come as DraftStreamResponses with its call_id and
+      `chunk` (what Draft streams), in order, then exactly one with `end`
+      (Draft ended OK) or `error` (the status code and message Draft would
+      have ended with), unless it was cancelled. Messages of different calls
+      interleave;
+    - a DraftStreamRequest with `cancel` cancels the call with that call_id,
+      as cancelling a Draft call does (drafting stops within one token step);
+      chunks already on their way may still arrive, then nothing more (an
+      unknown or finished call_id is ignored);
+    - the stream's own metadata carries what a call's would (the bearer
+      token); request-size and concurrency limits apply to each message and
+      each call as they apply to Draft calls;
+    - when the client half-closes, calls in flight run to their end and the
+      stream ends OK; when the client cancels the stream, or it breaks, every
+      call in flight on it is cancelled.
     """
     ReleaseSession: _aio.UnaryUnaryMultiCallable[_drafter_pb2.DrafterServiceReleaseSessionRequest, _drafter_pb2.DrafterServiceReleaseSessionResponse]  # type: ignore[assignment]
     """Drops a session and the cache it holds. Releasing an unknown session is
@@ -91,6 +145,39 @@ class DrafterServiceServicer(metaclass=_abc_1.ABCMeta):
         client cancels. A cancelled stream stops within one token step and
         leaves its session idle (its cache kept for reuse until released or
         evicted).
+        """
+
+    @_abc_1.abstractmethod
+    def DraftStream(
+        self,
+        request_iterator: _MaybeAsyncIterator[_drafter_pb2.DraftStreamRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_drafter_pb2.DraftStreamResponse], _abc.AsyncIterator[_drafter_pb2.DraftStreamResponse]]:
+        """Many Draft calls over one long-lived stream (drafters whose
+        ServiceLimits.accepts_draft_stream is set): each call is a message out
+        and its chunks come back as messages, instead of a new call per draft
+        stream, which saves the cost of setting up a call (and the wake-ups it
+        takes) every round. A client keeps one such stream per drafter instance
+        and multiplexes its calls on it:
+
+        - each DraftStreamRequest with `draft` starts a call, named by a call_id
+          the client chooses (unique among its calls in flight on this stream).
+          Calls on one stream run concurrently, as separate Draft calls do;
+        - a call's chunks come as DraftStreamResponses with its call_id and
+          `chunk` (what Draft streams), in order, then exactly one with `end`
+          (Draft ended OK) or `error` (the status code and message Draft would
+          have ended with), unless it was cancelled. Messages of different calls
+          interleave;
+        - a DraftStreamRequest with `cancel` cancels the call with that call_id,
+          as cancelling a Draft call does (drafting stops within one token step);
+          chunks already on their way may still arrive, then nothing more (an
+          unknown or finished call_id is ignored);
+        - the stream's own metadata carries what a call's would (the bearer
+          token); request-size and concurrency limits apply to each message and
+          each call as they apply to Draft calls;
+        - when the client half-closes, calls in flight run to their end and the
+          stream ends OK; when the client cancels the stream, or it breaks, every
+          call in flight on it is cancelled.
         """
 
     @_abc_1.abstractmethod

@@ -119,6 +119,7 @@ def service_info_parts(info: ServiceInfo) -> dict:
             accepts_context_prefix=lim.accepts_context_prefix,
             accepts_verify_stream=lim.accepts_verify_stream,
             accepts_decode=lim.accepts_decode,
+            accepts_draft_stream=lim.accepts_draft_stream,
         ),
         counters=common_pb2.ServiceCounters(**vars(cnt)),
     )
@@ -140,6 +141,7 @@ def service_info_from_pb(
             lim.accepts_context_prefix,
             lim.accepts_verify_stream,
             lim.accepts_decode,
+            lim.accepts_draft_stream,
         ),
         counters=ServiceCounters(**{f: getattr(cnt, f) for f in vars(ServiceCounters())}),
     )

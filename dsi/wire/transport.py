@@ -28,17 +28,19 @@ from dsi.domain.types import (
 )
 from dsi.v1 import drafter_pb2, drafter_pb2_grpc, target_pb2, target_pb2_grpc
 from dsi.wire import convert
+from dsi.wire.call_stream import DraftStream, VerifyStream
 from dsi.wire.grpc_status import call, to_domain
 from dsi.wire.security import PLAINTEXT, ClientSecurity
-from dsi.wire.verify_stream import VerifyStream
 
 #: Set to 0 to make every GrpcTarget use unary Verify calls even with targets that serve VerifyStream
-#: and Decode (for comparisons; the coordinator's ``--no-verify-stream`` does the same).
+#: and Decode, and every GrpcDrafter a Draft call per draft stream even with drafters that serve
+#: DraftStream (for comparisons; the coordinator's ``--no-verify-stream`` does the same).
 VERIFY_STREAM_ENV = "DSI_VERIFY_STREAM"
 
 
 def verify_stream_default() -> bool:
-    """Whether GrpcTargets use VerifyStream where they can, unless told: yes, unless $DSI_VERIFY_STREAM=0."""
+    """Whether GrpcTargets use VerifyStream and Decode, and GrpcDrafters DraftStream, where they can,
+    unless told: yes, unless $DSI_VERIFY_STREAM=0."""
     return os.environ.get(VERIFY_STREAM_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
 
 
@@ -98,6 +100,15 @@ async def server_stream(call: Any, from_pb: Callable[[Any], T], peer: str) -> As
         raise to_domain(exc, peer) from None
     finally:
         call.cancel()
+
+
+async def _converted(messages: AsyncIterator[Any], from_pb: Callable[[Any], T]) -> AsyncIterator[T]:
+    """``messages`` converted; closing the iteration closes theirs."""
+    try:
+        async for msg in messages:
+            yield from_pb(msg)
+    finally:
+        await messages.aclose()  # type: ignore[attr-defined]
 
 
 class GrpcTarget(Target):
@@ -253,25 +264,47 @@ class GrpcDrafter(Drafter):
         interceptors: Sequence[grpc.aio.ClientInterceptor] | None = None,
         security: ClientSecurity | None = None,
         server_name: str | None = None,
+        draft_stream: bool | None = None,
     ) -> None:
         """``server_name``: the name its TLS certificate carries, when it is
-        dialled by another (a replica found by DNS, dialled by IP address)."""
+        dialled by another (a replica found by DNS, dialled by IP address).
+
+        ``draft_stream``: send draft calls over one DraftStream once
+        :meth:`info` says the drafter serves it (default:
+        :func:`verify_stream_default`); not with call interceptors, as
+        :class:`GrpcTarget`'s VerifyStream."""
         self.name = f"drafter {address}"
         self.address = address
         self._own_channel = channel is None
         if security is not None and server_name:
             security = security.for_name(server_name)
+        intercepted = bool(interceptors) or any(make() for make in CHANNEL_INTERCEPTORS)
         self.channel = channel or open_channel(address, interceptors, security)
         self.stub = drafter_pb2_grpc.DrafterServiceStub(self.channel)
         self.timeout = timeout
+        if draft_stream is None:
+            draft_stream = verify_stream_default()
+        #: the stream draft calls go over, once the drafter said it serves one (Info); None: Draft calls
+        self.stream: DraftStream | None = None
+        self._stream_wanted = draft_stream and not intercepted
+        self._stream_client = DraftStream(self.stub, self.name)
 
     async def info(self) -> ServiceInfo:
         resp = await call(self.name, self.stub.Info(drafter_pb2.DrafterServiceInfoRequest(), timeout=self.timeout))
-        return convert.service_info_from_pb(resp)
+        info = convert.service_info_from_pb(resp)
+        self.stream = self._stream_client if self._stream_wanted and info.limits.accepts_draft_stream else None
+        return info
+
+    @property
+    def stream_calls(self) -> int:
+        """Draft calls sent over a DraftStream so far."""
+        return self._stream_client.calls
 
     def draft(self, request: DraftRequest) -> AsyncIterator[DraftChunk]:
-        call = self.stub.Draft(convert.draft_request_to_pb(request))
-        return server_stream(call, convert.draft_chunk_from_pb, self.name)
+        pb = convert.draft_request_to_pb(request)
+        if self.stream is not None:
+            return _converted(self.stream.draft(pb), convert.draft_chunk_from_pb)
+        return server_stream(self.stub.Draft(pb), convert.draft_chunk_from_pb, self.name)
 
     async def release_session(self, session_id: str) -> bool:
         req = drafter_pb2.DrafterServiceReleaseSessionRequest(session_id=session_id)
@@ -279,5 +312,6 @@ class GrpcDrafter(Drafter):
         return resp.released
 
     async def close(self) -> None:
+        await self._stream_client.close()
         if self._own_channel:
             await self.channel.close()

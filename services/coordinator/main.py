@@ -87,8 +87,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         action="store_false",
         default=verify_stream_default(),
         help="send each verification as its own Verify call, not as a message on one VerifyStream per target"
-        " replica, and decode non-SI with Verify calls, not a Decode stream (the streams are the default with"
-        " targets that serve them; for comparisons; also $DSI_VERIFY_STREAM=0)",
+        " replica, decode non-SI with Verify calls, not a Decode stream, and draft with a Draft call per draft"
+        " stream, not a message on one DraftStream per drafter (the streams are the default with peers that"
+        " serve them; for comparisons; also $DSI_VERIFY_STREAM=0)",
     )
     p.add_argument(
         "--verify-timeout",
@@ -181,7 +182,7 @@ async def build(args: argparse.Namespace) -> Coordinator:
         args.target,
         args.drafter,
         functools.partial(GrpcTarget, security=peers, verify_stream=args.verify_stream),
-        functools.partial(make_drafter, security=peers),
+        functools.partial(make_drafter, security=peers, draft_stream=args.verify_stream),
         codec,
         defaults,
         args.connect_timeout,

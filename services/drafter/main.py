@@ -20,7 +20,7 @@ from dsi.serving import tracing
 from dsi.serving.gate import add_concurrency_argument, policy_from_args, security_from_args
 from dsi.serving.metrics import add_metrics_argument, serve_service_metrics
 from dsi.serving.server import announce, serve_until_signal, start_server
-from services.drafter.service import SERVICE_NAME, register
+from services.drafter.service import MODEL_METHODS, DrafterServicer, register_servicer
 
 log = logging.getLogger("dsi.drafter")
 
@@ -47,10 +47,11 @@ async def run(args: argparse.Namespace) -> None:
         )
         sweeper = asyncio.ensure_future(drafter.sessions.sweep_forever())
     model_info = drafter.model.info
-    policy = policy_from_args(args, model_info.max_context_tokens, [f"/{SERVICE_NAME}/Draft"], security)
+    policy = policy_from_args(args, model_info.max_context_tokens, MODEL_METHODS, security)
     metrics = await serve_service_metrics("drafter", drafter, args.host, args.metrics_port, policy.security)
     tracing.instrument_backend("drafter", drafter)  # after metrics: chains its hook; nothing when tracing is off
-    running = await start_server(register(drafter), args.host, args.port, policy)
+    servicer = DrafterServicer(drafter)
+    running = await start_server(register_servicer(servicer), args.host, args.port, policy)
     log.info(
         "drafter serving",
         extra={
@@ -71,4 +72,4 @@ async def run(args: argparse.Namespace) -> None:
         if metrics is not None:
             await metrics.stop()
 
-    await serve_until_signal(running, args.grace, args.drain_delay, on_stop=stop)
+    await serve_until_signal(running, args.grace, args.drain_delay, on_stop=stop, wind_down=servicer.wind_down)

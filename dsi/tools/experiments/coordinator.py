@@ -62,7 +62,11 @@ async def run(args: argparse.Namespace) -> None:
             a,
             NgramDrafter(a)
             if is_ngram(a)
-            else GrpcDrafter(a, interceptors=netdelay.interceptors(delay(args.drafter_delay_ms, i))),
+            else GrpcDrafter(
+                a,
+                interceptors=netdelay.interceptors(delay(args.drafter_delay_ms, i)),
+                draft_stream=args.verify_stream,
+            ),
         )
         for i, a in enumerate(args.drafter)
     ]

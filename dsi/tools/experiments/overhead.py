@@ -11,7 +11,8 @@ millisecond is the system's own. Each service runs as its own process (as
 - ``target_decode``: client -> target Decode, one stream per generation, a
   message per token (the coordinator -> target hop alone, as non-SI makes
   it; Verify calls in the ``unary`` variant);
-- ``draft_stream``: a Draft stream, per drafted token (lookahead chunks);
+- ``draft_stream``: a draft call, per drafted token (lookahead chunks): a
+  call on one DraftStream (a Draft call in the ``unary`` variant);
 - ``nonsi`` / ``si`` / ``dsi``: client -> coordinator -> target (-> drafter),
   per token of a generation;
 - ``client_coordinator``: ``nonsi - target_decode``, the client -> coordinator
@@ -70,8 +71,8 @@ class CpuMeter:
         return self.spent
 
 
-#: How the coordinator (and the target_rpc client) send verifications: over one VerifyStream per replica,
-#: or as unary Verify calls (``--no-verify-stream``).
+#: How the coordinator (and the target_rpc and draft_stream clients) send verifications and drafts: over
+#: one VerifyStream per replica and one DraftStream per drafter, or as calls (``--no-verify-stream``).
 VARIANTS = {"stream": (), "unary": ("--no-verify-stream",)}
 PARTS = (
     "target_rpc_full_context",
@@ -121,7 +122,8 @@ async def measure(
             target = GrpcTarget(running.addresses["target-0"], verify_stream=streamed)
             await target.info()  # as the coordinator does: context prefixes, VerifyStream
             full = GrpcTarget(running.addresses["target-0"], verify_stream=streamed)  # always the full context
-            drafter = GrpcDrafter(running.addresses["drafter-0"])
+            drafter = GrpcDrafter(running.addresses["drafter-0"], draft_stream=streamed)
+            await drafter.info()  # as the coordinator does: DraftStream
             client = await stack.enter_async_context(Client(running.address))
             for c in (target, full, drafter):
                 stack.push_async_callback(c.close)
@@ -166,7 +168,7 @@ async def measure(
                 "target_rpc_full_context": target_run(full),
                 "target_rpc": target_run(target),
                 "target_decode": decode_run(target),
-                **({"draft_stream": draft_run(drafter)} if variant == variants[0] else {}),  # the same in each
+                "draft_stream": draft_run(drafter),
                 "nonsi": generation(client, "nonsi"),
                 "si": generation(client, "si"),
                 "dsi": generation(client, "dsi"),
