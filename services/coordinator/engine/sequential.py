@@ -156,7 +156,12 @@ async def run_si(gen: Generation) -> AsyncIterator[None]:
         headroom = gen.engine.targets.headroom(replica) if replica is not None else 1.0
         k = min(max(1, round(gen.lookahead * headroom)), gen.last_pos - c)
         slots = [s for s in gen.drafter_slots() if not s.stats.dropped and gen.reattach(s)]
-        streams = await asyncio.gather(*(_draft(gen, s, k) for s in slots)) if k > 0 else [[] for _ in slots]
+        if k <= 0:
+            streams: list[list[DraftToken]] = [[] for _ in slots]
+        elif len(slots) == 1:  # no task to gather
+            streams = [await _draft(gen, slots[0], k)]
+        else:
+            streams = await asyncio.gather(*(_draft(gen, s, k) for s in slots))
         main: list[DraftToken] = []
         for slot, nodes in zip(slots, streams, strict=True):
             proposal = None if slot.primary else gen.proposals.setdefault(slot.index, Proposal(slot, c))
