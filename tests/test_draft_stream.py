@@ -12,9 +12,9 @@ from contextlib import AsyncExitStack, asynccontextmanager
 import grpc
 import pytest
 
-from dsi.backends import LocalDrafter, LocalTarget, load_drafter_model, load_target_model
+from dsi.backends import LocalDrafter, LocalTarget, NgramDrafter, load_drafter_model, load_target_model
 from dsi.domain import errors
-from dsi.domain.types import GREEDY, DraftRequest
+from dsi.domain.types import GREEDY, DraftRequest, TreeShape
 from dsi.serving.gate import Policy
 from dsi.serving.server import RunningServer, start_server
 from dsi.tools.experiments import netdelay
@@ -118,8 +118,9 @@ async def test_raw_stream_sends_chunks_then_the_end_by_call_id_and_ignores_unkno
         await call.done_writing()
         messages = [m async for m in call]
         assert {m.call_id for m in messages} == {5, 6, 7}
-        five = [m.WhichOneof("outcome") for m in messages if m.call_id == 5]
-        assert five == ["chunk", "chunk", "end"]
+        five = [m for m in messages if m.call_id == 5]
+        assert [m.WhichOneof("outcome") for m in five] == ["chunk", "chunk"], "the last chunk ends the call"
+        assert [m.chunk.last for m in five] == [False, True]
         (six,) = [m for m in messages if m.call_id == 6]
         assert six.error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0] and "lookahead" in six.error.message
         (seven,) = [m for m in messages if m.call_id == 7]
@@ -127,6 +128,38 @@ async def test_raw_stream_sends_chunks_then_the_end_by_call_id_and_ignores_unkno
             seven.error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0] and "draft or cancel" in seven.error.message
         )
         assert await call.code() == grpc.StatusCode.OK
+
+
+async def test_a_call_whose_last_chunk_is_not_marked_ends_with_an_end_message():
+    """Prompt lookup that finds nothing streams no chunk at all: the call ends with `end`."""
+    servicer = DrafterServicer(NgramDrafter("ngram:n=3,k=4"))
+    running = await start_server(register_servicer(servicer), LOOPBACK, 0)
+    try:
+        async with grpc.aio.insecure_channel(running.address) as ch:
+            call = drafter_pb2_grpc.DrafterServiceStub(ch).DraftStream(timeout=20)
+            body = drafter_pb2.DraftRequest(session_id="n", context_token_ids=[1, 2, 3, 4], lookahead=2)
+            await call.write(drafter_pb2.DraftStreamRequest(call_id=3, draft=body))
+            repeated = drafter_pb2.DraftRequest(session_id="n", context_token_ids=[1, 2, 3, 9, 1, 2], lookahead=2)
+            await call.write(drafter_pb2.DraftStreamRequest(call_id=4, draft=repeated))
+            await call.done_writing()
+            messages = [m async for m in call]
+        assert [m.WhichOneof("outcome") for m in messages if m.call_id == 3] == ["end"]
+        four = [m for m in messages if m.call_id == 4]  # proposes 3, 9, 1, 2 in two chunks, the second last
+        assert [[t.token_id for t in m.chunk.tokens] for m in four] == [[3, 9], [1, 2]]
+        assert [m.chunk.last for m in four] == [False, True]
+    finally:
+        await running.stop(0)
+
+
+async def test_the_drafter_marks_only_a_streams_last_chunk_last():
+    local = LocalDrafter(load_drafter_model(D))
+    chain = [c.last async for c in local.draft(req("m", 3, 8))]
+    assert chain == [False, False, True], "8 drafts in chunks of 3: the third is the last"
+    tree = [c async for c in local.draft(DraftRequest("t", [1, 2, 3], 2, 4, GREEDY, 1, TreeShape(2, 2)))]
+    assert [c.last for c in tree] == [False] * (len(tree) - 1) + [True] and len(tree) == 4  # main, branches x 2
+    unlimited = local.draft(req("u", 2, 0))
+    assert not any([(await anext(unlimited)).last for _ in range(5)])
+    await unlimited.aclose()  # type: ignore[attr-defined]
 
 
 # --- cancellation ---------------------------------------------------------------------------

@@ -411,8 +411,9 @@ class LocalDrafter(Drafter):
                             break
                     sent += len(chunk)
                     self.counters.drafted_tokens += len(chunk)
-                    yield DraftChunk(chunk, start, stats)
-                    if shape.depth > 1 and alternatives:
+                    branch_next = shape.depth > 1 and bool(alternatives)
+                    yield DraftChunk(chunk, start, stats, last=drafted >= budget and not branch_next)
+                    if branch_next:
                         branches: list[DraftToken] = []
                         stats = ForwardStats()
                         first = 0
@@ -425,7 +426,7 @@ class LocalDrafter(Drafter):
                         if branches:
                             sent += len(branches)
                             self.counters.drafted_tokens += len(branches)
-                            yield DraftChunk(branches, first, stats)
+                            yield DraftChunk(branches, first, stats, last=drafted >= budget)
             self.counters.requests += 1
         except (asyncio.CancelledError, GeneratorExit):  # the client cancelled or closed the stream
             self.counters.cancelled_requests += 1

@@ -170,7 +170,8 @@ class NgramDrafter(Drafter):
             for i in range(0, len(proposal), request.lookahead):
                 chunk = [DraftToken(t) for t in proposal[i : i + request.lookahead]]
                 self.counters.drafted_tokens += len(chunk)
-                yield DraftChunk(chunk, len(request.context) + i, stats)
+                last = i + request.lookahead >= len(proposal)
+                yield DraftChunk(chunk, len(request.context) + i, stats, last)
                 stats = ForwardStats()
             self.counters.requests += 1
         except GeneratorExit:  # the client closed the stream

@@ -195,6 +195,7 @@ class DraftChunk:
     tokens: list[DraftToken]
     start_position: int
     stats: ForwardStats = field(default_factory=ForwardStats)
+    last: bool = False  # the drafter knows no chunk follows in this stream
 
 
 @dataclass(frozen=True)

@@ -81,7 +81,8 @@ class CallStream(abc.ABC):
     @abc.abstractmethod
     async def run(self, call_id: int, request: Any) -> Any:
         """Run call ``call_id``; returns its last message (the answer, or its
-        end). Messages before it go out with :meth:`send`."""
+        end), or None when the last one it sent ended it. Messages before it go
+        out with :meth:`send`."""
 
     @abc.abstractmethod
     def failed(self, call_id: int, code: int, message: str) -> Any:
@@ -157,7 +158,8 @@ class CallStream(abc.ABC):
                 self.admission.release()
                 if self.tasks.get(call_id) is asyncio.current_task():
                     del self.tasks[call_id]
-            await self.write(last)
+            if last is not None:
+                await self.write(last)
         except asyncio.CancelledError:
             pass  # the stream ended while the last message was being written
 

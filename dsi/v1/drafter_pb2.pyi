@@ -155,9 +155,17 @@ class DraftResponse(_message.Message):
     TOKENS_FIELD_NUMBER: _builtins.int
     START_POSITION_FIELD_NUMBER: _builtins.int
     STATS_FIELD_NUMBER: _builtins.int
+    LAST_FIELD_NUMBER: _builtins.int
     start_position: _builtins.int
     """Sequence position of tokens[0] (len(context) for the first chunk).
     In a tree, every token's position is its parent's plus one.
+    """
+    last: _builtins.bool
+    """Set when the drafter knows that no chunk follows (max_tokens drafted, an
+    end-of-sequence token, the context limit): the stream ends after it. On a
+    DraftStream a chunk with `last` is its call's last message (no `end`
+    follows), so the client need not wait for another message. A drafter may
+    leave it unset on the last chunk too (the stream's end says so then).
     """
     @_builtins.property
     def tokens(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.DraftToken]:
@@ -173,10 +181,11 @@ class DraftResponse(_message.Message):
         tokens: _abc.Iterable[_common_pb2.DraftToken] | None = ...,
         start_position: _builtins.int = ...,
         stats: _common_pb2.ForwardStats | None = ...,
+        last: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["stats", b"stats"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["start_position", b"start_position", "stats", b"stats", "tokens", b"tokens"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["last", b"last", "start_position", b"start_position", "stats", b"stats", "tokens", b"tokens"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

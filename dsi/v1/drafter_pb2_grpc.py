@@ -94,7 +94,8 @@ class DrafterServiceServicer:
         - a call's chunks come as DraftStreamResponses with its call_id and
         `chunk` (what Draft streams), in order, then exactly one with `end`
         (Draft ended OK) or `error` (the status code and message Draft would
-        have ended with), unless it was cancelled. Messages of different calls
+        have ended with), unless it was cancelled or its last chunk carried
+        `last` (it ended OK with that chunk). Messages of different calls
         interleave;
         - a DraftStreamRequest with `cancel` cancels the call with that call_id,
         as cancelling a Draft call does (drafting stops within one token step);

@@ -57,7 +57,8 @@ class DrafterServiceStub:
     - a call's chunks come as DraftStreamResponses with its call_id and
       `chunk` (what Draft streams), in order, then exactly one with `end`
       (Draft ended OK) or `error` (the status code and message Draft would
-      have ended with), unless it was cancelled. Messages of different calls
+      have ended with), unless it was cancelled or its last chunk carried
+      `last` (it ended OK with that chunk). Messages of different calls
       interleave;
     - a DraftStreamRequest with `cancel` cancels the call with that call_id,
       as cancelling a Draft call does (drafting stops within one token step);
@@ -104,7 +105,8 @@ class DrafterServiceAsyncStub(DrafterServiceStub):
     - a call's chunks come as DraftStreamResponses with its call_id and
       `chunk` (what Draft streams), in order, then exactly one with `end`
       (Draft ended OK) or `error` (the status code and message Draft would
-      have ended with), unless it was cancelled. Messages of different calls
+      have ended with), unless it was cancelled or its last chunk carried
+      `last` (it ended OK with that chunk). Messages of different calls
       interleave;
     - a DraftStreamRequest with `cancel` cancels the call with that call_id,
       as cancelling a Draft call does (drafting stops within one token step);
@@ -166,7 +168,8 @@ class DrafterServiceServicer(metaclass=_abc_1.ABCMeta):
         - a call's chunks come as DraftStreamResponses with its call_id and
           `chunk` (what Draft streams), in order, then exactly one with `end`
           (Draft ended OK) or `error` (the status code and message Draft would
-          have ended with), unless it was cancelled. Messages of different calls
+          have ended with), unless it was cancelled or its last chunk carried
+          `last` (it ended OK with that chunk). Messages of different calls
           interleave;
         - a DraftStreamRequest with `cancel` cancels the call with that call_id,
           as cancelling a Draft call does (drafting stops within one token step);

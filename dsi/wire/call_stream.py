@@ -235,7 +235,9 @@ class _Chunks(_Call):
         outcome = message.WhichOneof("outcome")
         if outcome == "chunk":
             self.queue.put_nowait(message.chunk)
-            return False
+            if not message.chunk.last:
+                return False
+            outcome = "end"  # the chunk ended the call: the drafter sends no end
         self.queue.put_nowait(_status(message.error, peer) if outcome == "error" else None)
         return True
 

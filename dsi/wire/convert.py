@@ -242,12 +242,12 @@ def draft_request_to_pb(r: DraftRequest) -> drafter_pb2.DraftRequest:
 
 def draft_chunk_to_pb(c: DraftChunk) -> drafter_pb2.DraftResponse:
     return drafter_pb2.DraftResponse(
-        tokens=draft_tokens_to_pb(c.tokens), start_position=c.start_position, stats=stats_to_pb(c.stats)
+        tokens=draft_tokens_to_pb(c.tokens), start_position=c.start_position, stats=stats_to_pb(c.stats), last=c.last
     )
 
 
 def draft_chunk_from_pb(m: drafter_pb2.DraftResponse) -> DraftChunk:
-    return DraftChunk(draft_tokens_from_pb(m.tokens), m.start_position, stats_from_pb(m.stats))
+    return DraftChunk(draft_tokens_from_pb(m.tokens), m.start_position, stats_from_pb(m.stats), m.last)
 
 
 # --- the schedule of a generation (GenerationTimeline) ------------------------------------------

@@ -86,15 +86,17 @@ class _DraftStream(CallStream):
     def started(self) -> None:
         self.servicer.stream_drafts += 1
 
-    async def run(self, call_id: int, request: drafter_pb2.DraftRequest) -> drafter_pb2.DraftStreamResponse:
+    async def run(self, call_id: int, request: drafter_pb2.DraftRequest) -> drafter_pb2.DraftStreamResponse | None:
         stream = self.servicer.drafter.draft(convert.draft_request_from_pb(request))
+        ended = False  # by a chunk marked last: the client has what it needs, no end follows
         try:
             async for chunk in stream:
                 message = drafter_pb2.DraftStreamResponse(call_id=call_id, chunk=convert.draft_chunk_to_pb(chunk))
                 await self.send(message)
+                ended = chunk.last
         finally:
             await stream.aclose()
-        return drafter_pb2.DraftStreamResponse(call_id=call_id, end=drafter_pb2.DraftStreamEnd())
+        return None if ended else drafter_pb2.DraftStreamResponse(call_id=call_id, end=drafter_pb2.DraftStreamEnd())
 
     def failed(self, call_id: int, code: int, message: str) -> drafter_pb2.DraftStreamResponse:
         return drafter_pb2.DraftStreamResponse(
