@@ -96,6 +96,10 @@ def test_bench_inproc_end_to_end(tmp_path: Path) -> None:
     for s in ("nonsi", "si", "dsi"):
         overhead = float(summary[s]["overhead"])
         assert math.isfinite(overhead) and overhead > 0.5  # measured / simulated: sane, never absurdly fast
+        replayed = float(summary[s]["overhead_replay"])  # the model on the run's own draws
+        assert math.isfinite(replayed) and replayed > 0.5
+    # non-SI draws nothing: its replay is the model
+    assert float(summary["nonsi"]["simulated_replay_ms"]) == float(summary["nonsi"]["simulated_latency_ms"])
     (speed,) = _rows(out / "speedups.csv")
     for key in ("dsi_over_si_measured", "dsi_over_nonsi_measured", "dsi_over_si_simulated"):
         assert 0 < float(speed[key]) < 10
@@ -207,6 +211,7 @@ def test_bench_grid(tmp_path: Path) -> None:
     }
     runs = _rows(out / "runs.csv")
     assert sum(r["strategy"] == "nonsi" for r in runs) == 4  # measured once, reported for every cell
+    assert all(math.isfinite(float(r[f"{s}_overhead_replay"])) for r in grid for s in ("nonsi", "si", "dsi"))
     for name in ("grid.png", "grid_compare.png", "grid_overhead.png"):
         assert _is_png(out / name)
 

@@ -316,3 +316,38 @@ def test_bad_experiment_files_are_refused(tmp_path: Path, text: str, match: str)
     f.write_text(text)
     with pytest.raises(xconfig.ConfigError, match=match):
         xconfig.load(f)
+
+
+# --- replaying a run's own draws (dsi bench's measured / replayed) ----------------------------------
+
+
+@pytest.mark.parametrize(
+    ("k", "spec"), [(1, "acceptance=0.6"), (3, "acceptance=0.6"), (4, "acceptance=0.9,hard_acceptance=0.2,block=8")]
+)
+async def test_the_drafters_draws_along_an_output_are_the_ones_si_saw(k: int, spec: str) -> None:
+    """SI is deterministic given which drafts are right: the simulator
+    replaying drafter_right_along's draws makes the rounds and acceptances
+    the engine made on the synthetic pair."""
+    from dsi.backends import LocalDrafter, LocalTarget, load_drafter_model, load_target_model
+    from dsi.backends.synthetic import drafter_right_along
+    from services.coordinator.engine import Engine, GenerationParams, Strategy
+
+    drafter = f"synthetic:vocab=500,seed=4,{spec}"
+    engine = Engine(
+        [LocalTarget(load_target_model("synthetic:vocab=500,seed=4"))],
+        [LocalDrafter(load_drafter_model(drafter))],
+        eos_token_ids=(),
+        max_context=4096,
+        vocab_size=500,
+    )
+    prompt, n = [3, 1, 4, 1, 5], 60
+    gen = engine.generate(prompt, GenerationParams(n, strategy=Strategy.SI, lookahead=k))
+    output = [t async for chunk in gen.tokens() for t in chunk]
+    right = drafter_right_along(drafter, prompt, output)
+    assert len(right) == n and 0 < right.sum() < n
+    run = simulate_si(cfg(k=k, n=n, sp=1, prompt_len=len(prompt)), right)
+    assert (run.target_forwards, run.accepted, run.decided_drafts) == (
+        gen.stats.target_forward_passes,
+        gen.stats.accepted_tokens,
+        gen.stats.decided_drafts,
+    )

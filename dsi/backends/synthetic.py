@@ -411,6 +411,24 @@ class SyntheticTarget(TargetModel):
         return sampling.walk_tree(request.drafts, parents, token_after)
 
 
+def drafter_right_along(spec: str, prompt: Sequence[int], output: Sequence[int]) -> np.ndarray:
+    """Whether the synthetic drafter ``spec``'s first guess at each new
+    position of ``output`` (the target's tokens after ``prompt``) is the
+    target's token: its coin along the sequence the target chose. A
+    generation's own accept/reject draws, for the simulator to replay
+    (:func:`dsi.tools.experiments.simulate.simulate_one`), so that a run is
+    compared with the model of the same draws and not only with their mean.
+    Assumes the drafter's pair: a target of the same vocab and seed."""
+    s = SyntheticSpec.parse(spec)
+    coins = PseudoLM(s.vocab, s.seed if s.coin_seed < 0 else s.coin_seed, s.support)
+    tokens = list(prompt)
+    right = np.zeros(len(output), dtype=bool)
+    for i, token in enumerate(output):
+        right[i] = coins.draw(tokens)[4] < s.acceptance_at(len(tokens))
+        tokens.append(token)
+    return right
+
+
 class SyntheticDrafter(DrafterModel):
     def __init__(self, spec: str) -> None:
         self.spec = SyntheticSpec.parse(spec)

@@ -207,10 +207,12 @@ async def run_point(
     skip: Sequence[str] = (),
     timeline: tuple[int, int] | None = None,
     timeline_dir: Path | None = None,
+    outputs: dict[int, tuple[list[int], list[int]]] | None = None,
 ) -> list[dict]:
     """Every strategy on every prompt, ``run["repeats"]`` times, after a
     warm-up. With ``timeline`` = (repeat, prompt), that run of every strategy
-    also writes its schedule to ``timeline_dir`` (see :mod:`dsi.tools.timeline`)."""
+    also writes its schedule to ``timeline_dir`` (see :mod:`dsi.tools.timeline`).
+    ``outputs`` gets (prompt, output) of each prompt, by its index."""
     strategies = [s for s in run["strategies"] if s not in skip]
     if peers is not None:
         strategies += list(HF_PEERS) if peers.assistant is not None else ["hf_generate"]
@@ -238,6 +240,8 @@ async def run_point(
                 if s not in HF_PEERS:
                     ref = reference.setdefault(p_idx, res["token_ids"])
                     row["matches"] = res["token_ids"] == ref
+                    if outputs is not None:
+                        outputs.setdefault(p_idx, (prompt, ref))
                 else:
                     ref = reference.get(p_idx)
                     row["matches"] = ref is None or res["token_ids"] == ref
@@ -270,16 +274,51 @@ def simulate_point(point: xconfig.Point, run: dict[str, Any], lookaheads: dict[s
     return out
 
 
+def replay_point(
+    point: xconfig.Point,
+    run: dict[str, Any],
+    outputs: dict[int, tuple[list[int], list[int]]],
+    lookaheads: dict[str, int] | None = None,
+) -> dict:
+    """The model's latency (ms) per strategy on this point's own accept/reject
+    draws (synthetic pairs): each prompt's output replayed through the
+    simulator (:func:`dsi.backends.synthetic.drafter_right_along`), the mean
+    over prompts. :func:`simulate_point` averages over draws of the
+    acceptance instead, so a run of a few dozen tokens that happened to see
+    more rejections than the mean reads as overhead there; here it does not."""
+    if not point.cluster.synthetic or not point.cluster.drafters or not outputs:
+        return {}
+    from dsi.backends.synthetic import drafter_right_along
+    from dsi.tools.experiments.simulate import simulate_one
+
+    spec = point.cluster.drafters[0].model
+    draws = [
+        drafter_right_along(spec if ":" in spec else "synthetic:", prompt, out)
+        for prompt, out in outputs.values()
+        if len(out) == point.tokens  # not one that ended early (EOS): the model runs to the end
+    ]
+    out: dict[str, float] = {}
+    for s in STRATEGIES:
+        cfg = point.cluster.sim_config((lookaheads or {}).get(s, point.lookahead), point.tokens, int(run["prompt_len"]))
+        if cfg is None or not draws:
+            return {}
+        out[s] = float(np.mean([simulate_one(cfg, right, [s])[s].latency_ms for right in draws]))
+    return out
+
+
 # --- summaries ------------------------------------------------------------------------------------
 
 
-def summarize(rows: list[dict], sims: dict[str, dict]) -> tuple[list[dict], list[dict]]:
-    """(per point x strategy, per point)."""
+def summarize(
+    rows: list[dict], sims: dict[str, dict], replays: dict[str, dict] | None = None
+) -> tuple[list[dict], list[dict]]:
+    """(per point x strategy, per point). ``replays``: :func:`replay_point` by point."""
     summary, speedups = [], []
     points = list(dict.fromkeys(r["point"] for r in rows))
     for point in points:
         prow = [r for r in rows if r["point"] == point]
         sim = sims.get(point, {})
+        replay = (replays or {}).get(point, {})
         means: dict[str, float] = {}
         for s in dict.fromkeys(r["strategy"] for r in prow):
             rs = [r for r in prow if r["strategy"] == s]
@@ -287,6 +326,7 @@ def summarize(rows: list[dict], sims: dict[str, dict]) -> tuple[list[dict], list
             mpt = np.array([r["ms_per_token"] for r in rs], dtype=float)
             means[s] = float(np.mean(lat))
             simulated = sim.get(AUTO.get(s, s), math.nan)
+            replayed = replay.get(AUTO.get(s, s), math.nan)
             summary.append(
                 {
                     "profile": rs[0]["profile"],
@@ -305,6 +345,8 @@ def summarize(rows: list[dict], sims: dict[str, dict]) -> tuple[list[dict], list
                     "latency_ms_std": float(np.std(lat, ddof=1)) if len(lat) > 1 else 0.0,
                     "simulated_latency_ms": simulated,
                     "overhead": means[s] / simulated if simulated else math.nan,
+                    "simulated_replay_ms": replayed,
+                    "overhead_replay": means[s] / replayed if replayed else math.nan,
                     "acceptance_rate": _mean(rs, "acceptance_rate"),
                     "tokens_per_pass": _mean(rs, "tokens_per_pass"),
                     "verifications_started": _mean(rs, "verifications_started"),
@@ -327,6 +369,7 @@ def summarize(rows: list[dict], sims: dict[str, dict]) -> tuple[list[dict], list
             entry["dsi_over_hf_generate"] = ratio("dsi", "hf_generate", means)
         for s in STRATEGIES:
             entry[f"{s}_overhead"] = means[s] / sim[s] if s in means and sim.get(s) else math.nan
+            entry[f"{s}_overhead_replay"] = means[s] / replay[s] if s in means and replay.get(s) else math.nan
         for auto, fixed in AUTO.items():
             if auto in means:
                 entry[f"{auto}_over_{fixed}_measured"] = ratio(auto, fixed, means)
@@ -370,14 +413,15 @@ def report_md(meta: dict, summary: list[dict], speedups: list[dict]) -> str:
     lines += [
         "",
         "| point | strategy | k | ms/token median [p10, p90] | simulated ms/token | measured/simulated |"
-        " acceptance | tokens/target pass | cancelled verifs | same tokens |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        " measured/replayed | acceptance | tokens/target pass | cancelled verifs | same tokens |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in summary:
         sim_mpt = s["simulated_latency_ms"] / s["tokens"] if s["tokens"] else math.nan
         lines.append(
             f"| {s['point']} | {s['strategy']} | {s['lookahead']} | {s['ms_per_token_median']:.2f}"
             f" [{s['ms_per_token_p10']:.2f}, {s['ms_per_token_p90']:.2f}] | {_f(sim_mpt, 2)} | {_f(s['overhead'])} |"
+            f" {_f(s.get('overhead_replay', math.nan))} |"
             f" {_f(s['acceptance_rate'], 2)} | {_f(s.get('tokens_per_pass', math.nan), 2)} |"
             f" {_f(s['verifications_cancelled'], 1)} |"
             f" {'yes' if s['all_match'] else 'NO'} |"
@@ -677,6 +721,7 @@ async def amain(args: argparse.Namespace) -> int:
     bar = _progress(total, not args.no_progress)
     rows: list[dict] = []
     sims: dict[str, dict] = {}
+    replays: dict[str, dict] = {}
     running = None
     current: xconfig.Cluster | None = None
     peers_cache: dict[tuple, HFPeers] = {}
@@ -708,8 +753,9 @@ async def amain(args: argparse.Namespace) -> int:
                 else:
                     prompts = make_prompts(int(run["prompts"]), int(run["prompt_len"]), vocab, int(run["seed"]))
                 chosen = tuple(args.timeline) if args.timeline else None
+                outputs: dict[int, tuple[list[int], list[int]]] = {}
                 point_rows = await run_point(
-                    client, point, point_run, prompts, bar, ks, peers, skip, chosen, out / "timelines"
+                    client, point, point_run, prompts, bar, ks, peers, skip, chosen, out / "timelines", outputs
                 )
             if skip and "nonsi" in skip and rows:  # the grid's single non-SI measurement
                 base_rows = [
@@ -721,13 +767,14 @@ async def amain(args: argparse.Namespace) -> int:
             rows += point_rows
             if not args.coordinator or args.experiment:  # an experiment file describes the running cluster
                 sims[point.label] = simulate_point(point, run, ks)
+                replays[point.label] = replay_point(point, run, outputs, ks)
     finally:
         bar.close()
         if running is not None:
             await running.close()
     meta["seconds"] = time.perf_counter() - started
     meta["load_average_at_end"] = _loadavg()
-    summary, speedups = summarize(rows, sims)
+    summary, speedups = summarize(rows, sims, replays)
     write_csv(out / "runs.csv", rows)
     write_csv(out / "summary.csv", summary)
     write_csv(out / "speedups.csv", speedups)
@@ -775,6 +822,7 @@ def _plots(
                     "nonsi_overhead": e["nonsi_overhead"],
                     "si_overhead": e["si_overhead"],
                     "dsi_overhead": e["dsi_overhead"],
+                    **{f"{s}_overhead_replay": e[f"{s}_overhead_replay"] for s in STRATEGIES},
                 }
             )
         write_csv(out / "grid.csv", grid_rows)
