@@ -383,3 +383,28 @@ async def test_an_observer_hears_every_verification_stream_and_commit(strategy):
         cancelled = [o for o in rec.ended.values() if o in (Outcome.STALE, Outcome.USELESS)]
         assert len(cancelled) >= st.verifications_cancelled
         assert st.accepted_tokens < st.decided_drafts and True in rec.streams.values(), "a rejection stops a stream"
+
+
+@pytest.mark.parametrize("strategy", [Strategy.SI, Strategy.DSI])
+async def test_the_next_work_is_in_flight_while_the_committed_tokens_travel_on(strategy: Strategy) -> None:
+    """Passing tokens on (decoding text, the client's stream write) is not on
+    the critical path: whenever the engine hands over committed tokens and the
+    generation goes on, the next round's drafts (SI) or a verification (DSI,
+    after a rejection too: the frontier step) are already asked for."""
+    engine = make_engine("synthetic:vocab=300,seed=5,tpot_ms=2", "synthetic:vocab=300,seed=5,acceptance=0.6", 2)
+    gen = engine.generate([1, 2, 3], GenerationParams(40, strategy=strategy, lookahead=2))
+    pool = engine.targets
+    handed, idle = 0, []
+    async for _ in gen.tokens():
+        if gen.finished:
+            break
+        handed += 1
+        await asyncio.sleep(0)  # the consumer's turn: the engine's tasks run now
+        if gen.last_pos <= len(gen.committed):
+            continue  # the last token: SI's round drafts nothing, DSI's verification of it may be done
+        if strategy is Strategy.SI:
+            idle.append(gen.stats.draft_streams == gen.stats.verifications_started)  # this round's only
+        else:
+            idle.append(sum(pool.in_flight(i) for i in range(len(pool.slots))) == 0)
+    assert handed > 10 and gen.stats.accepted_tokens < gen.stats.decided_drafts  # rejections happened
+    assert not any(idle), f"nothing in flight at {sum(idle)} of {handed} hand-overs"

@@ -136,11 +136,18 @@ class DsiRun:
         self._plain_step = -1  # the base of the last frontier step issued without drafts (a Verify)
         gen.on_diverge = self._diverge
 
-    async def step(self) -> None:
-        """Dispatch what can go, wait for the next event, act on it."""
+    def start_work(self) -> None:
+        """Issue the verifications and draft streams that can go now."""
         self.dispatch()
         for feed in self.feeds:
             feed.ensure()
+
+    async def step(self) -> None:
+        """Dispatch what can go, wait for the next event, act on it, and
+        dispatch what that made possible before the tokens it committed
+        travel on to the client (the frontier step after a rejection and the
+        new draft stream must not wait for that)."""
+        self.start_work()
         waits: set[asyncio.Future] = {v.task for v in self.verifs if v.result is None}
         waits.update(feed.reader for feed in self.feeds if feed.reader is not None)
         if not waits:
@@ -159,6 +166,8 @@ class DsiRun:
         self.resolve()
         for feed in self.feeds:
             feed.stop_if_stale()
+        if not self.gen.finished:
+            self.start_work()
 
     # --- scheduling -----------------------------------------------------------
 

@@ -148,41 +148,57 @@ async def _draft(gen: Generation, slot: DrafterSlot, k: int) -> list[DraftToken]
     return drafts
 
 
+async def _round_drafts(gen: Generation, replica: int | None) -> tuple[list[DrafterSlot], list[list[DraftToken]]]:
+    """One SI round's drafts: ``lookahead`` from each drafter in service, and the drafters."""
+    c = len(gen.committed)
+    # Under load (a batching replica's batch filling up) the lookahead shrinks, down to one draft.
+    headroom = gen.engine.targets.headroom(replica) if replica is not None else 1.0
+    k = min(max(1, round(gen.lookahead * headroom)), gen.last_pos - c)
+    slots = [s for s in gen.drafter_slots() if not s.stats.dropped and gen.reattach(s)]
+    if k <= 0:
+        return slots, [[] for _ in slots]
+    if len(slots) == 1:  # no task to gather
+        return slots, [await _draft(gen, slots[0], k)]
+    return slots, list(await asyncio.gather(*(_draft(gen, s, k) for s in slots)))
+
+
 async def run_si(gen: Generation) -> AsyncIterator[None]:
     replica = None
-    while not gen.finished:
-        c = len(gen.committed)
-        # Under load (a batching replica's batch filling up) the lookahead shrinks, down to one draft.
-        headroom = gen.engine.targets.headroom(replica) if replica is not None else 1.0
-        k = min(max(1, round(gen.lookahead * headroom)), gen.last_pos - c)
-        slots = [s for s in gen.drafter_slots() if not s.stats.dropped and gen.reattach(s)]
-        if k <= 0:
-            streams: list[list[DraftToken]] = [[] for _ in slots]
-        elif len(slots) == 1:  # no task to gather
-            streams = [await _draft(gen, slots[0], k)]
-        else:
-            streams = await asyncio.gather(*(_draft(gen, s, k) for s in slots))
-        main: list[DraftToken] = []
-        for slot, nodes in zip(slots, streams, strict=True):
-            proposal = None if slot.primary else gen.proposals.setdefault(slot.index, Proposal(slot, c))
-            for position, token, branch in StreamTree(c).read(nodes):
-                if proposal is not None:
-                    if branch is None:
-                        proposal.tokens.append(token)
-                elif branch is None:
-                    main.append(DraftToken(token))
-                elif len(branch) == 1:  # a new alternative (its branch grows in place)
-                    gen.alternatives.add(position, branch)
-        tree, _ = verification_tree(
-            main, gen.alternatives, c, gen.engine.max_draft_tokens, list(gen.proposals.values()), gen.committed
-        )
-        result, replica = await _verify(gen, replica, tree)
-        gen.pending = main
-        for token in [*(tree[i].token_id for i in result.path), result.next_token]:
-            if gen.finished:
-                break
-            gen.commit(token)
-        gen.pending = []
-        gen.alternatives.clear()
-        gen.proposals.clear()
-        yield None
+    # The next round's drafts are asked for before this round's tokens travel on to the client, so
+    # that passing them on (text, the stream's write) is not on the critical path.
+    drafting: asyncio.Task[tuple[list[DrafterSlot], list[list[DraftToken]]]] | None = None
+    try:
+        while not gen.finished:
+            c = len(gen.committed)
+            slots, streams = await (drafting if drafting is not None else _round_drafts(gen, replica))
+            drafting = None
+            main: list[DraftToken] = []
+            for slot, nodes in zip(slots, streams, strict=True):
+                proposal = None if slot.primary else gen.proposals.setdefault(slot.index, Proposal(slot, c))
+                for position, token, branch in StreamTree(c).read(nodes):
+                    if proposal is not None:
+                        if branch is None:
+                            proposal.tokens.append(token)
+                    elif branch is None:
+                        main.append(DraftToken(token))
+                    elif len(branch) == 1:  # a new alternative (its branch grows in place)
+                        gen.alternatives.add(position, branch)
+            tree, _ = verification_tree(
+                main, gen.alternatives, c, gen.engine.max_draft_tokens, list(gen.proposals.values()), gen.committed
+            )
+            result, replica = await _verify(gen, replica, tree)
+            gen.pending = main
+            for token in [*(tree[i].token_id for i in result.path), result.next_token]:
+                if gen.finished:
+                    break
+                gen.commit(token)
+            gen.pending = []
+            gen.alternatives.clear()
+            gen.proposals.clear()
+            if not gen.finished:
+                drafting = asyncio.ensure_future(_round_drafts(gen, replica))
+            yield None
+    finally:
+        if drafting is not None:  # the generation ended after a round (a stop string, the client went)
+            drafting.cancel()
+            await asyncio.gather(drafting, return_exceptions=True)
