@@ -82,9 +82,11 @@ def simulate_engine(
     seed: int,
     tree: TreeShape,
     sibling_acceptance: float = 0.4,
+    outputs: list[tuple[str, list[int], list[int]]] | None = None,
 ) -> dict[str, list[Run]]:
     """``repeats`` generations per strategy (prompts drawn from ``seed``; the
-    same prompts for every strategy), each on fresh instances."""
+    same prompts for every strategy), each on fresh instances. ``outputs``
+    gets (strategy, prompt, output) of each generation, in order."""
     from services.coordinator.engine import Engine, GenerationParams, Strategy
 
     rng = np.random.default_rng(seed)
@@ -112,8 +114,12 @@ def simulate_engine(
         start = loop.time()
         gen = engine.generate(prompt, params)
         last = start
-        async for _ in gen.tokens():
+        output: list[int] = []
+        async for chunk in gen.tokens():
             last = loop.time()
+            output += chunk
+        if outputs is not None:
+            outputs.append((strategy, prompt, output))
         st = gen.stats
         return Run(
             latency_ms=(last - start) * 1000,

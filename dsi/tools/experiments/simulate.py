@@ -250,7 +250,7 @@ class _Verif:
 
 
 class _Stream:
-    __slots__ = ("budget", "live", "next_pos", "poisoned", "produced", "server_t")
+    __slots__ = ("budget", "live", "next_pos", "poisoned", "produced", "server_t", "steps")
 
     def __init__(self, start: int, budget: int, poisoned: bool, server_t: float) -> None:
         self.next_pos = start
@@ -258,10 +258,13 @@ class _Stream:
         self.poisoned = poisoned
         self.produced = 0
         self.server_t = server_t  # when the drafter finished its previous token
+        self.steps: list[tuple[float, float]] = []  # (start, end) of each token step of the chunk being drafted
         self.live = True
 
 
 _VERIFY, _CHUNK = 0, 1
+#: Times closer than this are the same instant (sums of step times round differently).
+_EPS_MS = 1e-6
 
 
 class _DSI:
@@ -282,6 +285,8 @@ class _DSI:
         self.done_count = itertools.count()
         self.wrong_id = itertools.count(1)
         self.stream: _Stream | None = None
+        #: when the drafter's device is free: a stopped stream's token step in progress runs to its end
+        self.drafter_free = 0.0
         self.events: list[tuple[float, int, int, object]] = []
         self.ev_seq = itertools.count()
         self.t = 0.0
@@ -373,7 +378,7 @@ class _DSI:
         budget = min(room, self.last + 1 - end)
         poisoned = any(self.pending)
         d = self.cfg.drafter.delay_ms
-        self.stream = s = _Stream(end, budget, poisoned, self.t + d)
+        self.stream = s = _Stream(end, budget, poisoned, max(self.t + d, self.drafter_free))
         self.run.draft_streams += 1
         self._schedule_chunk(s)
 
@@ -381,9 +386,11 @@ class _DSI:
         drafter = self.cfg.drafter
         n = min(self.k, s.budget - s.produced)
         t = s.server_t
+        s.steps = []
         for _ in range(n):
-            t += drafter.ttft_ms if self.drafter_first else drafter.tpot_ms
+            start, t = t, t + (drafter.ttft_ms if self.drafter_first else drafter.tpot_ms)
             self.drafter_first = False
+            s.steps.append((start, t))
         s.server_t = t
         heapq.heappush(self.events, (t + drafter.delay_ms, next(self.ev_seq), _CHUNK, (s, n)))
 
@@ -419,6 +426,12 @@ class _DSI:
 
     def _stop_stream(self) -> None:
         if self.stream is not None:
+            # The cancel reaches the drafter a link delay later; the token step it is in then (a forward
+            # pass: a device does not abort one half way) ends before the next stream's first step begins.
+            # A step that begins at that very instant has not started (the engine drops it unrun).
+            arrives = self.t + self.cfg.drafter.delay_ms
+            running = (e for b, e in self.stream.steps if b < arrives - _EPS_MS and e > arrives + _EPS_MS)
+            self.drafter_free = next(running, self.drafter_free)
             self.stream.live = False
             self.stream = None
 
