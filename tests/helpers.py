@@ -16,7 +16,9 @@ from dsi.wire.transport import GrpcDrafter, GrpcTarget
 from services.coordinator.coordinator import Codec, Coordinator, Defaults
 from services.coordinator.engine import Engine
 from services.coordinator.service import register as register_coordinator
+from services.drafter.service import DrafterServicer
 from services.drafter.service import register as register_drafter
+from services.drafter.service import register_servicer as register_drafter_servicer
 from services.target.service import TargetServicer, register_servicer
 from services.target.service import register as register_target
 
@@ -229,6 +231,16 @@ def make_engine(target_spec: str, drafter_spec: str, replicas: int, **kw) -> Eng
 
 
 @asynccontextmanager
+async def serving(register, policy=None) -> AsyncIterator[RunningServer]:
+    """A server on loopback for ``register``, stopped after."""
+    running = await start_server(register, LOOPBACK, 0, policy)
+    try:
+        yield running
+    finally:
+        await running.stop(0)
+
+
+@asynccontextmanager
 async def served_target(
     spec: str, policy=None, **servicer_kw
 ) -> AsyncIterator[tuple[LocalTarget, TargetServicer, RunningServer]]:
@@ -236,19 +248,49 @@ async def served_target(
     ``servicer_kw``: TargetServicer's switches (``verify_stream``, ``decode``)."""
     local = LocalTarget(load_target_model(spec))
     servicer = TargetServicer(local, **servicer_kw)
-    running = await start_server(register_servicer(servicer), LOOPBACK, 0, policy)
-    try:
+    async with serving(register_servicer(servicer), policy) as running:
         yield local, servicer, running
-    finally:
-        await running.stop(0)
 
 
 @asynccontextmanager
-async def target_client(address: str, **kw) -> AsyncIterator[GrpcTarget]:
-    """A GrpcTarget that has asked Info, as the coordinator does (context prefixes, the streams it may use)."""
-    c = GrpcTarget(address, timeout=20, **kw)
+async def served_drafter(
+    spec: str, policy=None, **servicer_kw
+) -> AsyncIterator[tuple[LocalDrafter, DrafterServicer, RunningServer]]:
+    """A synthetic drafter served on loopback: (its LocalDrafter, servicer, server);
+    ``servicer_kw``: DrafterServicer's switches (``draft_stream``)."""
+    local = LocalDrafter(load_drafter_model(spec))
+    servicer = DrafterServicer(local, **servicer_kw)
+    async with serving(register_drafter_servicer(servicer), policy) as running:
+        yield local, servicer, running
+
+
+@asynccontextmanager
+async def informed(client: GrpcTarget | GrpcDrafter):
+    """``client`` once it has asked Info, as the coordinator does (context
+    prefixes, the streams it may use); closed after."""
     try:
-        await c.info()
-        yield c
+        await client.info()
+        yield client
     finally:
-        await c.close()
+        await client.close()
+
+
+def target_client(address: str, **kw):
+    """A GrpcTarget that has asked Info."""
+    return informed(GrpcTarget(address, timeout=20, **kw))
+
+
+def drafter_client(address: str, **kw):
+    """A GrpcDrafter that has asked Info."""
+    return informed(GrpcDrafter(address, timeout=20, **kw))
+
+
+async def generate_40(coordinator: Coordinator, strategy) -> list[int]:
+    """The ids of a 40-token generation after [5, 6, 7] (seed 1, lookahead 3)."""
+    from services.coordinator.coordinator import GenerateInput
+
+    ids: list[int] = []
+    request = GenerateInput(prompt_token_ids=[5, 6, 7], max_new_tokens=40, seed=1, strategy=strategy, lookahead=3)
+    async for out in coordinator.generate(request):
+        ids.extend(out.token_ids)
+    return ids

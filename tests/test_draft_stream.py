@@ -16,15 +16,15 @@ from dsi.backends import LocalDrafter, LocalTarget, NgramDrafter, load_drafter_m
 from dsi.domain import errors
 from dsi.domain.types import GREEDY, DraftRequest, TreeShape
 from dsi.serving.gate import Policy
-from dsi.serving.server import RunningServer, start_server
+from dsi.serving.server import start_server
 from dsi.tools.experiments import netdelay
 from dsi.v1 import drafter_pb2, drafter_pb2_grpc
 from dsi.wire.transport import GrpcDrafter, GrpcTarget
-from services.coordinator.coordinator import Coordinator, GenerateInput
+from services.coordinator.coordinator import Coordinator
 from services.coordinator.engine import Strategy
 from services.drafter.service import MODEL_METHODS, DrafterServicer, register_servicer
 from services.target.service import register as register_target
-from tests.helpers import LOOPBACK, eventually
+from tests.helpers import LOOPBACK, drafter_client, eventually, generate_40, served_drafter
 from tests.procs import until
 
 D = "synthetic:vocab=300,seed=21,tpot_ms=0,acceptance=0.7"
@@ -32,28 +32,11 @@ SLOW = "synthetic:vocab=300,seed=21,ttft_ms=20,tpot_ms=20,acceptance=0.7"
 T = "synthetic:vocab=300,seed=21,tpot_ms=1"
 
 
-@asynccontextmanager
-async def served(
-    spec: str = D, draft_stream: bool = True, policy: Policy | None = None
-) -> AsyncIterator[tuple[LocalDrafter, DrafterServicer, RunningServer]]:
-    local = LocalDrafter(load_drafter_model(spec))
-    servicer = DrafterServicer(local, draft_stream)
-    running = await start_server(register_servicer(servicer), LOOPBACK, 0, policy)
-    try:
-        yield local, servicer, running
-    finally:
-        await running.stop(0)
+def served(spec: str = D, draft_stream: bool = True, policy: Policy | None = None):
+    return served_drafter(spec, policy, draft_stream=draft_stream)
 
 
-@asynccontextmanager
-async def client(address: str, **kw) -> AsyncIterator[GrpcDrafter]:
-    """A GrpcDrafter that has asked Info, as the coordinator does."""
-    c = GrpcDrafter(address, timeout=20, **kw)
-    try:
-        await c.info()
-        yield c
-    finally:
-        await c.close()
+client = drafter_client
 
 
 def req(sid: str, lookahead: int = 3, max_tokens: int = 9, context: tuple[int, ...] = (1, 2, 3)) -> DraftRequest:
@@ -323,23 +306,15 @@ async def cluster(draft_stream: bool) -> AsyncIterator[tuple[Coordinator, Drafte
         yield coordinator, servicer
 
 
-async def generate(coordinator: Coordinator, strategy: Strategy) -> list[int]:
-    ids: list[int] = []
-    request = GenerateInput(prompt_token_ids=[5, 6, 7], max_new_tokens=40, seed=1, strategy=strategy, lookahead=3)
-    async for out in coordinator.generate(request):
-        ids.extend(out.token_ids)
-    return ids
-
-
 async def test_si_and_dsi_give_the_same_tokens_over_the_stream_as_over_draft_calls():
     async with cluster(draft_stream=False) as (coordinator, servicer):
-        reference = await generate(coordinator, Strategy.NONSI)
-        assert await generate(coordinator, Strategy.SI) == reference
+        reference = await generate_40(coordinator, Strategy.NONSI)
+        assert await generate_40(coordinator, Strategy.SI) == reference
         assert servicer.stream_drafts == 0 and servicer.unary_drafts > 0
     assert len(reference) == 40
     async with cluster(draft_stream=True) as (coordinator, servicer):
         for strategy in (Strategy.SI, Strategy.DSI):
-            assert await generate(coordinator, strategy) == reference, strategy
+            assert await generate_40(coordinator, strategy) == reference, strategy
         assert servicer.unary_drafts == 0 and servicer.stream_drafts > 0, "a draft went as a Draft call"
         (member,) = [slot.member for slot in coordinator.engine.drafters.slots]
         assert member.stream is not None and member.stream.opened == 1

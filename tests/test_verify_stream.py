@@ -22,11 +22,11 @@ from dsi.tools.experiments import netdelay
 from dsi.v1 import target_pb2, target_pb2_grpc
 from dsi.wire.security import ClientSecurity, ServerSecurity
 from dsi.wire.transport import GrpcDrafter, GrpcTarget
-from services.coordinator.coordinator import Coordinator, GenerateInput
+from services.coordinator.coordinator import Coordinator
 from services.coordinator.engine import Strategy
 from services.drafter.service import register as register_drafter
 from services.target.service import MODEL_METHODS, TargetServicer, register_servicer
-from tests.helpers import LOOPBACK, eventually, served_target, target_client
+from tests.helpers import LOOPBACK, eventually, generate_40, served_target, target_client
 from tests.procs import until
 
 T = "synthetic:vocab=300,seed=21,tpot_ms=1"
@@ -362,22 +362,14 @@ async def cluster(replicas: int, verify_stream: bool) -> AsyncIterator[tuple[Coo
         yield coordinator, servicers
 
 
-async def generate(coordinator: Coordinator, strategy: Strategy) -> list[int]:
-    ids: list[int] = []
-    request = GenerateInput(prompt_token_ids=[5, 6, 7], max_new_tokens=40, seed=1, strategy=strategy, lookahead=3)
-    async for out in coordinator.generate(request):
-        ids.extend(out.token_ids)
-    return ids
-
-
 async def test_non_si_si_and_dsi_give_the_same_tokens_over_the_stream_as_over_unary_calls():
     async with cluster(2, verify_stream=False) as (coordinator, servicers):
-        reference = await generate(coordinator, Strategy.NONSI)
+        reference = await generate_40(coordinator, Strategy.NONSI)
         assert sum(s.stream_verifications for s in servicers) == 0
     assert len(reference) == 40
     async with cluster(2, verify_stream=True) as (coordinator, servicers):
         for strategy in (Strategy.NONSI, Strategy.SI, Strategy.DSI):
-            assert await generate(coordinator, strategy) == reference, strategy
+            assert await generate_40(coordinator, strategy) == reference, strategy
         assert sum(s.unary_verifications for s in servicers) == 0, "a verification went as a unary call"
         assert all(s.stream_verifications > 0 for s in servicers), "DSI used only one replica"
         clients = [slot.member for slot in coordinator.engine.targets.slots]
