@@ -44,6 +44,15 @@ def verify_stream_default() -> bool:
     return os.environ.get(VERIFY_STREAM_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
 
 
+def _streams_wanted(asked: bool | None, interceptors: Sequence[grpc.aio.ClientInterceptor] | None) -> bool:
+    """Whether a client sends its calls over a stream once its peer serves one:
+    as ``asked`` (default: :func:`verify_stream_default`), and never with call
+    interceptors (``interceptors``, or :data:`CHANNEL_INTERCEPTORS`: tracing),
+    which act per call."""
+    intercepted = bool(interceptors) or any(make() for make in CHANNEL_INTERCEPTORS)
+    return (verify_stream_default() if asked is None else asked) and not intercepted
+
+
 CHANNEL_OPTIONS = [
     # Responses (verifications, draft chunks, generated text, Info) are small: gRPC's own 4 MiB limit
     # leaves plenty of room. Requests are bounded by the receiving server (dsi.serving.gate.Policy).
@@ -136,15 +145,12 @@ class GrpcTarget(Target):
         self._own_channel = channel is None
         if security is not None and server_name:
             security = security.for_name(server_name)
-        intercepted = bool(interceptors) or any(make() for make in CHANNEL_INTERCEPTORS)
+        self._stream_wanted = _streams_wanted(verify_stream, interceptors)
         self.channel = channel or open_channel(address, interceptors, security)
         self.stub = target_pb2_grpc.TargetServiceStub(self.channel)
         self.timeout = timeout
-        if verify_stream is None:
-            verify_stream = verify_stream_default()
         #: the stream verifications go over, once the target said it serves one (Info); None: unary Verify
         self.stream: VerifyStream | None = None
-        self._stream_wanted = verify_stream and not intercepted
         self._stream_client = VerifyStream(self.stub, self.name, timeout)
         #: whether :meth:`decode` uses the Decode RPC (the target said it serves it, in Info)
         self.decodes_streamed = False
@@ -278,15 +284,12 @@ class GrpcDrafter(Drafter):
         self._own_channel = channel is None
         if security is not None and server_name:
             security = security.for_name(server_name)
-        intercepted = bool(interceptors) or any(make() for make in CHANNEL_INTERCEPTORS)
+        self._stream_wanted = _streams_wanted(draft_stream, interceptors)
         self.channel = channel or open_channel(address, interceptors, security)
         self.stub = drafter_pb2_grpc.DrafterServiceStub(self.channel)
         self.timeout = timeout
-        if draft_stream is None:
-            draft_stream = verify_stream_default()
         #: the stream draft calls go over, once the drafter said it serves one (Info); None: Draft calls
         self.stream: DraftStream | None = None
-        self._stream_wanted = draft_stream and not intercepted
         self._stream_client = DraftStream(self.stub, self.name)
 
     async def info(self) -> ServiceInfo:

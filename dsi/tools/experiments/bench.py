@@ -291,16 +291,18 @@ def replay_point(
     from dsi.backends.synthetic import drafter_right_along
     from dsi.tools.experiments.simulate import simulate_one
 
-    spec = point.cluster.drafters[0].model
+    spec = point.cluster.drafter_spec()
     draws = [
-        drafter_right_along(spec if ":" in spec else "synthetic:", prompt, out)
+        drafter_right_along(spec, prompt, out)
         for prompt, out in outputs.values()
         if len(out) == point.tokens  # not one that ended early (EOS): the model runs to the end
     ]
+    if not draws:
+        return {}
     out: dict[str, float] = {}
     for s in STRATEGIES:
         cfg = point.cluster.sim_config((lookaheads or {}).get(s, point.lookahead), point.tokens, int(run["prompt_len"]))
-        if cfg is None or not draws:
+        if cfg is None:
             return {}
         out[s] = float(np.mean([simulate_one(cfg, right, [s])[s].latency_ms for right in draws]))
     return out

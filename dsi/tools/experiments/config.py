@@ -126,6 +126,11 @@ class Cluster:
         n = len(self.targets)
         return min(n, self.max_sp_degree) if self.max_sp_degree else n
 
+    def drafter_spec(self) -> str:
+        """The first drafter's synthetic spec (a bare ``synthetic`` as the defaults)."""
+        model = self.drafters[0].model
+        return model if ":" in model else "synthetic:"
+
     def sim_config(self, lookahead: int, tokens: int, prompt_len: int) -> SimConfig | None:
         """The simulator's model of this cluster (synthetic models only)."""
         if not self.synthetic or not self.drafters:
@@ -133,7 +138,7 @@ class Cluster:
         from dsi.backends.synthetic import SyntheticSpec
 
         drafter = self.drafters[0]
-        acceptance = SyntheticSpec.parse(drafter.model if ":" in drafter.model else "synthetic:").acceptance
+        acceptance = SyntheticSpec.parse(self.drafter_spec()).acceptance
         return SimConfig(
             tuple(t.node() for t in self.targets),
             drafter.node(),
