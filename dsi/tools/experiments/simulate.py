@@ -28,7 +28,12 @@ the system's own overhead:
   the next chunk), the drafter streaming up to ``k * (SP + 2)`` tokens ahead,
   the first completed verification covering the frontier deciding it, the
   corrected token committed after a rejection, and every verification and the
-  draft stream built on a rejected token cancelled at once.
+  draft stream built on a rejected token cancelled at once;
+* a device finishes the pass it is in when that pass is cancelled: a stopped
+  draft stream's token step, a cancelled verification's forward pass (its
+  replica's next request waits for it; the pool chooses replicas it knows to
+  run none first). ``abort_passes`` frees a replica at once instead, as the
+  DSI paper's simulator does.
 
 Times are in milliseconds. Cancellation and RPCs are free here: that is the
 point of comparing with ``dsi bench``.
@@ -85,6 +90,9 @@ class SimConfig:
     max_sp_degree: int = 0  # 0 = every replica (the coordinator's --max-sp-degree)
     lead_chunks: int = 2  # Engine.lead_chunks
     max_draft_tokens: int = 64  # Engine.max_draft_tokens
+    #: A cancelled verification frees its replica at once (the DSI paper's simulator). By default its
+    #: forward pass runs to its end, as a device's does (and the synthetic target's), cancelled or not.
+    abort_passes: bool = False
 
     @property
     def sp_degree(self) -> int:
@@ -129,7 +137,7 @@ class Run:
 
 
 class _Replica:
-    __slots__ = ("busy", "first", "node", "order", "seen_bad", "seen_len")
+    __slots__ = ("busy", "busy_until", "first", "free_at", "measured", "node", "order", "seen_bad", "seen_len")
 
     def __init__(self, node: Node) -> None:
         self.node = node
@@ -138,6 +146,10 @@ class _Replica:
         self.seen_bad: dict[int, int] = {}  # position -> id of a token that is not the target's
         self.busy = False
         self.order = 0
+        self.free_at = 0.0  # when its device ends the last pass it was given (DSI)
+        #: what the pool believes of a cancelled pass: until then it is chosen last (DSI)
+        self.busy_until = 0.0
+        self.measured = False  # a verification completed on it: the pool knows its latency (DSI)
 
     def start(self, ctx_len: int, bad: dict[int, int], n_drafts: int) -> float:
         """Cost of a forward over ``ctx_len`` context tokens plus ``n_drafts``
@@ -234,7 +246,21 @@ def simulate_si(cfg: SimConfig, correct: np.ndarray) -> Run:
 
 
 class _Verif:
-    __slots__ = ("bad", "base", "done", "done_order", "drafts", "end", "rep", "seq", "t_done", "total")
+    __slots__ = (
+        "bad",
+        "base",
+        "done",
+        "done_order",
+        "drafts",
+        "end",
+        "issued",
+        "pass_start",
+        "prev_free",
+        "rep",
+        "seq",
+        "t_done",
+        "total",
+    )
 
     def __init__(self, seq: int, base: int, drafts: list[int], rep: _Replica) -> None:
         self.seq = seq
@@ -245,6 +271,7 @@ class _Verif:
         self.done = False
         self.done_order = -1
         self.t_done = 0.0
+        self.issued = self.pass_start = self.prev_free = 0.0
         self.total = 0
         self.bad: dict[int, int] | None = None
 
@@ -301,10 +328,12 @@ class _DSI:
         return rep
 
     def _choose(self, reps: list[_Replica], base: int) -> _Replica:
-        """The pool's choice (services/coordinator/pool.py): the fastest
+        """The pool's choice (services/coordinator/pool.py): one that runs no
+        cancelled pass as far as the pool knows (if any), then the fastest
         (within 20%; here a replica's step time stands for its measured
         latency), then the one caching most of the first ``base`` positions,
         then the one used longest ago."""
+        reps = [r for r in reps if r.busy_until <= self.t + _EPS_MS] or reps
         speed = [r.node.tpot_ms + 2 * r.node.delay_ms for r in reps]
         fastest = min(speed)
         fast = [r for r, sp in zip(reps, speed, strict=True) if sp <= fastest * 1.2]
@@ -331,7 +360,13 @@ class _DSI:
             ms = node.ttft_ms if rep.first else node.tpot_ms
             rep.first = False
             ms += node.verify_token_ms * len(drafts)
-        v.t_done = self.t + 2 * node.delay_ms + ms
+        v.issued = self.t
+        v.prev_free = rep.free_at
+        v.pass_start = self.t + node.delay_ms
+        if not self.cfg.abort_passes:  # the device is done with the passes it was given before
+            v.pass_start = max(v.pass_start, rep.free_at)
+        rep.free_at = v.pass_start + ms
+        v.t_done = rep.free_at + node.delay_ms
         self.verifs.append(v)
         self.run.target_forwards += 1
         heapq.heappush(self.events, (v.t_done, next(self.ev_seq), _VERIFY, v))
@@ -341,7 +376,12 @@ class _DSI:
             v.done = True  # never completes
             v.done_order = -2
             self.run.cancelled += 1
-            v.rep.busy = False
+            rep = v.rep
+            rep.busy = False
+            if self.cfg.abort_passes or v.pass_start >= self.t + rep.node.delay_ms - _EPS_MS:
+                rep.free_at = v.prev_free  # aborted, or the cancel arrives before its pass starts: it never runs
+            elif rep.measured:  # its pass runs on: the pool expects it to take the replica's latency from its call
+                rep.busy_until = max(rep.busy_until, v.issued + rep.node.tpot_ms + 2 * rep.node.delay_ms)
 
     # the engine's steps -------------------------------------------------------------------------
 
@@ -514,6 +554,7 @@ class _DSI:
                 v.done = True
                 v.done_order = next(self.done_count)
                 v.rep.busy = False
+                v.rep.measured = True
                 if v.bad is not None:
                     v.rep.finish(v.total, v.bad)
                 self.run.completed_forwards += 1
@@ -832,6 +873,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         " (the synthetic drafter's key; default: %(default)s)",
     )
     g.add_argument(
+        "--abort-passes",
+        action="store_true",
+        help="DSI: a cancelled verification frees its replica at once (the DSI paper's simulator); by default its"
+        " forward pass runs to its end, as on a device (the event model; the engine's passes always run to their end)",
+    )
+    g.add_argument(
         "--engine",
         action="store_true",
         help="simulate with the engine itself on a virtual clock (slower; implied by --tree)",
@@ -868,7 +915,15 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
     )
     if args.sp < 1:
         raise SystemExit("--sp must be >= 1")
-    return SimConfig((target,) * args.sp, drafter, args.acceptance, args.lookahead[0], args.tokens, args.prompt_len)
+    return SimConfig(
+        (target,) * args.sp,
+        drafter,
+        args.acceptance,
+        args.lookahead[0],
+        args.tokens,
+        args.prompt_len,
+        abort_passes=args.abort_passes,
+    )
 
 
 def summary_rows(best: dict[str, Summary], tokens: int) -> list[dict]:
