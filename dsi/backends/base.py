@@ -168,9 +168,11 @@ class DrafterModel(abc.ABC):
         ...
 
 
-class _TargetSession:
-    """A target session: the model's state and the last sequence received
-    (what a request's context prefix refers to, see dsi.domain.prefix)."""
+class _Session:
+    """A target's or a drafter's session: the model's state and the last
+    sequence received (what a request's context prefix refers to, see
+    dsi.domain.prefix): a target's is a request's context and its chain
+    drafts, a drafter's a request's context."""
 
     __slots__ = ("model", "received")
 
@@ -199,8 +201,8 @@ class LocalTarget(Target):
             max_batch_tokens=batch.max_batch_tokens,
             accepts_context_prefix=True,
         )
-        self.sessions: SessionStore[_TargetSession] = SessionStore(
-            lambda: _TargetSession(model.new_state()),
+        self.sessions: SessionStore[_Session] = SessionStore(
+            lambda: _Session(model.new_state()),
             max_sessions,
             session_idle_timeout,
             on_drop=lambda s: model.drop_state(s.model),
@@ -309,9 +311,13 @@ class LocalDrafter(Drafter):
             session_idle_timeout_seconds=session_idle_timeout,
             max_batch=batch.max_batch,
             max_batch_tokens=batch.max_batch_tokens,
+            accepts_context_prefix=True,
         )
-        self.sessions: SessionStore[Any] = SessionStore(
-            model.new_state, max_sessions, session_idle_timeout, on_drop=model.drop_state
+        self.sessions: SessionStore[_Session] = SessionStore(
+            lambda: _Session(model.new_state()),
+            max_sessions,
+            session_idle_timeout,
+            on_drop=lambda s: model.drop_state(s.model),
         )
         self.counters = ServiceCounters()
         #: Called with every forward pass (metrics, see dsi/serving/metrics.py); None = nothing to call.
@@ -329,10 +335,16 @@ class LocalDrafter(Drafter):
         return ServiceInfo(self.model.info, self.limits, ServiceCounters(**vars(self.counters)))
 
     def check(self, request: DraftRequest) -> None:
+        """The request's fields; with a context prefix, only the tokens after
+        it (the prefix's ids were checked when they came; the size of the
+        whole is checked once the prefix is resolved, :meth:`_context`)."""
         info = self.model.info
         validation.check_session_id(request.session_id)
         validation.check_lookahead(request.lookahead, self.limits.max_lookahead)
-        validation.check_context(request.context, info.vocab_size, info.max_context_tokens, 1, "token to draft")
+        if request.prefix_length:
+            validation.check_token_ids(request.context, info.vocab_size, "context_token_ids")
+        else:
+            validation.check_context(request.context, info.vocab_size, info.max_context_tokens, 1, "token to draft")
         if request.max_tokens < 0:
             raise validation.InvalidArgument("max_tokens must be >= 0")
 
@@ -373,19 +385,23 @@ class LocalDrafter(Drafter):
         same parent, in order of preference). Their branches (``depth - 1``
         more guesses each, a forward pass per token) follow in a chunk of
         their own after each main chunk, so the main path never waits for
-        them. Parents are indices among all tokens of the stream."""
+        them. Parents are indices among all tokens of the stream.
+
+        A context given as a prefix of the one the session last received
+        (dsi.domain.prefix) is completed from the session first."""
         self.check(request)
         info = self.model.info
-        room = info.max_context_tokens - len(request.context)
-        budget = min(request.max_tokens, room) if request.max_tokens else room
         eos = set(info.eos_token_ids)
         shape = request.tree
-        tokens = list(request.context)
         sent = 0  # tokens streamed so far: the index of the next one
         last_main = ROOT
         self.active_streams += 1
         try:
-            async with self.sessions.use(request.session_id) as state:
+            async with self.sessions.use(request.session_id) as session:
+                state = session.model
+                tokens = list(self._context(session, request))
+                room = info.max_context_tokens - len(tokens)
+                budget = min(request.max_tokens, room) if request.max_tokens else room
                 drafted = 0
                 while drafted < budget:
                     chunk: list[DraftToken] = []
@@ -433,6 +449,18 @@ class LocalDrafter(Drafter):
             raise
         finally:
             self.active_streams -= 1
+
+    def _context(self, session: _Session, request: DraftRequest) -> list[int]:
+        """The request's whole context (its prefix resolved), now what the
+        session received (what the next request's prefix names)."""
+        length = request.prefix_length
+        if length:
+            context = prefix.resolve(session.received, length, request.prefix_hash, request.context)
+            validation.check_context_size(len(context), self.model.info.max_context_tokens, 1, "token to draft")
+        else:
+            context = list(request.context)
+        session.received.replace(context, length or prefix.common_prefix(session.received.tokens, context))
+        return context
 
     async def release_session(self, session_id: str) -> bool:
         return self.sessions.release(session_id)

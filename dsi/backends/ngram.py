@@ -38,7 +38,7 @@ import numpy as np
 
 from dsi.backends.base import Forward
 from dsi.domain import validation
-from dsi.domain.errors import InvalidArgument
+from dsi.domain.errors import FailedPrecondition, InvalidArgument
 from dsi.domain.interfaces import Drafter
 from dsi.domain.types import (
     DraftChunk,
@@ -146,6 +146,8 @@ class NgramDrafter(Drafter):
         return ServiceInfo(self.model.info, self.limits, ServiceCounters(**vars(self.counters)))
 
     def check(self, request: DraftRequest) -> None:
+        if request.prefix_length:  # it does not announce accepts_context_prefix: it holds no context
+            raise FailedPrecondition("this drafter keeps no sessions, so no context prefix: send the full context")
         validation.check_session_id(request.session_id)
         validation.check_lookahead(request.lookahead, self.limits.max_lookahead)
         validation.check_context(request.context, MAX_CONTEXT, MAX_CONTEXT, 1, "token to draft")

@@ -182,12 +182,17 @@ class DecodeRequest:
 @dataclass(frozen=True)
 class DraftRequest:
     session_id: str
+    #: the tokens to continue; with ``prefix_length``, only those after the prefix
     context: Sequence[int]
     lookahead: int
     max_tokens: int = 0
     sampling: SamplingParams = GREEDY
     seed: int = 0
     tree: TreeShape = CHAIN
+    #: > 0: ``context`` follows the first ``prefix_length`` tokens of the last context the
+    #: session received (not what it drafted; see dsi.domain.prefix), whose hash is ``prefix_hash``
+    prefix_length: int = 0
+    prefix_hash: int = 0
 
 
 @dataclass(frozen=True)

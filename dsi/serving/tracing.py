@@ -207,7 +207,7 @@ def _call_key(method: str, request: Any) -> tuple | None:
     if method == VERIFY:
         return verify_key(request.session_id, _context_length(request), len(request.draft_tokens))
     if method == DRAFT:
-        return draft_key(request.session_id, len(request.context_token_ids))
+        return draft_key(request.session_id, _context_length(request))
     return None
 
 
@@ -318,7 +318,8 @@ def _request_attributes(method: str, request: Any) -> dict[str, Any]:
         attrs["dsi.context_prefix_tokens"] = request.context_prefix_length
         attrs["dsi.drafts"] = len(request.draft_tokens)
     elif method == DRAFT:
-        attrs["dsi.start"] = len(request.context_token_ids)
+        attrs["dsi.start"] = _context_length(request)
+        attrs["dsi.context_prefix_tokens"] = request.context_prefix_length
         attrs["dsi.lookahead"] = request.lookahead
         attrs["dsi.max_tokens"] = request.max_tokens
     return attrs

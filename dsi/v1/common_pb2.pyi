@@ -278,9 +278,11 @@ class ServiceLimits(_message.Message):
     max_batch_tokens: _builtins.int
     """Tokens one device pass may compute at most (a larger request runs alone)."""
     accepts_context_prefix: _builtins.bool
-    """Whether Verify accepts a context given as a prefix the session already
-    holds plus the tokens after it (VerifyRequest.context_prefix_length;
-    target only). A client must not send a prefix to a target without it.
+    """Whether requests may give their context as a prefix the session already
+    holds plus the tokens after it: Verify, VerifyStream and Decode on a
+    target (VerifyRequest.context_prefix_length), Draft and DraftStream on a
+    drafter (DraftRequest.context_prefix_length). The same meaning on both
+    services. A client must not send a prefix to a service without it.
     """
     accepts_verify_stream: _builtins.bool
     """Whether the target serves TargetService.VerifyStream (many Verify calls

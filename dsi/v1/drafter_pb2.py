@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from dsi.v1 import common_pb2 as dsi_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14\x64si/v1/drafter.proto\x12\x06\x64si.v1\x1a\x13\x64si/v1/common.proto\"\x1b\n\x19\x44rafterServiceInfoRequest\"\x90\x01\n\x1a\x44rafterServiceInfoResponse\x12 \n\x05model\x18\x01 \x01(\x0b\x32\x11.dsi.v1.ModelInfo\x12%\n\x06limits\x18\x02 \x01(\x0b\x32\x15.dsi.v1.ServiceLimits\x12)\n\x08\x63ounters\x18\x03 \x01(\x0b\x32\x17.dsi.v1.ServiceCounters\"\xd9\x01\n\x0c\x44raftRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x19\n\x11\x63ontext_token_ids\x18\x02 \x03(\r\x12\x11\n\tlookahead\x18\x03 \x01(\r\x12\x12\n\nmax_tokens\x18\x04 \x01(\r\x12(\n\x08sampling\x18\x05 \x01(\x0b\x32\x16.dsi.v1.SamplingParams\x12\x0c\n\x04seed\x18\x06 \x01(\x04\x12\x1a\n\x0eproposal_top_k\x18\x07 \x01(\rB\x02\x18\x01\x12\x1f\n\x04tree\x18\x08 \x01(\x0b\x32\x11.dsi.v1.TreeShape\"~\n\rDraftResponse\x12\"\n\x06tokens\x18\x01 \x03(\x0b\x32\x12.dsi.v1.DraftToken\x12\x16\n\x0estart_position\x18\x02 \x01(\r\x12#\n\x05stats\x18\x03 \x01(\x0b\x32\x14.dsi.v1.ForwardStats\x12\x0c\n\x04last\x18\x04 \x01(\x08\"9\n#DrafterServiceReleaseSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"8\n$DrafterServiceReleaseSessionResponse\x12\x10\n\x08released\x18\x01 \x01(\x08\"\x81\x01\n\x12\x44raftStreamRequest\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\x04\x12%\n\x05\x64raft\x18\x02 \x01(\x0b\x32\x14.dsi.v1.DraftRequestH\x00\x12+\n\x06\x63\x61ncel\x18\x03 \x01(\x0b\x32\x19.dsi.v1.DraftStreamCancelH\x00\x42\x06\n\x04kind\"\x13\n\x11\x44raftStreamCancel\"\xab\x01\n\x13\x44raftStreamResponse\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\x04\x12&\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x15.dsi.v1.DraftResponseH\x00\x12%\n\x03\x65nd\x18\x03 \x01(\x0b\x32\x16.dsi.v1.DraftStreamEndH\x00\x12)\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x18.dsi.v1.DraftStreamErrorH\x00\x42\t\n\x07outcome\"\x10\n\x0e\x44raftStreamEnd\"1\n\x10\x44raftStreamError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\r\x12\x0f\n\x07message\x18\x02 \x01(\t2\xd0\x02\n\x0e\x44rafterService\x12M\n\x04Info\x12!.dsi.v1.DrafterServiceInfoRequest\x1a\".dsi.v1.DrafterServiceInfoResponse\x12\x36\n\x05\x44raft\x12\x14.dsi.v1.DraftRequest\x1a\x15.dsi.v1.DraftResponse0\x01\x12J\n\x0b\x44raftStream\x12\x1a.dsi.v1.DraftStreamRequest\x1a\x1b.dsi.v1.DraftStreamResponse(\x01\x30\x01\x12k\n\x0eReleaseSession\x12+.dsi.v1.DrafterServiceReleaseSessionRequest\x1a,.dsi.v1.DrafterServiceReleaseSessionResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14\x64si/v1/drafter.proto\x12\x06\x64si.v1\x1a\x13\x64si/v1/common.proto\"\x1b\n\x19\x44rafterServiceInfoRequest\"\x90\x01\n\x1a\x44rafterServiceInfoResponse\x12 \n\x05model\x18\x01 \x01(\x0b\x32\x11.dsi.v1.ModelInfo\x12%\n\x06limits\x18\x02 \x01(\x0b\x32\x15.dsi.v1.ServiceLimits\x12)\n\x08\x63ounters\x18\x03 \x01(\x0b\x32\x17.dsi.v1.ServiceCounters\"\x95\x02\n\x0c\x44raftRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x19\n\x11\x63ontext_token_ids\x18\x02 \x03(\r\x12\x11\n\tlookahead\x18\x03 \x01(\r\x12\x12\n\nmax_tokens\x18\x04 \x01(\r\x12(\n\x08sampling\x18\x05 \x01(\x0b\x32\x16.dsi.v1.SamplingParams\x12\x0c\n\x04seed\x18\x06 \x01(\x04\x12\x1a\n\x0eproposal_top_k\x18\x07 \x01(\rB\x02\x18\x01\x12\x1f\n\x04tree\x18\x08 \x01(\x0b\x32\x11.dsi.v1.TreeShape\x12\x1d\n\x15\x63ontext_prefix_length\x18\t \x01(\r\x12\x1b\n\x13\x63ontext_prefix_hash\x18\n \x01(\x06\"~\n\rDraftResponse\x12\"\n\x06tokens\x18\x01 \x03(\x0b\x32\x12.dsi.v1.DraftToken\x12\x16\n\x0estart_position\x18\x02 \x01(\r\x12#\n\x05stats\x18\x03 \x01(\x0b\x32\x14.dsi.v1.ForwardStats\x12\x0c\n\x04last\x18\x04 \x01(\x08\"9\n#DrafterServiceReleaseSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"8\n$DrafterServiceReleaseSessionResponse\x12\x10\n\x08released\x18\x01 \x01(\x08\"\x81\x01\n\x12\x44raftStreamRequest\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\x04\x12%\n\x05\x64raft\x18\x02 \x01(\x0b\x32\x14.dsi.v1.DraftRequestH\x00\x12+\n\x06\x63\x61ncel\x18\x03 \x01(\x0b\x32\x19.dsi.v1.DraftStreamCancelH\x00\x42\x06\n\x04kind\"\x13\n\x11\x44raftStreamCancel\"\xab\x01\n\x13\x44raftStreamResponse\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\x04\x12&\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x15.dsi.v1.DraftResponseH\x00\x12%\n\x03\x65nd\x18\x03 \x01(\x0b\x32\x16.dsi.v1.DraftStreamEndH\x00\x12)\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x18.dsi.v1.DraftStreamErrorH\x00\x42\t\n\x07outcome\"\x10\n\x0e\x44raftStreamEnd\"1\n\x10\x44raftStreamError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\r\x12\x0f\n\x07message\x18\x02 \x01(\t2\xd0\x02\n\x0e\x44rafterService\x12M\n\x04Info\x12!.dsi.v1.DrafterServiceInfoRequest\x1a\".dsi.v1.DrafterServiceInfoResponse\x12\x36\n\x05\x44raft\x12\x14.dsi.v1.DraftRequest\x1a\x15.dsi.v1.DraftResponse0\x01\x12J\n\x0b\x44raftStream\x12\x1a.dsi.v1.DraftStreamRequest\x1a\x1b.dsi.v1.DraftStreamResponse(\x01\x30\x01\x12k\n\x0eReleaseSession\x12+.dsi.v1.DrafterServiceReleaseSessionRequest\x1a,.dsi.v1.DrafterServiceReleaseSessionResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,23 +39,23 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DRAFTERSERVICEINFORESPONSE']._serialized_start=83
   _globals['_DRAFTERSERVICEINFORESPONSE']._serialized_end=227
   _globals['_DRAFTREQUEST']._serialized_start=230
-  _globals['_DRAFTREQUEST']._serialized_end=447
-  _globals['_DRAFTRESPONSE']._serialized_start=449
-  _globals['_DRAFTRESPONSE']._serialized_end=575
-  _globals['_DRAFTERSERVICERELEASESESSIONREQUEST']._serialized_start=577
-  _globals['_DRAFTERSERVICERELEASESESSIONREQUEST']._serialized_end=634
-  _globals['_DRAFTERSERVICERELEASESESSIONRESPONSE']._serialized_start=636
-  _globals['_DRAFTERSERVICERELEASESESSIONRESPONSE']._serialized_end=692
-  _globals['_DRAFTSTREAMREQUEST']._serialized_start=695
-  _globals['_DRAFTSTREAMREQUEST']._serialized_end=824
-  _globals['_DRAFTSTREAMCANCEL']._serialized_start=826
-  _globals['_DRAFTSTREAMCANCEL']._serialized_end=845
-  _globals['_DRAFTSTREAMRESPONSE']._serialized_start=848
-  _globals['_DRAFTSTREAMRESPONSE']._serialized_end=1019
-  _globals['_DRAFTSTREAMEND']._serialized_start=1021
-  _globals['_DRAFTSTREAMEND']._serialized_end=1037
-  _globals['_DRAFTSTREAMERROR']._serialized_start=1039
-  _globals['_DRAFTSTREAMERROR']._serialized_end=1088
-  _globals['_DRAFTERSERVICE']._serialized_start=1091
-  _globals['_DRAFTERSERVICE']._serialized_end=1427
+  _globals['_DRAFTREQUEST']._serialized_end=507
+  _globals['_DRAFTRESPONSE']._serialized_start=509
+  _globals['_DRAFTRESPONSE']._serialized_end=635
+  _globals['_DRAFTERSERVICERELEASESESSIONREQUEST']._serialized_start=637
+  _globals['_DRAFTERSERVICERELEASESESSIONREQUEST']._serialized_end=694
+  _globals['_DRAFTERSERVICERELEASESESSIONRESPONSE']._serialized_start=696
+  _globals['_DRAFTERSERVICERELEASESESSIONRESPONSE']._serialized_end=752
+  _globals['_DRAFTSTREAMREQUEST']._serialized_start=755
+  _globals['_DRAFTSTREAMREQUEST']._serialized_end=884
+  _globals['_DRAFTSTREAMCANCEL']._serialized_start=886
+  _globals['_DRAFTSTREAMCANCEL']._serialized_end=905
+  _globals['_DRAFTSTREAMRESPONSE']._serialized_start=908
+  _globals['_DRAFTSTREAMRESPONSE']._serialized_end=1079
+  _globals['_DRAFTSTREAMEND']._serialized_start=1081
+  _globals['_DRAFTSTREAMEND']._serialized_end=1097
+  _globals['_DRAFTSTREAMERROR']._serialized_start=1099
+  _globals['_DRAFTSTREAMERROR']._serialized_end=1148
+  _globals['_DRAFTERSERVICE']._serialized_start=1151
+  _globals['_DRAFTERSERVICE']._serialized_end=1487
 # @@protoc_insertion_point(module_scope)

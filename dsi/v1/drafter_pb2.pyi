@@ -85,6 +85,8 @@ class DraftRequest(_message.Message):
     SEED_FIELD_NUMBER: _builtins.int
     PROPOSAL_TOP_K_FIELD_NUMBER: _builtins.int
     TREE_FIELD_NUMBER: _builtins.int
+    CONTEXT_PREFIX_LENGTH_FIELD_NUMBER: _builtins.int
+    CONTEXT_PREFIX_HASH_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     """Opaque id (1..128 characters) that names the cache to reuse."""
     lookahead: _builtins.int
@@ -107,10 +109,27 @@ class DraftRequest(_message.Message):
     def proposal_top_k(self, value: _builtins.int) -> None:
         """Deprecated and ignored: drafts carry no distributions any more."""
 
+    context_prefix_length: _builtins.int
+    """Prefix reuse (drafters whose ServiceLimits.accepts_context_prefix is
+    set), as VerifyRequest.context_prefix_length on a target. When > 0, the
+    context is the first context_prefix_length tokens of the context this
+    session last received in a DraftRequest on this instance (the context
+    only, never the tokens drafted after it), followed by context_token_ids
+    (which may then be empty). When the session does not hold those tokens
+    (evicted or released, drafter restarted, another context since) the
+    drafter ends the stream (or the DraftStream call) with
+    FAILED_PRECONDITION before any chunk, and the client resends the full
+    context. Positions (start_position) count the whole context.
+    """
+    context_prefix_hash: _builtins.int
+    """With a prefix: the first 8 bytes, little endian, of BLAKE2b-64 over the
+    prefix's tokens as little-endian uint32s; the drafter checks it.
+    """
     @_builtins.property
     def context_token_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """The tokens to continue. Not empty; ids < vocab_size; shorter than
-        max_context_tokens.
+        max_context_tokens. With context_prefix_length > 0: only the tokens after
+        the prefix (may be empty; the limits count prefix + these).
         """
 
     @_builtins.property
@@ -139,10 +158,12 @@ class DraftRequest(_message.Message):
         seed: _builtins.int = ...,
         proposal_top_k: _builtins.int = ...,
         tree: _common_pb2.TreeShape | None = ...,
+        context_prefix_length: _builtins.int = ...,
+        context_prefix_hash: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["sampling", b"sampling", "tree", b"tree"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["context_token_ids", b"context_token_ids", "lookahead", b"lookahead", "max_tokens", b"max_tokens", "proposal_top_k", b"proposal_top_k", "sampling", b"sampling", "seed", b"seed", "session_id", b"session_id", "tree", b"tree"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["context_prefix_hash", b"context_prefix_hash", "context_prefix_length", b"context_prefix_length", "context_token_ids", b"context_token_ids", "lookahead", b"lookahead", "max_tokens", b"max_tokens", "proposal_top_k", b"proposal_top_k", "sampling", b"sampling", "seed", b"seed", "session_id", b"session_id", "tree", b"tree"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -355,7 +376,7 @@ class DraftStreamError(_message.Message):
     MESSAGE_FIELD_NUMBER: _builtins.int
     code: _builtins.int
     """The gRPC status code (google.rpc.Code numbering: 3 INVALID_ARGUMENT,
-    8 RESOURCE_EXHAUSTED, 14 UNAVAILABLE, ...).
+    8 RESOURCE_EXHAUSTED, 9 FAILED_PRECONDITION, 14 UNAVAILABLE, ...).
     """
     message: _builtins.str
     """The status message."""

@@ -225,6 +225,8 @@ def draft_request_from_pb(m: drafter_pb2.DraftRequest) -> DraftRequest:
         sampling=sampling_from_pb(m.sampling),
         seed=m.seed,
         tree=tree_from_pb(m.tree),
+        prefix_length=m.context_prefix_length,
+        prefix_hash=m.context_prefix_hash,
     )
 
 
@@ -237,6 +239,8 @@ def draft_request_to_pb(r: DraftRequest) -> drafter_pb2.DraftRequest:
         sampling=sampling_to_pb(r.sampling),
         seed=r.seed,
         tree=tree_to_pb(r.tree) if not r.tree.is_chain else None,
+        context_prefix_length=r.prefix_length,
+        context_prefix_hash=r.prefix_hash,
     )
 
 

@@ -7,9 +7,10 @@ the iterator of :meth:`GrpcDrafter.draft`, cancels the RPC on the server.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import os
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import grpc
@@ -94,6 +95,7 @@ async def wait_ready(channel: grpc.aio.Channel, name: str, timeout: float) -> No
 #: its bounded retries.
 _PEER_GONE = frozenset({grpc.StatusCode.INTERNAL, grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN})
 T = TypeVar("T")
+A = TypeVar("A")
 
 
 async def server_stream(call: Any, from_pb: Callable[[Any], T], peer: str) -> AsyncIterator[T]:
@@ -120,7 +122,101 @@ async def _converted(messages: AsyncIterator[Any], from_pb: Callable[[Any], T]) 
         await messages.aclose()  # type: ignore[attr-defined]
 
 
-class GrpcTarget(Target):
+async def _first(items: AsyncIterator[T]) -> tuple[AsyncIterator[T], T | None]:
+    """``items`` and its first item (None: it ended without one); ``items``
+    is closed when that fails."""
+    try:
+        return items, await anext(items, None)
+    except BaseException:
+        await items.aclose()  # type: ignore[attr-defined]
+        raise
+
+
+async def _opened(opening: Callable[[], Awaitable[tuple[AsyncIterator[T], T | None]]]) -> AsyncIterator[T]:
+    """The items of the iterator ``opening()`` gives with its first item (as
+    :func:`_first` does); closing the iteration closes it."""
+    items, first = await opening()
+    try:
+        if first is None:
+            return
+        yield first
+        async for item in items:
+            yield item
+    finally:
+        await items.aclose()  # type: ignore[attr-defined]
+
+
+R = TypeVar("R", VerifyRequest, DraftRequest)
+
+
+def _with_prefix(request: R, length: int, digest: int, rest: Sequence[int]) -> R:
+    """``request`` with its context given as ``rest`` after a prefix of ``length`` tokens (0: unchanged)."""
+    if not length:
+        return request
+    return dataclasses.replace(request, context=rest, prefix_length=length, prefix_hash=digest)
+
+
+class _PrefixSender:
+    """Context prefixes (dsi.domain.prefix), the client's side, as
+    :class:`GrpcTarget` and :class:`GrpcDrafter` send them: once the peer says
+    it accepts them (Info), a request carries only the context past what its
+    session was last sent, and the full context again when the peer refuses
+    the prefix (FailedPrecondition: it does not hold it) before answering."""
+
+    def __init__(self) -> None:
+        #: what each session was last sent, once the peer said it accepts context prefixes (Info)
+        self.sent: SentSequences | None = None
+        self.prefix_requests = 0  # requests that sent a prefix instead of the full context
+        self.prefix_misses = 0  # ... that the peer refused (it did not hold the prefix): resent in full
+
+    def _accepts_prefixes(self, accepts: bool) -> None:
+        """What Info said (ServiceLimits.accepts_context_prefix)."""
+        if accepts and self.sent is None:
+            self.sent = SentSequences()
+        elif not accepts:
+            self.sent = None  # e.g. replaced by an older build behind the same address
+
+    async def _send_prefixed(
+        self,
+        session_id: str,
+        context: Sequence[int],
+        holds: list[int] | None,
+        send: Callable[[int, int, Sequence[int]], Awaitable[A]],
+    ) -> A:
+        """``await send(length, digest, rest)``: the context as the prefix of
+        what the session was last sent and the tokens after it (or ``0, 0,
+        context``), and with the full context again when the peer refuses the
+        prefix. ``holds``: what the session holds once the peer took the
+        request, recorded when ``send`` returns (concurrent requests of the
+        session name only a prefix it shares, see
+        :meth:`SentSequences.split`); None: not tracked, the session is
+        forgotten (its next request carries the full context)."""
+        sent = self.sent
+        assert sent is not None
+        length, digest, rest = sent.split(session_id, context)
+        if holds is None:
+            sent.forget(session_id)
+        else:
+            sent.sending(session_id, holds)
+        ok = False
+        try:
+            if not length:
+                answer = await send(0, 0, context)
+            else:
+                self.prefix_requests += 1
+                try:
+                    answer = await send(length, digest, rest)
+                except FailedPrecondition:
+                    self.prefix_misses += 1
+                    answer = await send(0, 0, context)
+            ok = True
+        finally:
+            if holds is not None:
+                sent.done(session_id, holds, ok)
+        return answer
+
+
+class GrpcTarget(Target, _PrefixSender):
     def __init__(
         self,
         address: str,
@@ -140,6 +236,7 @@ class GrpcTarget(Target):
         (``interceptors``, or :data:`CHANNEL_INTERCEPTORS`: tracing): they act
         per call, so verifications then stay unary Verify calls, each
         delayed or traced as before."""
+        _PrefixSender.__init__(self)
         self.name = f"target {address}"
         self.address = address
         self._own_channel = channel is None
@@ -154,18 +251,11 @@ class GrpcTarget(Target):
         self._stream_client = VerifyStream(self.stub, self.name, timeout)
         #: whether :meth:`decode` uses the Decode RPC (the target said it serves it, in Info)
         self.decodes_streamed = False
-        #: what each session was last sent, once the target said it accepts context prefixes (Info)
-        self.sent: SentSequences | None = None
-        self.prefix_requests = 0  # Verify calls that sent a prefix instead of the full context
-        self.prefix_misses = 0  # ... that the target refused (it did not hold the prefix): resent in full
 
     async def info(self) -> ServiceInfo:
         resp = await call(self.name, self.stub.Info(target_pb2.TargetServiceInfoRequest(), timeout=self.timeout))
         info = convert.service_info_from_pb(resp)
-        if info.limits.accepts_context_prefix and self.sent is None:
-            self.sent = SentSequences()
-        elif not info.limits.accepts_context_prefix:
-            self.sent = None  # e.g. replaced by an older build behind the same address
+        self._accepts_prefixes(info.limits.accepts_context_prefix)
         use_stream = self._stream_wanted and info.limits.accepts_verify_stream
         self.stream = self._stream_client if use_stream else None
         self.decodes_streamed = self._stream_wanted and info.limits.accepts_decode
@@ -188,31 +278,16 @@ class GrpcTarget(Target):
         """Sends only the context past what the session was last sent (when
         the target accepts prefixes), and the full context again when the
         target no longer holds it."""
-        sent = self.sent
-        if sent is None or request.prefix_length:
+        if self.sent is None or request.prefix_length:
             return await self._verify(request)
-        sid = request.session_id
         drafts = [d.token_id for d in request.drafts] if is_chain(request.drafts) else []
-        sequence = [*request.context, *drafts]  # what the session holds once the target took this request
-        length, digest, rest = sent.split(sid, request.context)
-        sent.sending(sid, sequence)
-        ok = False
-        try:
-            if not length:
-                result = await self._verify(request)
-            else:
-                self.prefix_requests += 1
-                try:
-                    result = await self._verify(
-                        dataclasses.replace(request, context=rest, prefix_length=length, prefix_hash=digest)
-                    )
-                except FailedPrecondition:
-                    self.prefix_misses += 1
-                    result = await self._verify(request)
-            ok = True
-        finally:
-            sent.done(sid, sequence, ok)
-        return result
+        holds = [*request.context, *drafts]  # what the session holds once the target took this request
+        return await self._send_prefixed(
+            request.session_id,
+            request.context,
+            holds,
+            lambda length, digest, rest: self._verify(_with_prefix(request, length, digest, rest)),
+        )
 
     async def decode(self, request: DecodeRequest) -> AsyncIterator[VerifyResult]:
         """One Decode call (a message per token) when the target serves it,
@@ -224,25 +299,25 @@ class GrpcTarget(Target):
             async for result in super().decode(request):
                 yield result
             return
-        start, sent, sid = request.start, self.sent, request.start.session_id
-        if sent is not None and not start.prefix_length:
-            length, digest, rest = sent.split(sid, start.context)
-            sent.forget(sid)  # what the session holds after a decode is not tracked: the next call sends it all
-            if length:
-                self.prefix_requests += 1
-                prefixed = dataclasses.replace(start, context=rest, prefix_length=length, prefix_hash=digest)
-                decoded = 0
-                try:
-                    async for result in self._decode(dataclasses.replace(request, start=prefixed)):
-                        decoded += 1
-                        yield result
-                    return
-                except FailedPrecondition:
-                    if decoded:
-                        raise
-                    self.prefix_misses += 1  # the target does not hold the prefix: send it all
-        async for result in self._decode(request):
-            yield result
+        start = request.start
+        if self.sent is None or start.prefix_length:
+            async for result in self._decode(request):
+                yield result
+            return
+        # What the session holds after a decode is not tracked (None): the next call sends it all.
+        opened = _opened(
+            lambda: self._send_prefixed(
+                start.session_id,
+                start.context,
+                None,
+                lambda length, digest, rest: _first(
+                    self._decode(dataclasses.replace(request, start=_with_prefix(start, length, digest, rest)))
+                ),
+            )
+        )
+        async with contextlib.aclosing(opened) as results:  # closing this iteration cancels the call
+            async for result in results:
+                yield result
 
     def _decode(self, request: DecodeRequest) -> AsyncIterator[VerifyResult]:
         call = self.stub.Decode(convert.decode_request_to_pb(request))
@@ -261,7 +336,7 @@ class GrpcTarget(Target):
             await self.channel.close()
 
 
-class GrpcDrafter(Drafter):
+class GrpcDrafter(Drafter, _PrefixSender):
     def __init__(
         self,
         address: str,
@@ -279,6 +354,7 @@ class GrpcDrafter(Drafter):
         :meth:`info` says the drafter serves it (default:
         :func:`verify_stream_default`); not with call interceptors, as
         :class:`GrpcTarget`'s VerifyStream."""
+        _PrefixSender.__init__(self)
         self.name = f"drafter {address}"
         self.address = address
         self._own_channel = channel is None
@@ -295,6 +371,7 @@ class GrpcDrafter(Drafter):
     async def info(self) -> ServiceInfo:
         resp = await call(self.name, self.stub.Info(drafter_pb2.DrafterServiceInfoRequest(), timeout=self.timeout))
         info = convert.service_info_from_pb(resp)
+        self._accepts_prefixes(info.limits.accepts_context_prefix)
         self.stream = self._stream_client if self._stream_wanted and info.limits.accepts_draft_stream else None
         return info
 
@@ -304,12 +381,30 @@ class GrpcDrafter(Drafter):
         return self._stream_client.calls
 
     def draft(self, request: DraftRequest) -> AsyncIterator[DraftChunk]:
+        """Sends only the context past the one the session was last sent
+        (when the drafter accepts prefixes), and the full context again when
+        the drafter no longer holds it (refused before its first chunk)."""
+        if self.sent is None or request.prefix_length:
+            return self._draft(request)
+        context = list(request.context)  # held once the drafter took the request: its first chunk came, or its end
+        return _opened(
+            lambda: self._send_prefixed(
+                request.session_id,
+                context,
+                context,
+                lambda length, digest, rest: _first(self._draft(_with_prefix(request, length, digest, rest))),
+            )
+        )
+
+    def _draft(self, request: DraftRequest) -> AsyncIterator[DraftChunk]:
         pb = convert.draft_request_to_pb(request)
         if self.stream is not None:
             return _converted(self.stream.draft(pb), convert.draft_chunk_from_pb)
         return server_stream(self.stub.Draft(pb), convert.draft_chunk_from_pb, self.name)
 
     async def release_session(self, session_id: str) -> bool:
+        if self.sent is not None:
+            self.sent.forget(session_id)
         req = drafter_pb2.DrafterServiceReleaseSessionRequest(session_id=session_id)
         resp = await call(self.name, self.stub.ReleaseSession(req, timeout=self.timeout))
         return resp.released
