@@ -353,3 +353,18 @@ async def test_si_and_dsi_give_the_same_tokens_with_and_without_prefixes(draft_s
         prefixed = [r for r in seen if r.prefix_length]
         sent, named = sum(len(r.context) for r in prefixed), sum(r.prefix_length for r in prefixed)
         assert prefixed and sent < named / 4, "mostly only the new tokens went"
+
+
+async def test_the_prefix_bench_sends_prefixes_and_measures_both_ways() -> None:
+    """tools/prefix_bench.py (docs/benchmarks.md section 13): its rounds with
+    prefixes send one, its rounds without send none, and a prefixed request
+    of a long context is a tiny part of the full one on the wire."""
+    from tools.prefix_bench import block, request_bytes
+
+    prefixed, full = request_bytes(4000, 3)
+    assert prefixed < 40 and full > 7000
+    async with served() as (_, client, seen):
+        assert len(await block(client, "p", 200, 8, 3, prefixes=True)) == 3
+        assert client.prefix_requests == 7 and all(r.prefix_length >= 200 for r in seen[1:])
+        await block(client, "f", 200, 8, 3, prefixes=False)
+        assert client.prefix_requests == 7 and all(r.prefix_length == 0 for r in seen[8:])
