@@ -187,3 +187,28 @@ async def test_concurrent_requests_of_a_session_name_a_prefix_all_of_them_share(
         for request, result in zip((first, second), got, strict=True):
             want = await reference.verify(request)
             assert (result.decisions, result.next_token) == (want.decisions, want.next_token)
+
+
+@pytest.mark.parametrize("service", ["target", "drafter"])
+async def test_a_prefix_of_an_unknown_session_is_refused_without_evicting_another(service: str) -> None:
+    """A request naming a prefix of a session the service does not hold
+    (evicted, released, a restarted instance) is refused before a session is
+    made for it: it must not evict a session somebody else is using."""
+    from dsi.backends import LocalDrafter, load_drafter_model
+    from dsi.domain.errors import FailedPrecondition
+    from dsi.domain.types import DraftRequest
+
+    context = list(range(1, 41))
+    named = {"prefix_length": 40, "prefix_hash": prefix_hash(context)}
+    if service == "target":
+        local = LocalTarget(load_target_model(SPEC), max_sessions=1)
+        await local.verify(VerifyRequest("held", context, [], GREEDY, 1))
+        run = local.verify(VerifyRequest("gone", [5], [], GREEDY, 1, **named))
+    else:
+        local = LocalDrafter(load_drafter_model(SPEC), max_sessions=1)
+        async for _ in local.draft(DraftRequest("held", context, 2, 2)):
+            pass
+        run = anext(local.draft(DraftRequest("gone", [5], 2, 2, **named)))
+    with pytest.raises(FailedPrecondition, match="does not hold the context prefix"):
+        await run
+    assert "held" in local.sessions and "gone" not in local.sessions and local.sessions.evicted == 0

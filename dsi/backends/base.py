@@ -168,6 +168,13 @@ class DrafterModel(abc.ABC):
         ...
 
 
+def _needs_prefix(length: int) -> Callable[[], Exception] | None:
+    """For :meth:`SessionStore.use`: a request naming a prefix of ``length``
+    tokens needs a session that exists (else it is refused before a session
+    is created, or another one evicted for it)."""
+    return (lambda: prefix.not_held(length)) if length else None
+
+
 class _Session:
     """A target's or a drafter's session: the model's state and the last
     sequence received (what a request's context prefix refers to, see
@@ -245,7 +252,7 @@ class LocalTarget(Target):
         queued = time.perf_counter()
         decided: tuple[list[Decision], list[int], int] | None = None
         try:
-            async with self.sessions.use(request.session_id) as session:
+            async with self.sessions.use(request.session_id, _needs_prefix(request.prefix_length)) as session:
                 prefix_length = request.prefix_length
                 if prefix_length:
                     full = prefix.resolve(session.received, prefix_length, request.prefix_hash, request.context)
@@ -397,7 +404,7 @@ class LocalDrafter(Drafter):
         last_main = ROOT
         self.active_streams += 1
         try:
-            async with self.sessions.use(request.session_id) as session:
+            async with self.sessions.use(request.session_id, _needs_prefix(request.prefix_length)) as session:
                 state = session.model
                 tokens = list(self._context(session, request))
                 room = info.max_context_tokens - len(tokens)

@@ -82,13 +82,18 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return lo
 
 
+def not_held(length: int) -> FailedPrecondition:
+    """The error for a request naming a prefix of ``length`` tokens its session does not hold."""
+    return FailedPrecondition(
+        f"this session does not hold the context prefix the request names ({length} tokens): send the full context"
+    )
+
+
 def resolve(received: HashedSequence, length: int, digest: int, suffix: Sequence[int]) -> list[int]:
     """The full context a request names: the first ``length`` tokens
     received + ``suffix``, after checking the prefix's hash."""
     if length > len(received.tokens) or received.prefix_hash(length) != digest:
-        raise FailedPrecondition(
-            f"this session does not hold the context prefix the request names ({length} tokens): send the full context"
-        )
+        raise not_held(length)
     return [*received.tokens[:length], *suffix]
 
 

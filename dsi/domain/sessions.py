@@ -90,11 +90,16 @@ class SessionStore(Generic[S]):
         raise ResourceExhausted(f"all {self.max_sessions} sessions are busy; retry later or raise --max-sessions")
 
     @asynccontextmanager
-    async def use(self, session_id: str) -> AsyncIterator[S]:
+    async def use(self, session_id: str, missing: Callable[[], Exception] | None = None) -> AsyncIterator[S]:
         """Hold the session's state, waiting for earlier requests of the same
-        session. Cancellation while waiting leaves nothing behind."""
+        session. Cancellation while waiting leaves nothing behind. A session
+        that does not exist is created, unless ``missing`` is given (a
+        request that needs what the session holds): then its error is raised,
+        and nothing is created or evicted."""
         entry = self._entries.get(session_id)
         if entry is None or entry.released:
+            if missing is not None:
+                raise missing()
             self._make_room()
             entry = _Entry(self._factory())
             self._entries[session_id] = entry
