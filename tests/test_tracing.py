@@ -200,3 +200,39 @@ def test_bad_tracing_settings_are_clear_errors():
     with pytest.raises(InvalidArgument, match="gRPC only"):
         tracing.setup("x", "http://c:4318", env={"OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf"})
     assert not tracing.enabled()
+
+
+async def test_a_call_sent_again_after_a_refused_prefix_is_a_child_of_its_span_too(spans):
+    """A Verify whose context prefix the target refuses goes out again with
+    the whole context: both RPCs are children of the coordinator's span for
+    that verification, not of the generation's."""
+    from dsi.backends import LocalTarget, load_target_model
+    from dsi.domain.types import GREEDY, VerifyRequest
+    from dsi.serving.server import start_server
+    from services.target.service import register as register_target
+
+    local = LocalTarget(load_target_model(T_SPEC))
+    running = await start_server(register_target(local), "127.0.0.1", 0)
+    target = transport.GrpcTarget(running.address, timeout=20)
+    try:
+        await target.info()
+        assert target.sent is not None and target.stream is None  # traced: unary Verify calls
+        context = list(range(1, 41))
+        tracer = tracing.tracer()
+        first = tracer.start_span("Verify")
+        tracing.expect_call(tracing.verify_key("s", 40, 0), first)
+        await target.verify(VerifyRequest("s", context, [], GREEDY, 1))
+        first.end()
+        assert await local.release_session("s")  # behind the client's back: the next prefix is refused
+        second = tracer.start_span("Verify")
+        tracing.expect_call(tracing.verify_key("s", 41, 0), second)
+        await target.verify(VerifyRequest("s", [*context, 5], [], GREEDY, 1))
+        second.end()
+        assert target.prefix_misses == 1
+    finally:
+        await target.close()
+        await running.stop(0)
+    served = by_name(spans.get_finished_spans(), "dsi.v1.TargetService/Verify")
+    parents = [s.parent.span_id for s in served]
+    assert parents == [first.context.span_id, second.context.span_id, second.context.span_id]
+    assert [s.status.status_code for s in served][1] is StatusCode.ERROR  # the refused one

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import contextvars
 import inspect
 import logging
 import os
@@ -102,6 +101,14 @@ class _Tracing:
     expected: dict[Hashable, collections.deque] = field(default_factory=dict)
     #: The span of each generation running, by session id: the parent of its other calls (ReleaseSession).
     sessions: dict[str, Span] = field(default_factory=dict)
+    #: The span each recent call claimed, by call key (bounded): a call sent again with the same key
+    #: (a Verify or Draft whose context prefix was refused goes out again with the whole context) is its
+    #: child too. (Not a context variable: grpc.aio runs client interceptors in a task of their own.)
+    claimed: collections.OrderedDict[Hashable, Span] = field(default_factory=collections.OrderedDict)
+
+
+#: Calls whose claimed span is remembered (:attr:`_Tracing.claimed`).
+CLAIMED_KEPT = 1024
 
 
 _state: _Tracing | None = None
@@ -258,23 +265,21 @@ def _claim(key: Hashable) -> Span | None:
 # --- gRPC client side ------------------------------------------------------------------------
 
 
-#: The span the last call of this task claimed, by call key: a call sent again in the same task
-#: (a Verify whose context prefix was refused goes out again with the whole context) is its child too.
-_claimed: contextvars.ContextVar[tuple[Hashable, Span] | None] = contextvars.ContextVar("dsi_claimed", default=None)
-
-
 def _outgoing(details: grpc.aio.ClientCallDetails, request: Any) -> grpc.aio.ClientCallDetails:
     from opentelemetry import propagate, trace
 
     method = details.method.decode() if isinstance(details.method, bytes) else details.method
     key = _call_key(method, request)
     span = _claim(key) if key is not None else None
-    if key is not None:
+    if key is not None and _state is not None:
+        claimed = _state.claimed
         if span is not None:
-            _claimed.set((key, span))
+            claimed[key] = span
+            claimed.move_to_end(key)
+            while len(claimed) > CLAIMED_KEPT:
+                claimed.popitem(last=False)
         else:
-            last = _claimed.get()
-            span = last[1] if last is not None and last[0] == key else None
+            span = claimed.get(key)
     if span is None and _state is not None and _state.sessions:
         span = _state.sessions.get(getattr(request, "session_id", None))  # type: ignore[arg-type]
     ctx = trace.set_span_in_context(span) if span is not None else None
