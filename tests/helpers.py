@@ -294,3 +294,14 @@ async def generate_40(coordinator: Coordinator, strategy) -> list[int]:
     async for out in coordinator.generate(request):
         ids.extend(out.token_ids)
     return ids
+
+
+async def target_servers(stack: AsyncExitStack, spec: str, n: int = 2) -> list[tuple[str, GrpcTarget]]:
+    """``n`` synthetic targets served on loopback until ``stack`` closes, with
+    a client each: what Coordinator.connect takes."""
+    clients = []
+    for _ in range(n):
+        srv = await start_server(register_target(LocalTarget(load_target_model(spec))), LOOPBACK, 0)
+        stack.push_async_callback(srv.stop, 0)
+        clients.append((srv.address, GrpcTarget(srv.address)))
+    return clients

@@ -14,18 +14,17 @@ from contextlib import AsyncExitStack, asynccontextmanager
 import grpc
 import pytest
 
-from dsi.backends import LocalDrafter, LocalTarget, NgramDrafter, load_drafter_model, load_target_model
+from dsi.backends import LocalDrafter, NgramDrafter, load_drafter_model
 from dsi.domain import errors
 from dsi.domain.prefix import prefix_hash
 from dsi.domain.types import CHAIN, GREEDY, DraftRequest, SamplingParams, TreeShape
 from dsi.serving.server import start_server
 from dsi.v1 import drafter_pb2, drafter_pb2_grpc
-from dsi.wire.transport import GrpcDrafter, GrpcTarget
+from dsi.wire.transport import GrpcDrafter
 from services.coordinator.coordinator import Coordinator, GenerateInput
 from services.coordinator.engine import Strategy
 from services.drafter.service import DrafterServicer, register_servicer
-from services.target.service import register as register_target
-from tests.helpers import LOOPBACK, drafter_client, eventually, serving
+from tests.helpers import LOOPBACK, drafter_client, eventually, serving, target_servers
 from tests.procs import until
 
 D = "synthetic:vocab=300,seed=21,tpot_ms=0,acceptance=0.7"
@@ -311,11 +310,7 @@ async def test_a_request_cancelled_before_its_first_chunk_is_not_recorded(draft_
 @asynccontextmanager
 async def cluster(draft_stream: bool, prefixes: bool) -> AsyncIterator[tuple[Coordinator, GrpcDrafter, list]]:
     async with AsyncExitStack() as stack:
-        t_clients = []
-        for _ in range(2):
-            srv = await start_server(register_target(LocalTarget(load_target_model(T))), LOOPBACK, 0)
-            stack.push_async_callback(srv.stop, 0)
-            t_clients.append((srv.address, GrpcTarget(srv.address)))
+        t_clients = await target_servers(stack, T)
         local = LocalDrafter(load_drafter_model(D))
         if not prefixes:
             local.limits = dataclasses.replace(local.limits, accepts_context_prefix=False)

@@ -12,19 +12,18 @@ from contextlib import AsyncExitStack, asynccontextmanager
 import grpc
 import pytest
 
-from dsi.backends import LocalDrafter, LocalTarget, NgramDrafter, load_drafter_model, load_target_model
+from dsi.backends import LocalDrafter, NgramDrafter, load_drafter_model
 from dsi.domain import errors
 from dsi.domain.types import GREEDY, DraftRequest, TreeShape
 from dsi.serving.gate import Policy
 from dsi.serving.server import start_server
 from dsi.tools.experiments import netdelay
 from dsi.v1 import drafter_pb2, drafter_pb2_grpc
-from dsi.wire.transport import GrpcDrafter, GrpcTarget
+from dsi.wire.transport import GrpcDrafter
 from services.coordinator.coordinator import Coordinator
 from services.coordinator.engine import Strategy
 from services.drafter.service import MODEL_METHODS, DrafterServicer, register_servicer
-from services.target.service import register as register_target
-from tests.helpers import LOOPBACK, drafter_client, eventually, generate_40, served_drafter
+from tests.helpers import LOOPBACK, drafter_client, eventually, generate_40, served_drafter, target_servers
 from tests.procs import until
 
 D = "synthetic:vocab=300,seed=21,tpot_ms=0,acceptance=0.7"
@@ -292,11 +291,7 @@ async def test_the_concurrency_cap_counts_each_call_on_a_stream():
 @asynccontextmanager
 async def cluster(draft_stream: bool) -> AsyncIterator[tuple[Coordinator, DrafterServicer]]:
     async with AsyncExitStack() as stack:
-        t_clients = []
-        for _ in range(2):
-            srv = await start_server(register_target(LocalTarget(load_target_model(T))), LOOPBACK, 0)
-            stack.push_async_callback(srv.stop, 0)
-            t_clients.append((srv.address, GrpcTarget(srv.address)))
+        t_clients = await target_servers(stack, T)
         servicer = DrafterServicer(LocalDrafter(load_drafter_model(D)))
         dsrv = await start_server(register_servicer(servicer), LOOPBACK, 0)
         stack.push_async_callback(dsrv.stop, 0)

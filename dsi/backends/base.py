@@ -188,6 +188,16 @@ class _Session:
         self.received = prefix.HashedSequence()
 
 
+def _session_store(model: TargetModel | DrafterModel, max_sessions: int, idle_timeout: float) -> SessionStore[_Session]:
+    """A service's sessions: each the model's state (dropped with it) and what it received."""
+    return SessionStore(
+        lambda: _Session(model.new_state()),
+        max_sessions,
+        idle_timeout,
+        on_drop=lambda s: model.drop_state(s.model),
+    )
+
+
 class LocalTarget(Target):
     def __init__(
         self,
@@ -208,12 +218,7 @@ class LocalTarget(Target):
             max_batch_tokens=batch.max_batch_tokens,
             accepts_context_prefix=True,
         )
-        self.sessions: SessionStore[_Session] = SessionStore(
-            lambda: _Session(model.new_state()),
-            max_sessions,
-            session_idle_timeout,
-            on_drop=lambda s: model.drop_state(s.model),
-        )
+        self.sessions = _session_store(model, max_sessions, session_idle_timeout)
         self.counters = ServiceCounters()
         #: Called with every forward pass (metrics, see dsi/serving/metrics.py); None = nothing to call.
         self.on_forward: Callable[[Forward], None] | None = None
@@ -320,12 +325,7 @@ class LocalDrafter(Drafter):
             max_batch_tokens=batch.max_batch_tokens,
             accepts_context_prefix=True,
         )
-        self.sessions: SessionStore[_Session] = SessionStore(
-            lambda: _Session(model.new_state()),
-            max_sessions,
-            session_idle_timeout,
-            on_drop=lambda s: model.drop_state(s.model),
-        )
+        self.sessions = _session_store(model, max_sessions, session_idle_timeout)
         self.counters = ServiceCounters()
         #: Called with every forward pass (metrics, see dsi/serving/metrics.py); None = nothing to call.
         self.on_forward: Callable[[Forward], None] | None = None
