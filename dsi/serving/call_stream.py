@@ -73,6 +73,7 @@ class CallStream(abc.ABC):
         self.tasks: dict[int, asyncio.Task[None]] = {}  # calls still cancellable, by call id
         self.running: set[asyncio.Task[None]] = set()  # every call's task until its last message is written
         self._write_lock = asyncio.Lock()
+        self._sending: dict[int, asyncio.Task[None]] = {}  # a call's message being written (send), by call id
         self._reader: asyncio.Task[None] | None = None
         self._ended: str | None = None  # why the server ended the stream (end())
 
@@ -159,9 +160,12 @@ class CallStream(abc.ABC):
                 if self.tasks.get(call_id) is asyncio.current_task():
                     del self.tasks[call_id]
             if last is not None:
+                await self._sent(call_id)
                 await self.write(last)
         except asyncio.CancelledError:
             pass  # the stream ended while the last message was being written
+        finally:
+            self._sending.pop(call_id, None)  # a write still in flight finishes on its own (self.running)
 
     def _failure(self, call_id: int, exc: BaseException) -> Any:
         code, message = status_logged(exc, self.where)
@@ -175,7 +179,20 @@ class CallStream(abc.ABC):
                 pass  # the stream has ended: nobody is waiting for the message
 
     async def send(self, message: Any) -> None:
-        """A message in the middle of a call: written whole even when the call
-        is cancelled meanwhile (a write cancelled half way would break the
+        """A message in the middle of a call (``message.call_id``'s), written
+        behind the call's work: this returns once the call's previous message
+        is written and this one's write has begun, so the call goes on (drafts
+        its next chunk) while it is written (dsi.serving.write_behind). The
+        write is a task of its own, written whole even when the call is
+        cancelled meanwhile (a write cancelled half way would break the
         stream; the client drops what comes for a call it cancelled)."""
-        await asyncio.shield(self.write(message))
+        await self._sent(message.call_id)
+        task = self._sending[message.call_id] = asyncio.ensure_future(self.write(message))
+        self.running.add(task)
+        task.add_done_callback(self.running.discard)
+
+    async def _sent(self, call_id: int) -> None:
+        """Wait until call ``call_id``'s message in flight (:meth:`send`) is written."""
+        task = self._sending.pop(call_id, None)
+        if task is not None:
+            await asyncio.shield(task)

@@ -9,6 +9,7 @@ import grpc
 
 from dsi.domain.interfaces import Target
 from dsi.serving.call_stream import CallStream, OpenStreams
+from dsi.serving.write_behind import WriteBehind
 from dsi.v1 import target_pb2, target_pb2_grpc
 from dsi.wire import convert
 from dsi.wire.grpc_status import guard
@@ -67,8 +68,9 @@ class TargetServicer(target_pb2_grpc.TargetServiceServicer):
         self.decodes += 1
         steps = self.target.decode(convert.decode_request_from_pb(request))
         try:
-            async for result in steps:
-                await context.write(convert.decoded_to_pb(result))
+            async with WriteBehind(context.write) as out:  # the next step runs while a token is written
+                async for result in steps:
+                    await out.write(convert.decoded_to_pb(result))
         finally:
             await steps.aclose()  # type: ignore[attr-defined]
 
