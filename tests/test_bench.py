@@ -98,6 +98,10 @@ def test_bench_inproc_end_to_end(tmp_path: Path) -> None:
         assert math.isfinite(overhead) and overhead > 0.5  # measured / simulated: sane, never absurdly fast
         replayed = float(summary[s]["overhead_replay"])  # the model on the run's own draws
         assert math.isfinite(replayed) and replayed > 0.5
+        linked = float(summary[s]["overhead_1us_links"])  # the model on the real side of its ties
+        assert math.isfinite(linked) and linked > 0.5
+    # non-SI: a step per token, each 2 µs longer with links of 1 µs each way
+    assert float(summary["nonsi"]["simulated_1us_links_ms"]) == pytest.approx(4 + 11 * 3 + 12 * 0.002)
     # non-SI draws nothing: its replay is the model
     assert float(summary["nonsi"]["simulated_replay_ms"]) == float(summary["nonsi"]["simulated_latency_ms"])
     (speed,) = _rows(out / "speedups.csv")
@@ -212,6 +216,7 @@ def test_bench_grid(tmp_path: Path) -> None:
     runs = _rows(out / "runs.csv")
     assert sum(r["strategy"] == "nonsi" for r in runs) == 4  # measured once, reported for every cell
     assert all(math.isfinite(float(r[f"{s}_overhead_replay"])) for r in grid for s in ("nonsi", "si", "dsi"))
+    assert all(math.isfinite(float(r[f"{s}_overhead_1us_links"])) for r in grid for s in ("nonsi", "si", "dsi"))
     for name in ("grid.png", "grid_compare.png", "grid_overhead.png"):
         assert _is_png(out / name)
 

@@ -14,6 +14,7 @@ import pytest
 from dsi.tools.cli import main as cli_main
 from dsi.tools.experiments import config as xconfig
 from dsi.tools.experiments.simulate import (
+    TIE_LINK_MS,
     Node,
     SimConfig,
     draw_coins,
@@ -157,6 +158,28 @@ def test_simulations_are_reproducible_and_use_common_draws() -> None:
     b = simulate_config(c, 4, seed=3, lookaheads=[1, 3, 5])
     assert {s: v.mean_ms for s, v in a.items()} == {s: v.mean_ms for s, v in b.items()}
     assert a["nonsi"].lookahead == 0 and a["si"].lookahead in (1, 3, 5)
+
+
+def test_links_of_a_microsecond_put_the_model_on_the_real_side_of_its_ties() -> None:
+    """Target 30 ms, drafter 3 ms: with links of no latency a rejection's
+    result arrives at the very instant the drafter's next step would begin
+    and the restart costs no step; with any positive link the step has begun
+    and runs to its end. DSI's model jumps there, its neighbours do not."""
+
+    def dsi_ms(c: SimConfig) -> float:
+        return simulate_config(c, 60, seed=0, lookaheads=[5], strategies=["dsi"])["dsi"].mean_ms
+
+    exact = cfg(0.8, 5, 200)
+    tied, linked = dsi_ms(exact), dsi_ms(exact.with_links(TIE_LINK_MS))
+    assert linked > tied * 1.03, (tied, linked)
+    assert linked == pytest.approx(dsi_ms(exact.with_links(0.1)), rel=0.005)  # flat beyond the tie
+    assert linked == pytest.approx(dsi_ms(cfg(0.8, 5, 200, d=(2.99, 2.99))), rel=0.01)  # a drafter 0.3 % faster
+    si = [
+        simulate_config(c, 60, seed=0, lookaheads=[5], strategies=["si"])["si"].mean_ms
+        for c in (exact, exact.with_links(TIE_LINK_MS))
+    ]
+    assert si[1] == pytest.approx(si[0], rel=1e-3), "SI has no such tie: only the links' time"
+    assert exact.with_links(0.5).targets[0].delay_ms == 0.5 and exact.with_links(0.5).drafter.delay_ms == 0.5
 
 
 def test_prefill_cost_of_catching_up_is_modelled() -> None:

@@ -37,7 +37,7 @@ import numpy as np
 from dsi.backends.ngram import is_ngram
 from dsi.tools.experiments import config as xconfig
 from dsi.tools.experiments import load
-from dsi.tools.experiments.simulate import STRATEGIES, simulate_config, write_csv
+from dsi.tools.experiments.simulate import STRATEGIES, TIE_LINK_MS, simulate_config, write_csv
 
 DEFAULT_RUN = {
     "tokens": 64,
@@ -261,14 +261,18 @@ def write_timeline(t: Any, stem: Path) -> None:
     write(t, stem)  # without matplotlib: the JSON alone
 
 
-def simulate_point(point: xconfig.Point, run: dict[str, Any], lookaheads: dict[str, int] | None = None) -> dict:
-    """Simulated mean latency (ms) per strategy for this point, if synthetic."""
+def simulate_point(
+    point: xconfig.Point, run: dict[str, Any], lookaheads: dict[str, int] | None = None, links_ms: float = 0.0
+) -> dict:
+    """Simulated mean latency (ms) per strategy for this point, if synthetic;
+    ``links_ms`` more on every link (:data:`dsi.tools.experiments.simulate.TIE_LINK_MS`)."""
     out: dict[str, float] = {}
     for s in STRATEGIES:
         k = (lookaheads or {}).get(s, point.lookahead)
         cfg = point.cluster.sim_config(k, point.tokens, int(run["prompt_len"]))
         if cfg is None:
             return {}
+        cfg = cfg.with_links(links_ms) if links_ms else cfg
         best = simulate_config(cfg, int(run["sim_repeats"]), int(run["seed"]), [k], [s])
         out[s] = best[s].mean_ms
     return out
@@ -312,15 +316,20 @@ def replay_point(
 
 
 def summarize(
-    rows: list[dict], sims: dict[str, dict], replays: dict[str, dict] | None = None
+    rows: list[dict],
+    sims: dict[str, dict],
+    replays: dict[str, dict] | None = None,
+    linked: dict[str, dict] | None = None,
 ) -> tuple[list[dict], list[dict]]:
-    """(per point x strategy, per point). ``replays``: :func:`replay_point` by point."""
+    """(per point x strategy, per point). ``replays``: :func:`replay_point` by
+    point; ``linked``: :func:`simulate_point` with links of ``TIE_LINK_MS``."""
     summary, speedups = [], []
     points = list(dict.fromkeys(r["point"] for r in rows))
     for point in points:
         prow = [r for r in rows if r["point"] == point]
         sim = sims.get(point, {})
         replay = (replays or {}).get(point, {})
+        link = (linked or {}).get(point, {})
         means: dict[str, float] = {}
         for s in dict.fromkeys(r["strategy"] for r in prow):
             rs = [r for r in prow if r["strategy"] == s]
@@ -329,6 +338,7 @@ def summarize(
             means[s] = float(np.mean(lat))
             simulated = sim.get(AUTO.get(s, s), math.nan)
             replayed = replay.get(AUTO.get(s, s), math.nan)
+            with_links = link.get(AUTO.get(s, s), math.nan)
             summary.append(
                 {
                     "profile": rs[0]["profile"],
@@ -347,6 +357,8 @@ def summarize(
                     "latency_ms_std": float(np.std(lat, ddof=1)) if len(lat) > 1 else 0.0,
                     "simulated_latency_ms": simulated,
                     "overhead": means[s] / simulated if simulated else math.nan,
+                    "simulated_1us_links_ms": with_links,
+                    "overhead_1us_links": means[s] / with_links if with_links else math.nan,
                     "simulated_replay_ms": replayed,
                     "overhead_replay": means[s] / replayed if replayed else math.nan,
                     "acceptance_rate": _mean(rs, "acceptance_rate"),
@@ -372,6 +384,7 @@ def summarize(
         for s in STRATEGIES:
             entry[f"{s}_overhead"] = means[s] / sim[s] if s in means and sim.get(s) else math.nan
             entry[f"{s}_overhead_replay"] = means[s] / replay[s] if s in means and replay.get(s) else math.nan
+            entry[f"{s}_overhead_1us_links"] = means[s] / link[s] if s in means and link.get(s) else math.nan
         for auto, fixed in AUTO.items():
             if auto in means:
                 entry[f"{auto}_over_{fixed}_measured"] = ratio(auto, fixed, means)
@@ -415,15 +428,16 @@ def report_md(meta: dict, summary: list[dict], speedups: list[dict]) -> str:
     lines += [
         "",
         "| point | strategy | k | ms/token median [p10, p90] | simulated ms/token | measured/simulated |"
-        " measured/replayed | acceptance | tokens/target pass | cancelled verifs | same tokens |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        " measured/replayed | measured/simulated, 1 µs links | acceptance | tokens/target pass | cancelled verifs |"
+        " same tokens |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in summary:
         sim_mpt = s["simulated_latency_ms"] / s["tokens"] if s["tokens"] else math.nan
         lines.append(
             f"| {s['point']} | {s['strategy']} | {s['lookahead']} | {s['ms_per_token_median']:.2f}"
             f" [{s['ms_per_token_p10']:.2f}, {s['ms_per_token_p90']:.2f}] | {_f(sim_mpt, 2)} | {_f(s['overhead'])} |"
-            f" {_f(s.get('overhead_replay', math.nan))} |"
+            f" {_f(s.get('overhead_replay', math.nan))} | {_f(s.get('overhead_1us_links', math.nan))} |"
             f" {_f(s['acceptance_rate'], 2)} | {_f(s.get('tokens_per_pass', math.nan), 2)} |"
             f" {_f(s['verifications_cancelled'], 1)} |"
             f" {'yes' if s['all_match'] else 'NO'} |"
@@ -724,6 +738,7 @@ async def amain(args: argparse.Namespace) -> int:
     rows: list[dict] = []
     sims: dict[str, dict] = {}
     replays: dict[str, dict] = {}
+    linked: dict[str, dict] = {}
     running = None
     current: xconfig.Cluster | None = None
     peers_cache: dict[tuple, HFPeers] = {}
@@ -769,6 +784,7 @@ async def amain(args: argparse.Namespace) -> int:
             rows += point_rows
             if not args.coordinator or args.experiment:  # an experiment file describes the running cluster
                 sims[point.label] = simulate_point(point, run, ks)
+                linked[point.label] = simulate_point(point, run, ks, TIE_LINK_MS)
                 replays[point.label] = replay_point(point, run, outputs, ks)
     finally:
         bar.close()
@@ -776,7 +792,7 @@ async def amain(args: argparse.Namespace) -> int:
             await running.close()
     meta["seconds"] = time.perf_counter() - started
     meta["load_average_at_end"] = _loadavg()
-    summary, speedups = summarize(rows, sims, replays)
+    summary, speedups = summarize(rows, sims, replays, linked)
     write_csv(out / "runs.csv", rows)
     write_csv(out / "summary.csv", summary)
     write_csv(out / "speedups.csv", speedups)
@@ -825,6 +841,7 @@ def _plots(
                     "si_overhead": e["si_overhead"],
                     "dsi_overhead": e["dsi_overhead"],
                     **{f"{s}_overhead_replay": e[f"{s}_overhead_replay"] for s in STRATEGIES},
+                    **{f"{s}_overhead_1us_links": e[f"{s}_overhead_1us_links"] for s in STRATEGIES},
                 }
             )
         write_csv(out / "grid.csv", grid_rows)
