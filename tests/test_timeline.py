@@ -146,3 +146,28 @@ def test_summary_line():
     t.commits = [CommitMark(2, 7, 7, 0.1), CommitMark(3, 8, 9, 0.2), CommitMark(4, 1, None, 0.3)]
     t.verifications = [VerificationSpan(0, 0, 2, 2, True, 0.0, 0.2, 0.2, 1, "decided")]
     assert draw.summary(t) == ("SI: 3 tokens in 500 ms on 1 replica(s), acceptance 0.50; 1 verifications (1 decided)")
+
+
+def test_timeline_gaps_measure_each_span_against_the_models_latency() -> None:
+    """tools/timeline_gaps.py (docs/benchmarks.md section 13): how much longer
+    than the model each kind of span took, read off a timeline."""
+    from dsi.domain.timeline import CommitMark, DraftChunkMark, DraftStreamSpan, Timeline, VerificationSpan
+    from tools.timeline_gaps import gaps
+
+    tl = Timeline("dsi", 4)
+    tl.verifications = [
+        VerificationSpan(0, 0, 0, 3, True, sent=0.010, completed=0.042, accepted=1, outcome="decided"),
+        VerificationSpan(1, 1, 4, 3, False, sent=0.020, outcome="stale"),  # cancelled: no result
+    ]
+    tl.draft_streams = [DraftStreamSpan(0, 0, 0, opened=0.0), DraftStreamSpan(1, 0, 2, opened=0.0425)]
+    tl.draft_chunks = [
+        DraftChunkMark(0, 0, 3, received=0.0100),
+        DraftChunkMark(0, 3, 3, received=0.0195),
+        DraftChunkMark(1, 2, 3, received=0.0545),
+    ]
+    tl.commits = [CommitMark(0, 7, 7, 0.042), CommitMark(1, 8, 9, 0.042)]  # the second one a rejection
+    found = gaps(tl, target_ms=30.0, drafter_ms=3.0)
+    assert found["verification"] == pytest.approx([2.0])  # 32 ms for a 30 ms step
+    assert found["first_chunk"] == pytest.approx([1.0, 3.0])  # 10 and 12 ms for 3 steps of 3 ms
+    assert found["next_chunk"] == pytest.approx([0.5])
+    assert found["restart"] == pytest.approx([0.5])
