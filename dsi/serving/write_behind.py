@@ -14,9 +14,11 @@ slow reader still holds the writer back by one message, as before.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 
 class WriteBehind:
@@ -60,3 +62,17 @@ class WriteBehind:
         await asyncio.wait({last})
         if not last.cancelled():
             last.exception()  # retrieved: the block's own error is what the call ends with
+
+
+async def write_all(
+    write: Callable[[Any], Awaitable[None]], items: AsyncIterator[T], to_message: Callable[[T], Any]
+) -> None:
+    """Write every item of ``items`` as ``to_message(item)`` behind the work
+    that makes the next one; ``items`` is closed at the end (a client cancel
+    lands here and closes it within one step)."""
+    try:
+        async with WriteBehind(write) as out:
+            async for item in items:
+                await out.write(to_message(item))
+    finally:
+        await items.aclose()  # type: ignore[attr-defined]

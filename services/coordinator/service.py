@@ -5,7 +5,7 @@ from __future__ import annotations
 import grpc
 
 from dsi.domain.errors import InvalidArgument
-from dsi.serving.write_behind import WriteBehind
+from dsi.serving.write_behind import write_all
 from dsi.v1 import generation_pb2, generation_pb2_grpc
 from dsi.wire import convert
 from dsi.wire.grpc_status import guard
@@ -106,12 +106,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
     @guard
     async def Generate(self, request: generation_pb2.GenerateRequest, context: grpc.aio.ServicerContext) -> None:
         stream = self.coordinator.generate(input_from_pb(request, context.time_remaining()))
-        try:
-            async with WriteBehind(context.write) as writes:  # the generation goes on while tokens are written
-                async for out in stream:
-                    await writes.write(output_to_pb(out))
-        finally:
-            await stream.aclose()  # type: ignore[attr-defined]
+        await write_all(context.write, stream, output_to_pb)  # the generation goes on while tokens are written
 
     @guard
     async def GetInfo(self, request: generation_pb2.GetInfoRequest, context: grpc.aio.ServicerContext):

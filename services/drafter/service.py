@@ -9,7 +9,7 @@ import grpc
 
 from dsi.domain.interfaces import Drafter
 from dsi.serving.call_stream import CallStream, OpenStreams
-from dsi.serving.write_behind import WriteBehind
+from dsi.serving.write_behind import write_all
 from dsi.v1 import drafter_pb2, drafter_pb2_grpc
 from dsi.wire import convert
 from dsi.wire.grpc_status import guard
@@ -45,12 +45,7 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServiceServicer):
         # within one token step, and its session is left idle.
         self.unary_drafts += 1
         stream = self.drafter.draft(convert.draft_request_from_pb(request))
-        try:
-            async with WriteBehind(context.write) as out:  # the next chunk is drafted while one is written
-                async for chunk in stream:
-                    await out.write(convert.draft_chunk_to_pb(chunk))
-        finally:
-            await stream.aclose()
+        await write_all(context.write, stream, convert.draft_chunk_to_pb)  # the next chunk is drafted meanwhile
 
     async def DraftStream(
         self, requests: AsyncIterator[drafter_pb2.DraftStreamRequest], context: grpc.aio.ServicerContext

@@ -9,7 +9,7 @@ import grpc
 
 from dsi.domain.interfaces import Target
 from dsi.serving.call_stream import CallStream, OpenStreams
-from dsi.serving.write_behind import WriteBehind
+from dsi.serving.write_behind import write_all
 from dsi.v1 import target_pb2, target_pb2_grpc
 from dsi.wire import convert
 from dsi.wire.grpc_status import guard
@@ -67,12 +67,7 @@ class TargetServicer(target_pb2_grpc.TargetServiceServicer):
             return
         self.decodes += 1
         steps = self.target.decode(convert.decode_request_from_pb(request))
-        try:
-            async with WriteBehind(context.write) as out:  # the next step runs while a token is written
-                async for result in steps:
-                    await out.write(convert.decoded_to_pb(result))
-        finally:
-            await steps.aclose()  # type: ignore[attr-defined]
+        await write_all(context.write, steps, convert.decoded_to_pb)  # the next step runs while a token is written
 
     @guard
     async def ReleaseSession(
