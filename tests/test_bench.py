@@ -100,6 +100,7 @@ def test_bench_inproc_end_to_end(tmp_path: Path) -> None:
         assert math.isfinite(replayed) and replayed > 0.5
         linked = float(summary[s]["overhead_1us_links"])  # the model on the real side of its ties
         assert math.isfinite(linked) and linked > 0.5
+        assert math.isfinite(float(summary[s]["overhead_replay_1us_links"]))
     # non-SI: a step per token, each 2 µs longer with links of 1 µs each way
     assert float(summary["nonsi"]["simulated_1us_links_ms"]) == pytest.approx(4 + 11 * 3 + 12 * 0.002)
     # non-SI draws nothing: its replay is the model

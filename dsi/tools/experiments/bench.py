@@ -283,6 +283,7 @@ def replay_point(
     run: dict[str, Any],
     outputs: dict[int, tuple[list[int], list[int]]],
     lookaheads: dict[str, int] | None = None,
+    links_ms: float = 0.0,
 ) -> dict:
     """The model's latency (ms) per strategy on this point's own accept/reject
     draws (synthetic pairs): each prompt's output replayed through the
@@ -308,6 +309,7 @@ def replay_point(
         cfg = point.cluster.sim_config((lookaheads or {}).get(s, point.lookahead), point.tokens, int(run["prompt_len"]))
         if cfg is None:
             return {}
+        cfg = cfg.with_links(links_ms) if links_ms else cfg
         out[s] = float(np.mean([simulate_one(cfg, right, [s])[s].latency_ms for right in draws]))
     return out
 
@@ -320,9 +322,11 @@ def summarize(
     sims: dict[str, dict],
     replays: dict[str, dict] | None = None,
     linked: dict[str, dict] | None = None,
+    replays_linked: dict[str, dict] | None = None,
 ) -> tuple[list[dict], list[dict]]:
     """(per point x strategy, per point). ``replays``: :func:`replay_point` by
-    point; ``linked``: :func:`simulate_point` with links of ``TIE_LINK_MS``."""
+    point; ``linked``, ``replays_linked``: :func:`simulate_point` and
+    :func:`replay_point` with links of ``TIE_LINK_MS``."""
     summary, speedups = [], []
     points = list(dict.fromkeys(r["point"] for r in rows))
     for point in points:
@@ -330,6 +334,7 @@ def summarize(
         sim = sims.get(point, {})
         replay = (replays or {}).get(point, {})
         link = (linked or {}).get(point, {})
+        replay_link = (replays_linked or {}).get(point, {})
         means: dict[str, float] = {}
         for s in dict.fromkeys(r["strategy"] for r in prow):
             rs = [r for r in prow if r["strategy"] == s]
@@ -339,6 +344,7 @@ def summarize(
             simulated = sim.get(AUTO.get(s, s), math.nan)
             replayed = replay.get(AUTO.get(s, s), math.nan)
             with_links = link.get(AUTO.get(s, s), math.nan)
+            replayed_with_links = replay_link.get(AUTO.get(s, s), math.nan)
             summary.append(
                 {
                     "profile": rs[0]["profile"],
@@ -359,6 +365,8 @@ def summarize(
                     "overhead": means[s] / simulated if simulated else math.nan,
                     "simulated_1us_links_ms": with_links,
                     "overhead_1us_links": means[s] / with_links if with_links else math.nan,
+                    "simulated_replay_1us_links_ms": replayed_with_links,
+                    "overhead_replay_1us_links": means[s] / replayed_with_links if replayed_with_links else math.nan,
                     "simulated_replay_ms": replayed,
                     "overhead_replay": means[s] / replayed if replayed else math.nan,
                     "acceptance_rate": _mean(rs, "acceptance_rate"),
@@ -385,6 +393,9 @@ def summarize(
             entry[f"{s}_overhead"] = means[s] / sim[s] if s in means and sim.get(s) else math.nan
             entry[f"{s}_overhead_replay"] = means[s] / replay[s] if s in means and replay.get(s) else math.nan
             entry[f"{s}_overhead_1us_links"] = means[s] / link[s] if s in means and link.get(s) else math.nan
+            entry[f"{s}_overhead_replay_1us_links"] = (
+                means[s] / replay_link[s] if s in means and replay_link.get(s) else math.nan
+            )
         for auto, fixed in AUTO.items():
             if auto in means:
                 entry[f"{auto}_over_{fixed}_measured"] = ratio(auto, fixed, means)
@@ -739,6 +750,7 @@ async def amain(args: argparse.Namespace) -> int:
     sims: dict[str, dict] = {}
     replays: dict[str, dict] = {}
     linked: dict[str, dict] = {}
+    replays_linked: dict[str, dict] = {}
     running = None
     current: xconfig.Cluster | None = None
     peers_cache: dict[tuple, HFPeers] = {}
@@ -786,13 +798,14 @@ async def amain(args: argparse.Namespace) -> int:
                 sims[point.label] = simulate_point(point, run, ks)
                 linked[point.label] = simulate_point(point, run, ks, TIE_LINK_MS)
                 replays[point.label] = replay_point(point, run, outputs, ks)
+                replays_linked[point.label] = replay_point(point, run, outputs, ks, TIE_LINK_MS)
     finally:
         bar.close()
         if running is not None:
             await running.close()
     meta["seconds"] = time.perf_counter() - started
     meta["load_average_at_end"] = _loadavg()
-    summary, speedups = summarize(rows, sims, replays, linked)
+    summary, speedups = summarize(rows, sims, replays, linked, replays_linked)
     write_csv(out / "runs.csv", rows)
     write_csv(out / "summary.csv", summary)
     write_csv(out / "speedups.csv", speedups)
@@ -842,6 +855,7 @@ def _plots(
                     "dsi_overhead": e["dsi_overhead"],
                     **{f"{s}_overhead_replay": e[f"{s}_overhead_replay"] for s in STRATEGIES},
                     **{f"{s}_overhead_1us_links": e[f"{s}_overhead_1us_links"] for s in STRATEGIES},
+                    **{f"{s}_overhead_replay_1us_links": e[f"{s}_overhead_replay_1us_links"] for s in STRATEGIES},
                 }
             )
         write_csv(out / "grid.csv", grid_rows)
