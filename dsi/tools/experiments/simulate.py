@@ -36,7 +36,12 @@ the system's own overhead:
   DSI paper's simulator does.
 
 Times are in milliseconds. Cancellation and RPCs are free here: that is the
-point of comparing with ``dsi bench``.
+point of comparing with ``dsi bench``. With links of no latency, events tie
+exactly where the target's step is a whole number of drafter steps, and DSI
+restarts drafting after a rejection without waiting for a drafter step that
+any real message would have let begin; ``--target-delay-ms 0.001
+--drafter-delay-ms 0.001`` gives the model on the side of its ties that a
+real system is on (``TIE_LINK_MS``; ``dsi bench`` reports both).
 """
 
 from __future__ import annotations
