@@ -272,8 +272,7 @@ def simulate_point(
         cfg = point.cluster.sim_config(k, point.tokens, int(run["prompt_len"]))
         if cfg is None:
             return {}
-        cfg = cfg.with_links(links_ms) if links_ms else cfg
-        best = simulate_config(cfg, int(run["sim_repeats"]), int(run["seed"]), [k], [s])
+        best = simulate_config(cfg.with_links(links_ms), int(run["sim_repeats"]), int(run["seed"]), [k], [s])
         out[s] = best[s].mean_ms
     return out
 
@@ -309,7 +308,7 @@ def replay_point(
         cfg = point.cluster.sim_config((lookaheads or {}).get(s, point.lookahead), point.tokens, int(run["prompt_len"]))
         if cfg is None:
             return {}
-        cfg = cfg.with_links(links_ms) if links_ms else cfg
+        cfg = cfg.with_links(links_ms)
         out[s] = float(np.mean([simulate_one(cfg, right, [s])[s].latency_ms for right in draws]))
     return out
 
@@ -317,34 +316,38 @@ def replay_point(
 # --- summaries ------------------------------------------------------------------------------------
 
 
-def summarize(
-    rows: list[dict],
-    sims: dict[str, dict],
-    replays: dict[str, dict] | None = None,
-    linked: dict[str, dict] | None = None,
-    replays_linked: dict[str, dict] | None = None,
-) -> tuple[list[dict], list[dict]]:
-    """(per point x strategy, per point). ``replays``: :func:`replay_point` by
-    point; ``linked``, ``replays_linked``: :func:`simulate_point` and
-    :func:`replay_point` with links of ``TIE_LINK_MS``."""
+#: The models a run is compared with, by the suffix of their ratio's key (``overhead{suffix}``,
+#: ``{strategy}_overhead{suffix}``): the column of the model's latency in summary.csv. "": the model
+#: (:func:`simulate_point`); "_replay": on the run's own draws (:func:`replay_point`); "_1us_links":
+#: both with links of ``TIE_LINK_MS``.
+MODEL_COLUMNS = {
+    "": "simulated_latency_ms",
+    "_replay": "simulated_replay_ms",
+    "_1us_links": "simulated_1us_links_ms",
+    "_replay_1us_links": "simulated_replay_1us_links_ms",
+}
+
+
+def summarize(rows: list[dict], models: dict[str, dict[str, dict]]) -> tuple[list[dict], list[dict]]:
+    """(per point x strategy, per point). ``models``: by suffix of
+    :data:`MODEL_COLUMNS`, the model's latency (ms) by point and strategy."""
     summary, speedups = [], []
     points = list(dict.fromkeys(r["point"] for r in rows))
     for point in points:
         prow = [r for r in rows if r["point"] == point]
-        sim = sims.get(point, {})
-        replay = (replays or {}).get(point, {})
-        link = (linked or {}).get(point, {})
-        replay_link = (replays_linked or {}).get(point, {})
+        by_model = {suffix: models.get(suffix, {}).get(point, {}) for suffix in MODEL_COLUMNS}
+        sim = by_model[""]
         means: dict[str, float] = {}
         for s in dict.fromkeys(r["strategy"] for r in prow):
             rs = [r for r in prow if r["strategy"] == s]
             lat = np.array([r["latency_ms"] for r in rs], dtype=float)
             mpt = np.array([r["ms_per_token"] for r in rs], dtype=float)
             means[s] = float(np.mean(lat))
-            simulated = sim.get(AUTO.get(s, s), math.nan)
-            replayed = replay.get(AUTO.get(s, s), math.nan)
-            with_links = link.get(AUTO.get(s, s), math.nan)
-            replayed_with_links = replay_link.get(AUTO.get(s, s), math.nan)
+            compared: dict[str, float] = {}
+            for suffix, column in MODEL_COLUMNS.items():
+                model_ms = by_model[suffix].get(AUTO.get(s, s), math.nan)
+                compared[column] = model_ms
+                compared[f"overhead{suffix}"] = means[s] / model_ms if model_ms else math.nan
             summary.append(
                 {
                     "profile": rs[0]["profile"],
@@ -361,14 +364,7 @@ def summarize(
                     "ms_per_token_max": float(np.max(mpt)),
                     "latency_ms_mean": means[s],
                     "latency_ms_std": float(np.std(lat, ddof=1)) if len(lat) > 1 else 0.0,
-                    "simulated_latency_ms": simulated,
-                    "overhead": means[s] / simulated if simulated else math.nan,
-                    "simulated_1us_links_ms": with_links,
-                    "overhead_1us_links": means[s] / with_links if with_links else math.nan,
-                    "simulated_replay_1us_links_ms": replayed_with_links,
-                    "overhead_replay_1us_links": means[s] / replayed_with_links if replayed_with_links else math.nan,
-                    "simulated_replay_ms": replayed,
-                    "overhead_replay": means[s] / replayed if replayed else math.nan,
+                    **compared,
                     "acceptance_rate": _mean(rs, "acceptance_rate"),
                     "tokens_per_pass": _mean(rs, "tokens_per_pass"),
                     "verifications_started": _mean(rs, "verifications_started"),
@@ -390,12 +386,8 @@ def summarize(
             entry["dsi_over_hf_assisted"] = ratio("dsi", "hf_assisted", means)
             entry["dsi_over_hf_generate"] = ratio("dsi", "hf_generate", means)
         for s in STRATEGIES:
-            entry[f"{s}_overhead"] = means[s] / sim[s] if s in means and sim.get(s) else math.nan
-            entry[f"{s}_overhead_replay"] = means[s] / replay[s] if s in means and replay.get(s) else math.nan
-            entry[f"{s}_overhead_1us_links"] = means[s] / link[s] if s in means and link.get(s) else math.nan
-            entry[f"{s}_overhead_replay_1us_links"] = (
-                means[s] / replay_link[s] if s in means and replay_link.get(s) else math.nan
-            )
+            for suffix, model in by_model.items():
+                entry[f"{s}_overhead{suffix}"] = means[s] / model[s] if s in means and model.get(s) else math.nan
         for auto, fixed in AUTO.items():
             if auto in means:
                 entry[f"{auto}_over_{fixed}_measured"] = ratio(auto, fixed, means)
@@ -747,10 +739,7 @@ async def amain(args: argparse.Namespace) -> int:
     total = sum(per_point * len([s for s in run["strategies"] if s not in skip]) for _, _, skip in jobs)
     bar = _progress(total, not args.no_progress)
     rows: list[dict] = []
-    sims: dict[str, dict] = {}
-    replays: dict[str, dict] = {}
-    linked: dict[str, dict] = {}
-    replays_linked: dict[str, dict] = {}
+    model_ms: dict[str, dict[str, dict]] = {suffix: {} for suffix in MODEL_COLUMNS}
     running = None
     current: xconfig.Cluster | None = None
     peers_cache: dict[tuple, HFPeers] = {}
@@ -795,17 +784,16 @@ async def amain(args: argparse.Namespace) -> int:
                 point_rows = base_rows + point_rows
             rows += point_rows
             if not args.coordinator or args.experiment:  # an experiment file describes the running cluster
-                sims[point.label] = simulate_point(point, run, ks)
-                linked[point.label] = simulate_point(point, run, ks, TIE_LINK_MS)
-                replays[point.label] = replay_point(point, run, outputs, ks)
-                replays_linked[point.label] = replay_point(point, run, outputs, ks, TIE_LINK_MS)
+                for links, suffix in ((0.0, ""), (TIE_LINK_MS, "_1us_links")):
+                    model_ms[suffix][point.label] = simulate_point(point, run, ks, links)
+                    model_ms[f"_replay{suffix}"][point.label] = replay_point(point, run, outputs, ks, links)
     finally:
         bar.close()
         if running is not None:
             await running.close()
     meta["seconds"] = time.perf_counter() - started
     meta["load_average_at_end"] = _loadavg()
-    summary, speedups = summarize(rows, sims, replays, linked, replays_linked)
+    summary, speedups = summarize(rows, model_ms)
     write_csv(out / "runs.csv", rows)
     write_csv(out / "summary.csv", summary)
     write_csv(out / "speedups.csv", speedups)
@@ -850,12 +838,11 @@ def _plots(
                     "dsi_over_nonsi": e["dsi_over_nonsi_measured"],
                     "si_over_nonsi": e["si_over_nonsi_measured"],
                     "dsi_over_best": e["dsi_over_nonsi_measured"] / min(1.0, e["si_over_nonsi_measured"]),
-                    "nonsi_overhead": e["nonsi_overhead"],
-                    "si_overhead": e["si_overhead"],
-                    "dsi_overhead": e["dsi_overhead"],
-                    **{f"{s}_overhead_replay": e[f"{s}_overhead_replay"] for s in STRATEGIES},
-                    **{f"{s}_overhead_1us_links": e[f"{s}_overhead_1us_links"] for s in STRATEGIES},
-                    **{f"{s}_overhead_replay_1us_links": e[f"{s}_overhead_replay_1us_links"] for s in STRATEGIES},
+                    **{
+                        f"{s}_overhead{suffix}": e[f"{s}_overhead{suffix}"]
+                        for suffix in MODEL_COLUMNS
+                        for s in STRATEGIES
+                    },
                 }
             )
         write_csv(out / "grid.csv", grid_rows)
