@@ -153,6 +153,27 @@ def test_pseudo_lm_is_deterministic_and_seeded() -> None:
         assert math.isclose(np.exp(la[finite]).sum(), 1.0, rel_tol=1e-9), "logits are log-probabilities"
 
 
+@pytest.mark.parametrize(
+    "params",
+    [GREEDY, SamplingParams(temperature=0.8), SamplingParams(temperature=1.3, top_k=3), SamplingParams(0.7, 0.9)],
+)
+def test_pseudo_lm_choose_is_the_rule_on_its_logits(params: SamplingParams) -> None:
+    """The drafter's guess from the support alone (choose_sparse) is the
+    token the decision rule picks from the dense row."""
+    lm = PseudoLM(32000, 2, 8)
+    rng = np.random.default_rng(1)
+    for i in range(40):
+        ctx = rng.integers(0, 32000, size=int(rng.integers(1, 12))).tolist()
+        assert lm.choose(ctx, params, 11 + i) == choose(lm.logits(ctx), params, 11 + i, len(ctx))
+
+
+def test_drafter_coins_share_the_models_draws_only_when_their_seeds_agree() -> None:
+    same = SyntheticDrafter("synthetic:vocab=64,seed=5")
+    assert same.coins is same.lm, "one draw per position serves the guesses and the coins"
+    other = SyntheticDrafter("synthetic:vocab=64,seed=5,coin_seed=6")
+    assert other.coins is not other.lm and other.coins.seed == 6
+
+
 def test_pseudo_lm_looks_at_length_and_last_four_tokens() -> None:
     lm = PseudoLM(200, 0, 8)
     base = lm.logits([1, 2, 3, 4, 5, 6])

@@ -67,7 +67,6 @@ from dsi.backends.batching import BatchItem
 from dsi.domain import sampling
 from dsi.domain.errors import InvalidArgument
 from dsi.domain.prefix import common_prefix
-from dsi.domain.sampling import choose
 from dsi.domain.types import ROOT, Decision, ModelInfo, SamplingParams, VerifyRequest
 
 PREFIX = "synthetic"
@@ -182,6 +181,14 @@ class PseudoLM:
         tail = tuple(tokens[-CONTEXT_WINDOW:])
         key = struct.pack(f"<QQQ{len(tail)}Q", self.seed & (2**64 - 1), len(tokens), rank, *tail)
         return int.from_bytes(hashlib.blake2b(key, digest_size=8, person=b"dsi-rank").digest(), "little") / 2**64
+
+    def choose(self, tokens: Sequence[int], params: SamplingParams, seed: int) -> int:
+        """The decision rule's token after ``tokens`` (:func:`dsi.domain.sampling.choose`
+        on :meth:`logits`), from the support alone where the rule allows."""
+        ids, p = self.draw(tokens)[:2]
+        order = np.argsort(ids)
+        token = sampling.choose_sparse(ids[order], np.log(p[order]), self.vocab, params, seed, len(tokens))
+        return sampling.choose(self.logits(tokens), params, seed, len(tokens)) if token is None else token
 
     def logits(self, tokens: Sequence[int]) -> np.ndarray:
         p_ids, p, _, _, _ = self.draw(tokens)
@@ -435,7 +442,8 @@ class SyntheticDrafter(DrafterModel):
         self.info = self.spec.model_info(spec)
         self.lm = PseudoLM(self.spec.vocab, self.spec.seed, self.spec.support)
         coin_seed = self.spec.seed if self.spec.coin_seed < 0 else self.spec.coin_seed
-        self.coins = PseudoLM(self.spec.vocab, coin_seed, self.spec.support)
+        # The same pseudo model when the seeds agree (the default): one draw per position, cached once.
+        self.coins = self.lm if coin_seed == self.spec.seed else PseudoLM(self.spec.vocab, coin_seed, self.spec.support)
         self._latency = _Latency(self.spec)
 
     def new_state(self) -> _State:
@@ -475,6 +483,6 @@ class SyntheticDrafter(DrafterModel):
             if rank is None and self.coins.rank_coin(tokens, i) < self.spec.sibling_acceptance:
                 rank = i
         if rank is not None:
-            guesses.insert(rank, choose(self.lm.logits(tokens), params, seed, len(tokens)))
+            guesses.insert(rank, self.lm.choose(tokens, params, seed))
         empty = np.zeros((1, 0))
         return guesses[:k], Forward(empty, cached, len(tokens) - cached, seconds)
