@@ -286,3 +286,23 @@ def test_a_long_prompts_prefill_does_not_bend_the_verification_line():
 
     base, per_token = run_virtual(go()).verification.fit()
     assert per_token == pytest.approx(0.001, abs=0.0003) and base == pytest.approx(0.005, abs=0.0015)
+
+
+def test_the_closed_form_chooses_near_the_simulators_best_across_cells():
+    """tools/lookahead_vs_simulator.py (docs/benchmarks.md, "Automatic
+    lookahead"): the planner's choice at a known acceptance, against the event
+    simulator's fastest lookahead on the same draws, in cells where the
+    drafter's speed and the replicas pull the best lookahead apart. Two
+    replicas and easy text are where a wide tie (``NEAR`` 1%) chose chunks
+    twice too long: 5% slower."""
+    from tools.lookahead_vs_simulator import compare
+
+    cells = [
+        compare(strategy, drafter_ms, acceptance, replicas, tokens=150, draws=4)
+        for strategy in ("si", "dsi")
+        for drafter_ms, acceptance, replicas in ((0.3, 0.9, 3), (3.0, 0.99, 2), (6.0, 0.95, 2), (6.0, 0.7, 4))
+    ]
+    for c in cells:
+        assert len(c.ms_per_token) == 16 and c.ms_per_token[c.best - 1] == min(c.ms_per_token)
+        assert c.ratio <= 1.03, c
+    assert len({c.best for c in cells if c.strategy == "dsi"}) >= 3, "the cells must want different lookaheads"

@@ -74,7 +74,9 @@ LEAD_CHUNKS = 2
 #: Weight of a new sample in the drafter's seconds-per-token estimate.
 SPEED_WEIGHT = 0.2
 #: Lookaheads whose expected time per token is within this fraction of the best count as equally good.
-NEAR = 0.01
+#: (1% took the largest of a flat optimum that the event simulator says is not flat: DSI with 2 replicas
+#: and acceptance 0.95-0.99 chose 8-11 where 5-6 are 5-7% faster; tools/lookahead_vs_simulator.py.)
+NEAR = 0.005
 #: Weight of a new sample in a :class:`Line` (a verification's or a draft stream's seconds by its tokens).
 COST_WEIGHT = 0.03
 #: How widely (variance, tokens squared) a :class:`Line`'s samples must spread before it gets a slope.
