@@ -4,11 +4,13 @@ synthetic services, in-process on a virtual clock
 calls that take no real time, so the numbers do not depend on the machine).
 
 Profiles (the default): for each drafter profile and strategy it runs the
-same prompts with lookahead 1, 2, 3, 4, 6, 8, 12 and ``auto`` (0), and prints
-the mean milliseconds per token and auto's ratio to the best fixed lookahead.
-The profiles: a steady drafter of acceptance 0.8 and one whose acceptance
-alternates between 0.95 and 0.1 in blocks of 48 positions
-(``hard_acceptance``), where no fixed lookahead suits the whole text.
+same prompts with lookahead 1, 2, 3, 4, 6, 8, 12, 16 and ``auto`` (0), and
+prints the mean milliseconds per token and auto's ratio to the best fixed
+lookahead. The profiles: a steady drafter of acceptance 0.8, one whose
+acceptance alternates between 0.95 and 0.1 in blocks of 48 positions
+(``hard_acceptance``), where no fixed lookahead suits the whole text, and a
+drafter 100 times faster than the target whose acceptance alternates between
+0.99 and 0.5 (where DSI wants long chunks in the easy text).
 
 ``--grid``: the grid of docs/benchmarks.md section 5 (drafter latency
 fraction 0.01-1 x acceptance 0.01-0.99, 6 x 6; target 20 ms per step, 4
@@ -32,10 +34,13 @@ from dsi.tools.experiments.simulate import grid_axes
 from dsi.tools.experiments.virtual_time import run_virtual
 from services.coordinator.engine import Engine, GenerationParams, Strategy
 
-FIXED = (1, 2, 3, 4, 6, 8, 12)
-PROFILES = {
-    "steady a=0.8": "acceptance=0.8",
-    "changing a=0.95/0.1": "acceptance=0.95,hard_acceptance=0.1,block=48",
+FIXED = (1, 2, 3, 4, 6, 8, 12, 16)
+#: name: (the drafter's synthetic keys, its ms per token; None: ``--drafter-ms``)
+PROFILES: dict[str, tuple[str, float | None]] = {
+    "steady a=0.8": ("acceptance=0.8", None),
+    "changing a=0.95/0.1": ("acceptance=0.95,hard_acceptance=0.1,block=48", None),
+    # A drafter at 1% of the target's step: where DSI's lookahead matters (long chunks in easy text).
+    "changing a=0.99/0.5, 0.3 ms drafter": ("acceptance=0.99,hard_acceptance=0.5,block=48", 0.3),
 }
 #: The section-5 grid's fixed lookaheads (what `dsi bench --grid` chooses from).
 GRID_FIXED = (1, 2, 3, 5, 8)
@@ -86,8 +91,8 @@ async def profiles(args: argparse.Namespace) -> None:
     )
     print("| drafter | strategy | " + " | ".join(f"k={k}" for k in FIXED) + " | auto | auto / best fixed |")
     print("|---|---|" + "---|" * (len(FIXED) + 2))
-    for name, keys in PROFILES.items():
-        drafter = f"synthetic:vocab=1000,seed=4,tpot_ms={args.drafter_ms},{keys}"
+    for name, (keys, drafter_ms) in PROFILES.items():
+        drafter = f"synthetic:vocab=1000,seed=4,tpot_ms={drafter_ms or args.drafter_ms},{keys}"
         for strategy in (Strategy.SI, Strategy.DSI):
             run = (target, drafter, args.replicas, strategy)
             fixed = [await ms_per_token(*run, k, args.tokens, args.repeats) for k in FIXED]
