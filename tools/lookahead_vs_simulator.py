@@ -20,7 +20,7 @@ import argparse
 import itertools
 import statistics
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -51,14 +51,13 @@ class Cell:
 
 
 def compare(strategy: str, drafter_ms: float, acceptance: float, replicas: int, tokens: int, draws: int) -> Cell:
-    base = SimConfig(
-        tuple([Node(TARGET_MS, TARGET_MS)] * replicas), Node(drafter_ms, drafter_ms), acceptance, 1, tokens
-    ).with_links(TIE_LINK_MS)
+    targets, drafter = tuple([Node(TARGET_MS, TARGET_MS)] * replicas), Node(drafter_ms, drafter_ms)
+    base = SimConfig(targets, drafter, acceptance, 1, tokens).with_links(TIE_LINK_MS)
     rng = np.random.default_rng(1)
     coins = [draw_coins(acceptance, tokens + 64, rng) for _ in range(draws)]
     ms = []
     for k in LOOKAHEADS:
-        cfg = SimConfig(base.targets, base.drafter, acceptance, k, tokens)
+        cfg = replace(base, lookahead=k)
         ms.append(statistics.mean(simulate_one(cfg, c, [strategy])[strategy].latency_ms for c in coins) / tokens)
     dsi, largest = strategy == "dsi", LOOKAHEADS[-1]
     chosen = best_lookahead(dsi, acceptance, drafter_ms / 1000, TARGET_MS / 1000, replicas, largest)

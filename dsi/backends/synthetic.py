@@ -182,12 +182,16 @@ class PseudoLM:
         key = struct.pack(f"<QQQ{len(tail)}Q", self.seed & (2**64 - 1), len(tokens), rank, *tail)
         return int.from_bytes(hashlib.blake2b(key, digest_size=8, person=b"dsi-rank").digest(), "little") / 2**64
 
+    def sparse_row(self, tokens: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        """The ids of non-zero probability after ``tokens``, ascending, and their logits."""
+        ids, p = self.draw(tokens)[:2]
+        order = np.argsort(ids)
+        return ids[order], np.log(p[order])
+
     def choose(self, tokens: Sequence[int], params: SamplingParams, seed: int) -> int:
         """The decision rule's token after ``tokens`` (:func:`dsi.domain.sampling.choose`
         on :meth:`logits`), from the support alone where the rule allows."""
-        ids, p = self.draw(tokens)[:2]
-        order = np.argsort(ids)
-        token = sampling.choose_sparse(ids[order], np.log(p[order]), self.vocab, params, seed, len(tokens))
+        token = sampling.choose_sparse(*self.sparse_row(tokens), self.vocab, params, seed, len(tokens))
         return sampling.choose(self.logits(tokens), params, seed, len(tokens)) if token is None else token
 
     def logits(self, tokens: Sequence[int]) -> np.ndarray:
@@ -313,12 +317,7 @@ class SparseRows:
 
     @classmethod
     def of(cls, lm: PseudoLM, prefixes: Sequence[Sequence[int]]) -> SparseRows:
-        rows = []
-        for prefix in prefixes:
-            ids, p = lm.draw(prefix)[:2]
-            order = np.argsort(ids)
-            rows.append((ids[order], np.log(p[order])))
-        return cls(lm.vocab, rows)
+        return cls(lm.vocab, [lm.sparse_row(prefix) for prefix in prefixes])
 
     def __len__(self) -> int:
         return len(self.rows)
