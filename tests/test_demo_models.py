@@ -152,7 +152,11 @@ async def test_dsi_greedy_equals_the_targets_own_generate(report: dict, tokenize
             assert last is not None and last.stats is not None
             expected = reference_greedy(tokenizer.encode(prompt), new_tokens)
             assert ids == expected, (prompt, tokenizer.decode(ids), tokenizer.decode(expected))
-            assert last.stats.decided_drafts > 0 and last.stats.accepted_tokens > 0
+            # Whether any draft is decided depends on timing under DSI (a busy
+            # machine slows the drafter until the target's own passes win every
+            # race, which is DSI's guarantee, not a fault); the acceptance of this
+            # pair is checked without timing by test_greedy_acceptance_holds_the_model_card_figure.
+            assert last.stats.draft_streams >= 1 and last.stats.drafter_failures == 0, last.stats
 
 
 async def test_greedy_acceptance_holds_the_model_card_figure(report: dict) -> None:
@@ -182,7 +186,9 @@ def test_dsi_up_then_generate_completes_python(tmp_path: Path, tokenizer) -> Non
         out = json.loads(r.stdout)
         assert out["token_ids"] == reference_greedy(tokenizer.encode(prompt), new_tokens)
         assert out["text"] == tokenizer.decode(out["token_ids"])
-        assert out["stats"]["accepted_tokens"] > 0, out["stats"]
+        stats = out["stats"]  # drafts decided or not: a matter of timing under DSI (see above)
+        assert stats["draft_streams"] >= 1 and stats["drafter_failures"] == 0, stats
+        assert not stats["drafters"][0]["dropped"], stats
         r = run_dsi(*gen, timeout=120)
         assert r.returncode == 0, r.stderr
         assert r.stdout == out["text"] + "\n"
