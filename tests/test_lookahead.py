@@ -288,6 +288,31 @@ def test_a_long_prompts_prefill_does_not_bend_the_verification_line():
     assert per_token == pytest.approx(0.001, abs=0.0003) and base == pytest.approx(0.005, abs=0.0015)
 
 
+def test_a_verification_queued_behind_a_cancelled_pass_is_timed_from_its_own_pass():
+    """DSI at acceptance 0.5 with a fast drafter: chunks often go to a replica
+    still running a cancelled chunk's pass (it runs to its end), and wait for
+    it. Those chunks are the long ones, and the waits (up to a pass) once
+    fitted a slope of 1.5-2.5 ms per draft to a target whose passes are
+    30 ms whatever they carry, and made the planner choose 2-3 where 6-16 are
+    best. The wait is the replica's (``queue_seconds``), not the chunk's."""
+    target = "synthetic:vocab=300,seed=4,ttft_ms=30,tpot_ms=30"
+    drafter = "synthetic:vocab=300,seed=4,tpot_ms=0.3,acceptance=0.5"
+
+    async def go() -> LookaheadPlanner:
+        ts = [LocalTarget(load_target_model(target)) for _ in range(3)]
+        eng = Engine(ts, [LocalDrafter(load_drafter_model(drafter))], max_context=8192, vocab_size=300)
+        gen = eng.generate([1, 2, 3], GenerationParams(200, strategy=Strategy.DSI, lookahead=0))
+        async for _ in gen.tokens():
+            pass
+        assert gen.planner is not None and gen.stats.verifications_cancelled > 10
+        return gen.planner
+
+    planner = run_virtual(go())
+    base, per_token = planner.verification.fit()
+    assert per_token == pytest.approx(0.0, abs=1e-5) and base == pytest.approx(0.030, abs=1e-4)
+    assert planner.lookahead >= 5
+
+
 def test_the_closed_form_chooses_near_the_simulators_best_across_cells():
     """tools/lookahead_vs_simulator.py (docs/benchmarks.md, "Automatic
     lookahead"): the planner's choice at a known acceptance, against the event

@@ -12,7 +12,6 @@ import abc
 import asyncio
 import dataclasses
 import logging
-import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -254,7 +253,7 @@ class LocalTarget(Target):
             self.check(request)
         ids = [d.token_id for d in request.drafts]
         chain = is_chain(request.drafts)
-        queued = time.perf_counter()
+        queued = asyncio.get_running_loop().time()
         decided: tuple[list[Decision], list[int], int] | None = None
         try:
             async with self.sessions.use(request.session_id, _needs_prefix(request.prefix_length)) as session:
@@ -359,7 +358,7 @@ class LocalDrafter(Drafter):
         self, state: Any, tokens: list[int], request: DraftRequest, k: int
     ) -> tuple[list[int], ForwardStats]:
         """The ``k`` best guesses after ``tokens`` (one forward pass)."""
-        queued = time.perf_counter()
+        queued = asyncio.get_running_loop().time()
         item = DraftItem(state, list(tokens), request.sampling, request.seed, k)
         (guesses, fwd), started = await self.device.batched(item, 1)
         waited = started - queued

@@ -23,7 +23,6 @@ device uses it.
 from __future__ import annotations
 
 import asyncio
-import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -65,7 +64,7 @@ class _Job:
     item: Any = None  # None: exclusive work
     work: Callable[[], Awaitable[Any]] | None = None
     tokens: int = 0  # tokens this request computes (its share of max_batch_tokens)
-    started: float = 0.0  # perf_counter when its pass began
+    started: float | None = None  # when its pass began (the event loop's clock); None: not yet
 
 
 @dataclass
@@ -96,7 +95,8 @@ class DeviceQueue(Generic[Item, R]):
 
     async def batched(self, item: Item, tokens: int) -> tuple[R, float]:
         """Run ``item`` in the next pass that has room for it; returns its
-        result and the time its pass started (``perf_counter``)."""
+        result and the time its pass started (the event loop's clock:
+        virtual in ``dsi simulate --engine``)."""
         job = _Job(asyncio.get_running_loop().create_future(), item=item, tokens=max(1, tokens))
         return await self._submit(job)
 
@@ -114,11 +114,12 @@ class DeviceQueue(Generic[Item, R]):
         try:
             result = await asyncio.shield(job.future)  # a cancellation reaches this wait, not the job
         except asyncio.CancelledError:
-            if not job.started:  # never ran: make sure no pass takes it
+            if job.started is None:  # never ran: make sure no pass takes it
                 job.future.cancel()
             elif not job.future.done():
                 await self._outlive(job)
             raise
+        assert job.started is not None  # a result comes from a pass
         return result, job.started
 
     @staticmethod
@@ -165,7 +166,7 @@ class DeviceQueue(Generic[Item, R]):
             jobs = self._next()
             if not jobs:
                 return
-            start = time.perf_counter()
+            start = asyncio.get_running_loop().time()
             for job in jobs:
                 job.started = start
             self.stats.passes += 1

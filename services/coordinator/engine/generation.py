@@ -355,7 +355,9 @@ class Generation:
         started = clock()
         result = await self.on_replica(lease, length, target.verify(request), uncached)
         if self.planner is not None and uncached <= PREFILL_BLOCK:  # a long prefill says little about a chunk
-            self.planner.verified(uncached, clock() - started)
+            # Not the time it queued on the replica (behind a cancelled request's pass, which runs to its
+            # end): that wait comes with the replica, not with the chunk's size.
+            self.planner.verified(uncached, clock() - started - result.stats.queue_seconds)
         return result
 
     async def decode(self, replica: int) -> AsyncIterator[VerifyResult]:
