@@ -313,6 +313,19 @@ def test_a_verification_queued_behind_a_cancelled_pass_is_timed_from_its_own_pas
     assert planner.lookahead >= 5
 
 
+def test_dsi_takes_long_chunks_where_the_first_one_waits_for_a_replica_anyway():
+    """A drafter at 1% of the target, acceptance 0.5, 3 replicas: after a
+    restart the first chunk waits for a replica (the others run cancelled
+    chunks' passes to their end) longer than 16 drafts take, so in the event
+    simulator long chunks cost nothing here, and they pay as soon as the text
+    turns easy. Counting only the drafts' time, the model chose 6."""
+    from tools.lookahead_vs_simulator import compare
+
+    cell = compare("dsi", 0.3, 0.5, 3, tokens=150, draws=4)
+    assert cell.chosen >= 12 and cell.ratio <= 1.005, cell
+    assert cell.ms_per_token[15] <= cell.ms_per_token[5], cell
+
+
 def test_the_closed_form_chooses_near_the_simulators_best_across_cells():
     """tools/lookahead_vs_simulator.py (docs/benchmarks.md, "Automatic
     lookahead"): the planner's choice at a known acceptance, against the event

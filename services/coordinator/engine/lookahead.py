@@ -20,7 +20,10 @@ per token of the strategy's rules:
   Time per token: ``(s + k d + t) (1 - a) / (1 - a^(k+1))``.
 * **DSI** (chunks verified while drafting goes on, ``n`` replicas, one of
   them taken by the frontier step after a restart): the first chunk goes out
-  once its ``k`` drafts are there (``s + k d``); later ones as replicas free up,
+  once its ``k`` drafts are there and a replica is free, ``max(s + k d,
+  t / (2 n))`` (the other replicas may still run the cancelled chunks' passes
+  to their end; half of ``t / n`` is the event simulator's wait, and drafts
+  that take less than it cost nothing); later ones as replicas free up,
   every ``t / (n - 1)`` at most, carrying what was drafted meanwhile, so
   ``k' = max(k, t / ((n - 1) d'))`` drafts each, where ``d'`` is ``d`` or,
   when drafting is held back by its lead limit (``k (n + 2)`` drafts ahead of
@@ -28,7 +31,7 @@ per token of the strategy's rules:
   ``(s + k d + t) / (k (n + 2))``. With ``L`` accepted drafts before the first
   rejection (geometric), the chunk holding it is decided one verification
   after its dispatch, so a restart-to-restart round takes
-  ``s + k d + a^k k' d' / (1 - a^k') + t`` in expectation and commits ``L + 1``
+  ``first + a^k k' d' / (1 - a^k') + t`` in expectation and commits ``L + 1``
   tokens: per token ``(1 - a)`` times that, and never more than ``t`` of no
   drafts (a frontier step always runs: DSI is never slower than non-SI). The
   generation keeps ``ceil(t / (k d)) + 1`` replicas busy at most: more would
@@ -77,6 +80,10 @@ SPEED_WEIGHT = 0.2
 #: (1% took the largest of a flat optimum that the event simulator says is not flat: DSI with 2 replicas
 #: and acceptance 0.95-0.99 chose 8-11 where 5-6 are 5-7% faster; tools/lookahead_vs_simulator.py.)
 NEAR = 0.005
+#: After a restart, DSI's first chunk waits about this share of ``t / n`` for a replica (one that ran a
+#: cancelled chunk's pass to its end); 0.5 fits the event simulator best (tools/lookahead_vs_simulator.py:
+#: 0 and 1 give a mean of 1.0047 and 1.0090 of its best, 0.5 gives 1.0036).
+STALE_WAIT = 0.5
 #: Weight of a new sample in a :class:`Line` (a verification's or a draft stream's seconds by its tokens).
 COST_WEIGHT = 0.03
 #: How widely (variance, tokens squared) a :class:`Line`'s samples must spread before it gets a slope.
@@ -121,8 +128,10 @@ def dsi_seconds_per_token(
     advances the text by about ``k`` per verification: ``t / (n k)`` per
     token at least."""
     d = max(d, 1e-9)
-    first = start + k * d  # a restart's first chunk
-    paced = np.maximum(d, (first + t) / (k * (n + lead)))  # drafting held back by its lead limit
+    # A restart's first chunk: its drafts, and a replica to take it (the others may still run the cancelled
+    # chunks' passes to their end; the event simulator's mean wait is about half of a pass over n).
+    first = np.maximum(start + k * d, STALE_WAIT * t / n)
+    paced = np.maximum(d, (start + k * d + t) / (k * (n + lead)))  # drafting held back by its lead limit
     later = np.maximum(k, t / (max(n - 1, 1) * paced))  # drafts per chunk after the first
     cost = np.maximum((1 - a) * (first + a**k * later * paced / (1 - a**later) + t), t / (n * k))
     return np.minimum(t if step is None else step, cost) if floor else cost
