@@ -97,8 +97,8 @@ async def profiles(args: argparse.Namespace) -> None:
             run = (target, drafter, args.replicas, strategy)
             fixed = [await ms_per_token(*run, k, args.tokens, args.repeats) for k in FIXED]
             auto = await ms_per_token(*run, 0, args.tokens, args.repeats)
-            cells = " | ".join(f"{v:.1f}" for v in fixed)
-            print(f"| {name} | {strategy.value} | {cells} | {auto:.1f} | {auto / min(fixed):.3f} |", flush=True)
+            cells = " | ".join(f"{v:.2f}" for v in fixed)
+            print(f"| {name} | {strategy.value} | {cells} | {auto:.2f} | {auto / min(fixed):.3f} |", flush=True)
 
 
 async def grid(args: argparse.Namespace) -> list[dict]:
