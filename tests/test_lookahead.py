@@ -78,6 +78,44 @@ def test_the_planner_tracks_what_it_measures():
     assert high >= 8 and p.lookahead <= 2
 
 
+def test_a_planner_builds_its_model_again_only_when_its_measurements_move(monkeypatch):
+    """The model's table is built again when a measurement moves it by more
+    than TABLE_TOLERANCE, and a choice made again when a draft was decided;
+    the choice is what the model built afresh gives."""
+    import services.coordinator.engine.lookahead as la
+
+    builds = []
+    build = la.CostTable.build.__func__
+
+    def counted(cls, *args, **kwargs):
+        builds.append(args)
+        return build(cls, *args, **kwargs)
+
+    monkeypatch.setattr(la.CostTable, "build", classmethod(counted))
+    p = LookaheadPlanner(True, lambda: (0.030, 4))
+    rng = np.random.default_rng(5)
+    p.drafted(4, 0.013, first=True)
+    p.drafted(4, 0.012)
+    for coin in rng.random(100) < 0.8:
+        p.decided(bool(coin))
+    p.verified(5, 0.030)
+    k, weights = p.lookahead, p.estimate.weights()
+    assert len(builds) == 1 and p.estimate.weights() is weights  # the same until the next draft
+    for _ in range(5):  # a verification line that moves by less than 1%
+        p.verified(5, 0.0301)
+        assert p.lookahead == k
+    assert len(builds) == 1
+    p.drafted(4, 0.004)  # the drafter got much faster: built again when the lookahead is read
+    chosen = p.lookahead
+    assert len(builds) == 2
+    start, d = p.drafting
+    base, per_token = p.verification.fit()
+    t = base + per_token * (np.arange(LARGEST + 1) + 1.0)
+    assert chosen == robust_lookahead(True, p.estimate.weights(), d, t, 4, LARGEST, start)
+    p.decided(True)
+    assert p.estimate.weights() is not weights
+
+
 def test_the_acceptance_estimate_follows_a_change_within_a_few_drafts():
     est = AcceptanceEstimate()
     rng = np.random.default_rng(1)

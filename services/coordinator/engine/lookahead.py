@@ -84,6 +84,8 @@ NEAR = 0.005
 #: cancelled chunk's pass to its end); 0.5 fits the event simulator best (tools/lookahead_vs_simulator.py:
 #: 0 and 1 give a mean of 1.0047 and 1.0090 of its best, 0.5 gives 1.0036).
 STALE_WAIT = 0.5
+#: How far (relative) measurements may move before a planner's :class:`CostTable` is built again.
+TABLE_TOLERANCE = 0.01
 #: Weight of a new sample in a :class:`Line` (a verification's or a draft stream's seconds by its tokens).
 COST_WEIGHT = 0.03
 #: How widely (variance, tokens squared) a :class:`Line`'s samples must spread before it gets a slope.
@@ -148,43 +150,75 @@ def _pick(costs: np.ndarray, *then: np.ndarray) -> int:
     return int(np.flatnonzero(near)[-1]) + 1
 
 
-def _costs(
-    dsi: bool, a: np.ndarray, d: float, t: Seconds, n: int, largest: int, floor: bool = True, start: float = 0.0
-) -> np.ndarray:
-    """Lookahead 1..``largest`` (rows) by acceptance ``a`` (columns): the
-    cost; ``t``: a verification's seconds, or one per number of drafts
-    0..``largest``."""
-    k = np.arange(1, largest + 1, dtype=float)[:, None]
-    tk = _by_drafts(t, largest)
-    if dsi:
-        return np.asarray(dsi_seconds_per_token(a[None, :], d, tk[1:, None], k, n, floor, step=tk[0], start=start))
-    return np.asarray(si_seconds_per_token(a[None, :], d, tk[1:, None], k, start))
-
-
 def _by_drafts(t: Seconds, largest: int) -> np.ndarray:
     """A verification's seconds with 0..``largest`` drafts."""
+    if isinstance(t, np.ndarray) and t.shape == (largest + 1,):
+        return t
     return np.broadcast_to(np.asarray(t, dtype=float), (largest + 1,))
 
 
-def _choose(
-    dsi: bool, a: np.ndarray, weights: np.ndarray, d: float, t: Seconds, n: int, largest: int, start: float = 0.0
-) -> int:
-    """The lookahead with the least cost expected over ``weights`` on ``a``.
-    DSI's floor (the frontier steps set the pace) makes lookaheads equal when
-    the drafter does not pay (text it cannot guess); among those, the one
-    that would be best if the text changed to anything (the lookahead stays
-    until drafts show the change), then the one that would be best without
-    the floor (a one-draft chunk issued next to the frontier step decides
-    the position after it)."""
-    costs = _costs(dsi, a, d, t, n, largest, start=start)
-    if not dsi:
-        return _pick(costs @ weights)
-    unfloored = _costs(dsi, a, d, t, n, largest, False, start) @ weights
-    likeliest = np.array([a @ weights])
-    frontier_step = _by_drafts(t, largest)[0]
-    if _costs(dsi, likeliest, d, t, n, largest, start=start).min() >= frontier_step / (1 + NEAR):  # no k pays
-        return _pick(costs @ weights, costs.mean(axis=1), unfloored)
-    return _pick(costs @ weights, unfloored)
+@dataclass(frozen=True)
+class CostTable:
+    """Expected seconds per token of lookahead 1..``largest`` (rows) at the
+    acceptances ``a`` (columns), for one set of measurements: what a choice
+    weighs against what the acceptance may be. A planner keeps one while its
+    measurements stay within ``TABLE_TOLERANCE`` of those it was built from
+    (they drift by a few percent per sample at most), so that a choice costs
+    a few matrix-vector products, not the whole model again."""
+
+    dsi: bool
+    a: np.ndarray
+    inputs: np.ndarray  # d, start, n, then a verification's seconds with 0..largest drafts
+    costs: np.ndarray  # DSI: at most a frontier step's (the floor)
+    unfloored: np.ndarray
+    frontier_step: float  # a verification of no drafts
+
+    @classmethod
+    def build(
+        cls, dsi: bool, a: np.ndarray, d: float, t: Seconds, n: int, largest: int, start: float = 0.0
+    ) -> CostTable:
+        k = np.arange(1, largest + 1, dtype=float)[:, None]
+        tk = _by_drafts(t, largest)
+        if dsi:
+            raw = np.asarray(dsi_seconds_per_token(a[None, :], d, tk[1:, None], k, n, False, start=start))
+            costs = np.minimum(tk[0], raw)
+        else:
+            raw = costs = np.asarray(si_seconds_per_token(a[None, :], d, tk[1:, None], k, start))
+        return cls(dsi, a, cls._inputs(d, t, n, largest, start), costs, raw, float(tk[0]))
+
+    @staticmethod
+    def _inputs(d: float, t: Seconds, n: int, largest: int, start: float) -> np.ndarray:
+        return np.concatenate(([d, start, n], _by_drafts(t, largest)))
+
+    def serves(self, d: float, t: Seconds, n: int, start: float) -> bool:
+        """Whether these measurements are close enough to the table's own."""
+        new = self._inputs(d, t, n, len(self.costs), start)
+        old = self.inputs
+        return new.shape == old.shape and bool((np.abs(new - old) <= 1e-6 + TABLE_TOLERANCE * np.abs(old)).all())
+
+    def choose(self, weights: np.ndarray) -> int:
+        """The lookahead with the least cost expected over ``weights`` on
+        ``a``. DSI's floor (the frontier steps set the pace) makes lookaheads
+        equal when the drafter does not pay (text it cannot guess); among
+        those, the one that would be best if the text changed to anything
+        (the lookahead stays until drafts show the change), then the one that
+        would be best without the floor (a one-draft chunk issued next to the
+        frontier step decides the position after it)."""
+        costs = self.costs @ weights
+        if not self.dsi:
+            return _pick(costs)
+        unfloored = self.unfloored @ weights
+        if self._at(float(self.a @ weights)).min() >= self.frontier_step / (1 + NEAR):  # no k pays
+            return _pick(costs, self.costs.mean(axis=1), unfloored)
+        return _pick(costs, unfloored)
+
+    def _at(self, acceptance: float) -> np.ndarray:
+        """The (floored) costs at one acceptance, between the table's columns."""
+        if len(self.a) == 1:
+            return self.costs[:, 0]
+        j = float(np.interp(acceptance, self.a, np.arange(len(self.a))))
+        lo = min(int(j), len(self.a) - 2)
+        return self.costs[:, lo] + (j - lo) * (self.costs[:, lo + 1] - self.costs[:, lo])
 
 
 def best_lookahead(
@@ -192,7 +226,7 @@ def best_lookahead(
 ) -> int:
     """The lookahead in 1..``largest`` with the least expected time per token
     when the acceptance is ``a`` for sure."""
-    return _choose(dsi, np.array([min(max(a, 0.0), 0.999)]), np.ones(1), d, t, n, largest, start)
+    return CostTable.build(dsi, np.array([min(max(a, 0.0), 0.999)]), d, t, n, largest, start).choose(np.ones(1))
 
 
 class AcceptanceEstimate:
@@ -218,6 +252,7 @@ class AcceptanceEstimate:
     def __init__(self) -> None:
         self.history: deque[bool] = deque(maxlen=MAX_RUN)  # the last decided drafts, oldest first
         self.runs = np.ones(1)  # probability of run length 0, 1, .. len(history)
+        self._weights: np.ndarray | None = None  # what weights() gave since the last draft
         #: log odds that the acceptance changes along the text rather than stays: how much better the
         #: change-point model predicted the recent drafts than one acceptance over all of them did
         self.evidence = 0.0
@@ -252,6 +287,7 @@ class AcceptanceEstimate:
             runs = runs[:-1]
         self.runs = runs / runs.sum()
         self.history.append(accepted)
+        self._weights = None
 
     def mean(self) -> float:
         acc, dec = self._counts()
@@ -260,7 +296,14 @@ class AcceptanceEstimate:
         return float(c * (self.runs @ p) + (1 - c) * p[-1])
 
     def weights(self) -> np.ndarray:
-        """How likely each acceptance of :data:`GRID` is now (summing to 1)."""
+        """How likely each acceptance of :data:`GRID` is now (summing to 1;
+        the same array until the next draft: a planner also chooses again
+        after timing a verification or a chunk)."""
+        if self._weights is None:
+            self._weights = self._mixed_posterior()
+        return self._weights
+
+    def _mixed_posterior(self) -> np.ndarray:
         acc, dec = self._counts()
         log = acc[:, None] * _LOG_GRID + (dec - acc)[:, None] * _LOG1M_GRID
         pdf = np.exp(log - log.max(axis=1, keepdims=True))
@@ -274,7 +317,7 @@ def robust_lookahead(
 ) -> int:
     """The lookahead in 1..``largest`` with the least time per token expected
     over acceptances distributed as ``weights`` on :data:`GRID`."""
-    return _choose(dsi, GRID, weights, d, t, n, largest, start)
+    return CostTable.build(dsi, GRID, d, t, n, largest, start).choose(weights)
 
 
 def replicas_needed(d: float, t: float, k: int) -> int:
@@ -347,6 +390,8 @@ class LookaheadPlanner:
     _lookahead: int = START
     _replicas: int = 0  # 0 = every replica the engine allows
     _stale: bool = field(default=True, repr=False)  # measured something since the last choice
+    _table: CostTable | None = field(default=None, repr=False)  # the model at the last choice's measurements
+    _weighed: np.ndarray | None = field(default=None, repr=False)  # the acceptance's weights it chose with
 
     def resume(self, previous: LookaheadPlanner | None) -> None:
         """Start from what an earlier generation with the same drafter and
@@ -435,7 +480,12 @@ class LookaheadPlanner:
             base, per_token = self.verification.fit()
             t = base + per_token * (np.arange(self.largest + 1) + 1.0)
         weights = self.estimate.weights()
-        self._lookahead = robust_lookahead(self.dsi, weights, d, t, replicas, self.largest, start)
+        if self._table is None or not self._table.serves(d, t, replicas, start):
+            self._table = CostTable.build(self.dsi, GRID, d, t, replicas, self.largest, start)
+            self._lookahead = self._table.choose(weights)
+        elif weights is not self._weighed:  # the same table and acceptance would choose the same
+            self._lookahead = self._table.choose(weights)
+        self._weighed = weights
         if self.dsi:
             tk = float(_by_drafts(t, self.largest)[self._lookahead])
             self._replicas = min(replicas, replicas_needed(d, tk, self._lookahead))
