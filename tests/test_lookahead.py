@@ -116,6 +116,27 @@ def test_a_planner_builds_its_model_again_only_when_its_measurements_move(monkey
     assert p.estimate.weights() is not weights
 
 
+def test_streams_of_one_length_tell_the_start_from_the_drafts_by_the_drafters_own_time():
+    """SI streams deliver their drafts in one chunk; while the lookahead
+    stays at 1, every stream has one length and the line through zero counts
+    a stream's start as drafting (the demo pair: 6-7 ms per draft against
+    2-3 computed, and the choice stayed at 1). The drafter's own computing
+    time per chunk splits them."""
+    blind, told = LookaheadPlanner(False, lambda: (0.010, 1)), LookaheadPlanner(False, lambda: (0.010, 1))
+    for _ in range(20):
+        blind.drafted(1, 0.006, first=True)
+        told.drafted(1, 0.006, first=True, computing=0.002)
+    assert blind.drafting == pytest.approx((0.0, 0.006))
+    assert told.drafting == pytest.approx((0.004, 0.002))
+    for p in (blind, told):
+        for _ in range(64):
+            p.decided(True)
+            p.decided(True)
+            p.decided(True)
+            p.decided(False)
+    assert blind.lookahead < told.lookahead
+
+
 def test_the_acceptance_estimate_follows_a_change_within_a_few_drafts():
     est = AcceptanceEstimate()
     rng = np.random.default_rng(1)

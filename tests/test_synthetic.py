@@ -338,6 +338,22 @@ async def test_drafter_latency_ttft_then_tpot() -> None:
         assert c.stats.compute_seconds >= 2 * 0.020 - SLACK, "tpot per drafted token"
 
 
+def test_a_pass_reports_its_modelled_seconds_whatever_the_timer_did() -> None:
+    """On a virtual clock no real time passes, and a pass shorter than the
+    timer's millisecond is owed and slept later: the chunk still reports what
+    the model's passes cost (what the lookahead planner reads as the
+    drafter's own time)."""
+    from dsi.tools.experiments.virtual_time import run_virtual
+
+    async def chunks(spec: str) -> list[float]:
+        drafter = LocalDrafter(SyntheticDrafter(spec))
+        req = DraftRequest("s", [1, 2, 3], lookahead=2, max_tokens=4)
+        return [c.stats.compute_seconds async for c in drafter.draft(req)]
+
+    assert run_virtual(chunks("synthetic:vocab=64,ttft_ms=40,tpot_ms=20")) == pytest.approx([0.060, 0.040])
+    assert asyncio.run(chunks("synthetic:vocab=64,ttft_ms=0.3,tpot_ms=0.3")) == pytest.approx([0.0006, 0.0006])
+
+
 @pytest.mark.parametrize(
     "params",
     [

@@ -54,7 +54,6 @@ import hashlib
 import math
 import random
 import struct
-import time
 import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, fields
@@ -271,12 +270,15 @@ class _Latency:
         return base * (1.0 + self.spec.batch_slope * (len(states) - 1)) + sum(extra_ms)
 
     async def sleep_batch(self, states: Sequence[_State], extra_ms: Sequence[float]) -> float:
+        """Wait for a pass over ``states``; returns its modelled seconds
+        (what a device would have computed, whatever the timer did: on a
+        virtual clock no real time passes, and a pass shorter than the
+        timer's millisecond is owed and slept with a later one)."""
         ms = self.pass_ms(states, extra_ms)
         if self.spec.jitter_ms:
             ms += self._rand.uniform(0.0, self.spec.jitter_ms)
         for s in states:
             s.first = False
-        start = time.perf_counter()
         if ms <= 0:  # a zero-latency model costs no event-loop wake-up
             return 0.0
         owed = max(s.owed_ms for s in states) + ms
@@ -284,11 +286,11 @@ class _Latency:
         if owed < TIMER_MS and not exact:  # the timer cannot wait that little: owed, slept once a millisecond is due
             for s in states:
                 s.owed_ms = max(owed, -TIMER_MS)
-            return time.perf_counter() - start
+            return ms / 1000.0
         for s in states:
             s.owed_ms = 0.0
         await timer().sleep(owed / 1000.0)
-        return time.perf_counter() - start
+        return ms / 1000.0
 
     @contextlib.contextmanager
     def charging(self, states: Sequence[_State]) -> Iterator[None]:

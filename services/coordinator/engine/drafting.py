@@ -152,7 +152,8 @@ class DraftFeed:
         now = clock()
         if self.slot.primary and gen.planner is not None:  # the first chunk includes a prefill
             first = not self._chunk_at
-            gen.planner.drafted(len(chunk.tokens), now - (self._started_at if first else self._chunk_at), first)
+            since = self._started_at if first else self._chunk_at
+            gen.planner.drafted(len(chunk.tokens), now - since, first, chunk.stats.compute_seconds)
         self._chunk_at = now
         if gen.observer is not None:
             info = DraftChunkInfo(self._stream_id, chunk.start_position, len(chunk.tokens), time.perf_counter())

@@ -118,7 +118,7 @@ async def _draft(gen: Generation, slot: DrafterSlot, k: int) -> list[DraftToken]
     drafts: list[DraftToken] = []
     finished = False
     since = clock()  # the call, then the last chunk
-    timed: list[tuple[int, float]] = []  # (drafts, seconds since) of each chunk
+    timed: list[tuple[int, float, float]] = []  # (drafts, seconds since, the drafter's computing) of each chunk
     try:
         while True:
             timeout = gen.draft_timeout()
@@ -130,7 +130,7 @@ async def _draft(gen: Generation, slot: DrafterSlot, k: int) -> list[DraftToken]
                 raise Unavailable(f"{drafter.name} is unavailable: no draft chunk within {timeout:.3g}s") from None
             drafts.extend(chunk.tokens)
             now = clock()
-            timed.append((len(chunk.tokens), now - since))
+            timed.append((len(chunk.tokens), now - since, chunk.stats.compute_seconds))
             since = now
             if obs is not None:
                 obs.draft_chunk(DraftChunkInfo(sid, chunk.start_position, len(chunk.tokens), time.perf_counter()))
@@ -143,8 +143,8 @@ async def _draft(gen: Generation, slot: DrafterSlot, k: int) -> list[DraftToken]
             obs.draft_stream_ended(sid, time.perf_counter(), cancelled=not finished)
     gen.stats.drafted_tokens += len(drafts)
     if finished and slot.primary and gen.planner is not None:
-        for i, (tokens, seconds) in enumerate(timed):  # the first chunk includes the stream's start
-            gen.planner.drafted(tokens, seconds, first=i == 0)
+        for i, (tokens, seconds, computing) in enumerate(timed):  # the first chunk includes the stream's start
+            gen.planner.drafted(tokens, seconds, i == 0, computing)
     return drafts
 
 
