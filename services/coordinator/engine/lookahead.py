@@ -134,8 +134,9 @@ def dsi_seconds_per_token(
     d = max(d, 1e-9)
     # A restart's first chunk: its drafts, and a replica to take it (the others may still run the cancelled
     # chunks' passes to their end; the event simulator's mean wait is about half of a pass over n).
-    first = np.maximum(start + k * d, STALE_WAIT * t / n)
-    paced = np.maximum(d, (start + k * d + t) / (k * (n + lead)))  # drafting held back by its lead limit
+    drafted = start + k * d  # a stream's start and its first k drafts
+    first = np.maximum(drafted, STALE_WAIT * t / n)
+    paced = np.maximum(d, (drafted + t) / (k * (n + lead)))  # drafting held back by its lead limit
     later = np.maximum(k, t / (max(n - 1, 1) * paced))  # drafts per chunk after the first
     cost = np.maximum((1 - a) * (first + a**k * later * paced / (1 - a**later) + t), t / (n * k))
     return np.minimum(t if step is None else step, cost) if floor else cost
@@ -498,10 +499,10 @@ class LookaheadPlanner:
         weights = self.estimate.weights()
         if self._table is None or not self._table.serves(d, t, replicas, start):
             self._table = CostTable.build(self.dsi, GRID, d, t, replicas, self.largest, start)
+            self._weighed = None
+        if weights is not self._weighed:  # the same table and acceptance would choose the same
             self._lookahead = self._table.choose(weights)
-        elif weights is not self._weighed:  # the same table and acceptance would choose the same
-            self._lookahead = self._table.choose(weights)
-        self._weighed = weights
+            self._weighed = weights
         if self.dsi:
             tk = float(_by_drafts(t, self.largest)[self._lookahead])
             self._replicas = min(replicas, replicas_needed(d, tk, self._lookahead))
