@@ -45,6 +45,8 @@ def test_gpu_bench_script_runs_on_the_cpu_with_tiny_models(tmp_path: Path) -> No
     assert lat["target"]["tpot_ms"] > 0 and lat["drafter"]["tpot_ms"] > 0 and lat["target"]["vocab"] == 512
     exp = xconfig.load(out / "gpu.toml")
     assert [p.name for p in exp.profiles] == ["hf-cpu", "measured-x4"]
+    hf = exp.profiles[0].cluster
+    assert hf.targets[0].dtype == hf.drafters[0].dtype == "float32"  # so that 'same tokens' checks losslessness
     assert f"tpot_ms={lat['target']['tpot_ms']:.3f}" in exp.profiles[1].cluster.targets[0].model
 
     rows = json.loads((out / "lossless.json").read_text())
@@ -62,3 +64,23 @@ def test_gpu_bench_script_runs_on_the_cpu_with_tiny_models(tmp_path: Path) -> No
     points = {(r["point"], r["strategy"]) for r in results["summary"]}
     assert {("hf-cpu", "si"), ("hf-cpu", "hf_generate"), ("measured-x4", "nonsi")} <= points, points
     assert all(r["all_match"] for r in results["summary"] if r["strategy"] in ("nonsi", "si"))
+
+
+def test_the_lossless_reference_is_greedy_decoding_of_the_whole_prompt(tmp_path: Path) -> None:
+    """generate() masks every pad_token_id it finds in a prompt unless given a mask: the reference
+    once did that to prompts holding token 0 (on a GPU every strategy then 'differed' from it)."""
+    import torch
+
+    from dsi.tools.experiments import gpu
+
+    paths = gpu.build(tmp_path, "tiny", "cpu")
+    model = __import__("transformers").AutoModelForCausalLM.from_pretrained(str(paths["target"])).eval()
+    # Mostly token 0: masked, the model would see one or two tokens of each.
+    prompts = [[0] * n + [t] for n, t in ((3, 5), (6, 11), (9, 200), (4, 77))] + [[0, 7, 14, 0, 3, 0]]
+    refs = gpu._reference(paths["target"], "cpu", "float32", prompts, tokens=6)
+    for prompt, ref in zip(prompts, refs, strict=True):
+        seq = list(prompt)
+        with torch.no_grad():
+            for _ in range(6):
+                seq.append(int(model(torch.tensor([seq])).logits[0, -1].argmax()))
+        assert ref == seq[len(prompt) :], (prompt, ref, seq[len(prompt) :])

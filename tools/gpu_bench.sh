@@ -27,6 +27,10 @@ BENCH_ARGS=${BENCH_ARGS:-}
 MODELS="$OUT/models"
 mkdir -p "$OUT"
 step() { printf '\n== %s (%s)\n' "$1" "$(date +%H:%M:%S)"; }
+# Steps 3-5 each report on their own: one that fails (a float32 mismatch, say) is named at the
+# end and makes the exit status 1, but does not cost the steps after it (a GPU lease is short).
+failed=()
+try() { "$@" || { echo "!! failed (exit $?): $*" >&2; failed+=("$STEP"); }; }
 
 step "1. build models ($SIZE) on $DEVICE"
 if [[ ! -f "$MODELS/target/config.json" || ! -f "$MODELS/drafter/config.json" ]]; then
@@ -42,17 +46,21 @@ step "2. TTFT/TPOT on $DEVICE ($DTYPE) -> $OUT/gpu.toml"
 "$PYTHON" -m dsi.tools.experiments.gpu measure "$MODELS" --device "$DEVICE" --dtype "$DTYPE" \
   --out "$OUT/gpu.toml" --json "$OUT/latencies.json"
 
-step "3. greedy losslessness of every strategy, float32 and bfloat16"
-"$PYTHON" -m dsi.tools.experiments.gpu lossless "$MODELS" --device "$DEVICE" --dtypes float32,bfloat16 \
+STEP="3. greedy losslessness of every strategy, float32 and bfloat16"; step "$STEP"
+try "$PYTHON" -m dsi.tools.experiments.gpu lossless "$MODELS" --device "$DEVICE" --dtypes float32,bfloat16 \
   --tokens "$TOKENS" --json "$OUT/lossless.json"
 
-step "4. decisions on the device vs on the host"
-"$PYTHON" tools/decision_bench.py --model "$MODELS/target" --device "$DEVICE" --dtype "$DTYPE" \
+STEP="4. decisions on the device vs on the host"; step "$STEP"
+try "$PYTHON" tools/decision_bench.py --model "$MODELS/target" --device "$DEVICE" --dtype "$DTYPE" \
   --json "$OUT/decisions.json"
 
-step "5. dsi bench: HF models and their measured profile"
+STEP="5. dsi bench: HF models and their measured profile"; step "$STEP"
 # shellcheck disable=SC2086  # BENCH_ARGS is a list of arguments
-"$PYTHON" -m dsi bench --experiment "$OUT/gpu.toml" --out "$OUT/bench" --no-progress $BENCH_ARGS
+try "$PYTHON" -m dsi bench --experiment "$OUT/gpu.toml" --out "$OUT/bench" --no-progress $BENCH_ARGS
 
 step "done: $OUT"
 ls "$OUT"
+if ((${#failed[@]})); then
+  printf 'failed step: %s\n' "${failed[@]}" >&2
+  exit 1
+fi
