@@ -158,10 +158,17 @@ def test_dsi_where_no_lookahead_pays_keeps_one_for_text_that_may_come():
     DSI's pace whatever the lookahead; it takes the one that is best over
     every acceptance (2 with a drafter 10x faster than the target), not the
     one that gains most on this text (1), and 1 where drafting is as slow as
-    a verification (nothing is gained at any acceptance)."""
+    a verification (nothing is gained at any acceptance) or where each draft
+    costs the target time (the event simulator and the engine: 2 replicas at
+    30 ms + 3 ms per draft, acceptance 0.1: 28.9 ms per token with 1 draft,
+    29.2 with 2, 33.3 with 8)."""
     hard = np.where(np.isclose(GRID, 0.1125), 1.0, 0.0)
     assert robust_lookahead(True, hard, 0.003, 0.030, 3) == 2
     assert robust_lookahead(True, hard, 0.030, 0.030, 3) == 1
+    # A compute-bound target (3 ms more per draft verified): a longer chunk holds a replica for nothing.
+    per_drafts = 0.030 + 0.003 * np.arange(LARGEST + 1)
+    assert robust_lookahead(True, hard, 0.001, per_drafts, 2) == 1
+    assert robust_lookahead(True, hard, 0.003, per_drafts, 3) == 1
     # Text where drafts pay: the choice for that text.
     easy = np.where(np.isclose(GRID, 0.9125), 1.0, 0.0)
     assert robust_lookahead(True, easy, 0.003, 0.030, 3) == best_lookahead(True, 0.9125, 0.003, 0.030, 3)

@@ -10,7 +10,9 @@ lookahead. The profiles: a steady drafter of acceptance 0.8, one whose
 acceptance alternates between 0.95 and 0.1 in blocks of 48 positions
 (``hard_acceptance``), where no fixed lookahead suits the whole text, and a
 drafter 100 times faster than the target whose acceptance alternates between
-0.99 and 0.5 (where DSI wants long chunks in the easy text).
+0.99 and 0.5 (where DSI wants long chunks in the easy text), and the 0.95/0.1
+drafter at 1 ms with a compute-bound target (3 ms more per draft verified) on
+2 replicas (where DSI wants 8 drafts in the easy text and 1 in the hard).
 
 ``--grid``: the grid of docs/benchmarks.md section 5 (drafter latency
 fraction 0.01-1 x acceptance 0.01-0.99, 6 x 6; target 20 ms per step, 4
@@ -28,6 +30,7 @@ import asyncio
 import json
 import statistics
 from pathlib import Path
+from typing import NamedTuple
 
 from dsi.backends import LocalDrafter, LocalTarget, load_drafter_model, load_target_model
 from dsi.tools.experiments.simulate import grid_axes
@@ -35,12 +38,25 @@ from dsi.tools.experiments.virtual_time import run_virtual
 from services.coordinator.engine import Engine, GenerationParams, Strategy
 
 FIXED = (1, 2, 3, 4, 6, 8, 12, 16)
-#: name: (the drafter's synthetic keys, its ms per token; None: ``--drafter-ms``)
-PROFILES: dict[str, tuple[str, float | None]] = {
-    "steady a=0.8": ("acceptance=0.8", None),
-    "changing a=0.95/0.1": ("acceptance=0.95,hard_acceptance=0.1,block=48", None),
+
+
+class Profile(NamedTuple):
+    keys: str  # the drafter's synthetic keys
+    drafter_ms: float | None = None  # its ms per token (None: ``--drafter-ms``)
+    verify_token_ms: float | None = None  # the target's ms per draft verified (None: ``--verify-token-ms``)
+    replicas: int | None = None  # (None: ``--replicas``)
+
+
+PROFILES: dict[str, Profile] = {
+    "steady a=0.8": Profile("acceptance=0.8"),
+    "changing a=0.95/0.1": Profile("acceptance=0.95,hard_acceptance=0.1,block=48"),
     # A drafter at 1% of the target's step: where DSI's lookahead matters (long chunks in easy text).
-    "changing a=0.99/0.5, 0.3 ms drafter": ("acceptance=0.99,hard_acceptance=0.5,block=48", 0.3),
+    "changing a=0.99/0.5, 0.3 ms drafter": Profile("acceptance=0.99,hard_acceptance=0.5,block=48", 0.3),
+    # A compute-bound target (each draft verified costs 10% of a pass) on 2 replicas: DSI's best lookahead is
+    # 8 in the easy text and 1 in the hard (a longer chunk holds a replica on a pass a rejection makes stale).
+    "changing a=0.95/0.1, 1 ms drafter, 3 ms per draft verified, 2 replicas": Profile(
+        "acceptance=0.95,hard_acceptance=0.1,block=48", 1.0, 3.0, 2
+    ),
 }
 #: The section-5 grid's fixed lookaheads (what `dsi bench --grid` chooses from).
 GRID_FIXED = (1, 2, 3, 5, 8)
@@ -83,18 +99,18 @@ async def ms_per_token(
 
 
 async def profiles(args: argparse.Namespace) -> None:
-    target = f"synthetic:vocab=1000,seed=4,ttft_ms={args.target_ms},tpot_ms={args.target_ms}"
-    target += f",verify_token_ms={args.verify_token_ms}"
     print(
         f"target {args.target_ms} ms/pass (+ {args.verify_token_ms} ms per draft) x {args.replicas} replicas, "
-        f"drafter {args.drafter_ms} ms/token, {args.tokens} tokens x {args.repeats}"
+        f"drafter {args.drafter_ms} ms/token, {args.tokens} tokens x {args.repeats} (unless the profile says)"
     )
     print("| drafter | strategy | " + " | ".join(f"k={k}" for k in FIXED) + " | auto | auto / best fixed |")
     print("|---|---|" + "---|" * (len(FIXED) + 2))
-    for name, (keys, drafter_ms) in PROFILES.items():
-        drafter = f"synthetic:vocab=1000,seed=4,tpot_ms={drafter_ms or args.drafter_ms},{keys}"
+    for name, prof in PROFILES.items():
+        target = f"synthetic:vocab=1000,seed=4,ttft_ms={args.target_ms},tpot_ms={args.target_ms}"
+        target += f",verify_token_ms={args.verify_token_ms if prof.verify_token_ms is None else prof.verify_token_ms}"
+        drafter = f"synthetic:vocab=1000,seed=4,tpot_ms={prof.drafter_ms or args.drafter_ms},{prof.keys}"
         for strategy in (Strategy.SI, Strategy.DSI):
-            run = (target, drafter, args.replicas, strategy)
+            run = (target, drafter, prof.replicas or args.replicas, strategy)
             fixed = [await ms_per_token(*run, k, args.tokens, args.repeats) for k in FIXED]
             auto = await ms_per_token(*run, 0, args.tokens, args.repeats)
             cells = " | ".join(f"{v:.2f}" for v in fixed)

@@ -49,7 +49,9 @@ frontier steps set the pace whatever ``k``), DSI takes the one that would be
 best if the text changed to anything: it keeps it until drafts show the
 change (on text alternating between acceptance 0.95 and 0.1 that is ``k = 2``
 rather than 1, 0.5% faster over the whole text; mixing that chance of a
-change into every choice instead cost 1-2% on steady text).
+change into every choice instead cost 1-2% on steady text), unless each draft
+verified costs the target time: then 1, since a longer chunk only holds a
+replica longer on a pass that the next rejection makes stale.
 
 These are the rules ``dsi simulate`` plays event by event
 (:mod:`dsi.tools.experiments.simulate`); docs/benchmarks.md compares the
@@ -206,14 +208,27 @@ class CostTable:
         those, the one that would be best if the text changed to anything
         (the lookahead stays until drafts show the change), then the one that
         would be best without the floor (a one-draft chunk issued next to the
-        frontier step decides the position after it)."""
+        frontier step decides the position after it). Where verifying drafts
+        costs the target time, though, the shortest: a longer chunk keeps its
+        replica longer on a pass that a rejection makes stale while the next
+        frontier step may wait for it (2 replicas, 3 ms more per draft on a
+        30 ms pass, acceptance 0.1: 1 draft 28.9 ms per token, 3 drafts 30.3, 8
+        drafts 33.3; tools/lookahead_bench.py's compute-bound profile)."""
         costs = self.costs @ weights
         if not self.dsi:
             return _pick(costs)
         unfloored = self.unfloored @ weights
         if self._at(float(self.a @ weights)).min() >= self.frontier_step / (1 + NEAR):  # no k pays
+            if self.drafts_cost_the_target:  # a longer chunk only holds a replica longer for nothing
+                return 1
             return _pick(costs, self.costs.mean(axis=1), unfloored)
         return _pick(costs, unfloored)
+
+    @property
+    def drafts_cost_the_target(self) -> bool:
+        """Whether a verification of the most drafts takes longer than a
+        frontier step (a compute-bound target, e.g. on a CPU)."""
+        return float(self.inputs[-1]) > self.frontier_step * (1 + NEAR)
 
     def _at(self, acceptance: float) -> np.ndarray:
         """The (floored) costs at one acceptance, between the table's columns."""
