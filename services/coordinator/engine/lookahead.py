@@ -211,9 +211,10 @@ class CostTable:
         frontier step decides the position after it). Where verifying drafts
         costs the target time, though, the shortest: a longer chunk keeps its
         replica longer on a pass that a rejection makes stale while the next
-        frontier step may wait for it (2 replicas, 3 ms more per draft on a
-        30 ms pass, acceptance 0.1: 1 draft 28.9 ms per token, 3 drafts 30.3, 8
-        drafts 33.3; tools/lookahead_bench.py's compute-bound profile)."""
+        frontier step may wait for it (the engine on the virtual clock, 2
+        replicas, 3 ms more per draft on a 30 ms pass, steady acceptance 0.1:
+        1 draft 28.9 ms per token, 3 drafts 30.3, 8 drafts 33.3;
+        docs/benchmarks.md, "The shortest chunk where drafts do not pay")."""
         costs = self.costs @ weights
         if not self.dsi:
             return _pick(costs)
