@@ -67,6 +67,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from services.coordinator.costline import Line
+
 #: Lookahead used until the first measurements (and the largest considered by default).
 START, LARGEST = 4, 16
 #: Most decided drafts the acceptance is measured over, and the chance that it changes at any one.
@@ -90,10 +92,6 @@ NEAR = 0.005
 STALE_WAIT = 0.5
 #: How far (relative) measurements may move before a planner's :class:`CostTable` is built again.
 TABLE_TOLERANCE = 0.01
-#: Weight of a new sample in a :class:`Line` (a verification's or a draft stream's seconds by its tokens).
-COST_WEIGHT = 0.03
-#: How widely (variance, tokens squared) a :class:`Line`'s samples must spread before it gets a slope.
-MIN_SPREAD = 0.5
 
 
 #: An acceptance, or an array of them (the cost functions broadcast).
@@ -349,53 +347,6 @@ def replicas_needed(d: float, t: float, k: int) -> int:
 def _smoothed(mean: float, sample: float) -> float:
     """A running mean of a drafter's seconds per draft (0: no sample yet)."""
     return sample if not mean else mean + SPEED_WEIGHT * (sample - mean)
-
-
-class Line:
-    """Seconds as a line in tokens, fitted by exponentially weighted least
-    squares (a new sample weighs ``COST_WEIGHT``). Used for a verification's
-    seconds by the tokens it computes (its drafts, and what its replica had
-    not cached: ``k + 1`` for a chunk of ``k`` drafts on a replica that holds
-    the rest) and a draft stream's seconds to its first chunk by the drafts
-    in it. On a GPU a verification's line is nearly flat (reading the weights
-    sets a pass's time); on a CPU every token costs (a demo pair step: about
-    6 ms, and 0.2-0.8 ms more per draft). A stream's line starts at what
-    starting it costs (the call, the drafter's prefill), paid once per
-    stream: SI pays it every round. Until the samples spread over several
-    sizes (the lookahead changes; DSI's chunks and frontier steps differ)
-    the slope is unknown; it never falls below zero, nor the line at zero
-    tokens."""
-
-    def __init__(self) -> None:
-        self._sums = np.zeros(5)  # weight, tokens, seconds, tokens^2, tokens * seconds
-
-    def copy(self) -> Line:
-        other = Line()
-        other._sums = self._sums.copy()
-        return other
-
-    @property
-    def measured(self) -> bool:
-        return bool(self._sums[0])
-
-    def add(self, tokens: int, seconds: float) -> None:
-        sample = np.array([1.0, tokens, seconds, tokens * tokens, tokens * seconds])
-        self._sums = (1 - COST_WEIGHT) * self._sums + sample
-
-    def fit(self, slope: float | None = None, through_zero: bool = False) -> tuple[float, float]:
-        """Seconds at 0 tokens, and per token: the least-squares line, or
-        the one with the given ``slope``. Samples that do not spread give a
-        flat line (their mean seconds whatever the tokens) or, with
-        ``through_zero``, their seconds per token (nothing at 0)."""
-        _, x, y, xx, xy = self._sums / self._sums[0]
-        if slope is None:
-            spread = xx - x * x
-            if spread >= MIN_SPREAD:
-                slope = max(0.0, (xy - x * y) / spread)
-            else:
-                slope = y / x if through_zero and x > 0 else 0.0
-        slope = min(slope, y / x) if x > 0 else slope  # no negative seconds at 0 tokens
-        return y - slope * x, slope
 
 
 @dataclass
