@@ -176,3 +176,30 @@ def test_a_replica_whose_request_was_cancelled_is_chosen_last_until_its_pass_wou
     pool.release(second)
     now[0] += 0.021  # the cancelled pass would have ended
     assert pool.acquire_idle(lambda: 1, affinity=caches_a).replica == 0
+
+
+def test_a_cancelled_pass_is_expected_to_run_as_long_as_its_size_takes_there(monkeypatch):
+    """On a replica whose passes cost more per token (as it reports them), a
+    cancelled pass of 9 tokens keeps it busy for its own time (54 ms), not
+    the average request's (30 ms); one of a single token for the average."""
+    now = [100.0]
+    monkeypatch.setattr(pool_module, "clock", lambda: now[0])
+    caches_a = {0: 50, 1: 0}.__getitem__
+    pool = Pool(["a", "b"])
+    for i in (0, 1):
+        record(pool, i, 0.030)  # the average request: 30 ms
+        for tokens in (1, 9, 1, 9):
+            pool.measured_pass(i, tokens, 0.030 + 0.003 * (tokens - 1))  # 30 ms + 3 ms per token beyond one
+    for tokens, busy_for in ((9, 0.054), (1, 0.030)):
+        lease = pool.acquire_on(0)
+        lease.tokens = tokens
+        now[0] += 0.010
+        pool.release(lease, cancelled=True)
+        now[0] += busy_for - 0.010 - 0.002  # just before it would end: the other one, though it caches less
+        other = pool.acquire_idle(lambda: 1, affinity=caches_a)
+        assert other is not None and other.replica == 1, tokens
+        pool.release(other)
+        now[0] += 0.004  # just after: the cache decides again
+        back = pool.acquire_idle(lambda: 1, affinity=caches_a)
+        assert back is not None and back.replica == 0, tokens
+        pool.release(back)

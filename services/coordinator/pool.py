@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
 from dsi.domain.errors import Unavailable
+from services.coordinator.costline import Line
 
 T = TypeVar("T")
 
@@ -83,6 +84,8 @@ class Lease:
     preempt: Callable[[], None] | None = None
     started: float = 0.0
     released: bool = False
+    #: Tokens its request has the replica compute (0: not known): how long its pass runs.
+    tokens: int = 0
 
 
 @dataclass
@@ -100,6 +103,10 @@ class _Slot(Generic[T]):
     #: Until when (clock) it likely still runs a pass that was cancelled: a
     #: started forward pass runs to its end on the device, cancelled or not.
     busy_until: float = 0.0
+    #: A pass's seconds by the tokens it computes, as the replica reports them (its own compute
+    #: time: no queue, no network), so that a cancelled pass of many drafts is not taken to end as
+    #: soon as the average request does.
+    pass_cost: Line = field(default_factory=Line)
 
     @property
     def spare(self) -> bool:
@@ -298,12 +305,23 @@ class Pool(Generic[T]):
         one replica, and its cache, for a whole generation)."""
         return self._take(i, _frontier, None)
 
-    def busy_since(self, i: int, started: float) -> None:
+    def busy_since(self, i: int, started: float, tokens: int = 0) -> None:
         """Replica ``i`` runs a pass since ``started`` (clock) that nobody
-        waits for (cancelled): choose it last until that pass would end."""
+        waits for (cancelled): choose it last until that pass would end, after
+        its latency or, if longer, what a pass of ``tokens`` takes there (a
+        chunk of many drafts on a target that computes each)."""
         slot = self.slots[i]
-        if slot.latency:
-            slot.busy_until = max(slot.busy_until, started + slot.latency)
+        seconds = slot.latency
+        if tokens > 0 and slot.pass_cost.measured:
+            base, per_token = slot.pass_cost.fit()
+            seconds = max(seconds, base + per_token * tokens)
+        if seconds:
+            slot.busy_until = max(slot.busy_until, started + seconds)
+
+    def measured_pass(self, i: int, tokens: int, seconds: float) -> None:
+        """Replica ``i`` reports that a pass computing ``tokens`` took ``seconds`` of its own time."""
+        if tokens > 0 and seconds > 0:
+            self.slots[i].pass_cost.add(tokens, seconds)
 
     def release(
         self,
@@ -324,7 +342,7 @@ class Pool(Generic[T]):
         lease.released = True
         slot = self.slots[lease.replica]
         if cancelled:
-            self.busy_since(lease.replica, lease.started)
+            self.busy_since(lease.replica, lease.started, lease.tokens)
         if unreachable:
             self.mark_down(lease.replica)
         elif completed:

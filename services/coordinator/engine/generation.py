@@ -351,9 +351,12 @@ class Generation:
         uncached = self._uncached(lease.replica, length)
         self._cached[lease.replica] = length  # what it holds once this is verified (others may look now)
         request = VerifyRequest(self.session_id, self.context(base), drafts, self.sampling, self.params.seed)
-        target = self.engine.targets.member(lease.replica)
+        pool = self.engine.targets
+        target = pool.member(lease.replica)
+        lease.tokens = uncached
         started = clock()
         result = await self.on_replica(lease, length, target.verify(request), uncached)
+        pool.measured_pass(lease.replica, result.stats.computed_tokens, result.stats.compute_seconds)
         if self.planner is not None and uncached <= PREFILL_BLOCK:  # a long prefill says little about a chunk
             # Not the time it queued on the replica (behind a cancelled request's pass, which runs to its
             # end): that wait comes with the replica, not with the chunk's size.
