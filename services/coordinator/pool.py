@@ -133,6 +133,7 @@ class Pool(Generic[T]):
         self.slots: list[_Slot[T]] = []
         self._tie = itertools.count()
         self._order: list[int] = []
+        self._closed = False  # close() ran: no more probes
         for m in members:
             self.add(m)
 
@@ -183,6 +184,8 @@ class Pool(Generic[T]):
             return
         slot.down = True
         log.warning("%s is down; probing it before it gets requests again", self.name(i))
+        if self._closed:
+            return
         try:
             slot.probe = asyncio.get_running_loop().create_task(self._recover(i))
         except RuntimeError:  # no event loop (a synchronous caller): it stays down
@@ -190,7 +193,9 @@ class Pool(Generic[T]):
 
     async def _recover(self, i: int) -> None:
         slot, delay = self.slots[i], PROBE_FIRST
-        while slot.down and not slot.draining:
+        # Not only cancel(): on Python 3.11 wait_for() drops a cancellation that comes as its probe
+        # ends, and the loop went on probing every PROBE_MAX seconds, with close() waiting for it.
+        while slot.down and not slot.draining and not self._closed:
             await asyncio.sleep(delay)
             try:
                 await asyncio.wait_for(self.probe(slot.member), PROBE_TIMEOUT)
@@ -206,6 +211,7 @@ class Pool(Generic[T]):
 
     async def close(self) -> None:
         """Stop the health probes."""
+        self._closed = True
         probes = [s.probe for s in self.slots if s.probe is not None]
         for t in probes:
             t.cancel()
