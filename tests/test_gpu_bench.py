@@ -70,11 +70,12 @@ def test_the_lossless_reference_is_greedy_decoding_of_the_whole_prompt(tmp_path:
     """generate() masks every pad_token_id it finds in a prompt unless given a mask: the reference
     once did that to prompts holding token 0 (on a GPU every strategy then 'differed' from it)."""
     import torch
+    from transformers import AutoModelForCausalLM
 
     from dsi.tools.experiments import gpu
 
     paths = gpu.build(tmp_path, "tiny", "cpu")
-    model = __import__("transformers").AutoModelForCausalLM.from_pretrained(str(paths["target"])).eval()
+    model = AutoModelForCausalLM.from_pretrained(str(paths["target"])).eval()
     # Mostly token 0: masked, the model would see one or two tokens of each.
     prompts = [[0] * n + [t] for n, t in ((3, 5), (6, 11), (9, 200), (4, 77))] + [[0, 7, 14, 0, 3, 0]]
     refs = gpu._reference(paths["target"], "cpu", "float32", prompts, tokens=6)
