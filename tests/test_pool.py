@@ -205,6 +205,38 @@ def test_a_cancelled_pass_is_expected_to_run_as_long_as_its_size_takes_there(mon
         pool.release(back)
 
 
+def test_expected_answers_count_a_cancelled_pass_the_replica_still_runs(monkeypatch):
+    """A request's expected answer: its size's time on its replica from when
+    its pass starts, after any cancelled pass the replica still runs; the
+    idle replica that would answer a request soonest, likewise (a busy one
+    never)."""
+    now = [100.0]
+    monkeypatch.setattr(pool_module, "clock", lambda: now[0])
+    pool = Pool(["a", "b", "c"])
+    for i in (0, 1, 2):
+        record(pool, i, 0.030)
+        for tokens in (1, 17, 1, 17):
+            pool.measured_pass(i, tokens, 0.030 + 0.003 * (tokens - 1))
+    one_token = lambda i: 1  # noqa: E731
+    stale = pool.acquire_on(0)  # a cancelled 17-token pass on replica 0: busy for 78 ms
+    stale.tokens = 17
+    pool.release(stale, cancelled=True)
+    chunk = pool.acquire_idle(lambda: 1)  # a 17-token chunk on replica 1 (replica 0 is chosen last)
+    assert chunk is not None and chunk.replica == 1
+    chunk.tokens = 17
+    assert pool.expected_end(chunk) == pytest.approx(100.078)
+    now[0] += 0.020
+    assert pool.soonest_idle(one_token) == (2, pytest.approx(100.050))  # not replica 0, busy until 100.078
+    assert pool.soonest_idle(lambda i: 25 if i == 2 else 1) == (0, pytest.approx(100.108))  # 102 ms there
+    step = pool.acquire_on(2)
+    assert pool.soonest_idle(one_token) == (0, pytest.approx(100.108))
+    queued = pool.acquire_on(0)  # starts after the cancelled pass
+    queued.tokens = 1
+    assert pool.expected_end(queued) == pytest.approx(100.108)
+    assert pool.soonest_idle(one_token) is None
+    pool.release(step)
+
+
 async def test_close_ends_the_health_probes_even_when_a_cancellation_is_lost(monkeypatch):
     """Python 3.11's wait_for() drops a cancellation that comes as the probe
     it waits for ends (it raises the probe's error instead): the probe loop

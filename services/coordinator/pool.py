@@ -83,6 +83,8 @@ class Lease:
     #: Called when the pool takes the replica away for a frontier step.
     preempt: Callable[[], None] | None = None
     started: float = 0.0
+    #: When its pass is expected to start: ``started``, or later if the replica still runs a cancelled pass.
+    runs_from: float = 0.0
     released: bool = False
     #: Tokens its request has the replica compute (0: not known): how long its pass runs.
     tokens: int = 0
@@ -258,7 +260,8 @@ class Pool(Generic[T]):
         return min(candidates, key=lambda i: (-(affinity(i) if affinity else 0), self._order[i]))
 
     def _take(self, i: int, depth: Callable[[], int], preempt: Callable[[], None] | None) -> Lease:
-        lease = Lease(i, depth, preempt, started=clock())
+        now = clock()
+        lease = Lease(i, depth, preempt, started=now, runs_from=max(now, self.slots[i].busy_until))
         self.slots[i].leases.add(lease)
         self.slots[i].served += 1
         self._order[i] = next(self._tie)
@@ -317,12 +320,39 @@ class Pool(Generic[T]):
         its latency or, if longer, what a pass of ``tokens`` takes there (a
         chunk of many drafts on a target that computes each)."""
         slot = self.slots[i]
-        seconds = slot.latency
-        if tokens > 0 and slot.pass_cost.measured:
-            base, per_token = slot.pass_cost.fit()
-            seconds = max(seconds, base + per_token * tokens)
+        seconds = max(slot.latency, self.pass_seconds(i, tokens))
         if seconds:
             slot.busy_until = max(slot.busy_until, started + seconds)
+
+    def pass_seconds(self, i: int, tokens: int) -> float:
+        """Seconds a pass computing ``tokens`` is expected to take on ``i``:
+        what its reported passes of that size took where it reported any,
+        else its latency (0: not measured yet)."""
+        slot = self.slots[i]
+        if tokens > 0 and slot.pass_cost.measured:
+            base, per_token = slot.pass_cost.fit()
+            return base + per_token * tokens
+        return slot.latency
+
+    def expected_end(self, lease: Lease) -> float:
+        """When (clock) ``lease``'s request is expected to answer: once its
+        pass starts (after any cancelled pass its replica still runs), what a
+        pass of its tokens takes there."""
+        return lease.runs_from + self.pass_seconds(lease.replica, lease.tokens)
+
+    def soonest_idle(self, tokens: Callable[[int], int]) -> tuple[int, float] | None:
+        """The idle replica expected to answer a request of ``tokens(i)``
+        tokens soonest, and when (clock): after what a cancelled pass still
+        holds it for, its pass's time there. None when none is idle (or none
+        is measured yet)."""
+        now = clock()
+        best: tuple[int, float] | None = None
+        for i in self.idle():
+            seconds = self.pass_seconds(i, tokens(i))
+            end = max(now, self.slots[i].busy_until) + seconds
+            if seconds and (best is None or end < best[1]):
+                best = (i, end)
+        return best
 
     def measured_pass(self, i: int, tokens: int, seconds: float) -> None:
         """Replica ``i`` reports that a pass computing ``tokens`` took ``seconds`` of its own time."""

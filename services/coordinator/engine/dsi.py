@@ -16,7 +16,10 @@ that differs from the pending draft cancels all of them.
   at once at base ``C`` (with whatever drafts are pending), preempting another
   generation's speculation if no replica is idle. So a target forward pass is
   always working on the frontier: DSI is never slower than non-SI beyond its
-  own overhead. The second frontier step in a row without drafts to verify
+  own overhead. Where the verifications that cover ``C`` are all expected to
+  answer clearly later than a step would on an idle replica (a long chunk on
+  a target that computes every draft, a slower replica), one goes beside
+  them on that replica, without drafts. The second frontier step in a row without drafts to verify
   (drafts that keep being wrong) is a Decode stream (:class:`FrontierDecoder`):
   while it keeps deciding the frontier with no drafts there, its replica
   decodes on, the next pass already running while a token travels, as
@@ -50,6 +53,9 @@ from services.coordinator.engine.generation import Generation
 from services.coordinator.engine.observe import Outcome, VerificationInfo
 from services.coordinator.engine.trees import verification_tree
 from services.coordinator.pool import Lease, clock
+
+#: A frontier step beside a late verification (:meth:`DsiRun._hedge`) must gain at least this share of its time.
+HEDGE_MARGIN = 0.2
 
 
 @dataclass(eq=False)
@@ -222,6 +228,8 @@ class DsiRun:
                     self._stop_decoder()
                     self.decoder = FrontierDecoder(gen, lease.replica)
                     self._decode_step(lease)
+        else:
+            self._hedge(c)
         while len(self.verifs) < gen.sp_degree:
             start = self._first_undrafted(c)
             if start > gen.last_pos or start - c > len(gen.pending):
@@ -240,6 +248,30 @@ class DsiRun:
             if lease is None:
                 return
             holder.append(self._issue(start, drafts, lease))
+
+    def _hedge(self, c: int) -> None:
+        """A frontier step without drafts beside the verifications that cover
+        the frontier ``c``, on the idle replica that would answer soonest,
+        where that pays (:meth:`_beside_pays`)."""
+        cached = self.gen.affinity(c)
+        found = self.engine.targets.soonest_idle(lambda i: max(1, c - cached(i)))
+        if found is not None and self._beside_pays(c, found[1]):
+            self._issue(c, [], self.engine.targets.acquire_on(found[0]), frontier=True)
+
+    def _beside_pays(self, c: int, end: float) -> bool:
+        """Whether a frontier step of no drafts that would answer at ``end``
+        (clock) pays beside the verifications that cover ``c``: when the
+        draft at ``c`` is wrong (as recent drafts were, ``1 - a``), it decides
+        ``c`` sooner than they would (a long chunk on a target that computes
+        every draft: 16 drafts on a 30 ms pass with 3 ms each decided the
+        frontier 48 ms after a step would have; or a slower replica), against
+        the time its replica is kept from chunks while the text goes on as
+        drafted (``a``). The covering verifications go on (they may decide
+        more); whichever answers first decides."""
+        pool = self.engine.targets
+        than = min((pool.expected_end(v.lease) for v in self.verifs if v.covers(c) and v.result is None), default=0.0)
+        a = self.gen.recent_acceptance
+        return (1 - a) * (than - end) > max(a, HEDGE_MARGIN) * (end - clock())
 
     def _issue(self, base: int, main: list[DraftToken], lease: Lease, frontier: bool = False) -> Verification:
         gen = self.gen
@@ -291,13 +323,16 @@ class DsiRun:
                 self._drop(step, Outcome.USELESS)
                 gen.stats.verifications_cancelled += not gen.finished
             return
+        pool = self.engine.targets
         alone = not self._covered(c) and not self._guessed(c)
-        if not gen.finished and decoder.next_pos == c and alone and self.engine.targets.is_active(decoder.replica):
-            self._decode_step(self.engine.targets.acquire_on(decoder.replica))
+        if not alone and self._covered(c):  # beside late verifications, its next step (running already) may pay
+            alone = self._beside_pays(c, decoder.token_at + pool.pass_seconds(decoder.replica, 1))
+        if not gen.finished and decoder.next_pos == c and alone and pool.is_active(decoder.replica):
+            self._decode_step(pool.acquire_on(decoder.replica))
             return
         self._stop_decoder()
         if not gen.finished:  # over gRPC, a Decode stream's replica runs the next step once it sent a token
-            self.engine.targets.busy_since(decoder.replica, decoder.token_at)
+            pool.busy_since(decoder.replica, decoder.token_at)
             gen.stats.verifications_started += 1
             gen.stats.verifications_cancelled += 1
             info = gen.verification_info(decoder.replica, decoder.next_pos, 0, frontier=True)

@@ -46,6 +46,8 @@ T = TypeVar("T")
 #: tokens it must compute beyond what the replica caches (one more latency per PREFILL_BLOCK),
 #: at least DEADLINE_FLOOR seconds and at most the engine's ``verify_timeout``.
 DEADLINE_FACTOR, DEADLINE_FLOOR, PREFILL_BLOCK = 10.0, 2.0, 64
+#: Weight of a decided draft in :attr:`Generation.recent_acceptance`.
+RECENT_WEIGHT = 1 / 4
 
 
 async def within(seconds: float, awaitable: Awaitable[T]) -> T:
@@ -212,6 +214,8 @@ class Generation:
             self._memory_key = f"{params.strategy.value}:{models[0] if models else ''}"
             self.planner.resume(engine.lookahead_memory.get(self._memory_key))
         self._failures = 0  # failed calls since the last verification that completed
+        #: The primary drafter's acceptance lately: a running mean over its decided drafts (0.5 before any).
+        self.recent_acceptance = 0.5
 
     # --- public -------------------------------------------------------------
 
@@ -312,6 +316,7 @@ class Generation:
                 primary.decided += 1
             if self.planner is not None:
                 self.planner.decided(draft == token)
+            self.recent_acceptance += RECENT_WEIGHT * ((draft == token) - self.recent_acceptance)
             if draft == token:
                 self.stats.accepted_tokens += 1
                 if primary is not None:
