@@ -4,8 +4,6 @@ its replica pool both measure with."""
 
 from __future__ import annotations
 
-import numpy as np
-
 #: Weight of a new sample in a ``Line`` (a verification's or a draft stream's seconds by its tokens).
 COST_WEIGHT = 0.03
 #: How widely (variance, tokens squared) a ``Line``'s samples must spread before it gets a slope.
@@ -27,28 +25,37 @@ class Line:
     the slope is unknown; it never falls below zero, nor the line at zero
     tokens."""
 
+    __slots__ = ("_w", "_x", "_xx", "_xy", "_y")
+
     def __init__(self) -> None:
-        self._sums = np.zeros(5)  # weight, tokens, seconds, tokens^2, tokens * seconds
+        # Weighted sums (plain floats: a sample per verification, on the coordinator's hot path):
+        # weight, tokens, seconds, tokens^2, tokens * seconds.
+        self._w = self._x = self._y = self._xx = self._xy = 0.0
 
     def copy(self) -> Line:
         other = Line()
-        other._sums = self._sums.copy()
+        other._w, other._x, other._y, other._xx, other._xy = self._w, self._x, self._y, self._xx, self._xy
         return other
 
     @property
     def measured(self) -> bool:
-        return bool(self._sums[0])
+        return bool(self._w)
 
     def add(self, tokens: int, seconds: float) -> None:
-        sample = np.array([1.0, tokens, seconds, tokens * tokens, tokens * seconds])
-        self._sums = (1 - COST_WEIGHT) * self._sums + sample
+        keep = 1 - COST_WEIGHT
+        self._w = keep * self._w + 1.0
+        self._x = keep * self._x + tokens
+        self._y = keep * self._y + seconds
+        self._xx = keep * self._xx + tokens * tokens
+        self._xy = keep * self._xy + tokens * seconds
 
     def fit(self, slope: float | None = None, through_zero: bool = False) -> tuple[float, float]:
         """Seconds at 0 tokens, and per token: the least-squares line, or
         the one with the given ``slope``. Samples that do not spread give a
         flat line (their mean seconds whatever the tokens) or, with
         ``through_zero``, their seconds per token (nothing at 0)."""
-        _, x, y, xx, xy = self._sums / self._sums[0]
+        w = self._w
+        x, y, xx, xy = self._x / w, self._y / w, self._xx / w, self._xy / w
         if slope is None:
             spread = xx - x * x
             if spread >= MIN_SPREAD:
