@@ -6,6 +6,7 @@ forward pass, KV-cache reuse against recomputation, drafting against
 from __future__ import annotations
 
 import hashlib
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from dsi.backends.hf import HFDrafter, HFTarget  # noqa: E402
 from dsi.domain import sampling  # noqa: E402
 from dsi.domain.errors import InvalidArgument, NotFound  # noqa: E402
 from dsi.domain.types import GREEDY, DraftRequest, DraftToken, SamplingParams, VerifyRequest  # noqa: E402
+from dsi.wire.convert import model_info_from_pb, model_info_to_pb  # noqa: E402
 
 FAMILIES = ["llama", "gpt2"]
 VOCAB = 64
@@ -338,6 +340,8 @@ def test_model_info(
         assert info.backend == "hf" and info.device == "cpu" and info.dtype == "float32", name
         assert info.model_id == name, "the model id is the directory name"
         assert info.eos_token_ids == (), f"{name}: the tiny configs have no eos"
+        assert info.host == socket.gethostname(), "the host, so that a coordinator sees who shares a device"
+        assert model_info_from_pb(model_info_to_pb(info)) == info, "every field crosses the wire"
     assert infos["llama"].num_parameters > infos["llama-drafter"].num_parameters
     assert infos["llama"].num_parameters == sum(p.numel() for p in hf_targets["llama"].core.model.parameters())
     fp = {name: info.tokenizer_fingerprint for name, info in infos.items()}

@@ -410,3 +410,43 @@ def test_the_closed_form_chooses_near_the_simulators_best_across_cells():
         assert len(c.ms_per_token) == 16 and c.ms_per_token[c.best - 1] == min(c.ms_per_token)
         assert c.ratio <= 1.03, c
     assert len({c.best for c in cells if c.strategy == "dsi"}) >= 3, "the cells must want different lookaheads"
+
+
+async def test_dsi_plans_as_si_where_the_drafter_shares_its_targets_device() -> None:
+    """Models (backend "hf") that report one host and one device share it:
+    drafting and verifying take turns there, so DSI's automatic lookahead is
+    planned with SI's model; anything else (another host or device, a
+    synthetic model, no drafter, a drafter that left) keeps DSI's own."""
+    from services.coordinator.coordinator import DRAFTER, Coordinator, Peer
+
+    async def peer(make, spec: str, host: str, device: str, backend: str = "hf") -> Peer:
+        client = make(spec)
+        info = await client.info()
+        return Peer(client, spec, replace(info, model=replace(info.model, backend=backend, host=host, device=device)))
+
+    def target(host: str = "node-a", device: str = "cpu", backend: str = "hf") -> Peer:
+        return peer(lambda s: LocalTarget(load_target_model(s)), "synthetic:vocab=64", host, device, backend)
+
+    def drafter(host: str = "node-a", device: str = "cpu", backend: str = "hf") -> Peer:
+        return peer(lambda s: LocalDrafter(load_drafter_model(s)), "synthetic:vocab=64", host, device, backend)
+
+    cases = [
+        ([target(), target()], [drafter()], True),
+        ([target(device="cuda:0")], [drafter(device="cuda:0")], True),
+        ([target(), target(host="node-b")], [drafter()], False),
+        ([target(device="cuda:0")], [drafter(device="cuda:1")], False),
+        ([target()], [drafter(backend="synthetic")], False),
+        ([target(host="")], [drafter(host="")], False),
+        ([target()], [], False),
+    ]
+    for targets, drafters, shared in cases:
+        coordinator = Coordinator([await t for t in targets], [await d for d in drafters])
+        assert coordinator.engine.shared_device is shared
+        if not drafters:
+            continue
+        gen = coordinator.engine.generate([1, 2], GenerationParams(4, strategy=Strategy.DSI, lookahead=0))
+        assert gen.planner is not None and gen.planner.dsi is not shared
+        si = coordinator.engine.generate([1, 2], GenerationParams(4, strategy=Strategy.SI, lookahead=0))
+        assert si.planner is not None and not si.planner.dsi
+        coordinator.remove_peer(DRAFTER, 0)
+        assert not coordinator.engine.shared_device

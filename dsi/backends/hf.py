@@ -15,6 +15,7 @@ import hashlib
 import inspect
 import json
 import logging
+import socket
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -122,6 +123,7 @@ class HFCore:
             device=str(self.device),
             dtype=str(self.model.dtype).removeprefix("torch."),
             num_parameters=int(sum(t.numel() for t in self.model.parameters())),
+            host=socket.gethostname(),
         )
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"hf-{self.info.model_id}")
 

@@ -214,6 +214,7 @@ class ModelInfo:
     device: str
     dtype: str
     num_parameters: int = 0
+    host: str = ""  # the machine it runs on ("": not reported); with ``device``, who shares a device
 
 
 @dataclass(frozen=True)

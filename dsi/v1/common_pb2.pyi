@@ -197,6 +197,7 @@ class ModelInfo(_message.Message):
     DEVICE_FIELD_NUMBER: _builtins.int
     DTYPE_FIELD_NUMBER: _builtins.int
     NUM_PARAMETERS_FIELD_NUMBER: _builtins.int
+    HOST_FIELD_NUMBER: _builtins.int
     model_id: _builtins.str
     """Identifier of the model: the directory name for Hugging Face models, the
     full spec for synthetic ones.
@@ -219,6 +220,12 @@ class ModelInfo(_message.Message):
     """Parameter dtype, e.g. "float32", "bfloat16"."""
     num_parameters: _builtins.int
     """Number of model parameters (0 when not meaningful, e.g. synthetic)."""
+    host: _builtins.str
+    """Name of the machine the service runs on (empty: not reported). With
+    `device`, it tells which services compute on one device: a coordinator
+    plans DSI's automatic lookahead for a drafter that shares its targets'
+    device as it does for SI, since drafting and verifying take turns there.
+    """
     @_builtins.property
     def eos_token_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """Token ids that end a sequence. May be empty."""
@@ -235,10 +242,11 @@ class ModelInfo(_message.Message):
         device: _builtins.str = ...,
         dtype: _builtins.str = ...,
         num_parameters: _builtins.int = ...,
+        host: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "device", b"device", "dtype", b"dtype", "eos_token_ids", b"eos_token_ids", "max_context_tokens", b"max_context_tokens", "model_id", b"model_id", "num_parameters", b"num_parameters", "tokenizer_fingerprint", b"tokenizer_fingerprint", "vocab_size", b"vocab_size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "device", b"device", "dtype", b"dtype", "eos_token_ids", b"eos_token_ids", "host", b"host", "max_context_tokens", b"max_context_tokens", "model_id", b"model_id", "num_parameters", b"num_parameters", "tokenizer_fingerprint", b"tokenizer_fingerprint", "vocab_size", b"vocab_size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

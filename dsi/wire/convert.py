@@ -87,6 +87,7 @@ def model_info_to_pb(i: ModelInfo) -> common_pb2.ModelInfo:
         device=i.device,
         dtype=i.dtype,
         num_parameters=i.num_parameters,
+        host=i.host,
     )
 
 
@@ -101,6 +102,7 @@ def model_info_from_pb(m: common_pb2.ModelInfo) -> ModelInfo:
         device=m.device,
         dtype=m.dtype,
         num_parameters=m.num_parameters,
+        host=m.host,
     )
 
 

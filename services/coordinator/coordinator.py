@@ -286,6 +286,7 @@ class Coordinator:
                 check_compatible(self.reference, kind, p)
                 self._attach(kind, p)
         self._update_limits()
+        self._update_sharing()
         if self.defaults.lookahead > self.engine.max_draft_tokens:
             raise InvalidArgument(
                 f"default lookahead {self.defaults.lookahead} exceeds what the services accept"
@@ -343,6 +344,20 @@ class Coordinator:
             caps.append(sum(drafter_sessions))
         self._auto_generations = min(caps)
 
+    def _update_sharing(self) -> None:
+        """Whether the drafters compute on their targets' device: every peer a
+        model (backend "hf") on one reported host and device, e.g. ``dsi up
+        --demo`` on a CPU or a drafter and targets on one GPU. Drafting and
+        verifying take turns there rather than overlap, so DSI's automatic
+        lookahead is planned with SI's model (the model of separate devices
+        chose 1-2 drafts on the demo pair, where 3-8 are faster)."""
+        models = [p.info.model for p in self.targets + self.drafters]
+        places = {(m.host, m.device) for m in models}
+        shared = bool(self.drafters) and len(places) == 1 and all(m.host and m.backend == "hf" for m in models)
+        if shared != self.engine.shared_device:
+            log.info("drafters and targets %s one device", "share" if shared else "no longer share")
+        self.engine.shared_device = shared
+
     @property
     def max_generations(self) -> int:
         """Generations at once: ``Defaults.max_generations``, or by default as
@@ -363,6 +378,7 @@ class Coordinator:
         check_compatible(self.reference, kind, peer)
         index = self._attach(kind, peer)
         self._update_limits()
+        self._update_sharing()
         log.info("%s added", kind, extra={"address": address, "replicas": len(self._peers[kind])})
         return index
 
@@ -377,6 +393,7 @@ class Coordinator:
             task.add_done_callback(self._closing.discard)
 
         self.pool(kind).drain(index, close)
+        self._update_sharing()
         log.info("%s draining", kind, extra={"address": peer.address, "replicas": len(self._peers[kind])})
 
     async def shut_down(self, grace: float) -> None:

@@ -102,6 +102,10 @@ class Engine:
         #: Per primary drafter model, the last automatic-lookahead generation's measurements: where
         #: the next one starts (the same drafter and targets answer at the same speeds).
         self.lookahead_memory: dict[str, LookaheadPlanner] = {}
+        #: Whether the drafters compute on their targets' device (one host, one device): drafting and
+        #: verifying take turns there, so DSI's automatic lookahead is planned as SI's (set by the
+        #: coordinator from what the services report).
+        self.shared_device = False
         #: Drafter pool index -> the model it serves: instances of one model are replicas (a
         #: generation uses one of them), different models all work on every generation.
         #: Unset: the member's name.
@@ -208,7 +212,9 @@ class Generation:
         self._memory_key = ""  # the planner's key in the engine's lookahead_memory
         if params.lookahead == 0:
             largest = min(LARGEST, engine.max_draft_tokens)
-            self.planner = LookaheadPlanner(params.strategy is Strategy.DSI, self._measured_target, largest)
+            # On a device the drafter shares with its targets, DSI's chunks do not overlap with drafting.
+            dsi = params.strategy is Strategy.DSI and not engine.shared_device
+            self.planner = LookaheadPlanner(dsi, self._measured_target, largest)
             models = engine.drafter_model_names()
             # Per strategy too: SI's and DSI's verifications and draft streams differ in size and number.
             self._memory_key = f"{params.strategy.value}:{models[0] if models else ''}"
