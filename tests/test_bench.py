@@ -114,13 +114,27 @@ def test_bench_inproc_end_to_end(tmp_path: Path) -> None:
     assert _is_png(out / "speedups.png") and _is_png(out / "latency.png")
 
 
-def test_bench_auto_lookahead_runs_next_to_the_fixed_one(tmp_path: Path) -> None:
+def test_bench_auto_lookahead_runs_next_to_the_fixed_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """--auto-lookahead: SI and DSI with lookahead 0 (chosen as they run) in the same rotation, the same
-    tokens, compared with the fixed k and with the model at the fixed k."""
+    tokens, compared with the fixed k and with the model at the fixed k. The coordinator really runs them
+    with the automatic lookahead (it ran them with its default, 5, when they asked with a request's 0)."""
+    from services.coordinator.coordinator import Coordinator
+
+    chosen: list[tuple[str, int]] = []
+    params = Coordinator.params
+
+    def recording(self: Coordinator, req, prompt):  # type: ignore[no-untyped-def]
+        p = params(self, req, prompt)
+        chosen.append((p.strategy.value, p.lookahead))
+        return p
+
+    monkeypatch.setattr(Coordinator, "params", recording)
     out = tmp_path / "a"
     argv = ["bench", "--launch", "inproc", "--targets", "2", "--target-model", TARGET, "--drafter-model", DRAFTER]
-    argv += [*QUICK, "--strategies", "si,dsi", "--auto-lookahead", "--out", str(out)]
+    argv += [*QUICK, "--strategies", "si,dsi", "--auto-lookahead", "--lookahead", "3", "--out", str(out)]
     assert _cli(argv) == 0
+    assert sorted(set(chosen)) == [("dsi", 0), ("dsi", 3), ("si", 0), ("si", 3)]
+    assert chosen.count(("dsi", 0)) == chosen.count(("dsi", 3)) == chosen.count(("si", 0)) >= 1
     summary = {r["strategy"]: r for r in _rows(out / "summary.csv")}
     assert set(summary) == {"si", "dsi", "si_auto", "dsi_auto"}
     assert summary["si_auto"]["lookahead"] == summary["dsi_auto"]["lookahead"] == "0"

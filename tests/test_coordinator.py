@@ -122,6 +122,7 @@ async def test_unset_max_new_tokens_stops_at_the_context_limit():
         (dict(prompt_token_ids=[1], max_new_tokens=100_000), "context limit"),
         (dict(prompt_token_ids=[1], strategy=7), "unknown strategy"),
         (dict(prompt_token_ids=[1], lookahead=1000), "lookahead"),
+        (dict(prompt_token_ids=[1], lookahead=3, auto_lookahead=True), "auto_lookahead"),
         (dict(prompt_token_ids=[1], temperature=-1.0), "temperature"),
         (dict(prompt_token_ids=[1], top_p=1.5), "top_p"),
         (dict(prompt="hello"), "no tokenizer"),
@@ -404,3 +405,30 @@ async def test_token_trees_over_grpc_give_the_same_tokens():
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await collect(s, prompt_token_ids=[1], tree=common_pb2.TreeShape(width=40))
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "tree width" in err.value.details()
+
+
+async def test_a_request_asks_for_the_automatic_lookahead_whatever_the_server_default(monkeypatch):
+    """``auto_lookahead``: the lookahead chosen as the generation runs, though
+    the server's default is a fixed 5 (a request's lookahead 0 is that
+    default); over gRPC, from the Python client (``lookahead=AUTO``) and the
+    OpenAI API (``"lookahead": "auto"``), with the same tokens."""
+    from dsi.wire.client import AUTO, Client, request
+    from services.coordinator.coordinator import Coordinator
+
+    chosen: list[int] = []
+    params = Coordinator.params
+
+    def recording(self, req, prompt):
+        p = params(self, req, prompt)
+        chosen.append(p.lookahead)
+        return p
+
+    monkeypatch.setattr(Coordinator, "params", recording)
+    async with local_cluster([T, T], [D], serve_coordinator=True) as c:
+        s = stub(c.coordinator_address)
+        auto, _, _ = await collect(s, prompt_token_ids=[1, 2, 3], max_new_tokens=20, auto_lookahead=True)
+        fixed, _, _ = await collect(s, prompt_token_ids=[1, 2, 3], max_new_tokens=20)
+        async with Client(c.coordinator_address) as client:
+            r = await client.generate(request(prompt_ids=[1, 2, 3], max_new_tokens=20, strategy="si", lookahead=AUTO))
+        assert chosen == [0, 5, 0] and auto == fixed == r.token_ids
+        assert request(prompt_ids=[1], lookahead=AUTO).auto_lookahead

@@ -210,6 +210,7 @@ async def post(session: aiohttp.ClientSession, url: str, body: bytes | dict) -> 
         ({"prompt": [1], "top_p": 1.5}, 400, "top_p"),
         ({"prompt": [1], "strategy": "fast"}, 400, "'strategy' must be one of"),
         ({"prompt": [1], "lookahead": 1000}, 400, "lookahead"),
+        ({"prompt": [1], "lookahead": "fast"}, 400, "'lookahead' must be an integer or \"auto\""),
         ({"prompt": [1], "n": 2}, 400, "'n' must be 1"),
         ({"prompt": [1], "seed": -1}, 400, "'seed'"),
         ({"prompt": [1], "stream": "yes"}, 400, "'stream' must be true or false"),
@@ -230,6 +231,29 @@ async def test_bad_completion_requests_get_openai_style_4xx(body, status, needle
         err = reply["error"]
         assert needle in err["message"] and err["type"] == "invalid_request_error"
         assert set(err) == {"message", "type", "param", "code"}
+
+
+async def test_lookahead_auto_chooses_it_as_the_generation_runs(monkeypatch):
+    """``"lookahead": "auto"``: the automatic lookahead, though the server's
+    default is a fixed one; the same tokens as gRPC."""
+    from services.coordinator.coordinator import Coordinator
+
+    chosen: list[int] = []
+    params = Coordinator.params
+
+    def recording(self, req, prompt):
+        p = params(self, req, prompt)
+        chosen.append(p.lookahead)
+        return p
+
+    monkeypatch.setattr(Coordinator, "params", recording)
+    async with api_cluster() as a:
+        ref = await grpc_reference(a.cluster.coordinator_address, [1, 2, 3], 20)
+        r = await a.client.completions.create(
+            model=MODEL, prompt=[1, 2, 3], max_tokens=20, temperature=0, extra_body={"lookahead": "auto"}
+        )
+        assert r.choices[0].model_extra["token_ids"] == ref.token_ids
+        assert chosen[-1] == 0 and chosen[0] == 5  # the gRPC reference: the server's default
 
 
 async def test_oversized_unknown_and_wrong_method_requests():

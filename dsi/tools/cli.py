@@ -21,7 +21,7 @@ from typing import Any
 from dsi import __version__
 from dsi.domain.errors import DsiError
 from dsi.serving import tracing
-from dsi.serving.args import tree_shape
+from dsi.serving.args import lookahead, tree_shape
 from dsi.serving.logs import setup_logging
 from dsi.serving.tracing import add_tracing_argument
 
@@ -75,6 +75,15 @@ def _serve(run: Callable[[argparse.Namespace], Coroutine[Any, Any, None]]) -> Ca
     return _main
 
 
+def _request_lookahead(text: str) -> int:
+    """``--lookahead`` of a request: N >= 0 (0: the server's default), or
+    ``auto`` (the client's ``AUTO``: chosen as the generation runs)."""
+    from dsi.wire.client import AUTO
+
+    n = lookahead(text)
+    return AUTO if n == 0 and text.strip().lower() == "auto" else n
+
+
 def _parse_ids(text: str | None) -> list[int]:
     if not text:
         return []
@@ -100,7 +109,13 @@ def _generation_args(p: argparse.ArgumentParser) -> None:
         help="seed of the sampling; the same seed gives the same text under every strategy (default: a fresh one,"
         " shown in the statistics line)",
     )
-    p.add_argument("--lookahead", type=int, default=0, help="draft tokens per chunk (0 = server default)")
+    p.add_argument(
+        "--lookahead",
+        type=_request_lookahead,
+        default=0,
+        metavar="N|auto",
+        help="draft tokens per chunk (0 = the server default; auto: chosen as the generation runs)",
+    )
     p.add_argument(
         "--tree",
         type=tree_shape,

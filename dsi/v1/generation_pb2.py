@@ -25,45 +25,45 @@ _sym_db = _symbol_database.Default()
 from dsi.v1 import common_pb2 as dsi_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x64si/v1/generation.proto\x12\x06\x64si.v1\x1a\x13\x64si/v1/common.proto\"\x9a\x02\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12\x16\n\x0emax_new_tokens\x18\x03 \x01(\r\x12\x13\n\x0btemperature\x18\x04 \x01(\x02\x12\r\n\x05top_p\x18\x05 \x01(\x02\x12\r\n\x05top_k\x18\x06 \x01(\r\x12\x11\n\x04seed\x18\x07 \x01(\x04H\x00\x88\x01\x01\x12\"\n\x08strategy\x18\x08 \x01(\x0e\x32\x10.dsi.v1.Strategy\x12\x11\n\tlookahead\x18\t \x01(\r\x12\x0c\n\x04stop\x18\n \x03(\t\x12\x1f\n\x04tree\x18\x0b \x01(\x0b\x32\x11.dsi.v1.TreeShape\x12\x10\n\x08timeline\x18\x14 \x01(\x08\x42\x07\n\x05_seed\"\xd2\x03\n\x0fGenerationStats\x12\x12\n\nnew_tokens\x18\x01 \x01(\r\x12\x14\n\x0cwall_seconds\x18\x02 \x01(\x01\x12#\n\x1btime_to_first_token_seconds\x18\x03 \x01(\x01\x12\x1d\n\x15target_forward_passes\x18\x04 \x01(\r\x12\x16\n\x0e\x64rafted_tokens\x18\x05 \x01(\r\x12\x17\n\x0f\x61\x63\x63\x65pted_tokens\x18\x06 \x01(\r\x12\x17\n\x0f\x61\x63\x63\x65ptance_rate\x18\x07 \x01(\x01\x12\x1d\n\x15verifications_started\x18\x08 \x01(\r\x12\x1f\n\x17verifications_cancelled\x18\t \x01(\r\x12\x13\n\x0bpreemptions\x18\n \x01(\r\x12\x15\n\rdraft_streams\x18\x0b \x01(\r\x12\x0c\n\x04seed\x18\x0c \x01(\x04\x12\x18\n\x10\x61lternative_hits\x18\r \x01(\r\x12&\n\x08\x64rafters\x18\x0e \x03(\x0b\x32\x14.dsi.v1.DrafterStats\x12\x11\n\tfailovers\x18\x0f \x01(\r\x12\x18\n\x10\x64rafter_failures\x18\x10 \x01(\r\x12\x1e\n\x16tokens_without_drafter\x18\x11 \x01(\r\"l\n\x0c\x44rafterStats\x12\x0f\n\x07\x64rafter\x18\x01 \x01(\t\x12\x0f\n\x07\x64\x65\x63ided\x18\x02 \x01(\r\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x03 \x01(\r\x12\x17\n\x0funique_accepted\x18\x04 \x01(\r\x12\x0f\n\x07\x64ropped\x18\x05 \x01(\x08\"\xb6\x01\n\x10GenerateResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12+\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x14.dsi.v1.FinishReason\x12&\n\x05stats\x18\x04 \x01(\x0b\x32\x17.dsi.v1.GenerationStats\x12,\n\x08timeline\x18\n \x01(\x0b\x32\x1a.dsi.v1.GenerationTimeline\"\x97\x02\n\x14TimelineVerification\x12\n\n\x02id\x18\x01 \x01(\r\x12\x0e\n\x06target\x18\x02 \x01(\r\x12\x0c\n\x04\x62\x61se\x18\x03 \x01(\r\x12\x0e\n\x06\x64rafts\x18\x04 \x01(\r\x12\x10\n\x08\x66rontier\x18\x05 \x01(\x08\x12\x14\n\x0csent_seconds\x18\x06 \x01(\x01\x12\x1e\n\x11\x63ompleted_seconds\x18\x07 \x01(\x01H\x00\x88\x01\x01\x12\x15\n\rended_seconds\x18\x08 \x01(\x01\x12\x15\n\x08\x61\x63\x63\x65pted\x18\t \x01(\rH\x01\x88\x01\x01\x12,\n\x07outcome\x18\n \x01(\x0e\x32\x1b.dsi.v1.VerificationOutcomeB\x14\n\x12_completed_secondsB\x0b\n\t_accepted\"\x83\x01\n\x13TimelineDraftStream\x12\n\n\x02id\x18\x01 \x01(\r\x12\x0f\n\x07\x64rafter\x18\x02 \x01(\r\x12\r\n\x05start\x18\x03 \x01(\r\x12\x16\n\x0eopened_seconds\x18\x04 \x01(\x01\x12\x15\n\rended_seconds\x18\x05 \x01(\x01\x12\x11\n\tcancelled\x18\x06 \x01(\x08\"]\n\x12TimelineDraftChunk\x12\x0e\n\x06stream\x18\x01 \x01(\r\x12\r\n\x05start\x18\x02 \x01(\r\x12\x0e\n\x06tokens\x18\x03 \x01(\r\x12\x18\n\x10received_seconds\x18\x04 \x01(\x01\"\x7f\n\x0eTimelineCommit\x12\x10\n\x08position\x18\x01 \x01(\r\x12\x10\n\x08token_id\x18\x02 \x01(\r\x12\x1b\n\x0e\x64raft_token_id\x18\x03 \x01(\rH\x00\x88\x01\x01\x12\x19\n\x11\x63ommitted_seconds\x18\x04 \x01(\x01\x42\x11\n\x0f_draft_token_id\"\xcc\x02\n\x12GenerationTimeline\x12\"\n\x08strategy\x18\x01 \x01(\x0e\x32\x10.dsi.v1.Strategy\x12\x15\n\rprompt_tokens\x18\x02 \x01(\r\x12\x0f\n\x07targets\x18\x03 \x03(\t\x12\x10\n\x08\x64rafters\x18\x04 \x03(\t\x12\x33\n\rverifications\x18\x05 \x03(\x0b\x32\x1c.dsi.v1.TimelineVerification\x12\x32\n\rdraft_streams\x18\x06 \x03(\x0b\x32\x1b.dsi.v1.TimelineDraftStream\x12\x30\n\x0c\x64raft_chunks\x18\x07 \x03(\x0b\x32\x1a.dsi.v1.TimelineDraftChunk\x12\'\n\x07\x63ommits\x18\x08 \x03(\x0b\x32\x16.dsi.v1.TimelineCommit\x12\x14\n\x0cwall_seconds\x18\t \x01(\x01\"\x10\n\x0eGetInfoRequest\"f\n\x0bReplicaInfo\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12 \n\x05model\x18\x02 \x01(\x0b\x32\x11.dsi.v1.ModelInfo\x12\x11\n\tin_flight\x18\x03 \x01(\r\x12\x11\n\tavailable\x18\x04 \x01(\x08\"\x9b\x01\n\x12GenerationDefaults\x12\"\n\x08strategy\x18\x01 \x01(\x0e\x32\x10.dsi.v1.Strategy\x12\x11\n\tlookahead\x18\x02 \x01(\r\x12\x16\n\x0emax_new_tokens\x18\x03 \x01(\r\x12\x15\n\rmax_sp_degree\x18\x04 \x01(\r\x12\x1f\n\x04tree\x18\x05 \x01(\x0b\x32\x11.dsi.v1.TreeShape\"\xa3\x01\n\x0fGetInfoResponse\x12$\n\x07targets\x18\x01 \x03(\x0b\x32\x13.dsi.v1.ReplicaInfo\x12%\n\x08\x64rafters\x18\x02 \x03(\x0b\x32\x13.dsi.v1.ReplicaInfo\x12,\n\x08\x64\x65\x66\x61ults\x18\x03 \x01(\x0b\x32\x1a.dsi.v1.GenerationDefaults\x12\x15\n\rhas_tokenizer\x18\x04 \x01(\x08*[\n\x08Strategy\x12\x18\n\x14STRATEGY_UNSPECIFIED\x10\x00\x12\x12\n\x0eSTRATEGY_NONSI\x10\x01\x12\x0f\n\x0bSTRATEGY_SI\x10\x02\x12\x10\n\x0cSTRATEGY_DSI\x10\x03*\x93\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x02\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x03\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x04*\x88\x02\n\x13VerificationOutcome\x12$\n VERIFICATION_OUTCOME_UNSPECIFIED\x10\x00\x12 \n\x1cVERIFICATION_OUTCOME_DECIDED\x10\x01\x12 \n\x1cVERIFICATION_OUTCOME_USELESS\x10\x02\x12\x1e\n\x1aVERIFICATION_OUTCOME_STALE\x10\x03\x12\"\n\x1eVERIFICATION_OUTCOME_PREEMPTED\x10\x04\x12\x1f\n\x1bVERIFICATION_OUTCOME_FAILED\x10\x05\x12\"\n\x1eVERIFICATION_OUTCOME_ABANDONED\x10\x06\x32\x90\x01\n\x11GenerationService\x12?\n\x08Generate\x12\x17.dsi.v1.GenerateRequest\x1a\x18.dsi.v1.GenerateResponse0\x01\x12:\n\x07GetInfo\x12\x16.dsi.v1.GetInfoRequest\x1a\x17.dsi.v1.GetInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x64si/v1/generation.proto\x12\x06\x64si.v1\x1a\x13\x64si/v1/common.proto\"\xb2\x02\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12\x16\n\x0emax_new_tokens\x18\x03 \x01(\r\x12\x13\n\x0btemperature\x18\x04 \x01(\x02\x12\r\n\x05top_p\x18\x05 \x01(\x02\x12\r\n\x05top_k\x18\x06 \x01(\r\x12\x11\n\x04seed\x18\x07 \x01(\x04H\x00\x88\x01\x01\x12\"\n\x08strategy\x18\x08 \x01(\x0e\x32\x10.dsi.v1.Strategy\x12\x11\n\tlookahead\x18\t \x01(\r\x12\x16\n\x0e\x61uto_lookahead\x18\x0c \x01(\x08\x12\x0c\n\x04stop\x18\n \x03(\t\x12\x1f\n\x04tree\x18\x0b \x01(\x0b\x32\x11.dsi.v1.TreeShape\x12\x10\n\x08timeline\x18\x14 \x01(\x08\x42\x07\n\x05_seed\"\xd2\x03\n\x0fGenerationStats\x12\x12\n\nnew_tokens\x18\x01 \x01(\r\x12\x14\n\x0cwall_seconds\x18\x02 \x01(\x01\x12#\n\x1btime_to_first_token_seconds\x18\x03 \x01(\x01\x12\x1d\n\x15target_forward_passes\x18\x04 \x01(\r\x12\x16\n\x0e\x64rafted_tokens\x18\x05 \x01(\r\x12\x17\n\x0f\x61\x63\x63\x65pted_tokens\x18\x06 \x01(\r\x12\x17\n\x0f\x61\x63\x63\x65ptance_rate\x18\x07 \x01(\x01\x12\x1d\n\x15verifications_started\x18\x08 \x01(\r\x12\x1f\n\x17verifications_cancelled\x18\t \x01(\r\x12\x13\n\x0bpreemptions\x18\n \x01(\r\x12\x15\n\rdraft_streams\x18\x0b \x01(\r\x12\x0c\n\x04seed\x18\x0c \x01(\x04\x12\x18\n\x10\x61lternative_hits\x18\r \x01(\r\x12&\n\x08\x64rafters\x18\x0e \x03(\x0b\x32\x14.dsi.v1.DrafterStats\x12\x11\n\tfailovers\x18\x0f \x01(\r\x12\x18\n\x10\x64rafter_failures\x18\x10 \x01(\r\x12\x1e\n\x16tokens_without_drafter\x18\x11 \x01(\r\"l\n\x0c\x44rafterStats\x12\x0f\n\x07\x64rafter\x18\x01 \x01(\t\x12\x0f\n\x07\x64\x65\x63ided\x18\x02 \x01(\r\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x03 \x01(\r\x12\x17\n\x0funique_accepted\x18\x04 \x01(\r\x12\x0f\n\x07\x64ropped\x18\x05 \x01(\x08\"\xb6\x01\n\x10GenerateResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12+\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x14.dsi.v1.FinishReason\x12&\n\x05stats\x18\x04 \x01(\x0b\x32\x17.dsi.v1.GenerationStats\x12,\n\x08timeline\x18\n \x01(\x0b\x32\x1a.dsi.v1.GenerationTimeline\"\x97\x02\n\x14TimelineVerification\x12\n\n\x02id\x18\x01 \x01(\r\x12\x0e\n\x06target\x18\x02 \x01(\r\x12\x0c\n\x04\x62\x61se\x18\x03 \x01(\r\x12\x0e\n\x06\x64rafts\x18\x04 \x01(\r\x12\x10\n\x08\x66rontier\x18\x05 \x01(\x08\x12\x14\n\x0csent_seconds\x18\x06 \x01(\x01\x12\x1e\n\x11\x63ompleted_seconds\x18\x07 \x01(\x01H\x00\x88\x01\x01\x12\x15\n\rended_seconds\x18\x08 \x01(\x01\x12\x15\n\x08\x61\x63\x63\x65pted\x18\t \x01(\rH\x01\x88\x01\x01\x12,\n\x07outcome\x18\n \x01(\x0e\x32\x1b.dsi.v1.VerificationOutcomeB\x14\n\x12_completed_secondsB\x0b\n\t_accepted\"\x83\x01\n\x13TimelineDraftStream\x12\n\n\x02id\x18\x01 \x01(\r\x12\x0f\n\x07\x64rafter\x18\x02 \x01(\r\x12\r\n\x05start\x18\x03 \x01(\r\x12\x16\n\x0eopened_seconds\x18\x04 \x01(\x01\x12\x15\n\rended_seconds\x18\x05 \x01(\x01\x12\x11\n\tcancelled\x18\x06 \x01(\x08\"]\n\x12TimelineDraftChunk\x12\x0e\n\x06stream\x18\x01 \x01(\r\x12\r\n\x05start\x18\x02 \x01(\r\x12\x0e\n\x06tokens\x18\x03 \x01(\r\x12\x18\n\x10received_seconds\x18\x04 \x01(\x01\"\x7f\n\x0eTimelineCommit\x12\x10\n\x08position\x18\x01 \x01(\r\x12\x10\n\x08token_id\x18\x02 \x01(\r\x12\x1b\n\x0e\x64raft_token_id\x18\x03 \x01(\rH\x00\x88\x01\x01\x12\x19\n\x11\x63ommitted_seconds\x18\x04 \x01(\x01\x42\x11\n\x0f_draft_token_id\"\xcc\x02\n\x12GenerationTimeline\x12\"\n\x08strategy\x18\x01 \x01(\x0e\x32\x10.dsi.v1.Strategy\x12\x15\n\rprompt_tokens\x18\x02 \x01(\r\x12\x0f\n\x07targets\x18\x03 \x03(\t\x12\x10\n\x08\x64rafters\x18\x04 \x03(\t\x12\x33\n\rverifications\x18\x05 \x03(\x0b\x32\x1c.dsi.v1.TimelineVerification\x12\x32\n\rdraft_streams\x18\x06 \x03(\x0b\x32\x1b.dsi.v1.TimelineDraftStream\x12\x30\n\x0c\x64raft_chunks\x18\x07 \x03(\x0b\x32\x1a.dsi.v1.TimelineDraftChunk\x12\'\n\x07\x63ommits\x18\x08 \x03(\x0b\x32\x16.dsi.v1.TimelineCommit\x12\x14\n\x0cwall_seconds\x18\t \x01(\x01\"\x10\n\x0eGetInfoRequest\"f\n\x0bReplicaInfo\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12 \n\x05model\x18\x02 \x01(\x0b\x32\x11.dsi.v1.ModelInfo\x12\x11\n\tin_flight\x18\x03 \x01(\r\x12\x11\n\tavailable\x18\x04 \x01(\x08\"\x9b\x01\n\x12GenerationDefaults\x12\"\n\x08strategy\x18\x01 \x01(\x0e\x32\x10.dsi.v1.Strategy\x12\x11\n\tlookahead\x18\x02 \x01(\r\x12\x16\n\x0emax_new_tokens\x18\x03 \x01(\r\x12\x15\n\rmax_sp_degree\x18\x04 \x01(\r\x12\x1f\n\x04tree\x18\x05 \x01(\x0b\x32\x11.dsi.v1.TreeShape\"\xa3\x01\n\x0fGetInfoResponse\x12$\n\x07targets\x18\x01 \x03(\x0b\x32\x13.dsi.v1.ReplicaInfo\x12%\n\x08\x64rafters\x18\x02 \x03(\x0b\x32\x13.dsi.v1.ReplicaInfo\x12,\n\x08\x64\x65\x66\x61ults\x18\x03 \x01(\x0b\x32\x1a.dsi.v1.GenerationDefaults\x12\x15\n\rhas_tokenizer\x18\x04 \x01(\x08*[\n\x08Strategy\x12\x18\n\x14STRATEGY_UNSPECIFIED\x10\x00\x12\x12\n\x0eSTRATEGY_NONSI\x10\x01\x12\x0f\n\x0bSTRATEGY_SI\x10\x02\x12\x10\n\x0cSTRATEGY_DSI\x10\x03*\x93\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x02\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x03\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x04*\x88\x02\n\x13VerificationOutcome\x12$\n VERIFICATION_OUTCOME_UNSPECIFIED\x10\x00\x12 \n\x1cVERIFICATION_OUTCOME_DECIDED\x10\x01\x12 \n\x1cVERIFICATION_OUTCOME_USELESS\x10\x02\x12\x1e\n\x1aVERIFICATION_OUTCOME_STALE\x10\x03\x12\"\n\x1eVERIFICATION_OUTCOME_PREEMPTED\x10\x04\x12\x1f\n\x1bVERIFICATION_OUTCOME_FAILED\x10\x05\x12\"\n\x1eVERIFICATION_OUTCOME_ABANDONED\x10\x06\x32\x90\x01\n\x11GenerationService\x12?\n\x08Generate\x12\x17.dsi.v1.GenerateRequest\x1a\x18.dsi.v1.GenerateResponse0\x01\x12:\n\x07GetInfo\x12\x16.dsi.v1.GetInfoRequest\x1a\x17.dsi.v1.GetInfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'dsi.v1.generation_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_STRATEGY']._serialized_start=2526
-  _globals['_STRATEGY']._serialized_end=2617
-  _globals['_FINISHREASON']._serialized_start=2620
-  _globals['_FINISHREASON']._serialized_end=2767
-  _globals['_VERIFICATIONOUTCOME']._serialized_start=2770
-  _globals['_VERIFICATIONOUTCOME']._serialized_end=3034
+  _globals['_STRATEGY']._serialized_start=2550
+  _globals['_STRATEGY']._serialized_end=2641
+  _globals['_FINISHREASON']._serialized_start=2644
+  _globals['_FINISHREASON']._serialized_end=2791
+  _globals['_VERIFICATIONOUTCOME']._serialized_start=2794
+  _globals['_VERIFICATIONOUTCOME']._serialized_end=3058
   _globals['_GENERATEREQUEST']._serialized_start=57
-  _globals['_GENERATEREQUEST']._serialized_end=339
-  _globals['_GENERATIONSTATS']._serialized_start=342
-  _globals['_GENERATIONSTATS']._serialized_end=808
-  _globals['_DRAFTERSTATS']._serialized_start=810
-  _globals['_DRAFTERSTATS']._serialized_end=918
-  _globals['_GENERATERESPONSE']._serialized_start=921
-  _globals['_GENERATERESPONSE']._serialized_end=1103
-  _globals['_TIMELINEVERIFICATION']._serialized_start=1106
-  _globals['_TIMELINEVERIFICATION']._serialized_end=1385
-  _globals['_TIMELINEDRAFTSTREAM']._serialized_start=1388
-  _globals['_TIMELINEDRAFTSTREAM']._serialized_end=1519
-  _globals['_TIMELINEDRAFTCHUNK']._serialized_start=1521
-  _globals['_TIMELINEDRAFTCHUNK']._serialized_end=1614
-  _globals['_TIMELINECOMMIT']._serialized_start=1616
-  _globals['_TIMELINECOMMIT']._serialized_end=1743
-  _globals['_GENERATIONTIMELINE']._serialized_start=1746
-  _globals['_GENERATIONTIMELINE']._serialized_end=2078
-  _globals['_GETINFOREQUEST']._serialized_start=2080
-  _globals['_GETINFOREQUEST']._serialized_end=2096
-  _globals['_REPLICAINFO']._serialized_start=2098
-  _globals['_REPLICAINFO']._serialized_end=2200
-  _globals['_GENERATIONDEFAULTS']._serialized_start=2203
-  _globals['_GENERATIONDEFAULTS']._serialized_end=2358
-  _globals['_GETINFORESPONSE']._serialized_start=2361
-  _globals['_GETINFORESPONSE']._serialized_end=2524
-  _globals['_GENERATIONSERVICE']._serialized_start=3037
-  _globals['_GENERATIONSERVICE']._serialized_end=3181
+  _globals['_GENERATEREQUEST']._serialized_end=363
+  _globals['_GENERATIONSTATS']._serialized_start=366
+  _globals['_GENERATIONSTATS']._serialized_end=832
+  _globals['_DRAFTERSTATS']._serialized_start=834
+  _globals['_DRAFTERSTATS']._serialized_end=942
+  _globals['_GENERATERESPONSE']._serialized_start=945
+  _globals['_GENERATERESPONSE']._serialized_end=1127
+  _globals['_TIMELINEVERIFICATION']._serialized_start=1130
+  _globals['_TIMELINEVERIFICATION']._serialized_end=1409
+  _globals['_TIMELINEDRAFTSTREAM']._serialized_start=1412
+  _globals['_TIMELINEDRAFTSTREAM']._serialized_end=1543
+  _globals['_TIMELINEDRAFTCHUNK']._serialized_start=1545
+  _globals['_TIMELINEDRAFTCHUNK']._serialized_end=1638
+  _globals['_TIMELINECOMMIT']._serialized_start=1640
+  _globals['_TIMELINECOMMIT']._serialized_end=1767
+  _globals['_GENERATIONTIMELINE']._serialized_start=1770
+  _globals['_GENERATIONTIMELINE']._serialized_end=2102
+  _globals['_GETINFOREQUEST']._serialized_start=2104
+  _globals['_GETINFOREQUEST']._serialized_end=2120
+  _globals['_REPLICAINFO']._serialized_start=2122
+  _globals['_REPLICAINFO']._serialized_end=2224
+  _globals['_GENERATIONDEFAULTS']._serialized_start=2227
+  _globals['_GENERATIONDEFAULTS']._serialized_end=2382
+  _globals['_GETINFORESPONSE']._serialized_start=2385
+  _globals['_GETINFORESPONSE']._serialized_end=2548
+  _globals['_GENERATIONSERVICE']._serialized_start=3061
+  _globals['_GENERATIONSERVICE']._serialized_end=3205
 # @@protoc_insertion_point(module_scope)

@@ -147,6 +147,7 @@ class GenerateRequest(_message.Message):
     SEED_FIELD_NUMBER: _builtins.int
     STRATEGY_FIELD_NUMBER: _builtins.int
     LOOKAHEAD_FIELD_NUMBER: _builtins.int
+    AUTO_LOOKAHEAD_FIELD_NUMBER: _builtins.int
     STOP_FIELD_NUMBER: _builtins.int
     TREE_FIELD_NUMBER: _builtins.int
     TIMELINE_FIELD_NUMBER: _builtins.int
@@ -173,7 +174,14 @@ class GenerateRequest(_message.Message):
     strategy: Global___Strategy.ValueType
     """Speculation strategy."""
     lookahead: _builtins.int
-    """Draft tokens per verification chunk; 0 = the server default."""
+    """Draft tokens per verification chunk; 0 = the server default (which may
+    be automatic: GenerationDefaults.lookahead 0).
+    """
+    auto_lookahead: _builtins.bool
+    """Choose the lookahead as the generation runs, from the acceptance and the
+    latencies it measures (docs/architecture.md, "Automatic lookahead"),
+    whatever the server's default. lookahead must then be 0.
+    """
     timeline: _builtins.bool
     """Also return the schedule of this generation (GenerateResponse.timeline in
     the last message): every verification, draft stream and commit, timed.
@@ -206,13 +214,14 @@ class GenerateRequest(_message.Message):
         seed: _builtins.int | None = ...,
         strategy: Global___Strategy.ValueType = ...,
         lookahead: _builtins.int = ...,
+        auto_lookahead: _builtins.bool = ...,
         stop: _abc.Iterable[_builtins.str] | None = ...,
         tree: _common_pb2.TreeShape | None = ...,
         timeline: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_seed", b"_seed", "seed", b"seed", "tree", b"tree"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_seed", b"_seed", "lookahead", b"lookahead", "max_new_tokens", b"max_new_tokens", "prompt", b"prompt", "prompt_token_ids", b"prompt_token_ids", "seed", b"seed", "stop", b"stop", "strategy", b"strategy", "temperature", b"temperature", "timeline", b"timeline", "top_k", b"top_k", "top_p", b"top_p", "tree", b"tree"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_seed", b"_seed", "auto_lookahead", b"auto_lookahead", "lookahead", b"lookahead", "max_new_tokens", b"max_new_tokens", "prompt", b"prompt", "prompt_token_ids", b"prompt_token_ids", "seed", b"seed", "stop", b"stop", "strategy", b"strategy", "temperature", b"temperature", "timeline", b"timeline", "top_k", b"top_k", "top_p", b"top_p", "tree", b"tree"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__seed: _TypeAlias = _typing.Literal["seed"]  # noqa: Y015
     _WhichOneofArgType__seed: _TypeAlias = _typing.Literal["_seed", b"_seed"]  # noqa: Y015
@@ -730,7 +739,9 @@ class GenerationDefaults(_message.Message):
     strategy: Global___Strategy.ValueType
     """Strategy used for STRATEGY_UNSPECIFIED."""
     lookahead: _builtins.int
-    """Draft tokens per chunk used when a request's lookahead is 0."""
+    """Draft tokens per chunk used when a request's lookahead is 0; 0 =
+    automatic (chosen as each generation runs).
+    """
     max_new_tokens: _builtins.int
     """Generation length used when a request's max_new_tokens is 0."""
     max_sp_degree: _builtins.int

@@ -16,6 +16,9 @@ from dsi.wire.grpc_status import call, to_domain
 from dsi.wire.security import ClientSecurity
 from dsi.wire.transport import open_channel
 
+#: ``request(lookahead=AUTO)``: the lookahead chosen as the generation runs, whatever the server's default.
+AUTO = -1
+
 STRATEGIES = {
     "nonsi": generation_pb2.STRATEGY_NONSI,
     "si": generation_pb2.STRATEGY_SI,
@@ -108,7 +111,7 @@ def request(
     top_p: float = 0.0,
     top_k: int = 0,
     seed: int | None = None,
-    lookahead: int = 0,
+    lookahead: int = 0,  # 0: the server default; AUTO: chosen as the generation runs
     stop: list[str] | None = None,
     tree: TreeShape | None = None,
     timeline: bool = False,
@@ -122,7 +125,8 @@ def request(
         top_p=top_p,
         top_k=top_k,
         seed=seed,  # None leaves it unset: the server draws one and reports it
-        lookahead=lookahead,
+        lookahead=max(lookahead, 0),
+        auto_lookahead=lookahead == AUTO,
         stop=stop or [],
         tree=None if tree is None else convert.tree_to_pb(tree),  # None: the server's default shape
         timeline=timeline,

@@ -74,7 +74,9 @@ class GenerateInput:
     #: None: a fresh random seed (reported in the stats)
     seed: int | None = None
     strategy: Strategy | None = None
-    lookahead: int = 0
+    lookahead: int = 0  # 0: the server default
+    #: choose the lookahead as the generation runs, whatever the server default (``lookahead`` must be 0)
+    auto_lookahead: bool = False
     stop: Sequence[str] = ()
     #: None: the server default
     tree: TreeShape | None = None
@@ -430,6 +432,8 @@ class Coordinator:
     def params(self, req: GenerateInput, prompt: Sequence[int]) -> GenerationParams:
         """The request's parameters with the server's defaults filled in."""
         d = self.defaults
+        if req.auto_lookahead and req.lookahead:
+            raise InvalidArgument(f"auto_lookahead asks for no fixed lookahead, got lookahead={req.lookahead}")
         max_new = req.max_new_tokens
         if not max_new:  # unset: the default, or as many as the context has room for
             room = self.engine.room(prompt)
@@ -444,7 +448,7 @@ class Coordinator:
             sampling=SamplingParams.create(req.temperature, req.top_p, req.top_k),
             seed=new_seed() if req.seed is None else req.seed,
             strategy=req.strategy or d.strategy,
-            lookahead=req.lookahead or d.lookahead,
+            lookahead=0 if req.auto_lookahead else req.lookahead or d.lookahead,
             tree=d.tree if req.tree is None else req.tree,
         )
 

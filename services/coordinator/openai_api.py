@@ -8,9 +8,9 @@ JSON out; dsi's domain errors become HTTP statuses in :data:`ERRORS`, with
 OpenAI-style bodies ``{"error": {"message", "type", "param", "code"}}``.
 
 Beyond the OpenAI fields, a request may set ``strategy`` (``"nonsi"``,
-``"si"`` or ``"dsi"``), ``lookahead``, ``tree`` (e.g. ``"3x2"``) and ``top_k``; unset ones take the
-coordinator's defaults. docs/api.md describes every field and what is
-refused.
+``"si"`` or ``"dsi"``), ``lookahead`` (a number, or ``"auto"``), ``tree``
+(e.g. ``"3x2"``) and ``top_k``; unset ones take the coordinator's defaults.
+docs/api.md describes every field and what is refused.
 """
 
 from __future__ import annotations
@@ -208,7 +208,10 @@ def parse_common(f: Fields, settings: Settings, prompt_ids: list[int], max_token
         if strategy not in names:
             raise invalid("strategy", f"'strategy' must be one of {', '.join(names)}, got {shown(strategy)}")
         strategy = Strategy(strategy)
-    lookahead = f.integer("lookahead", 0, minimum=0)
+    auto_lookahead = f.body.get("lookahead") == "auto"
+    if isinstance(f.body.get("lookahead"), str) and not auto_lookahead:
+        raise invalid("lookahead", f"'lookahead' must be an integer or \"auto\", got {shown(f.body['lookahead'])}")
+    lookahead = 0 if auto_lookahead else f.integer("lookahead", 0, minimum=0)
     tree = f.body.get("tree")
     if tree is not None:
         if not isinstance(tree, str):
@@ -244,6 +247,7 @@ def parse_common(f: Fields, settings: Settings, prompt_ids: list[int], max_token
             seed=seed,
             strategy=strategy,
             lookahead=lookahead,
+            auto_lookahead=auto_lookahead,
             stop=stop,
             tree=tree,
         ),

@@ -45,6 +45,7 @@ def input_from_pb(m: generation_pb2.GenerateRequest, timeout: float | None = Non
         seed=m.seed if m.HasField("seed") else None,
         strategy=STRATEGY_FROM_PB[m.strategy],
         lookahead=m.lookahead,
+        auto_lookahead=m.auto_lookahead,
         stop=list(m.stop),
         tree=convert.tree_from_pb(m.tree) if m.HasField("tree") else None,
         timeline=m.timeline,

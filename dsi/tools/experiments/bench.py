@@ -216,13 +216,17 @@ async def run_point(
     strategies = [s for s in run["strategies"] if s not in skip]
     if peers is not None:
         strategies += list(HF_PEERS) if peers.assistant is not None else ["hf_generate"]
+    from dsi.wire.client import AUTO as AUTO_LOOKAHEAD
+
     ks = {s: 0 if s in AUTO else (lookaheads or {}).get(s, point.lookahead) for s in strategies}
 
     async def one(strategy: str, prompt: list[int], tokens: int, schedule: bool = False) -> dict:
         if strategy in HF_PEERS:
             assert peers is not None
             return await asyncio.to_thread(peers.run, prompt, tokens, strategy == "hf_assisted", ks[strategy])
-        return await generate_once(client, prompt, tokens, AUTO.get(strategy, strategy), ks[strategy], schedule)
+        # si_auto / dsi_auto ask for the automatic lookahead (a request's 0 is the server's default, a fixed one)
+        k = AUTO_LOOKAHEAD if strategy in AUTO else ks[strategy]
+        return await generate_once(client, prompt, tokens, AUTO.get(strategy, strategy), k, schedule)
 
     for _ in range(int(run["warmup"])):  # sessions, channels, caches, lazy imports
         for s in strategies:
