@@ -424,7 +424,7 @@ async def test_a_request_asks_for_the_automatic_lookahead_whatever_the_server_de
         return p
 
     monkeypatch.setattr(Coordinator, "params", recording)
-    async with local_cluster([T, T], [D], serve_coordinator=True) as c:
+    async with local_cluster([T, T], [D], serve_coordinator=True, defaults=Defaults(lookahead=5)) as c:
         s = stub(c.coordinator_address)
         auto, _, _ = await collect(s, prompt_token_ids=[1, 2, 3], max_new_tokens=20, auto_lookahead=True)
         fixed, _, _ = await collect(s, prompt_token_ids=[1, 2, 3], max_new_tokens=20)

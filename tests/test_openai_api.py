@@ -16,7 +16,7 @@ import pytest
 
 from dsi.domain import errors
 from dsi.wire.client import Client, request
-from services.coordinator.coordinator import Codec
+from services.coordinator.coordinator import Codec, Defaults
 from services.coordinator.openai_api import OpenAIApi, api_error, fallback_chat_text, start_openai_api
 from tests.helpers import LOOPBACK, LocalCluster, eventually, local_cluster, tiny_tokenizer
 
@@ -248,6 +248,7 @@ async def test_lookahead_auto_chooses_it_as_the_generation_runs(monkeypatch):
 
     monkeypatch.setattr(Coordinator, "params", recording)
     async with api_cluster() as a:
+        a.cluster.coordinator.defaults = Defaults(lookahead=5)
         ref = await grpc_reference(a.cluster.coordinator_address, [1, 2, 3], 20)
         r = await a.client.completions.create(
             model=MODEL, prompt=[1, 2, 3], max_tokens=20, temperature=0, extra_body={"lookahead": "auto"}

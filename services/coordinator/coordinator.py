@@ -32,7 +32,9 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class Defaults:
     strategy: Strategy = Strategy.DSI
-    lookahead: int = 5
+    #: 0: automatic, chosen as each generation runs (docs/benchmarks.md, "Automatic lookahead": within 3% of
+    #: the best fixed lookahead on the virtual clock's grid, 0.80 of k = 5 for DSI on the H200's latencies)
+    lookahead: int = 0
     #: used when a request gives none, cut to the room the context leaves; 0 = up to the context limit
     max_new_tokens: int = 128
     max_sp_degree: int = 0  # 0 = every target replica

@@ -50,10 +50,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--lookahead",
         type=lookahead,
-        default=5,
+        default=0,
         metavar="N|auto",
         help="default draft tokens per chunk; 'auto' (or 0): chosen per generation from the acceptance, drafter"
-        " speed and target latency it measures, and changed as they change (default: %(default)s)",
+        " speed and target latency it measures, and changed as they change (default: auto)",
     )
     p.add_argument(
         "--tree",
