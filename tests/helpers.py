@@ -305,3 +305,18 @@ async def target_servers(stack: AsyncExitStack, spec: str, n: int = 2) -> list[t
         stack.push_async_callback(srv.stop, 0)
         clients.append((srv.address, GrpcTarget(srv.address)))
     return clients
+
+
+def record_params(monkeypatch) -> list:
+    """The parameters (:class:`GenerationParams`) the coordinator runs each
+    request with from now on, defaults filled in, in order."""
+    seen: list = []
+    params = Coordinator.params
+
+    def recording(self, req, prompt):
+        p = params(self, req, prompt)
+        seen.append(p)
+        return p
+
+    monkeypatch.setattr(Coordinator, "params", recording)
+    return seen

@@ -16,7 +16,7 @@ import pytest
 from dsi.domain.types import DraftRequest, VerifyRequest
 from dsi.tools.cli import main as cli_main
 from dsi.tools.experiments import netdelay
-from tests.helpers import serve
+from tests.helpers import record_params, serve
 
 TARGET = "synthetic:vocab=512,seed=3,ttft_ms=4,tpot_ms=3"
 DRAFTER = "synthetic:vocab=512,seed=3,ttft_ms=1,tpot_ms=0.5,acceptance=0.7"
@@ -118,21 +118,12 @@ def test_bench_auto_lookahead_runs_next_to_the_fixed_one(tmp_path: Path, monkeyp
     """--auto-lookahead: SI and DSI with lookahead 0 (chosen as they run) in the same rotation, the same
     tokens, compared with the fixed k and with the model at the fixed k. The coordinator really runs them
     with the automatic lookahead (it ran them with its default, 5, when they asked with a request's 0)."""
-    from services.coordinator.coordinator import Coordinator
-
-    chosen: list[tuple[str, int]] = []
-    params = Coordinator.params
-
-    def recording(self: Coordinator, req, prompt):  # type: ignore[no-untyped-def]
-        p = params(self, req, prompt)
-        chosen.append((p.strategy.value, p.lookahead))
-        return p
-
-    monkeypatch.setattr(Coordinator, "params", recording)
+    seen = record_params(monkeypatch)
     out = tmp_path / "a"
     argv = ["bench", "--launch", "inproc", "--targets", "2", "--target-model", TARGET, "--drafter-model", DRAFTER]
     argv += [*QUICK, "--strategies", "si,dsi", "--auto-lookahead", "--lookahead", "3", "--out", str(out)]
     assert _cli(argv) == 0
+    chosen = [(p.strategy.value, p.lookahead) for p in seen]
     assert sorted(set(chosen)) == [("dsi", 0), ("dsi", 3), ("si", 0), ("si", 3)]
     assert chosen.count(("dsi", 0)) == chosen.count(("dsi", 3)) == chosen.count(("si", 0)) >= 1
     summary = {r["strategy"]: r for r in _rows(out / "summary.csv")}

@@ -15,7 +15,7 @@ from dsi.v1 import common_pb2, generation_pb2, generation_pb2_grpc
 from dsi.wire.transport import GrpcDrafter, GrpcTarget
 from services.coordinator.coordinator import Codec, Coordinator, Defaults, TextStream
 from services.coordinator.engine import Strategy
-from tests.helpers import LOOPBACK, eventually, local_cluster, serve
+from tests.helpers import LOOPBACK, eventually, local_cluster, record_params, serve
 
 T = "synthetic:vocab=300,seed=21,tpot_ms=4"
 D = "synthetic:vocab=300,seed=21,tpot_ms=1,acceptance=0.6"
@@ -413,22 +413,13 @@ async def test_a_request_asks_for_the_automatic_lookahead_whatever_the_server_de
     default); over gRPC, from the Python client (``lookahead=AUTO``) and the
     OpenAI API (``"lookahead": "auto"``), with the same tokens."""
     from dsi.wire.client import AUTO, Client, request
-    from services.coordinator.coordinator import Coordinator
 
-    chosen: list[int] = []
-    params = Coordinator.params
-
-    def recording(self, req, prompt):
-        p = params(self, req, prompt)
-        chosen.append(p.lookahead)
-        return p
-
-    monkeypatch.setattr(Coordinator, "params", recording)
+    seen = record_params(monkeypatch)
     async with local_cluster([T, T], [D], serve_coordinator=True, defaults=Defaults(lookahead=5)) as c:
         s = stub(c.coordinator_address)
         auto, _, _ = await collect(s, prompt_token_ids=[1, 2, 3], max_new_tokens=20, auto_lookahead=True)
         fixed, _, _ = await collect(s, prompt_token_ids=[1, 2, 3], max_new_tokens=20)
         async with Client(c.coordinator_address) as client:
             r = await client.generate(request(prompt_ids=[1, 2, 3], max_new_tokens=20, strategy="si", lookahead=AUTO))
-        assert chosen == [0, 5, 0] and auto == fixed == r.token_ids
+        assert [p.lookahead for p in seen] == [0, 5, 0] and auto == fixed == r.token_ids
         assert request(prompt_ids=[1], lookahead=AUTO).auto_lookahead

@@ -18,7 +18,7 @@ from dsi.domain import errors
 from dsi.wire.client import Client, request
 from services.coordinator.coordinator import Codec, Defaults
 from services.coordinator.openai_api import OpenAIApi, api_error, fallback_chat_text, start_openai_api
-from tests.helpers import LOOPBACK, LocalCluster, eventually, local_cluster, tiny_tokenizer
+from tests.helpers import LOOPBACK, LocalCluster, eventually, local_cluster, record_params, tiny_tokenizer
 
 T = "synthetic:vocab=300,seed=21,tpot_ms=2"
 D = "synthetic:vocab=300,seed=21,tpot_ms=0,acceptance=0.6"
@@ -236,17 +236,7 @@ async def test_bad_completion_requests_get_openai_style_4xx(body, status, needle
 async def test_lookahead_auto_chooses_it_as_the_generation_runs(monkeypatch):
     """``"lookahead": "auto"``: the automatic lookahead, though the server's
     default is a fixed one; the same tokens as gRPC."""
-    from services.coordinator.coordinator import Coordinator
-
-    chosen: list[int] = []
-    params = Coordinator.params
-
-    def recording(self, req, prompt):
-        p = params(self, req, prompt)
-        chosen.append(p.lookahead)
-        return p
-
-    monkeypatch.setattr(Coordinator, "params", recording)
+    seen = record_params(monkeypatch)
     async with api_cluster() as a:
         a.cluster.coordinator.defaults = Defaults(lookahead=5)
         ref = await grpc_reference(a.cluster.coordinator_address, [1, 2, 3], 20)
@@ -254,7 +244,7 @@ async def test_lookahead_auto_chooses_it_as_the_generation_runs(monkeypatch):
             model=MODEL, prompt=[1, 2, 3], max_tokens=20, temperature=0, extra_body={"lookahead": "auto"}
         )
         assert r.choices[0].model_extra["token_ids"] == ref.token_ids
-        assert chosen[-1] == 0 and chosen[0] == 5  # the gRPC reference: the server's default
+        assert seen[-1].lookahead == 0 and seen[0].lookahead == 5  # the gRPC reference: the server's default
 
 
 async def test_oversized_unknown_and_wrong_method_requests():
