@@ -19,12 +19,13 @@ that differs from the pending draft cancels all of them.
   own overhead. Where the verifications that cover ``C`` are all expected to
   answer clearly later than a step would on an idle replica (a long chunk on
   a target that computes every draft, a slower replica), one goes beside
-  them on that replica, without drafts. The second frontier step in a row without drafts to verify
+  them on that replica, without drafts, if that pays at the drafters' recent
+  acceptance. The second frontier step in a row without drafts to verify
   (drafts that keep being wrong) is a Decode stream (:class:`FrontierDecoder`):
   while it keeps deciding the frontier with no drafts there, its replica
   decodes on, the next pass already running while a token travels, as
-  non-SI's does; once other verifications cover the frontier, or it falls
-  behind, it stops. (A Decode call costs more to start than a Verify on the
+  non-SI's does; once other verifications cover the frontier (unless going
+  on beside them pays, as above), or it falls behind, it stops. (A Decode call costs more to start than a Verify on the
   open stream: the first such step is a Verify.)
 * **Speculative chunks.** On idle replicas, up to the SP degree, a chunk
   starts at the first position where no live verification carries a draft
