@@ -7,6 +7,7 @@ for every strategy. The real processes are killed in tests/test_faults.py."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
 
@@ -248,3 +249,40 @@ def test_a_long_prompt_is_given_the_time_its_prefill_takes(strategy: Strategy) -
 
     out, ref, failovers = run_virtual(run())
     assert out == ref and len(out) == 8 and failovers == 0
+
+
+class Stalling(Target):
+    """A target whose ``stall_at``-th verification holds the whole event loop
+    for ``seconds`` (as a garbage collection or a starved CPU would)."""
+
+    def __init__(self, inner: LocalTarget, stall_at: int, seconds: float) -> None:
+        self.inner, self.stall_at, self.seconds, self.calls = inner, stall_at, seconds, 0
+        self.name = "stalling target"
+
+    async def info(self) -> ServiceInfo:
+        return await self.inner.info()
+
+    async def verify(self, request: VerifyRequest) -> VerifyResult:
+        self.calls += 1
+        if self.calls == self.stall_at:
+            time.sleep(self.seconds)  # noqa: ASYNC251 - the point: nothing else runs meanwhile
+        return await self.inner.verify(request)
+
+    async def release_session(self, session_id: str) -> bool:
+        return await self.inner.release_session(session_id)
+
+
+@pytest.mark.parametrize("strategy", [Strategy.SI, Strategy.DSI])
+async def test_a_stalled_coordinator_does_not_take_a_healthy_drafter_for_silent(strategy: Strategy) -> None:
+    """The coordinator's own event loop held up for longer than the draft
+    timeout (a GC pause, a starved CPU) is not the drafter's silence: it
+    gets its time again, and nothing counts as a drafter failure. (A local
+    full test run once saw a 0.5 s stall drop a healthy drafter.)"""
+    ref, _ = await generate(engine([local()]), Strategy.NONSI, GREEDY)
+    slow = T.replace("tpot_ms=1", "tpot_ms=10")
+    targets = [Stalling(local(slow), stall_at=3, seconds=0.6), local(slow)]
+    eng = engine(list(targets), draft_timeout=0.3)
+    out, stats = await generate(eng, strategy, GREEDY)
+    assert targets[0].calls >= 3, "the stall happened"
+    assert out == ref and stats.drafter_failures == 0 and stats.tokens_without_drafter == 0
+    await eng.close()

@@ -21,6 +21,9 @@ from services.coordinator.engine.observe import DraftChunkInfo
 from services.coordinator.engine.trees import StreamTree
 from services.coordinator.pool import clock
 
+#: A drafter's deadline checked this many seconds after it passed: the coordinator was held up, not the drafter.
+LATE_CHECK = 0.1
+
 
 def more_drafts_coming(gen: Generation) -> bool:
     """Whether the main path can grow: not past the last position, and not
@@ -96,8 +99,17 @@ class DraftFeed:
 
     def check_deadline(self) -> None:
         """A drafter that sends no chunk in time (stopped, partitioned) has
-        failed: the generation goes on without it."""
-        if self.reader is None or self.reader.done() or asyncio.get_running_loop().time() < self.read_by:
+        failed: the generation goes on without it. A check that comes more
+        than ``LATE_CHECK`` seconds after the deadline means the coordinator
+        itself was held up (a garbage collection, a starved CPU: its event
+        loop did not run, so neither did the reading of the chunk): the
+        drafter gets its time again (a 0.6 s stall had dropped a healthy
+        drafter)."""
+        now = asyncio.get_running_loop().time()
+        if self.reader is None or self.reader.done() or now < self.read_by:
+            return
+        if now - self.read_by > LATE_CHECK:
+            self.read_by = now + self.gen.draft_timeout()
             return
         assert self.slot.client is not None
         why = f"no draft chunk within {self.gen.draft_timeout():.3g}s"
