@@ -259,9 +259,13 @@ class Pool(Generic[T]):
         candidates = [i for i in candidates if self.slots[i].latency <= fastest * SAME_SPEED]
         return min(candidates, key=lambda i: (-(affinity(i) if affinity else 0), self._order[i]))
 
+    def _free_from(self, i: int, now: float) -> float:
+        """When (clock) replica ``i`` can start a new pass: ``now``, or once a cancelled pass it still runs ends."""
+        return max(now, self.slots[i].busy_until)
+
     def _take(self, i: int, depth: Callable[[], int], preempt: Callable[[], None] | None) -> Lease:
         now = clock()
-        lease = Lease(i, depth, preempt, started=now, runs_from=max(now, self.slots[i].busy_until))
+        lease = Lease(i, depth, preempt, started=now, runs_from=self._free_from(i, now))
         self.slots[i].leases.add(lease)
         self.slots[i].served += 1
         self._order[i] = next(self._tie)
@@ -349,7 +353,7 @@ class Pool(Generic[T]):
         best: tuple[int, float] | None = None
         for i in self.idle():
             seconds = self.pass_seconds(i, tokens(i))
-            end = max(now, self.slots[i].busy_until) + seconds
+            end = self._free_from(i, now) + seconds
             if seconds and (best is None or end < best[1]):
                 best = (i, end)
         return best

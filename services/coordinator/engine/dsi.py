@@ -25,8 +25,9 @@ that differs from the pending draft cancels all of them.
   while it keeps deciding the frontier with no drafts there, its replica
   decodes on, the next pass already running while a token travels, as
   non-SI's does; once other verifications cover the frontier (unless going
-  on beside them pays, as above), or it falls behind, it stops. (A Decode call costs more to start than a Verify on the
-  open stream: the first such step is a Verify.)
+  on beside them pays, as above), or it falls behind, it stops. (A Decode
+  call costs more to start than a Verify on the open stream: the first such
+  step is a Verify.)
 * **Speculative chunks.** On idle replicas, up to the SP degree, a chunk
   starts at the first position where no live verification carries a draft
   (the previous chunk's bonus position), once ``lookahead`` drafts are pending
@@ -325,9 +326,10 @@ class DsiRun:
                 gen.stats.verifications_cancelled += not gen.finished
             return
         pool = self.engine.targets
-        alone = not self._covered(c) and not self._guessed(c)
-        if not alone and self._covered(c):  # beside late verifications, its next step (running already) may pay
+        if self._covered(c):  # beside late verifications, its next step (running already) may pay
             alone = self._beside_pays(c, decoder.token_at + pool.pass_seconds(decoder.replica, 1))
+        else:
+            alone = not self._guessed(c)
         if not gen.finished and decoder.next_pos == c and alone and pool.is_active(decoder.replica):
             self._decode_step(pool.acquire_on(decoder.replica))
             return
