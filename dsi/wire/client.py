@@ -125,7 +125,7 @@ def request(
         top_p=top_p,
         top_k=top_k,
         seed=seed,  # None leaves it unset: the server draws one and reports it
-        lookahead=max(lookahead, 0),
+        lookahead=0 if lookahead == AUTO else lookahead,  # any other negative is refused by protobuf
         auto_lookahead=lookahead == AUTO,
         stop=stop or [],
         tree=None if tree is None else convert.tree_to_pb(tree),  # None: the server's default shape
