@@ -80,8 +80,9 @@ def test_the_planner_tracks_what_it_measures():
 
 def test_a_planner_builds_its_model_again_only_when_its_measurements_move(monkeypatch):
     """The model's table is built again when a measurement moves it by more
-    than TABLE_TOLERANCE, and a choice made again when a draft was decided;
-    the choice is what the model built afresh gives."""
+    than TABLE_TOLERANCE, and a choice made again when a draft was decided
+    or REPLAN_TIMINGS timings came without one (each timing did: 2-3 plans a
+    token); the choice is what the model built afresh gives."""
     import services.coordinator.engine.lookahead as la
 
     builds = []
@@ -105,15 +106,23 @@ def test_a_planner_builds_its_model_again_only_when_its_measurements_move(monkey
         p.verified(5, 0.0301)
         assert p.lookahead == k
     assert len(builds) == 1
-    p.drafted(4, 0.004)  # the drafter got much faster: built again when the lookahead is read
+    p.drafted(4, 0.004)  # the drafter got much faster: taken up at the next decided draft or timings later
+    assert p.lookahead == k and len(builds) == 1  # 6 timings since the choice, no draft decided
+    p.drafted(4, 0.004)
+    p.drafted(4, 0.004)  # the REPLAN_TIMINGS-th: built again when the lookahead is read
     chosen = p.lookahead
     assert len(builds) == 2
     start, d = p.drafting
     base, per_token = p.verification.fit()
     t = base + per_token * (np.arange(LARGEST + 1) + 1.0)
     assert chosen == robust_lookahead(True, p.estimate.weights(), d, t, 4, LARGEST, start)
-    p.decided(True)
+    p.verified(5, 0.0301)
+    p.decided(True)  # a decided draft: chosen again at once
     assert p.estimate.weights() is not weights
+    again = p.lookahead
+    base, per_token = p.verification.fit()
+    t = base + per_token * (np.arange(LARGEST + 1) + 1.0)
+    assert again == robust_lookahead(True, p.estimate.weights(), d, t, 4, LARGEST, start)
 
 
 def test_streams_of_one_length_tell_the_start_from_the_drafts_by_the_drafters_own_time():
@@ -450,3 +459,21 @@ async def test_dsi_plans_as_si_where_the_drafter_shares_its_targets_device() -> 
         assert si.planner is not None and not si.planner.dsi
         coordinator.remove_peer(DRAFTER, 0)
         assert not coordinator.engine.shared_device
+
+
+def test_the_estimates_counts_kept_draft_by_draft_are_those_of_its_history():
+    """The accepted drafts among the last r, for every r, are kept as drafts
+    come (not summed over the history again at each: a Python-level pass over
+    256 drafts per decided draft), also once the oldest drafts leave."""
+    from services.coordinator.engine.lookahead import MAX_RUN, AcceptanceEstimate
+
+    e = AcceptanceEstimate()
+    rng = np.random.default_rng(3)
+    for i, coin in enumerate(rng.random(MAX_RUN + 40) < 0.6):
+        e.add(bool(coin))
+        if i % 37 == 0 or i >= MAX_RUN:
+            recent = np.array(list(reversed(e.history)), dtype=float)
+            acc, dec = e._counts()
+            assert np.array_equal(acc, np.concatenate(([0.0], np.cumsum(recent))))
+            assert np.array_equal(dec, np.arange(len(recent) + 1, dtype=float))
+    assert np.array_equal(e.copy()._counts()[0], e._counts()[0])
