@@ -517,3 +517,14 @@ def test_the_cold_start_tool_times_the_same_work_after_each_kind_of_gap() -> Non
     out = measure(rounds=2)
     assert set(out) == set(GAPS)
     assert all(len(xs) == 2 and all(x > 0 for x in xs) for xs in out.values())
+
+
+async def test_the_cold_start_tool_times_grpc_stream_writes_after_each_gap() -> None:
+    """tools/cold_start.py --grpc: a stream write on loopback, timed (wall
+    and its thread's CPU) after each gap; the echo server lives in this
+    process and stops with the measurement."""
+    from tools.cold_start import grpc_writes
+
+    out = await grpc_writes(3, gaps=(0.0, 0.002))
+    assert set(out) == {0.0, 0.002}
+    assert all(wall > 0 and cpu >= 0 for wall, cpu in out.values())
