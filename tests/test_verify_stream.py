@@ -26,7 +26,7 @@ from services.coordinator.coordinator import Coordinator
 from services.coordinator.engine import Strategy
 from services.drafter.service import register as register_drafter
 from services.target.service import MODEL_METHODS, TargetServicer, register_servicer
-from tests.helpers import LOOPBACK, eventually, generate_40, served_target, target_client
+from tests.helpers import LOOPBACK, eventually, generate_40, informed, served_target, target_client
 from tests.procs import until
 
 T = "synthetic:vocab=300,seed=21,tpot_ms=1"
@@ -187,6 +187,36 @@ async def test_a_cancelled_verification_is_cancelled_on_the_target_and_releases_
         # the stream goes on: the next call on it is answered
         assert isinstance(await c.verify(req("c2", [1, 2])), VerifyResult)
         assert local.counters.cancelled_requests == 1 and c.stream.opened == 1
+
+
+async def test_a_cancel_goes_out_behind_the_call_that_replaces_the_stale_one(monkeypatch: pytest.MonkeyPatch):
+    """DSI after a rejection cancels stale verifications and sends the next
+    one in the same event-loop turn; the cancels go out after it (a write
+    holds the loop, and only the new call is on the critical path), and
+    still reach the target."""
+    from dsi.wire import call_stream
+
+    sent: list[str] = []
+    send = call_stream._Stream.send
+
+    def recorded(self, message) -> None:
+        sent.append(message.WhichOneof("kind") if hasattr(message, "WhichOneof") else "close")
+        send(self, message)
+
+    monkeypatch.setattr(call_stream._Stream, "send", recorded)
+    # No client-side timeout, as the coordinator's (a timeout's wait adds a turn before the cancel)
+    async with served(SLOW) as (local, _, srv), informed(GrpcTarget(srv.address)) as c:
+        stale = asyncio.ensure_future(c.verify(req("a", [1, 2, 3])))
+        await eventually(lambda: local.sessions.busy == 1)
+        sent.clear()
+        stale.cancel()
+        fresh = asyncio.ensure_future(c.verify(req("b", [1, 2])))
+        with pytest.raises(asyncio.CancelledError):
+            await stale
+        await eventually(lambda: len(sent) == 2)
+        assert sent == ["verify", "cancel"]
+        await eventually(lambda: local.counters.cancelled_requests == 1, timeout=10)
+        assert isinstance(await fresh, VerifyResult)
 
 
 async def test_a_deadline_cancels_the_call_on_the_target_and_raises_unavailable():
