@@ -94,7 +94,7 @@ STALE_WAIT = 0.5
 TABLE_TOLERANCE = 0.01
 #: Timings (verifications, draft chunks) that make a planner choose again without a decided draft; a
 #: decided draft always does, and the timings since count then. (Every timing did: 2-3 plans a token,
-#: ~15% of the coordinator's CPU through the services, DSI auto on the H200 profile.)
+#: ~17% of the busy CPU of a DSI auto coordinator through the services, on the H200 profile.)
 REPLAN_TIMINGS = 8
 
 
