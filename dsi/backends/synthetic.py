@@ -256,7 +256,6 @@ class PassTimer:
             await asyncio.sleep(seconds)
             return
         end = loop.time() + seconds
-        alone = self.waiting == 0
         self.waiting += 1
         try:
             if seconds > self.MARGIN_S:
@@ -264,7 +263,7 @@ class PassTimer:
             left = end - loop.time()
             if left <= 0:
                 return
-            if not alone or self.waiting > 1:
+            if self.waiting > 1:  # another pass is in progress: blocking would hold it up
                 await asyncio.sleep(left)
                 return
             asked = left - self.late
