@@ -312,8 +312,19 @@ def released(c: LocalCluster) -> bool:
     )
 
 
+def held(c: LocalCluster) -> str:
+    """What is still held, for a failure's message."""
+    targets = [(len(t.sessions), t.sessions.busy) for t in c.local_targets]
+    drafters = [(len(d.sessions), d.active_streams) for d in c.local_drafters]
+    leases = [len(s.leases) for s in c.coordinator.engine.targets.slots]
+    return f"targets (sessions, busy) {targets}, drafters (sessions, streams) {drafters}, leases {leases}"
+
+
 async def assert_everything_stops(c: LocalCluster) -> None:
-    await eventually(lambda: released(c), timeout=3.0)
+    try:
+        await eventually(lambda: released(c), timeout=3.0)
+    except AssertionError:
+        raise AssertionError(f"not released within 3 s: {held(c)}") from None
     drafted = sum(d.counters.drafted_tokens for d in c.local_drafters)
     passes = sum(t.counters.forward_passes for t in c.local_targets)
     await asyncio.sleep(0.1)  # many target forward periods: nothing may still be running

@@ -27,12 +27,11 @@ seeds are right at different positions, independently. With
 2 block .., ...), ``hard_acceptance`` in odd ones (a drafter whose acceptance
 changes along the sequence, for the automatic lookahead).
 
-Latency is a wait as long as the pass (to about 0.05 ms: the event loop's
-timer waits whole milliseconds and wakes late, :class:`PassTimer`): the first
-forward pass of a session waits ``ttft_ms``, later ones ``tpot_ms``; a target
-adds ``verify_token_ms`` per draft token and ``prefill_token_ms`` per context
-token it had not seen in that session (apart from the last one, which every
-forward pass computes).
+Latency is an ``asyncio.sleep`` (corrected for the event loop's timer, which
+returns late: :class:`TimerLateness`): the first forward pass of a session sleeps
+``ttft_ms``, later ones ``tpot_ms``; a target adds ``verify_token_ms`` per draft
+token and ``prefill_token_ms`` per context token it had not seen in that
+session (apart from the last one, which every forward pass computes).
 ``jitter_ms`` adds a uniform random delay (for tests of races). A tree
 verification costs ``verify_token_ms`` per node, like a chain.
 
@@ -55,7 +54,6 @@ import hashlib
 import math
 import random
 import struct
-import time
 import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, fields
@@ -209,92 +207,52 @@ class _State:
     def __init__(self) -> None:
         self.seen: list[int] = []
         self.first = True
-        #: Passes not waited for yet (too short for the loop's timer while others wait, TIMER_MS;
-        #: negative: the emulation's CPU time, credited against the next wait).
+        #: Passes shorter than the timer's millisecond not slept yet (negative: the emulation's CPU
+        #: time, credited against the next sleep).
         self.owed_ms = 0.0
 
 
-class PassTimer:
-    """Waits as long as a modelled device's pass takes, to about 0.05 ms.
+class TimerLateness:
+    """How late ``asyncio.sleep`` returns in this process (a running mean):
+    the event loop waits in whole milliseconds (epoll rounds its timeout up)
+    and wakes up a little after that, so a 30 ms sleep takes about 30.6 ms.
+    A synthetic model sleeps that much less, so that its passes take what its
+    spec says on average: the wait of a modelled GPU, not the timer's error.
+    On a virtual clock (dsi.tools.experiments.virtual_time) it stays 0."""
 
-    The event loop's timer cannot: epoll waits whole milliseconds (Python
-    rounds the timeout up) and the loop wakes 0.2-0.5 ms after that (a VM's
-    idle vCPU halts), so ``asyncio.sleep(0.0196)`` and ``asyncio.sleep(0.0200)``
-    both take ~20.4 ms. A running mean of that lateness subtracted from the
-    next sleep (this class's first version) cannot hit a point between two
-    milliseconds either: passes alternated between ~19.4 and ~20.4 ms, 0.5 ms
-    over the spec at the median. So a pass waits on the loop until
-    :attr:`MARGIN_S` before its end, then blocks in ``time.sleep`` (the
-    kernel's timer: late by a steady ~0.1 ms, learnt and asked that much less)
-    and spins what is left, as a GPU host's thread waits in the device's
-    synchronize: the process is awake when its pass ends, as a GPU server's
-    is. Only while it is the process's one pass in progress: where passes
-    overlap (a target serving many sessions without batching) each finishes
-    on the loop's timer, so that none holds up another (:attr:`busy`). On a
-    virtual clock (dsi.tools.experiments.virtual_time) it is the clock's
-    exact sleep."""
-
-    #: The loop's timer is asked to wake the pass this long before its end: its millisecond
-    #: rounding (< 1 ms) and its wake-up (0.2-0.5 ms here), so that it wakes before the end.
-    MARGIN_S = 0.0015
     ALPHA = 0.1
-    #: ``time.sleep``'s lateness counts at most this much (a descheduled process wakes later still).
-    MAX_LATE_S = 0.0005
+    #: A sample counts at most this late: the millisecond rounding and the wake-up. A loop busy with
+    #: other work wakes later still, and that is the system's time, not the timer's: not corrected.
+    MAX_S = 0.0012
 
     def __init__(self) -> None:
-        self.late = 0.0001  # time.sleep's lateness, a running mean
-        self.waiting = 0  # passes in progress in :meth:`sleep`
-
-    @property
-    def busy(self) -> bool:
-        """Another pass is in progress (the caller's not counted)."""
-        return self.waiting > 0
+        self.seconds = 0.0
 
     async def sleep(self, seconds: float) -> None:
         loop = asyncio.get_running_loop()
-        if getattr(loop, "exact_timer", False):
-            await asyncio.sleep(seconds)
-            return
-        end = loop.time() + seconds
-        self.waiting += 1
-        try:
-            if seconds > self.MARGIN_S:
-                await asyncio.sleep(seconds - self.MARGIN_S)
-            left = end - loop.time()
-            if left <= 0:
-                return
-            if self.waiting > 1:  # another pass is in progress: blocking would hold it up
-                await asyncio.sleep(left)
-                return
-            asked = left - self.late
-            if asked > 0:
-                start = loop.time()
-                time.sleep(asked)  # noqa: ASYNC251 (the point: block, as a device synchronize does)
-                over = loop.time() - start - asked
-                self.late += self.ALPHA * (min(self.MAX_LATE_S, max(0.0, over)) - self.late)
-            while loop.time() < end:
-                pass
-        finally:
-            self.waiting -= 1
+        asked = max(0.0, seconds - self.seconds)
+        start = loop.time()
+        await asyncio.sleep(asked)
+        late = min(self.MAX_S, max(0.0, loop.time() - start - asked))
+        self.seconds += self.ALPHA * (late - self.seconds)
 
 
 #: One per event loop: the synthetic models on a loop share its timer (a virtual clock's is exact).
-_TIMERS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, PassTimer] = weakref.WeakKeyDictionary()
+_TIMERS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, TimerLateness] = weakref.WeakKeyDictionary()
 
 
-def timer() -> PassTimer:
-    """The running loop's :class:`PassTimer`."""
+def timer() -> TimerLateness:
+    """The running loop's :class:`TimerLateness`."""
     loop = asyncio.get_running_loop()
     t = _TIMERS.get(loop)
     if t is None:
-        t = _TIMERS[loop] = PassTimer()
+        t = _TIMERS[loop] = TimerLateness()
     return t
 
 
-#: The event loop's timer resolution (epoll waits whole milliseconds): where passes overlap in a
-#: process (:attr:`PassTimer.busy`), a pass shorter than this would take about this long, so its time
-#: is owed and slept with later passes of its session. The emulation's own CPU time is credited the
-#: same way, up to this much.
+#: The event loop's timer resolution (epoll waits whole milliseconds): a pass shorter than this
+#: would take about this long, so its time is owed and slept with later passes of its session.
+#: The emulation's own CPU time is credited the same way, up to this much.
 TIMER_MS = 1.0
 
 
@@ -314,9 +272,8 @@ class _Latency:
     async def sleep_batch(self, states: Sequence[_State], extra_ms: Sequence[float]) -> float:
         """Wait for a pass over ``states``; returns its modelled seconds
         (what a device would have computed, whatever the timer did: on a
-        virtual clock no real time passes, and a pass the emulation's CPU time
-        has already covered, or one shorter than the timer's millisecond while
-        other passes are in progress, is owed and slept with a later one)."""
+        virtual clock no real time passes, and a pass shorter than the
+        timer's millisecond is owed and slept with a later one)."""
         ms = self.pass_ms(states, extra_ms)
         if self.spec.jitter_ms:
             ms += self._rand.uniform(0.0, self.spec.jitter_ms)
@@ -326,8 +283,7 @@ class _Latency:
             return 0.0
         owed = max(s.owed_ms for s in states) + ms
         exact = getattr(asyncio.get_running_loop(), "exact_timer", False)  # a virtual clock's
-        # Covered by the credit; or too short for the loop's timer, and another pass's wait is in progress.
-        if owed <= 0 or (owed < TIMER_MS and not exact and timer().busy):
+        if owed < TIMER_MS and not exact:  # the timer cannot wait that little: owed, slept once a millisecond is due
             for s in states:
                 s.owed_ms = max(owed, -TIMER_MS)
             return ms / 1000.0
