@@ -5,6 +5,7 @@ through the gRPC transport, clients using the generated stubs."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import grpc
 import pytest
@@ -13,7 +14,7 @@ from dsi.domain.errors import InvalidArgument
 from dsi.domain.types import TreeShape
 from dsi.v1 import common_pb2, generation_pb2, generation_pb2_grpc
 from dsi.wire.transport import GrpcDrafter, GrpcTarget
-from services.coordinator.coordinator import Codec, Coordinator, Defaults, TextStream
+from services.coordinator.coordinator import Codec, Coordinator, Defaults, GenerateInput, TextStream
 from services.coordinator.engine import Strategy
 from tests.helpers import LOOPBACK, eventually, local_cluster, record_params, serve
 
@@ -423,3 +424,44 @@ async def test_a_request_asks_for_the_automatic_lookahead_whatever_the_server_de
             r = await client.generate(request(prompt_ids=[1, 2, 3], max_new_tokens=20, strategy="si", lookahead=AUTO))
         assert [p.lookahead for p in seen] == [0, 5, 0] and auto == fixed == r.token_ids
         assert request(prompt_ids=[1], lookahead=AUTO).auto_lookahead
+
+
+async def test_a_consumer_cancelled_again_while_the_generation_cleans_up_still_releases_every_session():
+    """A consumer that holds the stream at a yielded output (a slow writer) and
+    is cancelled runs the generation's cleanup in its own task, which then waits
+    for the cancelled passes to end; a second cancellation of that task (a
+    server stopping, a framework cancelling again) must not lose the releases."""
+    t = "synthetic:vocab=300,seed=6,tpot_ms=150"
+    d = "synthetic:vocab=300,seed=6,tpot_ms=1,acceptance=0.9"
+    async with local_cluster([t] * 3, [d]) as c:
+        first = asyncio.Event()
+
+        async def slow_writer() -> None:
+            req = GenerateInput(prompt_token_ids=[1, 2], max_new_tokens=1000, strategy=Strategy.DSI, lookahead=3)
+            stream = c.coordinator.generate(req)
+            try:
+                async for _ in stream:
+                    if any(t.sessions.busy for t in c.local_targets):  # hold it while a pass runs
+                        first.set()
+                        await asyncio.sleep(60)
+            finally:
+                await stream.aclose()  # type: ignore[attr-defined]
+
+        task = asyncio.create_task(slow_writer())
+        await asyncio.wait_for(first.wait(), 10)
+        task.cancel()
+        await asyncio.sleep(0)  # the task is in the cleanup now (cancelled calls end, releases go out)
+        assert not task.done()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+        def released() -> bool:
+            return (
+                all(len(t.sessions) == 0 and t.sessions.busy == 0 for t in c.local_targets)
+                and len(c.local_drafters[0].sessions) == 0
+                and c.local_drafters[0].active_streams == 0
+                and all(not s.leases for s in c.coordinator.engine.targets.slots)
+            )
+
+        await eventually(released, timeout=3.0)

@@ -26,8 +26,8 @@ import logging
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from typing import TypeVar
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
+from typing import Any, TypeVar
 
 from dsi.domain.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, Unavailable
 from dsi.domain.interfaces import Drafter, Target
@@ -110,6 +110,8 @@ class Engine:
         #: generation uses one of them), different models all work on every generation.
         #: Unset: the member's name.
         self.drafter_models: dict[int, str] = {}
+        #: Generations' ends still running (their calls finishing, their sessions being released).
+        self._ending: set[asyncio.Task[None]] = set()
 
     def drafter_model(self, i: int) -> str:
         """The model drafter instance ``i`` serves (its group)."""
@@ -127,8 +129,26 @@ class Engine:
         names = (self.drafter_model(i) for i, s in enumerate(self.drafters.slots) if not s.draining)
         return list(dict.fromkeys(names))
 
+    async def finish(self, end: Coroutine[Any, Any, None]) -> None:
+        """Run a generation's ``end`` (its strategy closed, its cancelled calls
+        awaited, its sessions released) to completion whatever happens to the
+        caller: a task cancelled again while it waits (a server stopping, a
+        framework cancelling twice) would otherwise drop the releases, and every
+        replica would hold the session, its KV cache, until the idle timeout."""
+        task = asyncio.ensure_future(end)
+        self._ending.add(task)
+        task.add_done_callback(self._ended)
+        await asyncio.shield(task)
+
+    def _ended(self, task: asyncio.Task[None]) -> None:
+        self._ending.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("a generation's end failed: %r", task.exception())
+
     async def close(self) -> None:
-        """Stop the pools' health probes."""
+        """Let the generations' ends finish (bounded), then stop the pools' health probes."""
+        if self._ending:
+            await asyncio.wait(set(self._ending), timeout=self.release_timeout + 1.0)
         await self.targets.close()
         await self.drafters.close()
 
@@ -252,8 +272,7 @@ class Generation:
             self.stats.wall_seconds = time.perf_counter() - self._start
             if self.planner is not None and self.planner.measured:
                 self.engine.lookahead_memory[self._memory_key] = self.planner
-            await steps.aclose()
-            await self._cleanup()
+            await self.engine.finish(self._end(steps))
 
     def stop(self, reason: FinishReason) -> None:
         """End the generation (e.g. a stop string was found)."""
@@ -562,6 +581,10 @@ class Generation:
         return True
 
     # --- cleanup --------------------------------------------------------------
+
+    async def _end(self, steps: AsyncIterator[None]) -> None:
+        await steps.aclose()  # type: ignore[attr-defined]
+        await self._cleanup()
 
     async def _cleanup(self) -> None:
         if self.cancelled:
