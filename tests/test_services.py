@@ -342,6 +342,27 @@ async def test_release_session(target: TargetEnv, drafter: DrafterEnv) -> None:
     assert (await drafter.stub.ReleaseSession(dreq)).released is False
 
 
+async def test_a_request_that_a_release_overtook_is_cancelled_and_holds_nothing(
+    target: TargetEnv, drafter: DrafterEnv
+) -> None:
+    """The coordinator cancels a call on its stream and releases the session by
+    a unary call: the release may arrive first. The late request gets
+    CANCELLED instead of a session nobody would release."""
+    req = target_pb2.TargetServiceReleaseSessionRequest(session_id="late")
+    assert (await target.stub.ReleaseSession(req)).released is False
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await target.stub.Verify(verify_req(session_id="late"))
+    assert err.value.code() == grpc.StatusCode.CANCELLED and "released before" in (err.value.details() or "")
+    assert len(target.local.sessions) == 0
+
+    dreq = drafter_pb2.DrafterServiceReleaseSessionRequest(session_id="late")
+    assert (await drafter.stub.ReleaseSession(dreq)).released is False
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await read_all(drafter.stub.Draft(draft_req(session_id="late")))
+    assert err.value.code() == grpc.StatusCode.CANCELLED
+    assert len(drafter.local.sessions) == 0
+
+
 async def test_limits_are_inclusive(target: TargetEnv, drafter: DrafterEnv) -> None:
     """Exactly at the limits is accepted (the error tests below go one past)."""
     ctx = list(range(1, MAX_CONTEXT - MAX_DRAFT_TOKENS + 1))

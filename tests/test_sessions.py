@@ -9,7 +9,7 @@ from contextlib import AsyncExitStack
 
 import pytest
 
-from dsi.domain.errors import ResourceExhausted
+from dsi.domain.errors import Cancelled, ResourceExhausted
 from dsi.domain.sessions import SessionStore
 from tests.helpers import eventually
 
@@ -263,10 +263,11 @@ async def test_release_of_an_idle_session_drops_it() -> None:
     assert h.store.release("s") is True
     assert "s" not in h.store and len(h.store) == 0
     assert h.dropped == [s], "on_drop is called on release"
-    assert h.store.release("s") is False, "a second release finds nothing"
-    assert h.store.release("never-seen") is False
     again = await h.touch("s")
     assert again is not s, "a released session id starts over with a fresh state"
+    assert h.store.release("s") is True
+    assert h.store.release("s") is False, "a second release finds nothing"
+    assert h.store.release("never-seen") is False
     assert h.store.evicted == 0, "a release is not an eviction"
 
 
@@ -311,3 +312,31 @@ async def test_sweeper_evicts_idle_sessions_of_a_quiet_server() -> None:
     finally:
         sweeper.cancel()
     assert len(dropped) == 1 and store.evicted == 1
+
+
+async def test_a_release_that_overtakes_the_request_creating_the_session_refuses_that_request() -> None:
+    """A client cancels a call on its stream, then releases the session by
+    another call: the release may be read first. The late request must not
+    build a state that nobody will release."""
+    h = Harness(max_sessions=2)
+    assert h.store.release("s") is False, "nothing to release yet"
+    with pytest.raises(Cancelled, match="released before"):
+        await h.touch("s")
+    assert "s" not in h.store and h.created == [], "nothing created"
+    other = await h.touch("t")
+    assert other is h.created[0], "other sessions are unaffected"
+    h.clock.now += h.store.released_ahead_s + 1
+    assert await h.touch("s") is h.created[1], "remembered for a while only: the id can be used again"
+
+
+async def test_releases_ahead_are_remembered_within_a_bound() -> None:
+    h = Harness(max_sessions=2)
+    for i in range(100):
+        h.store.release(f"s{i}")
+    assert len(h.store._released_ahead) == 8, "at most four per session the store can hold"
+    with pytest.raises(Cancelled):
+        await h.touch("s99")
+    assert await h.touch("s0") is h.created[0], "the oldest were forgotten"
+    h.clock.now += h.store.released_ahead_s + 1
+    h.store.release("fresh")
+    assert list(h.store._released_ahead) == ["fresh"], "expired ones go as new ones come"

@@ -5,6 +5,13 @@ bounds their number and their idle time: when it is full, the least recently
 used idle session is evicted; when every session is busy, a new one is refused
 with RESOURCE_EXHAUSTED. Requests of one session run one at a time, in
 arrival order.
+
+A release can overtake the request that would create the session: a client
+that cancels a call on a stream and then releases the session with a unary
+call has no say in which the server reads first. A release of a session the
+store does not hold is therefore remembered for a while (``released_ahead_s``),
+and a request that would create that session in that time is refused with
+CANCELLED instead of building a state nobody will release.
 """
 
 from __future__ import annotations
@@ -17,7 +24,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
-from dsi.domain.errors import ResourceExhausted
+from dsi.domain.errors import Cancelled, ResourceExhausted
 
 S = TypeVar("S")
 
@@ -39,6 +46,7 @@ class SessionStore(Generic[S]):
         idle_timeout: float = 600.0,
         clock: Callable[[], float] = time.monotonic,
         on_drop: Callable[[S], None] | None = None,
+        released_ahead_s: float = 30.0,
     ) -> None:
         if max_sessions < 1:
             raise ValueError("max_sessions must be >= 1")
@@ -49,6 +57,9 @@ class SessionStore(Generic[S]):
         self._on_drop = on_drop
         self._entries: OrderedDict[str, _Entry[S]] = OrderedDict()  # least recently used first
         self.evicted = 0
+        self.released_ahead_s = released_ahead_s
+        #: Released before they existed: session id -> when (oldest first; at most ``4 * max_sessions``).
+        self._released_ahead: OrderedDict[str, float] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -100,6 +111,8 @@ class SessionStore(Generic[S]):
         if entry is None or entry.released:
             if missing is not None:
                 raise missing()
+            if self._was_released_ahead(session_id):
+                raise Cancelled(f"session {session_id!r} was released before this request arrived")
             self._make_room()
             entry = _Entry(self._factory())
             self._entries[session_id] = entry
@@ -128,9 +141,29 @@ class SessionStore(Generic[S]):
     def release(self, session_id: str) -> bool:
         """Drop a session now, or as soon as its running requests finish."""
         entry = self._entries.get(session_id)
-        if entry is None or entry.released:
+        if entry is None:
+            self._remember_released_ahead(session_id)
+            return False
+        if entry.released:
             return False
         entry.released = True
         if not entry.users:
             self._drop(session_id)
+        return True
+
+    def _remember_released_ahead(self, session_id: str) -> None:
+        now = self._clock()
+        ahead = self._released_ahead
+        ahead[session_id] = now
+        ahead.move_to_end(session_id)
+        while len(ahead) > 4 * self.max_sessions or now - next(iter(ahead.values())) > self.released_ahead_s:
+            ahead.popitem(last=False)
+
+    def _was_released_ahead(self, session_id: str) -> bool:
+        when = self._released_ahead.get(session_id)
+        if when is None:
+            return False
+        if self._clock() - when > self.released_ahead_s:
+            del self._released_ahead[session_id]
+            return False
         return True
