@@ -417,6 +417,106 @@ async def test_synthetic_sleeps_take_what_the_spec_says_on_a_timer_that_returns_
     assert now[0] - start == pytest.approx(0.030 - 0.0012 + 0.050, abs=1e-5)
 
 
+async def test_a_pass_timer_waits_a_pass_to_the_microsecond_on_a_timer_that_waits_whole_milliseconds(
+    monkeypatch,
+) -> None:
+    """A model's own process (time_passes_exactly): the event loop's timer
+    waits whole milliseconds, rounded up, and wakes 0.4 ms after that, so an
+    ``asyncio.sleep`` of 19.5 or 20 ms takes 20.4. A PassTimer waits on the
+    loop until 1.5 ms before the end, then in ``time.sleep`` (late by a steady
+    0.15 ms here: learnt), so a pass takes its length; where passes overlap
+    none blocks the loop."""
+    import asyncio
+
+    from dsi.backends import synthetic
+
+    loop = asyncio.get_running_loop()
+    now = [100.0]
+
+    def clock() -> float:
+        now[0] += 1e-6  # reading the clock takes a microsecond (a spin ends)
+        return now[0]
+
+    real_sleep = asyncio.sleep
+    on_loop: list[float] = []
+    blocked: list[float] = []
+
+    async def loop_sleep(seconds: float) -> None:
+        on_loop.append(seconds)
+        await real_sleep(0)
+        now[0] += math.ceil(seconds * 1000 - 1e-9) / 1000 + 0.0004
+
+    def kernel_sleep(seconds: float) -> None:
+        blocked.append(seconds)
+        now[0] += seconds + 0.00015
+
+    monkeypatch.setattr(loop, "time", clock)
+    monkeypatch.setattr(synthetic.asyncio, "sleep", loop_sleep)
+    monkeypatch.setattr(synthetic.time, "sleep", kernel_sleep)
+    timer = synthetic.PassTimer()
+    for ms in (20.0, 19.5, 4.16, 0.2):
+        took = []
+        for _ in range(30):
+            start = now[0]
+            await timer.sleep(ms / 1000)
+            took.append(now[0] - start)
+        assert sum(took[-10:]) / 10 == pytest.approx(ms / 1000, abs=2e-5), ms
+    assert timer.late == pytest.approx(0.00015, abs=1e-5)
+    assert not timer.busy
+
+    on_loop.clear()
+    blocked.clear()
+    await asyncio.gather(timer.sleep(0.020), timer.sleep(0.020))  # two passes at once: the loop's timer only
+    assert blocked == [] and on_loop[:2] == pytest.approx([0.0185, 0.0185])
+    assert not timer.busy
+
+
+async def test_only_a_loop_told_to_time_passes_exactly_gets_a_pass_timer() -> None:
+    """The target and drafter mains switch it on for their own loop; a loop
+    that runs several services (an in-process cluster) keeps the timer that
+    never blocks."""
+    from dsi.backends import synthetic
+
+    assert isinstance(synthetic.timer(), synthetic.TimerLateness)
+    synthetic.time_passes_exactly()
+    try:
+        assert isinstance(synthetic.timer(), synthetic.PassTimer)
+    finally:
+        del synthetic._TIMERS[asyncio.get_running_loop()]  # the test's loop may serve the next test
+
+    def other_loop() -> object:
+        async def which() -> object:
+            return synthetic.timer()
+
+        return asyncio.run(which())
+
+    assert isinstance(await asyncio.to_thread(other_loop), synthetic.TimerLateness)
+
+
+async def test_a_pass_timer_waits_short_passes_each_unless_other_passes_are_in_progress(monkeypatch) -> None:
+    """With a PassTimer a 0.2 ms drafter step is waited for on its own; while
+    another pass's wait is in progress (the loop's timer then, whole
+    milliseconds) a session's short passes are owed and waited together."""
+    from dsi.backends import synthetic
+
+    slept: list[float] = []
+
+    async def fake_sleep(self, seconds: float) -> None:
+        slept.append(seconds)
+
+    monkeypatch.setattr(synthetic.PassTimer, "sleep", fake_sleep)
+    monkeypatch.setattr(asyncio.get_running_loop(), "time", lambda: 5.0)  # no CPU time to credit
+    monkeypatch.setitem(synthetic._TIMERS, asyncio.get_running_loop(), synthetic.PassTimer())  # undone after
+    drafter = LocalDrafter(SyntheticDrafter("synthetic:vocab=64,ttft_ms=0.2,tpot_ms=0.2"))
+    [c async for c in drafter.draft(DraftRequest("s0", [1, 2, 3], lookahead=3, max_tokens=3))]
+    assert slept == pytest.approx([0.0002] * 3)  # alone: each pass waits as it comes
+    slept.clear()
+    monkeypatch.setattr(synthetic.timer(), "waiting", 1)  # another pass is in progress
+    chunks = [c async for c in drafter.draft(DraftRequest("s", [1, 2, 3], lookahead=10, max_tokens=10))]
+    assert sum(len(c.tokens) for c in chunks) == 10
+    assert slept == pytest.approx([0.001, 0.001])  # every 5 steps
+
+
 async def test_passes_shorter_than_the_timers_millisecond_are_slept_together(monkeypatch) -> None:
     """A 0.2 ms drafter step cannot be an event-loop sleep of its own (the
     timer waits whole milliseconds: each would take ~1 ms, 5x the spec): a

@@ -28,7 +28,8 @@ seeds are right at different positions, independently. With
 changes along the sequence, for the automatic lookahead).
 
 Latency is an ``asyncio.sleep`` (corrected for the event loop's timer, which
-returns late: :class:`TimerLateness`): the first forward pass of a session sleeps
+returns late: :class:`TimerLateness`; in a model's own process a wait exact to
+about 0.05 ms, :class:`PassTimer`): the first forward pass of a session sleeps
 ``ttft_ms``, later ones ``tpot_ms``; a target adds ``verify_token_ms`` per draft
 token and ``prefill_token_ms`` per context token it had not seen in that
 session (apart from the last one, which every forward pass computes).
@@ -54,6 +55,7 @@ import hashlib
 import math
 import random
 import struct
+import time
 import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, fields
@@ -218,7 +220,10 @@ class TimerLateness:
     and wakes up a little after that, so a 30 ms sleep takes about 30.6 ms.
     A synthetic model sleeps that much less, so that its passes take what its
     spec says on average: the wait of a modelled GPU, not the timer's error.
-    On a virtual clock (dsi.tools.experiments.virtual_time) it stays 0."""
+    On a virtual clock (dsi.tools.experiments.virtual_time) it stays 0.
+
+    The default: it never blocks the loop, whatever else runs on it (the
+    in-process clusters of tests and experiments run every service on one)."""
 
     ALPHA = 0.1
     #: A sample counts at most this late: the millisecond rounding and the wake-up. A loop busy with
@@ -227,6 +232,10 @@ class TimerLateness:
 
     def __init__(self) -> None:
         self.seconds = 0.0
+
+    def can_wait(self, ms: float) -> bool:
+        """Whether a wait of ``ms`` is due now (else it is owed and waited with a later pass)."""
+        return ms >= TIMER_MS
 
     async def sleep(self, seconds: float) -> None:
         loop = asyncio.get_running_loop()
@@ -237,12 +246,82 @@ class TimerLateness:
         self.seconds += self.ALPHA * (late - self.seconds)
 
 
-#: One per event loop: the synthetic models on a loop share its timer (a virtual clock's is exact).
-_TIMERS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, TimerLateness] = weakref.WeakKeyDictionary()
+class PassTimer:
+    """Waits as long as a modelled device's pass takes, to about 0.05 ms: for
+    a model's own process (``dsi target``, ``dsi drafter``:
+    :func:`time_passes_exactly`).
+
+    The event loop's timer cannot: epoll waits whole milliseconds (Python
+    rounds the timeout up) and the loop wakes 0.2-0.5 ms after that (a VM's
+    idle vCPU halts), so ``asyncio.sleep(0.0196)`` and ``asyncio.sleep(0.0200)``
+    both take ~20.4 ms, and :class:`TimerLateness`'s correction makes passes
+    alternate between ~19.4 and ~20.4 ms. So a pass waits on the loop until
+    :attr:`MARGIN_S` before its end, then blocks in ``time.sleep`` (the
+    kernel's timer: late by a steady ~0.1 ms, learnt and asked that much less)
+    and spins what is left, as a GPU host's thread waits in the device's
+    synchronize: the process is awake when its pass ends, as a GPU server's
+    is. Only while it is the process's one pass in progress: where passes
+    overlap (a target serving many sessions without batching) each finishes
+    on the loop's timer, so that none holds up another (:attr:`busy`).
+
+    Not for a loop that runs other services too (an in-process cluster): the
+    blocking finish holds up their work, and widened races there."""
+
+    #: The loop's timer is asked to wake the pass this long before its end: its millisecond
+    #: rounding (< 1 ms) and its wake-up (0.2-0.5 ms here), so that it wakes before the end.
+    MARGIN_S = 0.0015
+    ALPHA = 0.1
+    #: ``time.sleep``'s lateness counts at most this much (a descheduled process wakes later still).
+    MAX_LATE_S = 0.0005
+
+    def __init__(self) -> None:
+        self.late = 0.0001  # time.sleep's lateness, a running mean
+        self.waiting = 0  # passes in progress in :meth:`sleep`
+
+    @property
+    def busy(self) -> bool:
+        """Another pass is in progress (the caller's not counted)."""
+        return self.waiting > 0
+
+    def can_wait(self, ms: float) -> bool:
+        """Whether a wait of ``ms`` is due now: any, unless another pass's wait is in progress
+        (then it would be the loop's timer's, whole milliseconds)."""
+        return ms > 0 and (ms >= TIMER_MS or not self.busy)
+
+    async def sleep(self, seconds: float) -> None:
+        loop = asyncio.get_running_loop()
+        if getattr(loop, "exact_timer", False):  # a virtual clock (dsi.tools.experiments.virtual_time)
+            await asyncio.sleep(seconds)
+            return
+        end = loop.time() + seconds
+        self.waiting += 1
+        try:
+            if seconds > self.MARGIN_S:
+                await asyncio.sleep(seconds - self.MARGIN_S)
+            left = end - loop.time()
+            if left <= 0:
+                return
+            if self.waiting > 1:  # another pass is in progress: blocking would hold it up
+                await asyncio.sleep(left)
+                return
+            asked = left - self.late
+            if asked > 0:
+                start = loop.time()
+                time.sleep(asked)  # noqa: ASYNC251 (the point: block, as a device synchronize does)
+                over = loop.time() - start - asked
+                self.late += self.ALPHA * (min(self.MAX_LATE_S, max(0.0, over)) - self.late)
+            while loop.time() < end:
+                pass
+        finally:
+            self.waiting -= 1
 
 
-def timer() -> TimerLateness:
-    """The running loop's :class:`TimerLateness`."""
+#: One per event loop: the synthetic models on a loop share its timer.
+_TIMERS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, TimerLateness | PassTimer] = weakref.WeakKeyDictionary()
+
+
+def timer() -> TimerLateness | PassTimer:
+    """The running loop's timer: a :class:`TimerLateness` unless :func:`time_passes_exactly` was called on it."""
     loop = asyncio.get_running_loop()
     t = _TIMERS.get(loop)
     if t is None:
@@ -250,9 +329,17 @@ def timer() -> TimerLateness:
     return t
 
 
+def time_passes_exactly() -> None:
+    """Time the synthetic models' passes on the running loop with a
+    :class:`PassTimer`: for a process that serves one model (the target and
+    drafter services' mains), never for a loop shared with other services."""
+    _TIMERS[asyncio.get_running_loop()] = PassTimer()
+
+
 #: The event loop's timer resolution (epoll waits whole milliseconds): a pass shorter than this
-#: would take about this long, so its time is owed and slept with later passes of its session.
-#: The emulation's own CPU time is credited the same way, up to this much.
+#: would take about this long (with a :class:`PassTimer`: while other passes are in progress), so its
+#: time is owed and waited with later passes of its session. The emulation's own CPU time is
+#: credited the same way, up to this much.
 TIMER_MS = 1.0
 
 
@@ -283,7 +370,7 @@ class _Latency:
             return 0.0
         owed = max(s.owed_ms for s in states) + ms
         exact = getattr(asyncio.get_running_loop(), "exact_timer", False)  # a virtual clock's
-        if owed < TIMER_MS and not exact:  # the timer cannot wait that little: owed, slept once a millisecond is due
+        if not exact and not timer().can_wait(owed):  # owed, waited once it can be
             for s in states:
                 s.owed_ms = max(owed, -TIMER_MS)
             return ms / 1000.0

@@ -15,6 +15,7 @@ from dsi.backends import (
     batch_limits_from_args,
     is_ngram,
     load_drafter_model,
+    synthetic,
 )
 from dsi.serving import tracing
 from dsi.serving.gate import add_concurrency_argument, policy_from_args, security_from_args
@@ -36,6 +37,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 async def run(args: argparse.Namespace) -> None:
     security = security_from_args(args)  # bad TLS files: an error now, not after loading the model
     apply_cpu_threads(args.threads)
+    synthetic.time_passes_exactly()  # this loop serves one model: a synthetic pass waits as long as its spec says
     drafter: LocalDrafter | NgramDrafter
     if is_ngram(args.model):  # prompt lookup: no model, no sessions
         drafter = NgramDrafter(args.model, args.max_lookahead)

@@ -13,6 +13,7 @@ from dsi.backends import (
     apply_cpu_threads,
     batch_limits_from_args,
     load_target_model,
+    synthetic,
 )
 from dsi.serving import tracing
 from dsi.serving.gate import add_concurrency_argument, policy_from_args, security_from_args
@@ -34,6 +35,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 async def run(args: argparse.Namespace) -> None:
     security = security_from_args(args)  # bad TLS files: an error now, not after loading the model
     apply_cpu_threads(args.threads)
+    synthetic.time_passes_exactly()  # this loop serves one model: a synthetic pass waits as long as its spec says
     model = load_target_model(args.model, args.device, args.dtype)
     target = LocalTarget(
         model, args.max_sessions, args.session_idle_timeout, args.max_draft_tokens, batch_limits_from_args(args)
