@@ -114,7 +114,9 @@ class DrafterServiceServicer:
 
     def ReleaseSession(self, request, context):
         """Drops a session and the cache it holds. Releasing an unknown session is
-        not an error (released = false).
+        not an error (released = false); the service then remembers the id for
+        30 s and refuses a request that would create that session with CANCELLED
+        (a release can overtake, on another call, the request it follows).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

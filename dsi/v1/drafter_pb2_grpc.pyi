@@ -73,7 +73,9 @@ class DrafterServiceStub:
     """
     ReleaseSession: _grpc.UnaryUnaryMultiCallable[_drafter_pb2.DrafterServiceReleaseSessionRequest, _drafter_pb2.DrafterServiceReleaseSessionResponse]
     """Drops a session and the cache it holds. Releasing an unknown session is
-    not an error (released = false).
+    not an error (released = false); the service then remembers the id for
+    30 s and refuses a request that would create that session with CANCELLED
+    (a release can overtake, on another call, the request it follows).
     """
 
 @_typing.type_check_only
@@ -121,7 +123,9 @@ class DrafterServiceAsyncStub(DrafterServiceStub):
     """
     ReleaseSession: _aio.UnaryUnaryMultiCallable[_drafter_pb2.DrafterServiceReleaseSessionRequest, _drafter_pb2.DrafterServiceReleaseSessionResponse]  # type: ignore[assignment]
     """Drops a session and the cache it holds. Releasing an unknown session is
-    not an error (released = false).
+    not an error (released = false); the service then remembers the id for
+    30 s and refuses a request that would create that session with CANCELLED
+    (a release can overtake, on another call, the request it follows).
     """
 
 class DrafterServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -190,7 +194,9 @@ class DrafterServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_drafter_pb2.DrafterServiceReleaseSessionResponse, _abc.Awaitable[_drafter_pb2.DrafterServiceReleaseSessionResponse]]:
         """Drops a session and the cache it holds. Releasing an unknown session is
-        not an error (released = false).
+        not an error (released = false); the service then remembers the id for
+        30 s and refuses a request that would create that session with CANCELLED
+        (a release can overtake, on another call, the request it follows).
         """
 
 def add_DrafterServiceServicer_to_server(servicer: DrafterServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

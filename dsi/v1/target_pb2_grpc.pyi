@@ -89,7 +89,9 @@ class TargetServiceStub:
     """
     ReleaseSession: _grpc.UnaryUnaryMultiCallable[_target_pb2.TargetServiceReleaseSessionRequest, _target_pb2.TargetServiceReleaseSessionResponse]
     """Drops a session and the cache it holds. Releasing an unknown session is
-    not an error (released = false).
+    not an error (released = false); the service then remembers the id for
+    30 s and refuses a request that would create that session with CANCELLED
+    (a release can overtake, on another call, the request it follows).
     """
 
 @_typing.type_check_only
@@ -153,7 +155,9 @@ class TargetServiceAsyncStub(TargetServiceStub):
     """
     ReleaseSession: _aio.UnaryUnaryMultiCallable[_target_pb2.TargetServiceReleaseSessionRequest, _target_pb2.TargetServiceReleaseSessionResponse]  # type: ignore[assignment]
     """Drops a session and the cache it holds. Releasing an unknown session is
-    not an error (released = false).
+    not an error (released = false); the service then remembers the id for
+    30 s and refuses a request that would create that session with CANCELLED
+    (a release can overtake, on another call, the request it follows).
     """
 
 class TargetServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -244,7 +248,9 @@ class TargetServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_target_pb2.TargetServiceReleaseSessionResponse, _abc.Awaitable[_target_pb2.TargetServiceReleaseSessionResponse]]:
         """Drops a session and the cache it holds. Releasing an unknown session is
-        not an error (released = false).
+        not an error (released = false); the service then remembers the id for
+        30 s and refuses a request that would create that session with CANCELLED
+        (a release can overtake, on another call, the request it follows).
         """
 
 def add_TargetServiceServicer_to_server(servicer: TargetServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
