@@ -159,6 +159,16 @@ class LocalCluster:
     coordinator_address: str = ""
 
 
+def released(c: LocalCluster) -> bool:
+    """Nothing of any generation is held in the cluster: no session on a target or
+    drafter, no pass running, no draft stream, no replica leased."""
+    return (
+        all(len(t.sessions) == 0 and t.sessions.busy == 0 for t in c.local_targets)
+        and all(len(d.sessions) == 0 and d.active_streams == 0 for d in c.local_drafters)
+        and all(not s.leases for s in c.coordinator.engine.targets.slots)
+    )
+
+
 @asynccontextmanager
 async def local_cluster(
     target_specs: Sequence[str],

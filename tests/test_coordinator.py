@@ -16,7 +16,7 @@ from dsi.v1 import common_pb2, generation_pb2, generation_pb2_grpc
 from dsi.wire.transport import GrpcDrafter, GrpcTarget
 from services.coordinator.coordinator import Codec, Coordinator, Defaults, GenerateInput, TextStream
 from services.coordinator.engine import Strategy
-from tests.helpers import LOOPBACK, eventually, local_cluster, record_params, serve
+from tests.helpers import LOOPBACK, eventually, local_cluster, record_params, released, serve
 
 T = "synthetic:vocab=300,seed=21,tpot_ms=4"
 D = "synthetic:vocab=300,seed=21,tpot_ms=1,acceptance=0.6"
@@ -178,16 +178,7 @@ async def test_client_cancel_releases_every_session_and_stops_every_rpc():
                 break
         assert any(len(t.sessions) for t in c.local_targets), "the generation held no target session"
         call.cancel()
-
-        def released() -> bool:
-            return (
-                all(len(t.sessions) == 0 and t.sessions.busy == 0 for t in c.local_targets)
-                and len(c.local_drafters[0].sessions) == 0
-                and c.local_drafters[0].active_streams == 0
-                and all(not s.leases for s in c.coordinator.engine.targets.slots)
-            )
-
-        await eventually(released, timeout=3.0)
+        await eventually(lambda: released(c), timeout=3.0)
         drafted = c.local_drafters[0].counters.drafted_tokens
         passes = sum(t.counters.forward_passes for t in c.local_targets)
         await asyncio.sleep(0.1)  # ten target forward periods: nothing may still be running
@@ -455,13 +446,4 @@ async def test_a_consumer_cancelled_again_while_the_generation_cleans_up_still_r
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
-
-        def released() -> bool:
-            return (
-                all(len(t.sessions) == 0 and t.sessions.busy == 0 for t in c.local_targets)
-                and len(c.local_drafters[0].sessions) == 0
-                and c.local_drafters[0].active_streams == 0
-                and all(not s.leases for s in c.coordinator.engine.targets.slots)
-            )
-
-        await eventually(released, timeout=3.0)
+        await eventually(lambda: released(c), timeout=3.0)

@@ -18,7 +18,7 @@ from dsi.domain import errors
 from dsi.wire.client import Client, request
 from services.coordinator.coordinator import Codec, Defaults
 from services.coordinator.openai_api import OpenAIApi, api_error, fallback_chat_text, start_openai_api
-from tests.helpers import LOOPBACK, LocalCluster, eventually, local_cluster, record_params, tiny_tokenizer
+from tests.helpers import LOOPBACK, LocalCluster, eventually, local_cluster, record_params, released, tiny_tokenizer
 
 T = "synthetic:vocab=300,seed=21,tpot_ms=2"
 D = "synthetic:vocab=300,seed=21,tpot_ms=0,acceptance=0.6"
@@ -302,14 +302,6 @@ async def test_an_unreachable_target_gives_503_naming_it():
 
 
 # --- cancellation ------------------------------------------------------------------------
-
-
-def released(c: LocalCluster) -> bool:
-    return (
-        all(len(t.sessions) == 0 and t.sessions.busy == 0 for t in c.local_targets)
-        and all(len(d.sessions) == 0 and d.active_streams == 0 for d in c.local_drafters)
-        and all(not s.leases for s in c.coordinator.engine.targets.slots)
-    )
 
 
 def held(c: LocalCluster) -> str:
