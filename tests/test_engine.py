@@ -443,3 +443,31 @@ def test_dsi_with_long_chunks_on_compute_bound_replicas_keeps_non_sis_pace(looka
     dsi, tokens = run_virtual(ms_per_token(Strategy.DSI))
     assert tokens == reference
     assert dsi <= 1.02 * nonsi, f"DSI {dsi:.2f} ms per token against non-SI's {nonsi:.2f}"
+
+
+async def test_a_generations_end_outlives_its_cancelled_caller_and_its_failure_is_still_reported(caplog) -> None:
+    """Engine.finish: a caller cancelled while the end runs leaves it running
+    (close waits for it); its error then reaches the log, as nobody else hears
+    of it. A caller that waits to the end gets the error itself."""
+    engine = make_engine("synthetic:vocab=50", "synthetic:vocab=50", 1)
+    go = asyncio.Event()
+    ran: list[str] = []
+
+    async def end(name: str) -> None:
+        await go.wait()
+        ran.append(name)
+        raise RuntimeError(f"{name} failed")
+
+    caller = asyncio.ensure_future(engine.finish(end("abandoned")))
+    await asyncio.sleep(0)
+    caller.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await caller
+    waited = asyncio.ensure_future(engine.finish(end("awaited")))
+    await asyncio.sleep(0)
+    go.set()
+    with pytest.raises(RuntimeError, match="awaited failed"):
+        await waited
+    await engine.close()  # waits for the end still running
+    assert sorted(ran) == ["abandoned", "awaited"]
+    assert "abandoned failed" in caplog.text and "awaited failed" not in caplog.text

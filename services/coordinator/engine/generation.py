@@ -61,6 +61,11 @@ async def within(seconds: float, awaitable: Awaitable[T]) -> T:
     return await asyncio.wait_for(awaitable, seconds)
 
 
+def _log_failure(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.warning("a generation's end failed: %r", task.exception())
+
+
 #: Errors after which a call is tried elsewhere: the peer is gone, or saturated.
 RETRYABLE = (Unavailable, ResourceExhausted)
 
@@ -137,13 +142,13 @@ class Engine:
         replica would hold the session, its KV cache, until the idle timeout."""
         task = asyncio.ensure_future(end)
         self._ending.add(task)
-        task.add_done_callback(self._ended)
-        await asyncio.shield(task)
-
-    def _ended(self, task: asyncio.Task[None]) -> None:
-        self._ending.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.warning("a generation's end failed: %r", task.exception())
+        task.add_done_callback(self._ending.discard)
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if not task.done():  # it goes on alone: nobody else will hear of its error
+                task.add_done_callback(_log_failure)
+            raise
 
     async def close(self) -> None:
         """Let the generations' ends finish (bounded), then stop the pools' health probes."""
