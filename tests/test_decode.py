@@ -88,9 +88,29 @@ async def test_decode_sends_only_the_context_past_the_sessions_prefix_and_all_of
         local.sessions.release("q")  # evicted on the target: the prefix is refused, the full context goes
         assert await tokens(c, request("q", 12)) == reference
         assert c.prefix_requests == sent + 2 and c.prefix_misses == 1
-        assert await tokens(c, request("q", 12)) == reference, "after a decode, the next call sends it all"
-        assert c.prefix_requests == sent + 2 and c.prefix_misses == 1
+        assert await tokens(c, request("q", 12)) == reference, "after a decode, the next call sends a prefix"
+        assert c.prefix_requests == sent + 3 and c.prefix_misses == 1
         assert servicer.decodes == 4
+
+
+async def test_after_a_decode_the_next_verify_sends_only_what_the_steps_did_not_hold():
+    """The session holds the context of the last step that answered, whether
+    the decode ran to its end or was closed early."""
+    async with served() as (local, _, srv), client(srv.address) as c:
+        reference = await by_verify_calls(c, "ref", 13)
+        assert await tokens(c, request("a", 12)) == reference[:12]
+        sent = c.prefix_requests
+        after = await c.verify(VerifyRequest("a", [*PROMPT, *reference[:12]], (), GREEDY, 7))
+        assert after.next_token == reference[12]
+        assert c.prefix_requests == sent + 1 and c.prefix_misses == 0
+        assert after.stats.cached_tokens >= len(PROMPT) + 11, "the decoded steps' tokens were not sent again"
+        steps = c.decode(request("b", 12))
+        early = [(await anext(steps)).next_token for _ in range(4)]
+        await steps.aclose()  # type: ignore[attr-defined]
+        await eventually(lambda: local.sessions.busy == 0, timeout=10)
+        after = await c.verify(VerifyRequest("b", [*PROMPT, *early], (), GREEDY, 7))
+        assert after.next_token == reference[4]
+        assert c.prefix_requests == sent + 2 and c.prefix_misses == 0
 
 
 async def test_closing_a_decode_cancels_it_on_the_target_and_frees_the_session():

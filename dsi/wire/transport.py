@@ -304,20 +304,28 @@ class GrpcTarget(Target, _PrefixSender):
             async for result in self._decode(request):
                 yield result
             return
-        # What the session holds after a decode is not tracked (None): the next call sends it all.
+        # The session holds the context once the call is taken, and grows by a token a step: the
+        # context of the last step that answered (at least) when the call ends, however it ends.
+        context = list(start.context)
         opened = _opened(
             lambda: self._send_prefixed(
                 start.session_id,
                 start.context,
-                None,
+                context,
                 lambda length, digest, rest: _first(
                     self._decode(dataclasses.replace(request, start=_with_prefix(start, length, digest, rest)))
                 ),
             )
         )
-        async with contextlib.aclosing(opened) as results:  # closing this iteration cancels the call
-            async for result in results:
-                yield result
+        tokens: list[int] = []
+        try:
+            async with contextlib.aclosing(opened) as results:  # closing this iteration cancels the call
+                async for result in results:
+                    tokens.append(result.next_token)
+                    yield result
+        finally:
+            if len(tokens) > 1 and self.sent is not None:
+                self.sent.record(start.session_id, [*context, *tokens[:-1]])
 
     def _decode(self, request: DecodeRequest) -> AsyncIterator[VerifyResult]:
         call = self.stub.Decode(convert.decode_request_to_pb(request))
