@@ -100,6 +100,10 @@ class FrontierDecoder:
         self.replica = replica
         self.next_pos = len(gen.committed)  # the position its next message decides
         self.token_at = 0.0  # clock time its last message came
+        #: Its stream sent its last token (the last position, or a stop token): its replica stopped. Before
+        #: that, over gRPC, the replica runs the next step as soon as it sent a token, so closing the
+        #: stream cancels a step there.
+        self.at_end = False
         self._steps = gen.decode(replica)
 
     def read(self, lease: Lease) -> asyncio.Task[VerifyResult]:
@@ -111,6 +115,7 @@ class FrontierDecoder:
         try:
             result = await anext(self._steps)
             self.token_at = clock()
+            self.at_end = self.next_pos > self.gen.last_pos or result.next_token in self.gen.engine.eos
             return result
         except StopAsyncIteration:
             name = self.gen.engine.targets.name(self.replica)
@@ -323,7 +328,7 @@ class DsiRun:
         if step is not None:
             if step.base < c - 1 or gen.finished:
                 self._drop(step, Outcome.USELESS)
-                gen.stats.verifications_cancelled += not gen.finished
+                gen.stats.verifications_cancelled += not decoder.at_end  # a step its replica runs is cancelled
             return
         pool = self.engine.targets
         if self._covered(c):  # beside late verifications, its next step (running already) may pay
@@ -334,7 +339,7 @@ class DsiRun:
             self._decode_step(pool.acquire_on(decoder.replica))
             return
         self._stop_decoder()
-        if not gen.finished:  # over gRPC, a Decode stream's replica runs the next step once it sent a token
+        if not decoder.at_end:  # over gRPC, a Decode stream's replica runs the next step once it sent a token
             pool.busy_since(decoder.replica, decoder.token_at)
             gen.stats.verifications_started += 1
             gen.stats.verifications_cancelled += 1
