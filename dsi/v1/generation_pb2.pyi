@@ -274,8 +274,9 @@ class GenerationStats(_message.Message):
     """Verify requests sent."""
     verifications_cancelled: _builtins.int
     """Verify requests cancelled because their result could no longer be used:
-    a token they assumed was rejected, or every position they cover was
-    decided by another verification.
+    a token they assumed was rejected, every position they cover was
+    decided by another verification, or the generation reached its end
+    before they answered.
     """
     preemptions: _builtins.int
     """Verify requests cancelled to free a replica for the frontier step."""

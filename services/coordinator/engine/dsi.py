@@ -387,8 +387,13 @@ class DsiRun:
             feed.stop()
 
     def cancel_all(self) -> None:
+        """At the generation's end: what still runs is useless once it has
+        finished (every position decided), abandoned when it was cut short
+        (its client gone, an error)."""
+        finished = self.gen.finished
         for v in list(self.verifs):
-            self._drop(v, Outcome.ABANDONED)
+            if self._drop(v, Outcome.USELESS if finished else Outcome.ABANDONED) and finished:
+                self.gen.stats.verifications_cancelled += 1
         self._stop_decoder()
         for feed in self.feeds:
             feed.stop()

@@ -18,7 +18,8 @@ class Outcome(str, Enum):
 
     #: its result committed at least one token
     DECIDED = "decided"
-    #: every position it covers was decided by another verification first
+    #: every position it covers was decided by another verification first, or the generation reached
+    #: its end (length, EOS, a stop string) while it was live
     USELESS = "useless"
     #: cancelled because a token it assumed was rejected
     STALE = "stale"
@@ -26,7 +27,7 @@ class Outcome(str, Enum):
     PREEMPTED = "preempted"
     #: its RPC failed
     FAILED = "failed"
-    #: the generation ended (length, EOS, stop string, client gone) while it was live
+    #: the generation was cut short (its client gone, an error) while it was live
     ABANDONED = "abandoned"
 
 
